@@ -1,0 +1,244 @@
+"""The ``dime`` command line.
+
+    dime up [--config FILE] [--dataplane auto|nft|nfqueue] [--port N] [--strict] [-v]
+    dime down
+    dime status [--json]
+    dime keygen [--out FILE]
+    dime set-local-key KEYFILE [--addr ADDR|PREFIX|*]
+    dime trust PUBKEY --addr ADDR|PREFIX
+
+Every command acts on the current network namespace. Errors are one line on
+stderr and a non-zero exit status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+
+from dime import control, keystore
+from dime.config import Config, ConfigError, load, parse_public_key, state_dir
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+
+
+def fail(message: str, code: int = EXIT_ERROR) -> NoReturn:
+    click.echo(f"dime: {message}", err=True)
+    sys.exit(code)
+
+
+def _config(path: Path | None) -> Config:
+    try:
+        return load(path)
+    except ConfigError as exc:
+        fail(f"config: {exc}", EXIT_USAGE)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """DIME: TCP and UDP connections that survive address changes."""
+
+
+@main.command()
+@click.option("--config", "config_path", type=click.Path(path_type=Path), help="TOML config file.")
+@click.option("--dataplane", type=click.Choice(["auto", "nft", "nfqueue"]), help="Data plane.")
+@click.option("--port", type=click.IntRange(1, 65535), help="IHMP UDP port.")
+@click.option("--strict", is_flag=True, default=None, help="Accept only configured peer keys.")
+@click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
+def up(
+    config_path: Path | None,
+    dataplane: str | None,
+    port: int | None,
+    strict: bool | None,
+    verbose: int,
+) -> None:
+    """Run the daemon in the foreground in this network namespace."""
+    cfg = _config(config_path)
+    if dataplane is not None:
+        cfg.dataplane = dataplane
+    if port is not None:
+        cfg.port = port
+    if strict:
+        cfg.strict = True
+    level = {0: cfg.log_level, 1: "info"}.get(verbose, "debug")
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    from dime.daemon import Daemon
+    from stacktrans.service import StartError
+
+    try:
+        asyncio.run(Daemon(cfg).run())
+    except control.AlreadyRunning as exc:
+        fail(str(exc))
+    except (StartError, keystore.KeyFileError) as exc:
+        fail(str(exc))
+    except PermissionError as exc:
+        fail(f"permission denied ({exc.filename or exc}): run dime as root")
+    except OSError as exc:
+        fail(str(exc))
+    except KeyboardInterrupt:
+        pass
+
+
+@main.command()
+@click.option("--timeout", default=30.0, show_default=True, help="Seconds to wait for the stop.")
+def down(timeout: float) -> None:
+    """Stop the daemon of this network namespace and remove everything it installed."""
+    try:
+        control.request("down")
+    except control.NotRunning:
+        from dime.daemon import clean_residue
+
+        if asyncio.run(clean_residue()):
+            click.echo("dime was not running; removed what it had left behind")
+        else:
+            click.echo("dime is not running here")
+        return
+    deadline = time.monotonic() + timeout
+    while control.running():
+        if time.monotonic() > deadline:
+            fail(f"the daemon did not stop within {timeout:.0f} s")
+        time.sleep(0.1)
+    click.echo("dime stopped")
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="One JSON object.")
+def status(as_json: bool) -> None:
+    """Show HIDs, sockets and counters."""
+    try:
+        st = control.request("status")
+    except control.NotRunning as exc:
+        fail(str(exc))
+    if as_json:
+        click.echo(json.dumps(st, indent=2))
+        return
+    click.echo(format_status(st))
+
+
+def format_status(st: dict[str, Any]) -> str:
+    lines = [
+        f"dime pid {st['pid']}, up {st['uptime']} s, dataplane {st['dataplane']}, "
+        f"IHMP port {st['port']}",
+        f"local addresses: {' '.join(st['local_addresses']) or '-'}",
+    ]
+    if st.get("ghosts"):
+        lines.append(f"ghost addresses (kept on lo): {' '.join(st['ghosts'])}")
+    lines += [
+        "",
+        _table(
+            ["HID", "STATE", "ACTIVE", "UNREACHABLE", "LOCAL", "KEY"],
+            [
+                [
+                    str(h["hid"]),
+                    h["state"],
+                    " ".join(h["active"]) or "-",
+                    " ".join(h["unreachable"]) or "-",
+                    " ".join(h["local"]) or "-",
+                    (h["key"] or "-")[:16],
+                ]
+                for h in st["hids"]
+            ],
+        ),
+        "",
+        _table(
+            ["PROTO", "LOCAL", "REMOTE", "HID"],
+            [[s["proto"], s["local"], s["remote"], str(s["hid"])] for s in st["sockets"]],
+        ),
+        "",
+    ]
+    c = st["counters"]
+    rejected = ", ".join(f"{k} {v}" for k, v in c["messages_rejected"].items()) or "none"
+    lines.append(
+        f"IHMP: {c['messages_sent']} sent, {c['messages_received']} received, rejected: {rejected}"
+    )
+    return "\n".join(lines)
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    return "\n".join(fmt.format(*r).rstrip() for r in [header, *rows])
+
+
+CONFIG_OPTION = click.option(
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path),
+    help="The daemon's config file (for its state_dir).",
+)
+
+
+@main.command()
+@click.option("--out", type=click.Path(path_type=Path), help="Key file (default: the host key).")
+@CONFIG_OPTION
+def keygen(out: Path | None, config_path: Path | None) -> None:
+    """Generate an Ed25519 key (mode 0600) and print its public key."""
+    path = out or state_dir(_config(config_path)) / keystore.HOST_KEY
+    if path.exists():
+        fail(f"{path} exists; not overwriting it")
+    try:
+        key = keystore.generate(path)
+    except OSError as exc:
+        fail(f"{path}: {exc.strerror}")
+    click.echo(keystore.public_hex(key))
+
+
+def _reload() -> None:
+    try:
+        reply = control.request("reload-keys")
+    except control.NotRunning:
+        return
+    if "error" in reply:
+        fail(f"the running daemon refused the new bindings: {reply['error']}")
+    click.echo("the running daemon uses it now")
+
+
+@main.command("set-local-key")
+@click.argument("keyfile", type=click.Path(path_type=Path))
+@click.option("--addr", default="*", show_default=True, help="Address, prefix or *.")
+@CONFIG_OPTION
+def set_local_key(keyfile: Path, addr: str, config_path: Path | None) -> None:
+    """Sign IHMP messages sent from ADDR with KEYFILE (the paper's set_local_key)."""
+    sdir = state_dir(_config(config_path))
+    try:
+        bindings = keystore.Bindings.load(sdir)
+        bindings.set_local_key(keyfile, addr)
+        bindings.save(sdir)
+    except (keystore.KeyFileError, ValueError) as exc:
+        fail(str(exc), EXIT_USAGE)
+    click.echo(f"{keyfile} signs messages from {addr}")
+    _reload()
+
+
+@main.command()
+@click.argument("pubkey")
+@click.option("--addr", required=True, help="The peer's address or prefix.")
+@CONFIG_OPTION
+def trust(pubkey: str, addr: str, config_path: Path | None) -> None:
+    """Bind peer key PUBKEY (hex or base64) to ADDR a priori."""
+    sdir = state_dir(_config(config_path))
+    try:
+        key = parse_public_key(pubkey, "PUBKEY")
+        bindings = keystore.Bindings.load(sdir)
+        bindings.add_trust(key, addr)
+        bindings.save(sdir)
+    except (ConfigError, keystore.KeyFileError, ValueError) as exc:
+        fail(str(exc), EXIT_USAGE)
+    click.echo(f"trusting {key.hex()} for {addr}")
+    _reload()
+
+
+if __name__ == "__main__":
+    main()

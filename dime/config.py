@@ -1,0 +1,286 @@
+"""dime's one configuration file (TOML). Every key is optional.
+
+    # /etc/dime/dime.toml
+    port = 4731                 # IHMP UDP port (both ends must agree)
+    dataplane = "auto"          # auto | nft | nfqueue
+    strict = false              # accept only peer keys configured below
+    log_level = "info"          # debug | info | warning | error
+    state_dir = "/var/lib/dime" # host key and key bindings (default: per network namespace,
+                                # /var/lib/dime/netns-<inode> outside the initial one;
+                                # the environment's DIME_STATE_DIR overrides the default)
+    handoff_window = 1.0        # s: an address lost and another gained within it is a handoff
+    sweep_interval = 2.0        # s: how often ended flows are dropped from the socket table
+    queue_out = 4731            # NFQUEUE numbers (outbound, inbound)
+    queue_in = 4732
+    adopt_existing = true       # take over connections opened before dime started
+
+    [ihmp]                      # protocol timing
+    initial_rto = 0.5           # s, first retransmission timeout
+    max_rto = 4.0               # s, backoff cap
+    max_attempts = 6            # transmissions before giving up
+    probe_attempts = 3          # for probes of potentially reachable paths
+    legacy_hold_down = 300.0    # s, no HELLO to a peer that never answered
+    path_loss_grace = 30.0      # s, a peer with no path left is kept this long
+
+    [[local_key]]               # the paper's set_local_key; more specific wins
+    file = "/etc/dime/lab.key"
+    addr = "198.51.100.0/24"    # an address, a prefix or "*"
+
+    [[trust]]                   # a peer key bound a priori (required in strict mode)
+    key = "hex or base64 of the 32-byte Ed25519 public key"
+    addr = "192.0.2.7"
+
+A bad value is one line naming the key; unknown keys are refused.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import os
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from ihmp.engine import EngineConfig
+from ihmp.keys import parse_scope
+
+DEFAULT_STATE_DIR = Path("/var/lib/dime")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+DATAPLANES = ("auto", "nft", "nfqueue")
+
+
+class ConfigError(ValueError):
+    """One line: which key is wrong and why."""
+
+
+@dataclass(frozen=True)
+class KeyBinding:
+    file: Path
+    addr: str = "*"
+
+
+@dataclass(frozen=True)
+class TrustBinding:
+    key: bytes
+    addr: str
+
+
+@dataclass
+class Config:
+    port: int = 4731
+    dataplane: str = "auto"
+    strict: bool = False
+    log_level: str = "info"
+    state_dir: Path | None = None  # None: /var/lib/dime, or a per-namespace subfolder
+    handoff_window: float = 1.0
+    sweep_interval: float = 2.0
+    queue_out: int = 4731
+    queue_in: int = 4732
+    adopt_existing: bool = True
+    ihmp: EngineConfig = field(default_factory=EngineConfig)
+    local_key: list[KeyBinding] = field(default_factory=list)
+    trust: list[TrustBinding] = field(default_factory=list)
+
+
+def parse_public_key(text: str, where: str) -> bytes:
+    """A raw Ed25519 public key from hex or base64; ConfigError naming ``where``."""
+    text = text.strip()
+    raw: bytes | None = None
+    try:
+        raw = bytes.fromhex(text)
+    except ValueError:
+        try:
+            raw = base64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError):
+            raw = None
+    if raw is None or len(raw) != 32:
+        raise ConfigError(f"{where}: not a 32-byte Ed25519 public key in hex or base64")
+    return raw
+
+
+def _check_type(key: str, value: Any, kind: type | tuple[type, ...]) -> Any:
+    # TOML integers are fine where a float is expected; bools are not numbers here.
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, bool) and kind is not bool:
+        raise ConfigError(f"{key}: expected {_name(kind)}, got a boolean")
+    if not isinstance(value, kind):
+        raise ConfigError(f"{key}: expected {_name(kind)}, got {type(value).__name__}")
+    return value
+
+
+def _name(kind: type | tuple[type, ...]) -> str:
+    names = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+    return names.get(kind, str(kind)) if isinstance(kind, type) else "a value"
+
+
+def _positive(key: str, value: float) -> float:
+    if not value > 0:  # also refuses nan, which TOML allows
+        raise ConfigError(f"{key}: must be greater than 0, got {value}")
+    return value
+
+
+def _port(key: str, value: int, low: int = 1) -> int:
+    if not low <= value <= 65535:
+        raise ConfigError(f"{key}: must be between {low} and 65535, got {value}")
+    return value
+
+
+_SCALARS: dict[str, type] = {
+    "port": int,
+    "dataplane": str,
+    "strict": bool,
+    "log_level": str,
+    "state_dir": str,
+    "handoff_window": float,
+    "sweep_interval": float,
+    "queue_out": int,
+    "queue_in": int,
+    "adopt_existing": bool,
+}
+
+
+def from_dict(data: dict[str, Any]) -> Config:
+    """Validate a parsed TOML document. Raises ConfigError."""
+    cfg = Config()
+    allowed = set(_SCALARS) | {"ihmp", "local_key", "trust"}
+    for key in data:
+        if key not in allowed:
+            raise ConfigError(f"{key}: unknown key (known: {', '.join(sorted(allowed))})")
+    for key, kind in _SCALARS.items():
+        if key in data:
+            setattr(cfg, key, _check_type(key, data[key], kind))
+    cfg.port = _port("port", cfg.port)
+    cfg.queue_out = _port("queue_out", cfg.queue_out, 0)
+    cfg.queue_in = _port("queue_in", cfg.queue_in, 0)
+    if cfg.queue_out == cfg.queue_in:
+        raise ConfigError("queue_in: must differ from queue_out")
+    if cfg.dataplane not in DATAPLANES:
+        raise ConfigError(
+            f"dataplane: must be one of {', '.join(DATAPLANES)}, got {cfg.dataplane!r}"
+        )
+    if cfg.log_level not in LOG_LEVELS:
+        raise ConfigError(
+            f"log_level: must be one of {', '.join(LOG_LEVELS)}, got {cfg.log_level!r}"
+        )
+    _positive("handoff_window", cfg.handoff_window)
+    _positive("sweep_interval", cfg.sweep_interval)
+    if "state_dir" in data:
+        cfg.state_dir = Path(data["state_dir"])
+    cfg.ihmp = _ihmp(data.get("ihmp", {}))
+    cfg.local_key = [_local_key(i, item) for i, item in enumerate(_tables("local_key", data))]
+    cfg.trust = [_trust(i, item) for i, item in enumerate(_tables("trust", data))]
+    return cfg
+
+
+def _tables(key: str, data: dict[str, Any]) -> list[dict[str, Any]]:
+    items = data.get(key, [])
+    if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
+        raise ConfigError(f"{key}: must be an array of tables ([[{key}]])")
+    return items
+
+
+def _ihmp(data: Any) -> EngineConfig:
+    if not isinstance(data, dict):
+        raise ConfigError("ihmp: must be a table ([ihmp])")
+    eng = EngineConfig()
+    known = {f.name: f for f in fields(EngineConfig) if f.name != "strict"}
+    for key, value in data.items():
+        if key not in known:
+            raise ConfigError(f"ihmp.{key}: unknown key (known: {', '.join(sorted(known))})")
+        default = getattr(eng, key)
+        kind = int if isinstance(default, int) else float
+        value = _check_type(f"ihmp.{key}", value, kind)
+        _positive(f"ihmp.{key}", value)
+        setattr(eng, key, value)
+    return eng
+
+
+def _scope(where: str, value: Any) -> str:
+    value = _check_type(where, value, str)
+    try:
+        parse_scope(value)
+    except ValueError as exc:
+        raise ConfigError(f"{where}: not an address, prefix or '*': {value!r}") from exc
+    return str(value)
+
+
+def _local_key(i: int, item: dict[str, Any]) -> KeyBinding:
+    where = f"local_key[{i}]"
+    extra = set(item) - {"file", "addr"}
+    if extra:
+        raise ConfigError(f"{where}.{sorted(extra)[0]}: unknown key (known: addr, file)")
+    if "file" not in item:
+        raise ConfigError(f"{where}.file: missing")
+    path = Path(_check_type(f"{where}.file", item["file"], str))
+    return KeyBinding(path, _scope(f"{where}.addr", item.get("addr", "*")))
+
+
+def _trust(i: int, item: dict[str, Any]) -> TrustBinding:
+    where = f"trust[{i}]"
+    extra = set(item) - {"key", "addr"}
+    if extra:
+        raise ConfigError(f"{where}.{sorted(extra)[0]}: unknown key (known: addr, key)")
+    for k in ("key", "addr"):
+        if k not in item:
+            raise ConfigError(f"{where}.{k}: missing")
+    key = parse_public_key(_check_type(f"{where}.key", item["key"], str), f"{where}.key")
+    addr = _scope(f"{where}.addr", item["addr"])
+    if addr == "*":
+        raise ConfigError(f"{where}.addr: a trusted key needs an address or prefix, not '*'")
+    return TrustBinding(key, addr)
+
+
+def load(path: Path | None) -> Config:
+    """The configuration at ``path`` (None: all defaults). Raises ConfigError."""
+    if path is None:
+        return Config()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: not UTF-8 (byte {exc.start})") from exc
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    return from_dict(data)
+
+
+# The kernel gives the initial network namespace a fixed inode (PROC_NET_INIT_INO).
+INIT_NETNS_INODE = 0xEFFFFFF9
+
+
+def netns_id() -> str | None:
+    """An id of this network namespace, or None for the machine's initial one.
+
+    The namespace's inode: unique among live namespaces, and readable without
+    privileges (unlike /proc/1/ns/net in some containers).
+    """
+    try:
+        inode = os.stat("/proc/self/ns/net").st_ino
+    except OSError:
+        return None
+    return None if inode == INIT_NETNS_INODE else f"netns-{inode}"
+
+
+def state_dir(cfg: Config) -> Path:
+    """Where keys live: per network namespace, so two daemons never share one.
+
+    The config's ``state_dir`` wins, then the environment's ``DIME_STATE_DIR``.
+    """
+    if cfg.state_dir is not None:
+        return cfg.state_dir
+    if os.environ.get("DIME_STATE_DIR"):
+        return Path(os.environ["DIME_STATE_DIR"])
+    ns = netns_id()
+    return DEFAULT_STATE_DIR if ns is None else DEFAULT_STATE_DIR / ns
+
+
+def run_dir() -> Path:
+    """Where the crash-cleanup record lives (per network namespace)."""
+    ns = netns_id()
+    return Path("/run/dime") / (ns or "init")

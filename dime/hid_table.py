@@ -1,0 +1,301 @@
+"""The HID table: one entry per remote host, shared by IHMP and StackTrans.
+
+A HID is an internal index for a remote host. It is never sent on the wire. Each entry
+keeps three address sets, as in Fig. 3(b) of the DIME paper:
+
+* **active**: the peer's addresses this host can reach. The first one is the
+  *preferred locator*, the one StackTrans puts on the wire.
+* **unreachable**: the peer's addresses this host cannot reach (yet).
+* **local**: this host's addresses the peer can reach. It mirrors the peer's own
+  active set for this host, and IHMP picks its Host ID field from it.
+
+Every change goes through an explicit operation (``add_active``, ``mark_unreachable``,
+``remove_local``, ...). Each operation that changes something notifies the
+subscribers once with a :class:`TableChange`, synchronously and before it returns,
+so that the data plane can react without polling. An operation that would change
+nothing notifies nobody.
+
+Invariants (checked by the tests):
+
+* an address of a remote host is in at most one entry, and in at most one of its
+  ``active``/``unreachable`` sets;
+* :meth:`HidTable.lookup` finds an entry from any of its active or unreachable
+  addresses in O(1).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv6Address
+
+IPAddress = IPv4Address | IPv6Address
+
+
+class HidState(enum.Enum):
+    """Where IHMP stands with a remote host."""
+
+    HELLO_PENDING = "hello-pending"  # HELLO sent, no ACK yet
+    ESTABLISHED = "established"  # HELLO/ACK done: the peer runs DIME
+    LEGACY = "legacy"  # the peer never answered: it runs no DIME; do not signal it
+    NAT_FORCED = "nat-forced"  # behind an IHMP-unaware NAT: one-to-one, no signaling
+
+
+class ChangeKind(enum.Enum):
+    """What a :class:`TableChange` reports."""
+
+    CREATED = "created"
+    UPDATED = "updated"  # address sets changed
+    STATE = "state"  # state changed
+    KEY = "key"  # bound key changed
+    REMOVED = "removed"
+
+
+class HidTableError(ValueError):
+    """An operation that would break the table's invariants."""
+
+
+@dataclass
+class HostEntry:
+    """One remote host. Mutate it only through :class:`HidTable` operations."""
+
+    hid: int
+    active: list[IPAddress] = field(default_factory=list)
+    unreachable: set[IPAddress] = field(default_factory=set)
+    local: list[IPAddress] = field(default_factory=list)
+    key: bytes | None = None
+    state: HidState = HidState.HELLO_PENDING
+
+    @property
+    def locator(self) -> IPAddress | None:
+        """The preferred locator, or None when no address is reachable."""
+        return self.active[0] if self.active else None
+
+    def addresses(self) -> set[IPAddress]:
+        """Every remote address of this host (active and unreachable)."""
+        return set(self.active) | self.unreachable
+
+    def snapshot(self) -> HostSnapshot:
+        """An immutable copy, safe to hand to subscribers and the status output."""
+        return HostSnapshot(
+            hid=self.hid,
+            active=tuple(self.active),
+            unreachable=frozenset(self.unreachable),
+            local=tuple(self.local),
+            key=self.key,
+            state=self.state,
+        )
+
+
+@dataclass(frozen=True)
+class HostSnapshot:
+    """An immutable view of a :class:`HostEntry` at one moment."""
+
+    hid: int
+    active: tuple[IPAddress, ...]
+    unreachable: frozenset[IPAddress]
+    local: tuple[IPAddress, ...]
+    key: bytes | None
+    state: HidState
+
+    @property
+    def locator(self) -> IPAddress | None:
+        return self.active[0] if self.active else None
+
+
+@dataclass(frozen=True)
+class TableChange:
+    """One change of one entry. ``before`` is None for CREATED, ``after`` for REMOVED."""
+
+    kind: ChangeKind
+    hid: int
+    before: HostSnapshot | None
+    after: HostSnapshot | None
+    reason: str = ""
+
+
+Subscriber = Callable[[TableChange], None]
+
+
+class HidTable:
+    """The table of remote hosts, indexed by HID and by every remote address."""
+
+    def __init__(self) -> None:
+        self._entries: dict[int, HostEntry] = {}
+        self._by_addr: dict[IPAddress, int] = {}
+        self._next_hid = 1
+        self._subscribers: list[Subscriber] = []
+
+    # -- reading -------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __iter__(self) -> Iterator[HostEntry]:
+        return iter(list(self._entries.values()))
+
+    def __contains__(self, hid: object) -> bool:
+        return hid in self._entries
+
+    def get(self, hid: int) -> HostEntry:
+        """The entry of ``hid``; KeyError when there is none."""
+        return self._entries[hid]
+
+    def lookup(self, addr: IPAddress) -> HostEntry | None:
+        """The entry that owns remote address ``addr`` (active or unreachable), O(1)."""
+        hid = self._by_addr.get(addr)
+        return None if hid is None else self._entries[hid]
+
+    def snapshot(self) -> list[HostSnapshot]:
+        return [e.snapshot() for e in self._entries.values()]
+
+    # -- subscribers ---------------------------------------------------------------
+
+    def subscribe(self, callback: Subscriber) -> Callable[[], None]:
+        """Call ``callback`` after every change; returns a function that unsubscribes."""
+        self._subscribers.append(callback)
+        return lambda: self._subscribers.remove(callback)
+
+    def _notify(self, change: TableChange) -> None:
+        for callback in list(self._subscribers):
+            callback(change)
+
+    # -- operations ----------------------------------------------------------------
+
+    def create(
+        self,
+        active: Iterable[IPAddress] = (),
+        *,
+        state: HidState = HidState.HELLO_PENDING,
+        reason: str = "",
+    ) -> HostEntry:
+        """Create an entry for a new remote host with the given active addresses."""
+        addrs = list(dict.fromkeys(active))
+        for addr in addrs:
+            self._check_free(addr, None)
+        entry = HostEntry(hid=self._next_hid, active=addrs, state=state)
+        self._next_hid += 1
+        self._entries[entry.hid] = entry
+        for addr in addrs:
+            self._by_addr[addr] = entry.hid
+        self._notify(TableChange(ChangeKind.CREATED, entry.hid, None, entry.snapshot(), reason))
+        return entry
+
+    def remove(self, hid: int, *, reason: str = "") -> None:
+        """Forget a remote host (e.g. its last path is lost). Unknown HIDs are ignored."""
+        entry = self._entries.pop(hid, None)
+        if entry is None:
+            return
+        for addr in entry.addresses():
+            self._by_addr.pop(addr, None)
+        self._notify(TableChange(ChangeKind.REMOVED, hid, entry.snapshot(), None, reason))
+
+    def add_active(
+        self, hid: int, addr: IPAddress, *, prefer: bool = False, reason: str = ""
+    ) -> bool:
+        """Make ``addr`` an active address of ``hid`` (moving it out of unreachable).
+
+        With ``prefer`` it becomes the preferred locator. Returns whether anything
+        changed. Raises HidTableError if ``addr`` belongs to another host.
+        """
+        entry = self._entries[hid]
+        self._check_free(addr, hid)
+        if addr in entry.active and (not prefer or entry.active[0] == addr):
+            return False
+        with self._updating(entry, reason):
+            entry.unreachable.discard(addr)
+            if addr in entry.active:
+                entry.active.remove(addr)
+            if prefer:
+                entry.active.insert(0, addr)
+            else:
+                entry.active.append(addr)
+            self._by_addr[addr] = hid
+        return True
+
+    def mark_unreachable(self, hid: int, addr: IPAddress, *, reason: str = "") -> bool:
+        """Record ``addr`` as an address of ``hid`` this host cannot reach."""
+        entry = self._entries[hid]
+        self._check_free(addr, hid)
+        if addr in entry.unreachable:
+            return False
+        with self._updating(entry, reason):
+            if addr in entry.active:
+                entry.active.remove(addr)
+            entry.unreachable.add(addr)
+            self._by_addr[addr] = hid
+        return True
+
+    def remove_address(self, hid: int, addr: IPAddress, *, reason: str = "") -> bool:
+        """The remote host no longer owns ``addr``: drop it from both remote sets."""
+        entry = self._entries[hid]
+        if addr not in entry.active and addr not in entry.unreachable:
+            return False
+        with self._updating(entry, reason):
+            if addr in entry.active:
+                entry.active.remove(addr)
+            entry.unreachable.discard(addr)
+            self._by_addr.pop(addr, None)
+        return True
+
+    def add_local(
+        self, hid: int, addr: IPAddress, *, prefer: bool = False, reason: str = ""
+    ) -> bool:
+        """Record that the remote host can reach this host at ``addr``."""
+        entry = self._entries[hid]
+        if addr in entry.local and (not prefer or entry.local[0] == addr):
+            return False
+        with self._updating(entry, reason):
+            if addr in entry.local:
+                entry.local.remove(addr)
+            if prefer:
+                entry.local.insert(0, addr)
+            else:
+                entry.local.append(addr)
+        return True
+
+    def remove_local(self, hid: int, addr: IPAddress, *, reason: str = "") -> bool:
+        """The remote host can no longer reach this host at ``addr``."""
+        entry = self._entries[hid]
+        if addr not in entry.local:
+            return False
+        with self._updating(entry, reason):
+            entry.local.remove(addr)
+        return True
+
+    def set_state(self, hid: int, state: HidState, *, reason: str = "") -> bool:
+        entry = self._entries[hid]
+        if entry.state is state:
+            return False
+        before = entry.snapshot()
+        entry.state = state
+        self._notify(TableChange(ChangeKind.STATE, hid, before, entry.snapshot(), reason))
+        return True
+
+    def bind_key(self, hid: int, key: bytes | None, *, reason: str = "") -> bool:
+        """Bind the raw 32-byte Ed25519 public key ``key`` to ``hid`` (None unbinds)."""
+        entry = self._entries[hid]
+        if entry.key == key:
+            return False
+        before = entry.snapshot()
+        entry.key = key
+        self._notify(TableChange(ChangeKind.KEY, hid, before, entry.snapshot(), reason))
+        return True
+
+    # -- helpers -------------------------------------------------------------------
+
+    def _check_free(self, addr: IPAddress, hid: int | None) -> None:
+        owner = self._by_addr.get(addr)
+        if owner is not None and owner != hid:
+            raise HidTableError(f"{addr} already belongs to HID {owner}")
+
+    @contextmanager
+    def _updating(self, entry: HostEntry, reason: str) -> Iterator[None]:
+        """Snapshot before, notify UPDATED after, but only if something changed."""
+        before = entry.snapshot()
+        yield
+        after = entry.snapshot()
+        if after != before:
+            self._notify(TableChange(ChangeKind.UPDATED, entry.hid, before, after, reason))

@@ -1,0 +1,954 @@
+"""The IHMP engine: the control plane of DIME as a sans-I/O state machine.
+
+Like aioquic's ``QuicConnection``, the engine never touches a socket or a clock. Its
+user feeds it
+
+* received datagrams: :meth:`IhmpEngine.receive_datagram` ``(data, src, dst, now)``;
+* this host's address events: :meth:`address_added`, :meth:`address_removed`,
+  :meth:`handoff` (one address lost and another gained);
+* "StackTrans created a HID for this address": :meth:`start_hello`;
+* timer expiry: :meth:`handle_timer` ``(now)``;
+
+and collects
+
+* datagrams to send, each with its source and destination address:
+  :meth:`datagrams_to_send`;
+* HID table operations: the engine applies them to the shared
+  :class:`~dime.hid_table.HidTable`, whose subscribers (StackTrans, status) see each
+  change as it happens;
+* events (:mod:`ihmp.events`): :meth:`next_event`;
+* the next timer deadline: :meth:`get_timer`.
+
+The protocol is section III-B of the DIME paper, with these additions:
+
+* every message carries a 64-bit per-sender counter, checked against a sliding
+  window, so that replays are refused; retransmissions reuse the sequence number
+  but get a fresh counter (and signature);
+* address events from a peer are applied in sequence-number order: a message older
+  than one already applied is acknowledged but not applied ("latest state wins");
+* a host's lost addresses are withdrawn until the peer acknowledges it, and every
+  later HANDOFF/ADDR_DOWN to that peer carries all of them, superseding the ones in
+  flight;
+* losing the last path to a peer does not drop it at once: a grace period lets a
+  hard handoff (address down, then up) complete. Only then is the HID removed and
+  :class:`~ihmp.events.PeerLost` reported.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
+from ipaddress import IPv4Address, IPv4Interface, IPv6Address, IPv6Interface
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from dime.hid_table import ChangeKind, HidState, HidTable, HidTableError, HostEntry, TableChange
+from ihmp import events as ev
+from ihmp.events import RejectReason
+from ihmp.keys import LocalKeys, TrustStore
+from ihmp.reachability import Reach, advertisable, best_path, classify
+from ihmp.replay import ReplayWindow
+from ihmp.wire import (
+    Flags,
+    Message,
+    MessageType,
+    NatMapping,
+    WireError,
+    decode,
+    encode,
+    public_key_bytes,
+    verify,
+)
+
+IPAddress = IPv4Address | IPv6Address
+IPInterface = IPv4Interface | IPv6Interface
+
+T = MessageType
+_EVENT_TYPES = frozenset(
+    {
+        T.ADDR_UP,
+        T.ADDR_UP_UNREACHABLE,
+        T.ADDR_DOWN,
+        T.ADDR_DOWN_UNREACHABLE,
+        T.HANDOFF,
+        T.HANDOFF_UNREACHABLE,
+    }
+)
+_WITHDRAWING = frozenset({T.ADDR_DOWN, T.ADDR_DOWN_UNREACHABLE, T.HANDOFF, T.HANDOFF_UNREACHABLE})
+_MAX_KEY_WINDOWS = 4096
+MAX_LOCAL_RETRIES = 10  # quick retries after a send failed locally (about 100 ms)
+
+
+@dataclass
+class EngineConfig:
+    """Timing and policy. Every field has a default that works."""
+
+    initial_rto: float = 0.5  # first retransmission timeout, seconds
+    max_rto: float = 4.0  # backoff cap
+    max_attempts: int = 6  # transmissions of one message before giving up
+    probe_attempts: int = 3  # for probes of potentially reachable paths
+    legacy_hold_down: float = 300.0  # after a HELLO went unanswered
+    path_loss_grace: float = 30.0  # how long a peer with no path is kept
+    strict: bool = False  # accept only keys configured a priori
+
+
+@dataclass(frozen=True)
+class Datagram:
+    """A datagram to send. ``dst_port`` None means the peer's default IHMP port."""
+
+    data: bytes
+    src: IPAddress
+    dst: IPAddress
+    dst_port: int | None = None
+
+
+@dataclass
+class Counters:
+    messages_sent: int = 0
+    messages_received: int = 0
+    retransmissions: int = 0
+    messages_rejected: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class _Pending:
+    """A message of ours waiting for its ACK."""
+
+    hid: int
+    msg: Message  # the counter is filled in at each transmission
+    src: IPAddress
+    dst: IPAddress
+    dst_port: int | None
+    max_attempts: int
+    fallback: bool  # on failure, send the _UNREACHABLE form over an existing path
+    first_sent: float
+    deadline: float
+    rto: float
+    attempts: int = 1
+    local_failures: int = 0  # sends the host itself could not make (no route yet)
+
+
+@dataclass
+class _Peer:
+    """Per-HID protocol state that the HID table does not hold."""
+
+    seq: int  # next sequence number to send
+    addr_seq: dict[IPAddress, int] = field(default_factory=dict)  # newest seq per address
+    pending: dict[int, _Pending] = field(default_factory=dict)
+    announced: set[IPAddress] = field(default_factory=set)  # our addresses it heard of
+    withdrawn: dict[IPAddress, bool] = field(default_factory=dict)  # lost -> was reachable
+    legacy_until: float | None = None
+    orphan_deadline: float | None = None
+    nat_supported: bool = False
+    nat_entries: list[NatMapping] = field(default_factory=list)
+
+
+class _Reject(Exception):
+    def __init__(self, reason: RejectReason, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+def seq_newer(a: int, b: int) -> bool:
+    """Whether 16-bit sequence number ``a`` comes after ``b`` (RFC 1982 arithmetic)."""
+    return 0 < (a - b) & 0xFFFF < 0x8000
+
+
+class IhmpEngine:
+    """IHMP for one host. See the module docstring for the contract."""
+
+    def __init__(
+        self,
+        table: HidTable,
+        *,
+        counter_start: int,
+        rng: random.Random,
+        config: EngineConfig | None = None,
+        local_keys: LocalKeys | None = None,
+        trust: TrustStore | None = None,
+        local_addresses: Iterable[IPInterface] = (),
+    ) -> None:
+        """``counter_start`` must grow across restarts: pass the wall clock in µs."""
+        self.table = table
+        self.config = config or EngineConfig()
+        self.local_keys = local_keys or LocalKeys()
+        self.trust = trust or TrustStore()
+        self.counters = Counters()
+        self._rng = rng
+        self._counter = counter_start
+        self._local: dict[IPAddress, IPInterface] = {i.ip: i for i in local_addresses}
+        self._peers: dict[int, _Peer] = {}
+        self._windows: dict[bytes | int, ReplayWindow] = {}
+        # Addresses peers withdrew, still accepted as their Host ID: messages sent
+        # before the peer learned we applied the withdrawal still name them.
+        self._retired: dict[IPAddress, int] = {}
+        self._out: list[Datagram] = []
+        self._events: deque[ev.Event] = deque()
+        table.subscribe(self._on_table_change)
+
+    # == outputs ======================================================================
+
+    def datagrams_to_send(self, now: float) -> list[Datagram]:
+        """Everything queued for sending; the queue is emptied."""
+        out, self._out = self._out, []
+        return out
+
+    def next_event(self) -> ev.Event | None:
+        return self._events.popleft() if self._events else None
+
+    def get_timer(self) -> float | None:
+        """The earliest time :meth:`handle_timer` must be called, or None."""
+        deadlines = [p.deadline for peer in self._peers.values() for p in peer.pending.values()]
+        deadlines += [
+            peer.orphan_deadline
+            for peer in self._peers.values()
+            if peer.orphan_deadline is not None
+        ]
+        return min(deadlines, default=None)
+
+    @property
+    def local_addresses(self) -> list[IPAddress]:
+        return list(self._local)
+
+    def peer_info(self, hid: int) -> dict[str, object]:
+        """Protocol facts about a peer for status output."""
+        peer = self._peers.get(hid)
+        if peer is None:
+            return {}
+        return {
+            "pending": len(peer.pending),
+            "withdrawn": [str(a) for a in peer.withdrawn],
+            "nat_supported": peer.nat_supported,
+            "nat_entries": len(peer.nat_entries),
+        }
+
+    # == inputs: timers ===============================================================
+
+    def handle_timer(self, now: float) -> None:
+        """Retransmit, give up, fall back, and drop peers whose grace ran out."""
+        for hid, peer in list(self._peers.items()):
+            for pending in [p for p in peer.pending.values() if p.deadline <= now]:
+                if peer.pending.get(pending.msg.seq) is not pending:
+                    continue  # dropped by an earlier failure in this same pass
+                if pending.attempts >= pending.max_attempts:
+                    del peer.pending[pending.msg.seq]
+                    self._failed(pending, now)
+                else:
+                    self._retransmit(pending, now)
+            if peer.orphan_deadline is not None and peer.orphan_deadline <= now:
+                self._drop_peer(hid)
+
+    def send_failed(self, src: IPAddress, dst: IPAddress, now: float, retry: float = 0.01) -> None:
+        """The host could not even send a datagram src -> dst (no route yet, say).
+
+        A new address usually comes a few milliseconds before its route: rather than
+        wait a whole RTO, the engine tries again after ``retry`` seconds, up to
+        :data:`MAX_LOCAL_RETRIES` times per message, and such failed sends do not
+        count as attempts.
+        """
+        for peer in self._peers.values():
+            for pending in peer.pending.values():
+                if (
+                    pending.src == src
+                    and pending.dst == dst
+                    and pending.local_failures < MAX_LOCAL_RETRIES
+                ):
+                    pending.local_failures += 1
+                    pending.attempts -= 1
+                    pending.deadline = min(pending.deadline, now + retry)
+                    # _retransmit doubles it again: the failed send must not back off.
+                    pending.rto = pending.rto / 2
+
+    # == inputs: StackTrans ===========================================================
+
+    def start_hello(self, hid: int, now: float, local: IPAddress | None = None) -> bool:
+        """StackTrans created HID ``hid`` (or saw a new flow to a legacy one): say HELLO.
+
+        ``local`` is the address the flow uses on this host; if None, the engine picks
+        the best one. Returns False when nothing is sent: the peer is in its legacy
+        hold-down, already established, or has no usable path.
+        """
+        entry = self.table.get(hid)
+        peer = self._peer(hid)
+        if entry.state is HidState.ESTABLISHED or entry.locator is None:
+            return False
+        if peer.legacy_until is not None and now < peer.legacy_until:
+            return False
+        if any(p.msg.type is T.HELLO for p in peer.pending.values()):
+            return False
+        if local is None:
+            _, local, _ = best_path([entry.locator], list(self._local))
+        if local is None:
+            return False
+        self.table.set_state(hid, HidState.HELLO_PENDING, reason="hello")
+        advertised = self._advertised(first=local)
+        peer.announced |= set(advertised)
+        msg = self._message(
+            peer,
+            T.HELLO,
+            host_id=local,
+            advertised=advertised,
+            src_addr=local,
+            public_key=self._public_key(local),
+        )
+        self._send(hid, msg, local, entry.locator, now, track=True)
+        return True
+
+    # == inputs: local address events =================================================
+
+    def address_added(self, iface: IPInterface, now: float) -> None:
+        """This host gained ``iface``: tell every established peer (III-B2)."""
+        addr = iface.ip
+        if addr in self._local:
+            return
+        self._local[addr] = iface
+        if not advertisable(addr):
+            return
+        for entry in self._signaled():
+            peer = self._peers[entry.hid]
+            peer.withdrawn.pop(addr, None)
+            if peer.withdrawn and not entry.local and not self._announcing(peer):
+                # Orphaned (a hard handoff): this address may restore the path.
+                self._send_handoff(entry, addr, now)
+            else:
+                self._send_addr_up(entry, addr, now)
+
+    def address_removed(self, iface: IPInterface, now: float) -> None:
+        """This host lost ``iface``: tell every established peer (III-B3)."""
+        addr = iface.ip
+        if self._local.pop(addr, None) is None:
+            return
+        for entry in self._signaled():
+            if not self._lose_local(entry, addr):
+                continue
+            if entry.local and entry.locator is not None:
+                self._send_addr_down(entry, now)
+                continue
+            others = [a for a in self._local if advertisable(a)]
+            reach, local, _ = best_path(self._remotes(entry), others)
+            if local is not None and reach is not Reach.UNREACHABLE:
+                self._send_handoff(entry, local, now)
+            else:
+                self._orphan(entry.hid, now)
+
+    def handoff(self, old: IPInterface, new: IPInterface, now: float) -> None:
+        """This host lost ``old`` and gained ``new`` (III-B4)."""
+        self._local.pop(old.ip, None)
+        self._local[new.ip] = new
+        for entry in self._signaled():
+            self._lose_local(entry, old.ip)
+            self._peers[entry.hid].withdrawn.pop(new.ip, None)
+            if advertisable(new.ip):
+                self._send_handoff(entry, new.ip, now)
+            elif entry.local:
+                self._send_addr_down(entry, now)
+            else:
+                self._orphan(entry.hid, now)
+
+    # == inputs: NAT middlebox role ===================================================
+
+    def send_nat_entry(self, hid: int, mapping: NatMapping, src: IPAddress, now: float) -> None:
+        """Announce a NAT port mapping to ``hid`` (what an IHMP-aware NAT does)."""
+        entry = self.table.get(hid)
+        if entry.locator is None:
+            return
+        peer = self._peer(hid)
+        msg = self._message(
+            peer, T.NAT_ENTRY, host_id=self._host_id(entry, src), nat_mapping=mapping
+        )
+        self._send(hid, msg, src, entry.locator, now, track=True, flags=Flags.NS)
+
+    # == inputs: datagrams ============================================================
+
+    def receive_datagram(
+        self,
+        data: bytes,
+        src: IPAddress,
+        dst: IPAddress,
+        now: float,
+        src_port: int | None = None,
+    ) -> None:
+        """Handle one datagram that arrived from ``src`` on local address ``dst``.
+
+        Anything wrong with it is counted and reported as MessageRejected, and then
+        it has changed nothing.
+        """
+        self.counters.messages_received += 1
+        try:
+            msg = decode(data)
+            if msg.type is T.HELLO:
+                self._on_hello(msg, src, dst, src_port, now)
+            else:
+                self._on_message(msg, src, dst, src_port, now)
+        except WireError as exc:
+            self._reject(src, RejectReason.MALFORMED, str(exc))
+        except _Reject as rej:
+            self._reject(src, rej.reason, rej.detail)
+
+    # == receiving ====================================================================
+
+    def _on_hello(
+        self, msg: Message, src: IPAddress, dst: IPAddress, port: int | None, now: float
+    ) -> None:
+        entry = self._resolve(msg.host_id) or self.table.lookup(src)
+        pin = self._authenticate(msg, entry, src)
+        window = self._check_replay(msg, entry, pin)
+        nat = msg.src_addr != src
+        # Every check passed: from here on the message is applied.
+        state = HidState.NAT_FORCED if nat else HidState.ESTABLISHED
+        if entry is None:
+            entry = self.table.create([src], state=state, reason="HELLO received")
+        else:
+            self._claim(entry, src, active=True, prefer=True)
+            self.table.set_state(entry.hid, state, reason="HELLO received")
+        hid = entry.hid
+        self._commit(msg, hid, window, pin)
+        peer = self._peer(hid)
+        peer.addr_seq.clear()  # a HELLO starts the peer's sequence afresh
+        self._note_flags(msg, peer)
+        self.table.add_local(hid, dst, reason="HELLO received")
+        for addr in msg.advertised:
+            if addr != src:
+                self._claim(entry, addr, active=False)
+        flags = Flags.ND | Flags.NF if nat else Flags.NONE
+        advertised = self._advertised(first=dst)
+        peer.announced |= set(advertised)
+        self._send_ack(
+            hid,
+            msg,
+            src,
+            dst,
+            port,
+            flags=flags,
+            advertised=advertised,
+            public_key=self._public_key(dst),
+            src_addr=dst,
+            observed_addr=src if nat else None,
+        )
+        self._events.append(ev.MessageApplied(hid, msg.type, msg.seq, stale=False))
+        if nat:
+            assert msg.src_addr is not None
+            self._events.append(ev.NatDetected(hid, msg.src_addr, src))
+        else:
+            self._events.append(ev.PeerEstablished(hid, key_pinned=entry.key is not None))
+            self._probe_unreachable(entry, now)
+
+    def _on_message(
+        self, msg: Message, src: IPAddress, dst: IPAddress, port: int | None, now: float
+    ) -> None:
+        entry = self._resolve(msg.host_id)
+        if entry is None:
+            raise _Reject(RejectReason.UNKNOWN_HOST_ID, f"no HID for Host ID {msg.host_id}")
+        pin = self._authenticate(msg, entry, src)
+        window = self._check_replay(msg, entry, pin)
+        pending = None
+        if msg.type is T.ACK:
+            pending = self._peer(entry.hid).pending.get(msg.seq)
+            if pending is None:
+                raise _Reject(RejectReason.UNEXPECTED_ACK, f"no message {msg.seq} outstanding")
+        self._commit(msg, entry.hid, window, pin)
+        peer = self._peer(entry.hid)
+        self._note_flags(msg, peer)
+        if pending is not None:
+            del peer.pending[msg.seq]
+            self._completed(pending, msg, now)
+        elif msg.type is T.PATH_PROBE:
+            self._on_path_probe(msg, entry, src, dst, port)
+        elif msg.type is T.NAT_ENTRY:
+            assert msg.nat_mapping is not None
+            peer.nat_entries.append(msg.nat_mapping)
+            self._events.append(ev.NatEntryReceived(entry.hid, msg.nat_mapping))
+            self._send_ack(entry.hid, msg, src, dst, port)
+        else:
+            self._on_address_event(msg, entry, src, dst, port)
+
+    def _on_path_probe(
+        self, msg: Message, entry: HostEntry, src: IPAddress, dst: IPAddress, port: int | None
+    ) -> None:
+        nat = msg.src_addr != src
+        # The probe proves the path src -> dst works (III-B1, step 4), unless a newer
+        # message of the peer's withdrew src meanwhile.
+        if not nat and self._newest_about(self._peer(entry.hid), src, msg.seq):
+            self._claim(entry, src, active=True)
+            self.table.add_local(entry.hid, dst, reason="PATH_PROBE received")
+        self._ack_applied(entry.hid, msg, src, dst, port, nat=nat, applied=True)
+
+    def _on_address_event(
+        self, msg: Message, entry: HostEntry, src: IPAddress, dst: IPAddress, port: int | None
+    ) -> None:
+        # ADDR_UP and HANDOFF are sent from the new address: a different source
+        # means a NAT rewrote it, and IHMP cannot move flows into a NAT (III-D).
+        nat = msg.type in (T.ADDR_UP, T.HANDOFF) and msg.new_addr != src
+        applied = self._apply_address_event(msg, entry, dst, nat)
+        self._ack_applied(entry.hid, msg, src, dst, port, nat=nat, applied=applied)
+
+    def _ack_applied(
+        self,
+        hid: int,
+        msg: Message,
+        src: IPAddress,
+        dst: IPAddress,
+        port: int | None,
+        *,
+        nat: bool,
+        applied: bool,
+    ) -> None:
+        """ACK a peer's message (ND and the observed source if a NAT was in the way)."""
+        flags = Flags.ND if nat else Flags.NONE
+        self._send_ack(hid, msg, src, dst, port, flags=flags, observed_addr=src if nat else None)
+        self._events.append(ev.MessageApplied(hid, msg.type, msg.seq, stale=not applied))
+
+    def _apply_address_event(
+        self, msg: Message, entry: HostEntry, dst: IPAddress, nat: bool
+    ) -> bool:
+        """Apply the parts of ``msg`` no newer message has overtaken; say if any was."""
+        peer = self._peer(entry.hid)
+        reason = f"{msg.type.name} received"
+        applied = False
+        for old in msg.old_addrs:
+            if self._newest_about(peer, old, msg.seq):
+                applied = True
+                if self.table.lookup(old) is entry:
+                    self.table.remove_address(entry.hid, old, reason=reason)
+                    self._retired[old] = entry.hid
+        new = msg.new_addr
+        if new is not None and self._newest_about(peer, new, msg.seq):
+            applied = True
+            reachable = msg.type in (T.ADDR_UP, T.HANDOFF) and not nat
+            self._claim(entry, new, active=reachable, prefer=msg.type is T.HANDOFF)
+            if reachable:
+                # The peer reached us at dst from its new address: dst works for it.
+                prefer = msg.type is T.HANDOFF
+                self.table.add_local(entry.hid, dst, prefer=prefer, reason=reason)
+        return applied
+
+    @staticmethod
+    def _newest_about(peer: _Peer, addr: IPAddress, seq: int) -> bool:
+        """Per-address "latest state wins": is ``seq`` the newest word on ``addr``?
+
+        Records ``seq`` if so. Messages about different addresses are independent,
+        so an ADDR_UP is not lost behind a later HANDOFF about other addresses.
+        """
+        last = peer.addr_seq.get(addr)
+        if last is not None and not seq_newer(seq, last):
+            return False
+        peer.addr_seq[addr] = seq
+        return True
+
+    # == authentication and replay ====================================================
+
+    def _authenticate(self, msg: Message, entry: HostEntry | None, src: IPAddress) -> bytes | None:
+        """Check the signature; return a key to pin, if the message binds a new one.
+
+        Raises _Reject. Changes nothing.
+        """
+        bound = entry.key if entry is not None else None
+        expected = bound
+        if expected is None:
+            expected = self.trust.key_for(msg.host_id) or self.trust.key_for(src)
+        if expected is None and self.config.strict:
+            raise _Reject(RejectReason.UNTRUSTED, f"strict mode: no key configured for {src}")
+        if expected is not None:
+            if msg.signature is None:
+                raise _Reject(RejectReason.UNSIGNED, "a key is bound but the message is unsigned")
+            if msg.public_key is not None and msg.public_key != expected:
+                raise _Reject(RejectReason.KEY_MISMATCH, "carries a key other than the bound one")
+            if not verify(msg, expected):
+                raise _Reject(RejectReason.BAD_SIGNATURE, "signature does not verify")
+            return expected if bound is None else None
+        if msg.signature is None:
+            return None  # an unsigned peer, and nothing bound yet: allowed (not strict)
+        if msg.public_key is None:
+            raise _Reject(RejectReason.BAD_SIGNATURE, "signed, but no key is known to verify it")
+        if not verify(msg, msg.public_key):
+            raise _Reject(RejectReason.BAD_SIGNATURE, "signature does not verify")
+        return msg.public_key  # trust on first use
+
+    def _window_id(self, entry: HostEntry | None, key: bytes | None) -> bytes | int | None:
+        # Signed peers are tracked by key, so that the window survives the HID.
+        if key is not None:
+            return key
+        return entry.hid if entry is not None else None
+
+    def _check_replay(
+        self, msg: Message, entry: HostEntry | None, pin: bytes | None
+    ) -> bytes | int | None:
+        wid = self._window_id(entry, pin or (entry.key if entry is not None else None))
+        window = self._windows.get(wid) if wid is not None else None
+        if window is not None and not window.fresh(msg.counter):
+            raise _Reject(RejectReason.REPLAY, f"counter {msg.counter} already seen or too old")
+        return wid
+
+    def _commit(self, msg: Message, hid: int, wid: bytes | int | None, pin: bytes | None) -> None:
+        """Record the accepted message's counter and pin its key."""
+        if wid is None:
+            wid = hid
+        window = self._windows.get(wid)
+        if window is None:
+            if len(self._windows) >= _MAX_KEY_WINDOWS:
+                self._windows.pop(next(iter(self._windows)))
+            window = self._windows[wid] = ReplayWindow()
+        window.accept(msg.counter)
+        if pin is not None:
+            self.table.bind_key(hid, pin, reason="key pinned")
+
+    def _note_flags(self, msg: Message, peer: _Peer) -> None:
+        if msg.flags & Flags.NS:
+            peer.nat_supported = True
+
+    def _reject(self, src: IPAddress, reason: RejectReason, detail: str) -> None:
+        rejected = self.counters.messages_rejected
+        rejected[reason.value] = rejected.get(reason.value, 0) + 1
+        self._events.append(ev.MessageRejected(src, reason, detail))
+
+    # == our exchanges completing or failing ==========================================
+
+    def _completed(self, pending: _Pending, ack: Message, now: float) -> None:
+        hid = pending.hid
+        entry = self.table.get(hid)
+        peer = self._peers[hid]
+        mtype = pending.msg.type
+        reason = f"ACK of {mtype.name}"
+        if mtype is T.HELLO:
+            self._hello_acked(entry, pending, ack)
+        elif mtype is T.PATH_PROBE:
+            self._claim(entry, pending.dst, active=True)
+            self.table.add_local(hid, pending.src, reason=reason)
+            self._events.append(ev.AddressVerified(hid, pending.src, pending.dst))
+        elif (
+            mtype in (T.ADDR_UP, T.HANDOFF)
+            and not ack.flags & Flags.ND
+            and pending.msg.new_addr in self._local
+        ):
+            new = pending.msg.new_addr
+            assert new is not None
+            self.table.add_local(hid, new, prefer=mtype is T.HANDOFF, reason=reason)
+            locator = entry.locator
+            prefer = locator is None or classify(locator, new) is Reach.UNREACHABLE
+            self._claim(entry, pending.dst, active=True, prefer=prefer)
+            self._events.append(ev.AddressVerified(hid, new, pending.dst))
+        if mtype in _WITHDRAWING:
+            for old in pending.msg.old_addrs:
+                peer.withdrawn.pop(old, None)
+                peer.announced.discard(old)
+        if entry.local:
+            peer.orphan_deadline = None
+        if ack.flags & Flags.ND and ack.observed_addr is not None:
+            encoded = pending.msg.new_addr or pending.msg.src_addr or pending.src
+            self._events.append(ev.NatDetected(hid, encoded, ack.observed_addr))
+        self._events.append(
+            ev.ExchangeCompleted(hid, mtype, pending.msg.seq, now - pending.first_sent)
+        )
+
+    def _hello_acked(self, entry: HostEntry, pending: _Pending, ack: Message) -> None:
+        hid = entry.hid
+        self.table.add_local(hid, pending.src, reason="ACK of HELLO")
+        for addr in ack.advertised:
+            if addr not in entry.active:
+                self._claim(entry, addr, active=False)
+        state = HidState.NAT_FORCED if ack.flags & Flags.NF else HidState.ESTABLISHED
+        self.table.set_state(hid, state, reason="ACK of HELLO")
+        self._peers[hid].legacy_until = None
+        if state is HidState.ESTABLISHED:
+            self._events.append(ev.PeerEstablished(hid, key_pinned=entry.key is not None))
+
+    def _failed(self, pending: _Pending, now: float) -> None:
+        hid = pending.hid
+        msg = pending.msg
+        self._events.append(ev.ExchangeFailed(hid, msg.type, msg.seq))
+        entry = self.table.get(hid)
+        peer = self._peers[hid]
+        if msg.type is T.HELLO:
+            self.table.set_state(hid, HidState.LEGACY, reason="HELLO unanswered")
+            peer.legacy_until = now + self.config.legacy_hold_down
+            peer.pending.clear()
+            self._events.append(ev.PeerLegacy(hid))
+            return
+        if not pending.fallback:
+            return
+        # The new address could not reach the peer: tell it over a path that works.
+        if entry.local and entry.locator is not None:
+            unreachable = T.ADDR_UP_UNREACHABLE if msg.type is T.ADDR_UP else T.HANDOFF_UNREACHABLE
+            fallback = self._message(
+                peer,
+                unreachable,
+                host_id=self._host_id(entry),
+                new_addr=msg.new_addr,
+                old_addrs=msg.old_addrs,
+                flags=msg.flags,
+            )
+            self._send(hid, fallback, entry.local[0], entry.locator, now, track=True)
+        elif msg.type is T.HANDOFF:
+            self._orphan(hid, now)
+
+    # == sending address events =======================================================
+
+    def _send_addr_up(self, entry: HostEntry, new: IPAddress, now: float) -> None:
+        peer = self._peers[entry.hid]
+        reach, _, remote = best_path(self._remotes(entry), [new])
+        peer.announced.add(new)
+        if remote is not None and reach is not Reach.UNREACHABLE:
+            msg = self._message(peer, T.ADDR_UP, host_id=self._host_id(entry), new_addr=new)
+            self._send_probing(entry.hid, msg, new, remote, reach, now)
+        elif entry.local and entry.locator is not None:
+            msg = self._message(
+                peer, T.ADDR_UP_UNREACHABLE, host_id=self._host_id(entry), new_addr=new
+            )
+            self._send(entry.hid, msg, entry.local[0], entry.locator, now, track=True)
+
+    def _send_addr_down(self, entry: HostEntry, now: float) -> None:
+        peer = self._peers[entry.hid]
+        assert entry.locator is not None
+        self._supersede(peer)
+        reachable = any(peer.withdrawn.values())
+        mtype = T.ADDR_DOWN if reachable else T.ADDR_DOWN_UNREACHABLE
+        msg = self._message(
+            peer, mtype, host_id=self._host_id(entry), old_addrs=tuple(peer.withdrawn)
+        )
+        self._send(entry.hid, msg, entry.local[0], entry.locator, now, track=True)
+
+    def _send_handoff(self, entry: HostEntry, new: IPAddress, now: float) -> None:
+        peer = self._peers[entry.hid]
+        olds = tuple(a for a in peer.withdrawn if a != new)
+        if not olds:
+            self._send_addr_up(entry, new, now)
+            return
+        self._supersede(peer)
+        peer.announced.add(new)
+        # OU: the peer could not reach us at any of the old addresses (III-B4).
+        flags = Flags.NONE if any(peer.withdrawn[a] for a in olds) else Flags.OU
+        host_id = self._host_id(entry)
+        reach, _, remote = best_path(self._remotes(entry), [new])
+        if remote is not None and reach is not Reach.UNREACHABLE:
+            msg = self._message(
+                peer, T.HANDOFF, host_id=host_id, new_addr=new, old_addrs=olds, flags=flags
+            )
+            self._send_probing(entry.hid, msg, new, remote, reach, now)
+        elif entry.local and entry.locator is not None:
+            msg = self._message(
+                peer,
+                T.HANDOFF_UNREACHABLE,
+                host_id=host_id,
+                new_addr=new,
+                old_addrs=olds,
+                flags=flags,
+            )
+            self._send(entry.hid, msg, entry.local[0], entry.locator, now, track=True)
+        else:
+            self._orphan(entry.hid, now)
+
+    def _send_probing(
+        self, hid: int, msg: Message, src: IPAddress, dst: IPAddress, reach: Reach, now: float
+    ) -> None:
+        """Send from a new address; a potentially reachable peer gets fewer tries."""
+        attempts = (
+            self.config.max_attempts if reach is Reach.REACHABLE else self.config.probe_attempts
+        )
+        self._send(hid, msg, src, dst, now, track=True, attempts=attempts, fallback=True)
+
+    @staticmethod
+    def _announcing(peer: _Peer) -> bool:
+        """Whether a message announcing a new address of ours is in flight."""
+        return any(p.msg.new_addr is not None for p in peer.pending.values())
+
+    def _supersede(self, peer: _Peer) -> None:
+        """Drop our in-flight address events that a new withdrawal makes obsolete.
+
+        The new message carries every withdrawn address, so earlier withdrawals
+        need no retransmission; an announcement of an address we no longer have
+        must not be retransmitted either.
+        """
+        for seq, pending in list(peer.pending.items()):
+            mtype = pending.msg.type
+            gone = pending.msg.new_addr is not None and pending.msg.new_addr not in self._local
+            if mtype in _WITHDRAWING or (mtype in _EVENT_TYPES and gone):
+                del peer.pending[seq]
+
+    def _probe_unreachable(self, entry: HostEntry, now: float) -> None:
+        """PATH_PROBE every address of the peer that is not clearly unreachable."""
+        peer = self._peers[entry.hid]
+        locals_ = [a for a in self._local if advertisable(a)]
+        for remote in sorted(entry.unreachable, key=_addr_key):
+            reach, local, _ = best_path([remote], locals_)
+            if local is None or reach is Reach.UNREACHABLE:
+                continue
+            msg = self._message(
+                peer, T.PATH_PROBE, host_id=self._host_id(entry, local), src_addr=local
+            )
+            attempts = self.config.probe_attempts
+            self._send(entry.hid, msg, local, remote, now, track=True, attempts=attempts)
+
+    # == local address bookkeeping ====================================================
+
+    def _lose_local(self, entry: HostEntry, addr: IPAddress) -> bool:
+        """Forget ``addr`` as a way to reach us; remember to withdraw it from the peer.
+
+        Returns whether the peer knew of ``addr`` at all.
+        """
+        peer = self._peers[entry.hid]
+        reachable = addr in entry.local
+        if reachable:
+            self.table.remove_local(entry.hid, addr, reason="local address lost")
+        if not reachable and addr not in peer.announced:
+            return False
+        peer.withdrawn[addr] = reachable or peer.withdrawn.get(addr, False)
+        return True
+
+    def _orphan(self, hid: int, now: float) -> None:
+        peer = self._peers[hid]
+        if peer.orphan_deadline is None:
+            peer.orphan_deadline = now + self.config.path_loss_grace
+
+    def _drop_peer(self, hid: int) -> None:
+        entry = self.table.get(hid)
+        addresses = tuple(entry.active) + tuple(sorted(entry.unreachable, key=_addr_key))
+        self.table.remove(hid, reason="no path left")
+        self._events.append(ev.PeerLost(hid, addresses))
+
+    def _on_table_change(self, change: TableChange) -> None:
+        if change.kind is ChangeKind.REMOVED:
+            self._peers.pop(change.hid, None)
+            self._windows.pop(change.hid, None)
+            for addr in [a for a, hid in self._retired.items() if hid == change.hid]:
+                del self._retired[addr]
+
+    def _resolve(self, host_id: IPAddress) -> HostEntry | None:
+        """The HID a Host ID names: a current address, or one its host withdrew."""
+        entry = self.table.lookup(host_id)
+        if entry is not None:
+            return entry
+        hid = self._retired.get(host_id)
+        return self.table.get(hid) if hid is not None and hid in self.table else None
+
+    # == message construction and transmission ========================================
+
+    def _peer(self, hid: int) -> _Peer:
+        peer = self._peers.get(hid)
+        if peer is None:
+            # A random initial sequence number per peer, as the paper asks.
+            peer = self._peers[hid] = _Peer(seq=self._rng.getrandbits(16))
+        return peer
+
+    def _signaled(self) -> list[HostEntry]:
+        """Peers that get address events: those that completed a HELLO exchange."""
+        return [e for e in self.table if e.state is HidState.ESTABLISHED and e.hid in self._peers]
+
+    def _remotes(self, entry: HostEntry) -> list[IPAddress]:
+        return list(entry.active) + sorted(entry.unreachable, key=_addr_key)
+
+    def _advertised(self, first: IPAddress) -> tuple[IPAddress, ...]:
+        others = [a for a in self._local if a != first and advertisable(a)]
+        return (first, *others)[:32]
+
+    def _host_id(self, entry: HostEntry, fallback: IPAddress | None = None) -> IPAddress:
+        """An address of ours that the peer has in its table (the Host ID field)."""
+        if entry.local:
+            return entry.local[0]
+        peer = self._peers[entry.hid]
+        if peer.withdrawn:
+            return next(iter(peer.withdrawn))
+        if peer.announced:
+            return sorted(peer.announced, key=_addr_key)[0]
+        if fallback is not None:
+            return fallback
+        return next(iter(self._local))
+
+    def _public_key(self, src: IPAddress) -> bytes | None:
+        key = self.local_keys.key_for(src)
+        return public_key_bytes(key) if key is not None else None
+
+    def _claim(
+        self, entry: HostEntry, addr: IPAddress, *, active: bool, prefer: bool = False
+    ) -> None:
+        """Add a remote address to ``entry``, taking it from another HID if need be.
+
+        An unverified (unreachable) address is never taken from another host: two
+        private networks may well use the same address.
+        """
+        owner = self.table.lookup(addr)
+        if owner is not None and owner is not entry:
+            if not active:
+                return
+            self.table.remove_address(owner.hid, addr, reason=f"address moved to HID {entry.hid}")
+        try:
+            if active:
+                self.table.add_active(entry.hid, addr, prefer=prefer, reason="IHMP")
+            elif addr not in entry.active:
+                self.table.mark_unreachable(entry.hid, addr, reason="IHMP")
+        except HidTableError:  # pragma: no cover - guarded by the lookup above
+            return
+
+    def _message(self, peer: _Peer, mtype: MessageType, **fields: object) -> Message:
+        seq = peer.seq
+        peer.seq = (peer.seq + 1) & 0xFFFF
+        return Message(type=mtype, seq=seq, **fields)  # type: ignore[arg-type]
+
+    def _send(
+        self,
+        hid: int,
+        msg: Message,
+        src: IPAddress,
+        dst: IPAddress,
+        now: float,
+        *,
+        track: bool,
+        attempts: int | None = None,
+        fallback: bool = False,
+        dst_port: int | None = None,
+        flags: Flags = Flags.NONE,
+    ) -> None:
+        if flags:
+            msg = replace(msg, flags=msg.flags | flags)
+        self._transmit(msg, src, dst, dst_port)
+        if track:
+            rto = self.config.initial_rto
+            self._peers[hid].pending[msg.seq] = _Pending(
+                hid=hid,
+                msg=msg,
+                src=src,
+                dst=dst,
+                dst_port=dst_port,
+                max_attempts=attempts or self.config.max_attempts,
+                fallback=fallback,
+                first_sent=now,
+                deadline=now + rto,
+                rto=rto,
+            )
+
+    def _send_ack(
+        self,
+        hid: int,
+        msg: Message,
+        src: IPAddress,
+        dst: IPAddress,
+        port: int | None,
+        *,
+        flags: Flags = Flags.NONE,
+        **fields: object,
+    ) -> None:
+        """ACK ``msg`` (from ``src`` to our ``dst``) back along the path it came by."""
+        ack = Message(type=T.ACK, seq=msg.seq, host_id=dst, flags=flags, **fields)  # type: ignore[arg-type]
+        self._transmit(ack, dst, src, port)
+
+    def _retransmit(self, pending: _Pending, now: float) -> None:
+        pending.attempts += 1
+        pending.rto = min(pending.rto * 2, self.config.max_rto)
+        pending.deadline = now + pending.rto
+        self.counters.retransmissions += 1
+        self._transmit(pending.msg, pending.src, pending.dst, pending.dst_port)
+
+    def _transmit(self, msg: Message, src: IPAddress, dst: IPAddress, dst_port: int | None) -> None:
+        # A fresh counter (and signature) every time, retransmissions included: the
+        # receiver's replay window must see each copy as new.
+        self._counter += 1
+        key: Ed25519PrivateKey | None = self.local_keys.key_for(src)
+        stamped = replace(msg, counter=self._counter, signature=None)
+        self._out.append(Datagram(encode(stamped, key), src, dst, dst_port))
+        self.counters.messages_sent += 1
+
+
+def _addr_key(addr: IPAddress) -> tuple[int, bytes]:
+    return (addr.version, addr.packed)

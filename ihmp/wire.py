@@ -1,0 +1,408 @@
+"""IHMP wire format: encode, decode, sign and verify messages.
+
+The byte layout is specified in ``docs/ihmp-wire.md``; this module is its reference
+implementation. Decoding is strict and canonical: any input that ``encode`` would not
+have produced byte for byte is refused with :class:`WireError`, and nothing else is
+ever raised. Hence ``encode(decode(b)) == b`` for every accepted ``b``, and a
+signature can be checked by re-encoding the decoded message.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from dataclasses import dataclass, field, replace
+from ipaddress import IPv4Address, IPv6Address
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+IPAddress = IPv4Address | IPv6Address
+
+VERSION = 1
+DEFAULT_PORT = 4731
+HEADER = struct.Struct("!BBBBHHQ")  # version, type, flags, reserved, seq, body length, counter
+HEADER_LEN = HEADER.size  # 16
+SIGNATURE_LEN = 64
+PUBLIC_KEY_LEN = 32
+MAX_ADDRESSES = 32  # per address list; keeps a message well under 1280 bytes
+FIELD_HEAD = struct.Struct("!BH")  # tag, length
+
+
+class MessageType(enum.IntEnum):
+    HELLO = 1
+    ACK = 2
+    PATH_PROBE = 3
+    ADDR_UP = 4
+    ADDR_UP_UNREACHABLE = 5
+    ADDR_DOWN = 6
+    ADDR_DOWN_UNREACHABLE = 7
+    HANDOFF = 8
+    HANDOFF_UNREACHABLE = 9
+    NAT_ENTRY = 10
+
+
+class Flags(enum.IntFlag):
+    NONE = 0
+    NS = 0x01  # NAT supported: set by an IHMP-aware NAT the message crossed
+    ND = 0x02  # NAT detected: the ACKed message's source differed from its encoded one
+    NF = 0x04  # NAT forced: one-to-one HID, no further signaling
+    OU = 0x08  # old address unreachable (HANDOFF*): the peer could not reach the old one
+    SIG = 0x80  # an Ed25519 signature follows the body
+
+
+class Tag(enum.IntEnum):
+    """Body field tags; fields appear at most once, in increasing tag order."""
+
+    ADVERTISED = 1  # list of addresses
+    NEW_ADDR = 2  # one address
+    OLD_ADDRS = 3  # list of addresses (at least one)
+    SRC_ADDR = 4  # one address: the source the sender encoded (NAT detection)
+    OBSERVED_ADDR = 5  # one address: the source the ACK's sender saw
+    PUBLIC_KEY = 6  # 32 bytes, raw Ed25519
+    NAT_MAPPING = 7  # see NatMapping
+
+
+class WireError(ValueError):
+    """Bytes that are not a valid IHMP message. ``reason`` is a short stable code."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class NatMapping:
+    """A NAT's port mapping, as announced in NAT_ENTRY: internal <-> external."""
+
+    proto: int  # 6 TCP, 17 UDP
+    internal: IPAddress
+    internal_port: int
+    external: IPAddress
+    external_port: int
+
+
+@dataclass(frozen=True)
+class Message:
+    """One IHMP message. ``counter`` is the sender's replay counter."""
+
+    type: MessageType
+    seq: int
+    host_id: IPAddress
+    counter: int = 0
+    flags: Flags = Flags.NONE
+    advertised: tuple[IPAddress, ...] = ()
+    new_addr: IPAddress | None = None
+    old_addrs: tuple[IPAddress, ...] = ()
+    src_addr: IPAddress | None = None
+    observed_addr: IPAddress | None = None
+    public_key: bytes | None = None
+    nat_mapping: NatMapping | None = None
+    signature: bytes | None = field(default=None, repr=False)
+
+
+# Which fields each type must carry, and which it may carry.
+_REQUIRED: dict[MessageType, frozenset[Tag]] = {
+    MessageType.HELLO: frozenset({Tag.ADVERTISED, Tag.SRC_ADDR}),
+    MessageType.ACK: frozenset(),
+    MessageType.PATH_PROBE: frozenset({Tag.SRC_ADDR}),
+    MessageType.ADDR_UP: frozenset({Tag.NEW_ADDR}),
+    MessageType.ADDR_UP_UNREACHABLE: frozenset({Tag.NEW_ADDR}),
+    MessageType.ADDR_DOWN: frozenset({Tag.OLD_ADDRS}),
+    MessageType.ADDR_DOWN_UNREACHABLE: frozenset({Tag.OLD_ADDRS}),
+    MessageType.HANDOFF: frozenset({Tag.NEW_ADDR, Tag.OLD_ADDRS}),
+    MessageType.HANDOFF_UNREACHABLE: frozenset({Tag.NEW_ADDR, Tag.OLD_ADDRS}),
+    MessageType.NAT_ENTRY: frozenset({Tag.NAT_MAPPING}),
+}
+_OPTIONAL: dict[MessageType, frozenset[Tag]] = {
+    MessageType.HELLO: frozenset({Tag.PUBLIC_KEY}),
+    MessageType.ACK: frozenset({Tag.ADVERTISED, Tag.SRC_ADDR, Tag.OBSERVED_ADDR, Tag.PUBLIC_KEY}),
+}
+# Flags other than NS and SIG are only meaningful on some types.
+_TYPE_FLAGS: dict[Flags, frozenset[MessageType]] = {
+    Flags.ND: frozenset({MessageType.ACK}),
+    Flags.NF: frozenset({MessageType.HELLO, MessageType.ACK}),
+    Flags.OU: frozenset({MessageType.HANDOFF, MessageType.HANDOFF_UNREACHABLE}),
+}
+
+
+# -- addresses -------------------------------------------------------------------------
+
+
+def encode_address(addr: IPAddress) -> bytes:
+    """Family byte (4 or 6) followed by the 4 or 16 address bytes."""
+    if getattr(addr, "scope_id", None) is not None:
+        # The wire has no room for a scope: it would be lost, and two addresses
+        # differing only in scope would encode as a duplicate that decode refuses.
+        raise WireError("address", f"scoped address {addr} cannot be encoded")
+    return bytes([addr.version]) + addr.packed
+
+
+def _decode_address(data: bytes, pos: int, end: int) -> tuple[IPAddress, int]:
+    if pos >= end:
+        raise WireError("truncated", "address family missing")
+    family = data[pos]
+    size = {4: 4, 6: 16}.get(family)
+    if size is None:
+        raise WireError("address", f"unknown address family {family}")
+    if pos + 1 + size > end:
+        raise WireError("truncated", "address bytes missing")
+    raw = data[pos + 1 : pos + 1 + size]
+    addr: IPAddress = IPv4Address(raw) if family == 4 else IPv6Address(raw)
+    return addr, pos + 1 + size
+
+
+def _decode_single_address(value: bytes, tag: Tag) -> IPAddress:
+    addr, pos = _decode_address(value, 0, len(value))
+    if pos != len(value):
+        raise WireError("field", f"{tag.name} holds trailing bytes")
+    return addr
+
+
+def _decode_address_list(value: bytes, tag: Tag) -> tuple[IPAddress, ...]:
+    addrs: list[IPAddress] = []
+    pos = 0
+    while pos < len(value):
+        addr, pos = _decode_address(value, pos, len(value))
+        addrs.append(addr)
+    _check_address_list(addrs, tag)
+    return tuple(addrs)
+
+
+def _check_address_list(addrs: tuple[IPAddress, ...] | list[IPAddress], tag: Tag) -> None:
+    # Lists are never empty: an empty list would have no canonical encoding.
+    if not addrs:
+        raise WireError("field", f"{tag.name} is empty")
+    if len(addrs) > MAX_ADDRESSES:
+        raise WireError("field", f"{tag.name} lists more than {MAX_ADDRESSES} addresses")
+    if len(set(addrs)) != len(addrs):
+        raise WireError("field", f"{tag.name} lists an address twice")
+
+
+# -- NAT mapping -----------------------------------------------------------------------
+
+_NAT_HEAD = struct.Struct("!BHH")  # proto, internal port, external port
+
+
+def _encode_nat(m: NatMapping) -> bytes:
+    for port in (m.internal_port, m.external_port):
+        if not 0 <= port <= 0xFFFF:
+            raise WireError("field", f"NAT_MAPPING port {port} out of range")
+    if not 0 <= m.proto <= 0xFF:
+        raise WireError("field", f"NAT_MAPPING protocol {m.proto} out of range")
+    head = _NAT_HEAD.pack(m.proto, m.internal_port, m.external_port)
+    return head + encode_address(m.internal) + encode_address(m.external)
+
+
+def _decode_nat(value: bytes) -> NatMapping:
+    if len(value) < _NAT_HEAD.size:
+        raise WireError("truncated", "NAT_MAPPING too short")
+    proto, iport, eport = _NAT_HEAD.unpack_from(value, 0)
+    internal, pos = _decode_address(value, _NAT_HEAD.size, len(value))
+    external, pos = _decode_address(value, pos, len(value))
+    if pos != len(value):
+        raise WireError("field", "NAT_MAPPING holds trailing bytes")
+    return NatMapping(proto, internal, iport, external, eport)
+
+
+# -- fields ----------------------------------------------------------------------------
+
+
+def _fields_of(msg: Message) -> dict[Tag, bytes]:
+    """The body fields ``msg`` carries, as encoded values."""
+    fields: dict[Tag, bytes] = {}
+    if msg.advertised or Tag.ADVERTISED in _REQUIRED[msg.type]:
+        _check_address_list(msg.advertised, Tag.ADVERTISED)
+        fields[Tag.ADVERTISED] = b"".join(encode_address(a) for a in msg.advertised)
+    if msg.new_addr is not None:
+        fields[Tag.NEW_ADDR] = encode_address(msg.new_addr)
+    if msg.old_addrs:
+        _check_address_list(msg.old_addrs, Tag.OLD_ADDRS)
+        fields[Tag.OLD_ADDRS] = b"".join(encode_address(a) for a in msg.old_addrs)
+    if msg.src_addr is not None:
+        fields[Tag.SRC_ADDR] = encode_address(msg.src_addr)
+    if msg.observed_addr is not None:
+        fields[Tag.OBSERVED_ADDR] = encode_address(msg.observed_addr)
+    if msg.public_key is not None:
+        if len(msg.public_key) != PUBLIC_KEY_LEN:
+            raise WireError("field", "PUBLIC_KEY must be 32 bytes")
+        fields[Tag.PUBLIC_KEY] = msg.public_key
+    if msg.nat_mapping is not None:
+        fields[Tag.NAT_MAPPING] = _encode_nat(msg.nat_mapping)
+    return fields
+
+
+def _check_fields(mtype: MessageType, tags: set[Tag]) -> None:
+    missing = _REQUIRED[mtype] - tags
+    if missing:
+        names = ", ".join(sorted(t.name for t in missing))
+        raise WireError("field", f"{mtype.name} lacks {names}")
+    extra = tags - _REQUIRED[mtype] - _OPTIONAL.get(mtype, frozenset())
+    if extra:
+        names = ", ".join(sorted(t.name for t in extra))
+        raise WireError("field", f"{mtype.name} may not carry {names}")
+
+
+def _check_flags(mtype: MessageType, flags: int) -> None:
+    known = Flags.NS | Flags.ND | Flags.NF | Flags.OU | Flags.SIG
+    if flags & ~known:
+        raise WireError("flags", f"unknown flag bits 0x{flags & ~known:02x}")
+    for flag, types in _TYPE_FLAGS.items():
+        if flags & flag and mtype not in types:
+            raise WireError("flags", f"flag {flag.name} is not allowed on {mtype.name}")
+
+
+def _apply_field(values: dict[str, object], tag: Tag, value: bytes) -> None:
+    if tag is Tag.ADVERTISED:
+        values["advertised"] = _decode_address_list(value, tag)
+    elif tag is Tag.NEW_ADDR:
+        values["new_addr"] = _decode_single_address(value, tag)
+    elif tag is Tag.OLD_ADDRS:
+        values["old_addrs"] = _decode_address_list(value, tag)
+    elif tag is Tag.SRC_ADDR:
+        values["src_addr"] = _decode_single_address(value, tag)
+    elif tag is Tag.OBSERVED_ADDR:
+        values["observed_addr"] = _decode_single_address(value, tag)
+    elif tag is Tag.PUBLIC_KEY:
+        if len(value) != PUBLIC_KEY_LEN:
+            raise WireError("field", "PUBLIC_KEY must be 32 bytes")
+        values["public_key"] = bytes(value)
+    else:
+        values["nat_mapping"] = _decode_nat(value)
+
+
+# -- encode / decode -------------------------------------------------------------------
+
+
+def _encode_unsigned(msg: Message, flags: int) -> bytes:
+    """Header and body, with ``flags`` as given: the bytes a signature covers."""
+    try:
+        mtype = MessageType(msg.type)
+    except ValueError:
+        raise WireError("type", f"unknown message type {msg.type}") from None
+    fields = _fields_of(msg)
+    _check_fields(mtype, set(fields))
+    _check_flags(mtype, flags)
+    if msg.old_addrs and msg.new_addr in msg.old_addrs:
+        raise WireError("field", "NEW_ADDR is also in OLD_ADDRS")
+    body = bytearray(encode_address(msg.host_id))
+    for tag in sorted(fields):
+        value = fields[tag]
+        body += FIELD_HEAD.pack(tag, len(value)) + value
+    if not 0 <= msg.seq <= 0xFFFF:
+        raise WireError("field", f"sequence number {msg.seq} out of range")
+    if not 0 <= msg.counter < 1 << 64:
+        raise WireError("field", f"counter {msg.counter} out of range")
+    header = HEADER.pack(VERSION, mtype, flags, 0, msg.seq, len(body), msg.counter)
+    return header + bytes(body)
+
+
+def encode(msg: Message, key: Ed25519PrivateKey | None = None) -> bytes:
+    """Serialize ``msg``.
+
+    With ``key`` the message is signed afresh. Without it, a signature already on
+    ``msg`` (as left by :func:`decode`) is kept, else the message goes unsigned.
+    Raises WireError if ``msg`` breaks a rule of the format.
+    """
+    flags = int(msg.flags) & ~Flags.SIG
+    if key is not None:
+        unsigned = _encode_unsigned(msg, flags | Flags.SIG)
+        return unsigned + key.sign(unsigned)
+    if msg.signature is not None:
+        if len(msg.signature) != SIGNATURE_LEN:
+            raise WireError("field", "signature must be 64 bytes")
+        return _encode_unsigned(msg, flags | Flags.SIG) + msg.signature
+    return _encode_unsigned(msg, flags)
+
+
+def decode(data: bytes) -> Message:
+    """Parse one datagram. Raises WireError, and only WireError, on any defect."""
+    if len(data) < HEADER_LEN:
+        raise WireError("truncated", f"{len(data)} bytes is shorter than the header")
+    version, type_, flags, reserved, seq, body_len, counter = HEADER.unpack_from(data, 0)
+    if version != VERSION:
+        raise WireError("version", f"unsupported version {version}")
+    try:
+        mtype = MessageType(type_)
+    except ValueError:
+        raise WireError("type", f"unknown message type {type_}") from None
+    if reserved != 0:
+        raise WireError("flags", "reserved byte is not zero")
+    _check_flags(mtype, flags)
+    sig_len = SIGNATURE_LEN if flags & Flags.SIG else 0
+    expected = HEADER_LEN + body_len + sig_len
+    if len(data) < expected:
+        raise WireError("truncated", f"{len(data)} bytes, header announces {expected}")
+    if len(data) > expected:
+        raise WireError("length", f"{len(data) - expected} bytes past the end of the message")
+    end = HEADER_LEN + body_len
+    host_id, pos = _decode_address(data, HEADER_LEN, end)
+    values: dict[str, object] = {}
+    last_tag = 0
+    while pos < end:
+        if pos + FIELD_HEAD.size > end:
+            raise WireError("truncated", "field header cut short")
+        tag_num, length = FIELD_HEAD.unpack_from(data, pos)
+        pos += FIELD_HEAD.size
+        try:
+            tag = Tag(tag_num)
+        except ValueError:
+            raise WireError("field", f"unknown field tag {tag_num}") from None
+        if tag_num <= last_tag:
+            raise WireError("field", f"field {tag.name} out of order or repeated")
+        last_tag = tag_num
+        if pos + length > end:
+            raise WireError("truncated", f"field {tag.name} cut short")
+        _apply_field(values, tag, data[pos : pos + length])
+        pos += length
+    _check_fields(mtype, {_TAG_OF[name] for name in values})
+    msg = Message(
+        type=mtype,
+        seq=seq,
+        host_id=host_id,
+        counter=counter,
+        flags=Flags(flags & ~Flags.SIG),
+        signature=bytes(data[end:]) if sig_len else None,
+        **values,  # type: ignore[arg-type]
+    )
+    if msg.new_addr is not None and msg.new_addr in msg.old_addrs:
+        raise WireError("field", "NEW_ADDR is also in OLD_ADDRS")
+    return msg
+
+
+_TAG_OF = {
+    "advertised": Tag.ADVERTISED,
+    "new_addr": Tag.NEW_ADDR,
+    "old_addrs": Tag.OLD_ADDRS,
+    "src_addr": Tag.SRC_ADDR,
+    "observed_addr": Tag.OBSERVED_ADDR,
+    "public_key": Tag.PUBLIC_KEY,
+    "nat_mapping": Tag.NAT_MAPPING,
+}
+
+
+# -- signatures ------------------------------------------------------------------------
+
+
+def public_key_bytes(key: Ed25519PrivateKey) -> bytes:
+    """The raw 32-byte public key of ``key``."""
+    return key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+
+
+def verify(msg: Message, public_key: bytes) -> bool:
+    """Whether ``msg`` carries a valid signature by ``public_key`` (raw 32 bytes)."""
+    if msg.signature is None:
+        return False
+    try:
+        pub = Ed25519PublicKey.from_public_bytes(public_key)
+        signed = _encode_unsigned(msg, (int(msg.flags) & ~Flags.SIG) | Flags.SIG)
+        pub.verify(msg.signature, signed)
+    except (InvalidSignature, ValueError):
+        return False
+    return True
+
+
+def unsigned(msg: Message) -> Message:
+    """``msg`` without its signature."""
+    return replace(msg, signature=None)

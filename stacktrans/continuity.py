@@ -1,0 +1,133 @@
+"""Local-address continuity: keep identifiers usable after this host lost them.
+
+When this host loses an address that live sockets are bound to, the address goes
+back on ``lo`` as a /32 (or /128): a *ghost*. The sockets stay valid, inbound packets
+restored to that identifier are delivered locally, and outbound ones leave with it
+as source until the data plane rewrites it to the current locator. (There is no
+``dummy`` interface on every kernel; ``lo`` always exists.)
+
+A socket's route lookup happens before any rewrite, so every remote identifier that
+is being rewritten must stay routable: if the kernel has no route to it any more,
+a host route is added along the path of its current locator.
+
+Both are removed when the last flow using them ends, and on shutdown. Everything we
+add is recorded, so a later run (``dime down`` after a crash) can remove it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv6Address, ip_address
+from typing import Any
+
+IPAddress = IPv4Address | IPv6Address
+log = logging.getLogger("dime.continuity")
+
+ROUTE_PROTO = 0xD1  # marks routes that dime added ("proto 209")
+
+
+async def _collect(result: Any) -> list[Any]:
+    """pyroute2's async calls return a list or an async iterator, depending on the call."""
+    if hasattr(result, "__aiter__"):
+        return [x async for x in result]
+    return list(result)
+
+
+def _plen(addr: IPAddress) -> int:
+    return 32 if addr.version == 4 else 128
+
+
+@dataclass
+class Continuity:
+    """Ghost addresses and identifier routes, reconciled against what is needed."""
+
+    ghosts: set[IPAddress] = field(default_factory=set)
+    routes: dict[IPAddress, IPAddress] = field(default_factory=dict)  # identifier -> locator
+    on_record: Callable[[], None] = lambda: None  # persist state after each change
+
+    async def reconcile(
+        self, want_ghosts: set[IPAddress], want_routes: dict[IPAddress, IPAddress]
+    ) -> None:
+        """Make ghosts and routes exactly what is wanted. Errors are logged, not raised."""
+        from pyroute2 import AsyncIPRoute
+
+        async with AsyncIPRoute() as ipr:
+            lo = (await ipr.link_lookup(ifname="lo"))[0]
+            for addr in sorted(want_ghosts - self.ghosts, key=str):
+                await self._ghost(ipr, "add", lo, addr)
+            for addr in sorted(self.ghosts - want_ghosts, key=str):
+                await self._ghost(ipr, "del", lo, addr)
+            for rid in [r for r in self.routes if want_routes.get(r) != self.routes[r]]:
+                await self._route_del(ipr, rid)
+            for rid, loc in want_routes.items():
+                if rid not in self.routes:
+                    await self._route_add(ipr, rid, loc)
+        self.on_record()
+
+    async def clear(self) -> None:
+        await self.reconcile(set(), {})
+
+    async def _ghost(self, ipr: Any, verb: str, lo: int, addr: IPAddress) -> None:
+        try:
+            await ipr.addr(verb, index=lo, address=str(addr), prefixlen=_plen(addr))
+        except Exception as exc:  # netlink errors are reported, not fatal
+            if verb == "add" and "exists" not in str(exc):
+                log.warning("cannot keep %s on lo: %s", addr, exc)
+                return
+        if verb == "add":
+            self.ghosts.add(addr)
+            log.info("ghost address %s kept on lo for its live flows", addr)
+        else:
+            self.ghosts.discard(addr)
+            log.info("ghost address %s removed from lo", addr)
+
+    async def _route_add(self, ipr: Any, rid: IPAddress, loc: IPAddress) -> None:
+        if await _routable(ipr, rid):
+            return
+        try:
+            via = (await _collect(await ipr.route("get", dst=str(loc))))[0]
+        except Exception as exc:
+            log.warning("no route to locator %s: %s", loc, exc)
+            return
+        spec: dict[str, Any] = {
+            "dst": str(rid),
+            "dst_len": _plen(rid),
+            "oif": via.get("RTA_OIF"),
+            "proto": ROUTE_PROTO,
+        }
+        if via.get("RTA_GATEWAY"):
+            spec["gateway"] = via.get("RTA_GATEWAY")
+        try:
+            await ipr.route("add", **spec)
+        except Exception as exc:
+            log.warning("cannot add a route to identifier %s: %s", rid, exc)
+            return
+        self.routes[rid] = loc
+        log.info("route to identifier %s added along locator %s", rid, loc)
+
+    async def _route_del(self, ipr: Any, rid: IPAddress) -> None:
+        try:
+            await ipr.route("del", dst=str(rid), dst_len=_plen(rid), proto=ROUTE_PROTO)
+        except Exception as exc:
+            log.debug("route to %s already gone: %s", rid, exc)
+        self.routes.pop(rid, None)
+
+    def state(self) -> dict[str, Any]:
+        return {"ghosts": sorted(map(str, self.ghosts)), "routes": sorted(map(str, self.routes))}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> Continuity:
+        c = cls()
+        c.ghosts = {ip_address(a) for a in state.get("ghosts", [])}
+        c.routes = {ip_address(a): ip_address(a) for a in state.get("routes", [])}
+        return c
+
+
+async def _routable(ipr: Any, addr: IPAddress) -> bool:
+    try:
+        await _collect(await ipr.route("get", dst=str(addr)))
+    except Exception:  # "network unreachable" is the answer, not a failure
+        return False
+    return True

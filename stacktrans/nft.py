@@ -1,0 +1,368 @@
+"""Our own nftables table: the kernel fast path and the reject path.
+
+Everything lives in one table, ``inet dime``; nothing else in the ruleset is read or
+written. Programming goes through libnftables in-process (the ``nftables`` Python
+binding), one atomic batch per change.
+
+Hooks and priorities, chosen so that conntrack sees identifiers both ways:
+
+* ``out``: output hook, type ``route``, priority -140. After conntrack (-200), so
+  conntrack records the socket's identifiers; after iptables' mangle (-150), where
+  the first packet of a flow was queued to the daemon, so a flow's map elements
+  exist before its first packet gets here. Type ``route`` makes the kernel route
+  the packet again after the destination changed.
+* ``in``: prerouting hook, priority -300 (raw). Before conntrack and before the
+  routing decision, so conntrack matches the restored identifiers with the
+  existing connection and the packet is delivered to the identifier (possibly a
+  ghost address on ``lo``).
+
+Outbound rewrites are keyed by identifier ((local id, remote id) for the source,
+remote id for the destination) and gated by a per-flow set, so a handoff updates a
+handful of elements per host, never one per flow. Inbound, the source locator
+gives the HID (in the packet mark, used as a scratch register only on packets whose
+mark is 0, and cleared again), and (HID, protocol, ports) gives the flow's
+identifiers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv6Address
+from typing import Any
+
+from stacktrans.socket_table import TCP, SocketEntry
+from stacktrans.translation import HidTranslation
+
+IPAddress = IPv4Address | IPv6Address
+
+log = logging.getLogger("dime.nft")
+
+TABLE = "dime"
+OUT_PRIORITY = -140
+IN_PRIORITY = -300
+
+
+class NftError(RuntimeError):
+    """libnftables refused a command; the message is nft's own."""
+
+
+class Nft:
+    """A libnftables context. ``run`` applies one batch atomically."""
+
+    def __init__(self) -> None:
+        try:
+            import nftables  # the libnftables binding (pip-nftables)
+        except ImportError as exc:  # pragma: no cover - install problem
+            raise NftError(
+                "the nftables Python binding is missing: pip install pip-nftables"
+            ) from exc
+        try:
+            self._nft = nftables.Nftables()
+        except OSError as exc:
+            raise NftError("libnftables is missing: apt-get install libnftables1") from exc
+        self._nft.set_handle_output(False)
+
+    def run(self, commands: str) -> str:
+        rc, out, err = self._nft.cmd(commands)
+        if rc != 0:
+            raise NftError(err.strip() or f"nft failed ({rc})")
+        return str(out)
+
+    def json(self, command: str) -> dict[str, Any]:
+        self._nft.set_json_output(True)
+        try:
+            out = self.run(command)
+        finally:
+            self._nft.set_json_output(False)
+        return dict(json.loads(out)) if out.strip() else {}
+
+    def table_exists(self, family: str, name: str) -> bool:
+        tables = self.json("list tables").get("nftables", [])
+        return any(
+            t.get("table", {}).get("family") == family and t["table"].get("name") == name
+            for t in tables
+        )
+
+
+def _fam(addr: IPAddress) -> str:
+    return "4" if addr.version == 4 else "6"
+
+
+def _proto(proto: int) -> str:
+    return "tcp" if proto == TCP else "udp"
+
+
+@dataclass(frozen=True)
+class QueueSpec:
+    """Native nft queue rules, for kernels with ``CONFIG_NFT_QUEUE``.
+
+    The same selection as :mod:`stacktrans.queue_rules` (which uses iptables where
+    the statement is missing), in our own table.
+    """
+
+    out_queue: int
+    in_queue: int
+    ihmp_port: int
+    every_packet: bool
+
+
+ICMP4_ERRORS = "destination-unreachable, source-quench, time-exceeded, parameter-problem"
+ICMP6_ERRORS = "destination-unreachable, packet-too-big, time-exceeded, parameter-problem"
+
+
+def _queue_chains(q: QueueSpec) -> list[str]:
+    def skip(dev: str) -> list[str]:
+        return [
+            f'    {dev} "lo" return',
+            f"    udp sport {q.ihmp_port} return",
+            f"    udp dport {q.ihmp_port} return",
+            "    ip daddr { 224.0.0.0/4, 255.255.255.255 } return",
+            "    ip6 daddr ff00::/8 return",
+        ]
+
+    def to(num: int) -> str:
+        return f"queue num {num} bypass"
+
+    icmp = [
+        f"    icmp type {{ {ICMP4_ERRORS} }} {to(q.out_queue)}",
+        f"    icmpv6 type {{ {ICMP6_ERRORS} }} {to(q.out_queue)}",
+    ]
+    new = "" if q.every_packet else " ct state new"
+    lines = [
+        "  chain q_out {",
+        "    type filter hook output priority -150; policy accept;",
+        *skip("oifname"),
+        f"    meta l4proto {{ tcp, udp }}{new} {to(q.out_queue)}",
+        *icmp,
+        "  }",
+        "  chain q_in {",
+        "    type filter hook prerouting priority -300; policy accept;",
+        *skip("iifname"),
+        *(line.replace(to(q.out_queue), to(q.in_queue)) for line in icmp),
+    ]
+    if q.every_packet:
+        lines += [f"    meta l4proto {{ tcp, udp }} {to(q.in_queue)}", "  }"]
+    else:
+        lines += [
+            "  }",
+            "  chain q_new {",
+            "    type filter hook prerouting priority -150; policy accept;",
+            *skip("iifname"),
+            f"    meta l4proto {{ tcp, udp }} ct state new {to(q.in_queue)}",
+            "  }",
+        ]
+    return lines
+
+
+def ruleset(*, fast_path: bool, queue: QueueSpec | None = None) -> str:
+    """The text of our table. Without the fast path only the reject path is there;
+    with ``queue``, the queue rules too (else iptables carries them)."""
+    lines = [f"table inet {TABLE} {{"]
+    for f, t in (("4", "ipv4_addr"), ("6", "ipv6_addr")):
+        flow = f"inet_proto . {t} . inet_service . {t} . inet_service"
+        lines += [
+            f"  set dead{f} {{ type {flow}; }}",
+            f"  set flows{f} {{ type {flow}; }}",
+            f"  map rloc{f} {{ type {t} : {t}; }}",
+            f"  map lloc{f} {{ type {t} . {t} : {t}; }}",
+            f"  map hid{f} {{ type {t} : mark; }}",
+            f"  map rid{f} {{ type mark . inet_proto . inet_service . inet_service : {t}; }}",
+            f"  map lid{f} {{ type mark . inet_proto . inet_service . inet_service : {t}; }}",
+        ]
+    out = [f"    type route hook output priority {OUT_PRIORITY}; policy accept;"]
+    inn = [f"    type filter hook prerouting priority {IN_PRIORITY}; policy accept;"]
+    for f, ip in (("4", "ip"), ("6", "ip6")):
+        key = f"meta l4proto . {ip} saddr . th sport . {ip} daddr . th dport"
+        # Flows of a host that is gone: the application gets an error now, not a hang.
+        out += [
+            f"    meta l4proto tcp {key} @dead{f} reject with tcp reset",
+            f"    meta l4proto udp {key} @dead{f} reject",
+        ]
+        if fast_path:
+            out.append(f"    meta l4proto {{ tcp, udp }} {key} @flows{f} jump out{f}")
+            inn.append(f"    meta mark 0 meta l4proto {{ tcp, udp }} {ip} saddr @hid{f} jump in{f}")
+    lines += ["  chain out {", *out, "  }", "  chain in {", *inn, "  }"]
+    if fast_path:
+        for f, ip in (("4", "ip"), ("6", "ip6")):
+            fkey = "meta mark . meta l4proto . th sport . th dport"
+            lines += [
+                f"  chain out{f} {{",
+                f"    {ip} saddr . {ip} daddr @lloc{f} "
+                f"{ip} saddr set {ip} saddr . {ip} daddr map @lloc{f}",
+                f"    {ip} daddr @rloc{f} {ip} daddr set {ip} daddr map @rloc{f}",
+                "  }",
+                f"  chain in{f} {{",
+                f"    meta mark set {ip} saddr map @hid{f}",
+                f"    {fkey} @rid{f} {ip} saddr set {fkey} map @rid{f}",
+                f"    {fkey} @lid{f} {ip} daddr set {fkey} map @lid{f}",
+                "    meta mark set 0",
+                "  }",
+            ]
+    if queue is not None:
+        lines += _queue_chains(queue)
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+def _flow_element(e: SocketEntry) -> tuple[str, str]:
+    k = e.key
+    return _fam(k.local), f"{_proto(k.proto)} . {k.local} . {k.lport} . {k.remote} . {k.rport}"
+
+
+class NftTable:
+    """Our table, and the elements it holds, mirrored so updates can be diffs."""
+
+    def __init__(
+        self,
+        nft: Nft,
+        *,
+        fast_path: bool,
+        queue: QueueSpec | None = None,
+        defer: Callable[[Callable[[], None]], object] | None = None,
+    ) -> None:
+        """``defer(fn)``: run ``fn`` a little later (an event-loop timer). With it,
+        changes made while handling a burst of packets go to the kernel as one batch;
+        without it, each change is applied at once. :meth:`flush` forces a batch."""
+        self.nft = nft
+        self.fast_path = fast_path
+        self.queue = queue
+        self._hids: dict[int, HidTranslation] = {}
+        self._defer = defer
+        self._pending: list[str] = []
+
+    def install(self) -> None:
+        """(Re)create our table; any stale copy of it (a crash) is replaced."""
+        self.nft.run(
+            f"add table inet {TABLE}\ndelete table inet {TABLE}\n"
+            + ruleset(fast_path=self.fast_path, queue=self.queue)
+        )
+        self._hids.clear()
+
+    def uninstall(self) -> None:
+        if self.nft.table_exists("inet", TABLE):
+            self.nft.run(f"delete table inet {TABLE}")
+        self._hids.clear()
+
+    # -- flows ------------------------------------------------------------------------
+
+    def add_flows(self, entries: Iterable[SocketEntry]) -> None:
+        if self.fast_path:
+            self._apply(self._flow_cmds("add", entries))
+
+    def remove_flows(self, entries: Iterable[SocketEntry]) -> None:
+        if self.fast_path:
+            self._apply(self._flow_cmds("delete", entries))
+
+    def _flow_cmds(self, verb: str, entries: Iterable[SocketEntry]) -> list[str]:
+        cmds = []
+        for e in entries:
+            f, elem = _flow_element(e)
+            k = e.key
+            inbound = f"{e.hid} . {_proto(k.proto)} . {k.rport} . {k.lport}"
+            cmds.append(f"{verb} element inet {TABLE} flows{f} {{ {elem} }}")
+            if verb == "add":
+                cmds.append(f"add element inet {TABLE} rid{f} {{ {inbound} : {k.remote} }}")
+                cmds.append(f"add element inet {TABLE} lid{f} {{ {inbound} : {k.local} }}")
+            else:
+                cmds.append(f"delete element inet {TABLE} rid{f} {{ {inbound} }}")
+                cmds.append(f"delete element inet {TABLE} lid{f} {{ {inbound} }}")
+        return cmds
+
+    def kill_flows(self, entries: Iterable[SocketEntry]) -> None:
+        """Make the flows' next outbound packet fail: a TCP reset or ICMP error."""
+        self._apply(self._dead_cmds("add", entries))
+
+    def forget_dead(self, entries: Iterable[SocketEntry]) -> None:
+        self._apply(self._dead_cmds("delete", entries))
+
+    @staticmethod
+    def _dead_cmds(verb: str, entries: Iterable[SocketEntry]) -> list[str]:
+        cmds = []
+        for e in entries:
+            f, elem = _flow_element(e)
+            cmds.append(f"{verb} element inet {TABLE} dead{f} {{ {elem} }}")
+        return cmds
+
+    # -- hosts ------------------------------------------------------------------------
+
+    def update_hid(self, new: HidTranslation | None, hid: int) -> None:
+        """Make the kernel's maps for ``hid`` match ``new`` (None: the host is gone).
+
+        One atomic batch, however many flows the host has.
+        """
+        if not self.fast_path:
+            return
+        old = self._hids.get(hid)
+        cmds: list[str] = []
+        old_remote = old.remote if old else {}
+        old_local = old.local if old else {}
+        old_locs = old.locators if old else frozenset()
+        new_remote = new.remote if new else {}
+        new_local = new.local if new else {}
+        new_locs = new.locators if new else frozenset()
+        cmds += _map_diff("rloc", old_remote, new_remote, lambda rid: str(rid))
+        cmds += _map_diff("lloc", old_local, new_local, lambda k: f"{k[0]} . {k[1]}")
+        hid_old = {a: hid for a in old_locs}
+        hid_new = {a: hid for a in new_locs}
+        cmds += _map_diff("hid", hid_old, hid_new, lambda a: str(a))
+        self._apply(cmds)
+        if new is None:
+            self._hids.pop(hid, None)
+        else:
+            self._hids[hid] = new
+
+    def _apply(self, cmds: list[str]) -> None:
+        """Queue ``cmds`` (in order) for the next batch, or apply them now."""
+        if not cmds:
+            return
+        if self._defer is None:
+            self.nft.run("\n".join(cmds))
+            return
+        if not self._pending:
+            self._defer(self.flush)
+        self._pending += cmds
+
+    def flush(self) -> None:
+        """Apply the queued commands as one atomic batch.
+
+        Safe to defer: a new flow's elements only matter once a rewrite is due for
+        it, and the translator flushes at once when it is. If the batch is refused, the
+        commands are retried one by one so that one bad element loses nothing else.
+        """
+        cmds, self._pending = self._pending, []
+        if not cmds:
+            return
+        try:
+            self.nft.run("\n".join(cmds))
+        except NftError as exc:
+            log.warning("nft batch of %d refused (%s); applying one by one", len(cmds), exc)
+            for cmd in cmds:
+                try:
+                    self.nft.run(cmd)
+                except NftError as one:
+                    log.warning("nft refused %r: %s", cmd, one)
+
+
+def _map_diff(name: str, old: dict[Any, Any], new: dict[Any, Any], key_text: Any) -> list[str]:
+    """Commands turning map ``name`` (per family) from ``old`` into ``new``.
+
+    An existing key can't be re-added with another value, so changes are a delete
+    and an add in the same batch; deletes of keys we never added would abort it.
+    """
+    cmds = []
+    for k, v in old.items():
+        if new.get(k) != v:
+            cmds.append(f"delete element inet {TABLE} {name}{_fam(_first(k))} {{ {key_text(k)} }}")
+    for k, v in new.items():
+        if old.get(k) != v:
+            cmds.append(
+                f"add element inet {TABLE} {name}{_fam(_first(k))} {{ {key_text(k)} : {v} }}"
+            )
+    return cmds
+
+
+def _first(key: Any) -> IPAddress:
+    return key[0] if isinstance(key, tuple) else key  # type: ignore[no-any-return]

@@ -1,0 +1,194 @@
+"""The per-packet path in user space: what the daemon does with a queued packet.
+
+In ``nfqueue`` mode every TCP/UDP packet comes here and is rewritten here. In
+``nft`` mode only first packets of flows (to learn them) and ICMP errors (whose
+quoted header the kernel cannot rewrite) come here.
+
+Outbound packets carry identifiers and leave with locators; inbound packets arrive
+with locators and must reach the socket with its identifiers. An ICMP error about
+a flow gets its quoted packet translated too, so that path MTU discovery and
+"port unreachable" reach the right socket.
+
+Plain ``struct`` work through :mod:`stacktrans.rewrite`; never scapy.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from ipaddress import IPv4Address, IPv6Address, ip_address
+
+from dime.hid_table import HidTable
+from stacktrans.rewrite import (
+    PacketInfo,
+    RewriteError,
+    parse,
+    rewrite_addresses,
+    rewrite_inner_addresses,
+)
+from stacktrans.socket_table import TCP, UDP, FlowKey, SocketEntry
+from stacktrans.translator import Translator
+
+IPAddress = IPv4Address | IPv6Address
+log = logging.getLogger("dime.packet")
+
+TCP_FIN, TCP_SYN, TCP_RST, TCP_ACK = 0x01, 0x02, 0x04, 0x10
+
+
+def _addr(raw: bytes) -> IPAddress:
+    return ip_address(raw)
+
+
+def _starts_flow(info: PacketInfo) -> bool:
+    """Whether an unknown flow's packet may create a socket-table entry."""
+    if info.proto == UDP:
+        return True
+    # A reset or a FIN of a flow we never saw must not create one.
+    return info.proto == TCP and not info.tcp_flags & (TCP_RST | TCP_FIN)
+
+
+class PacketPath:
+    """Translate one queued packet. Returns new bytes, or None to pass it unchanged."""
+
+    def __init__(self, translator: Translator, table: HidTable, clock: Callable[[], float]) -> None:
+        self.tr = translator
+        self.table = table
+        self.clock = clock
+        self.translated = 0
+
+    # -- outbound -------------------------------------------------------------------
+
+    def outbound(self, data: bytes) -> bytes | None:
+        try:
+            info = parse(data)
+        except RewriteError:
+            return None
+        if info.proto in (TCP, UDP) and info.l4_offset >= 0:
+            return self._outbound_flow(data, info)
+        if info.inner is not None and info.inner.proto in (TCP, UDP):
+            return self._outbound_icmp(data, info, info.inner)
+        return None
+
+    def _outbound_flow(self, data: bytes, info: PacketInfo) -> bytes | None:
+        key = FlowKey(info.proto, _addr(info.src), info.sport, _addr(info.dst), info.dport)
+        entry = self.tr.sockets.get(key)
+        if entry is None:
+            if not _starts_flow(info):
+                return None
+            entry = self.tr.flow_seen(key, self.clock())
+            if entry is None:
+                return None
+        else:
+            entry.last_seen = self.clock()
+        return self._rewrite(data, info, entry, key.local, key.remote)
+
+    def _outbound_icmp(self, data: bytes, info: PacketInfo, inner: PacketInfo) -> bytes | None:
+        # Our stack complains about a packet it received: the quote holds the
+        # peer's flow as our socket saw it (identifiers), remote -> local.
+        key = FlowKey(inner.proto, _addr(inner.dst), inner.dport, _addr(inner.src), inner.sport)
+        entry = self.tr.sockets.get(key)
+        if entry is None:
+            return None
+        tr = self.tr.translation(entry.hid)
+        if tr is None:
+            return None
+        lloc, rloc = tr.outbound(key.local, key.remote)
+        if lloc is None and rloc is None:
+            return None
+        buf = bytearray(data)
+        rewrite_inner_addresses(buf, info, _raw(rloc), _raw(lloc))
+        outer_src = lloc if _addr(info.src) == key.local else None
+        outer_dst = rloc if _addr(info.dst) == key.remote else None
+        rewrite_addresses(buf, info, _raw(outer_src), _raw(outer_dst))
+        return bytes(buf)
+
+    # -- inbound --------------------------------------------------------------------
+
+    def inbound(self, data: bytes) -> bytes | None:
+        try:
+            info = parse(data)
+        except RewriteError:
+            return None
+        if info.proto in (TCP, UDP) and info.l4_offset >= 0:
+            return self._inbound_flow(data, info)
+        if info.inner is not None and info.inner.proto in (TCP, UDP):
+            return self._inbound_icmp(data, info, info.inner)
+        return None
+
+    def _inbound_flow(self, data: bytes, info: PacketInfo) -> bytes | None:
+        src, dst = _addr(info.src), _addr(info.dst)
+        host = self.table.lookup(src)
+        entry = None
+        if host is not None:
+            entry = self.tr.sockets.inbound(
+                host.hid, info.version, info.proto, info.sport, info.dport
+            )
+        if entry is None:
+            if _starts_flow(info):
+                self.tr.flow_seen(
+                    FlowKey(info.proto, dst, info.dport, src, info.sport), self.clock()
+                )
+            return None
+        entry.last_seen = self.clock()
+        new_src = entry.key.remote if entry.key.remote != src else None
+        new_dst = entry.key.local if entry.key.local != dst else None
+        if new_src is None and new_dst is None:
+            return None
+        buf = bytearray(data)
+        rewrite_addresses(buf, info, _raw(new_src), _raw(new_dst))
+        self.translated += 1
+        return bytes(buf)
+
+    def _inbound_icmp(self, data: bytes, info: PacketInfo, inner: PacketInfo) -> bytes | None:
+        # The quote is our own packet as it went out (locators), local -> remote.
+        host = self.table.lookup(_addr(inner.dst))
+        if host is None:
+            return None
+        entry = self.tr.sockets.inbound(
+            host.hid, inner.version, inner.proto, inner.dport, inner.sport
+        )
+        if entry is None:
+            return None
+        lid, rid = entry.key.local, entry.key.remote
+        inner_src, inner_dst = _addr(inner.src), _addr(inner.dst)
+        if lid == inner_src and rid == inner_dst:
+            return None  # nothing translated on this flow
+        buf = bytearray(data)
+        rewrite_inner_addresses(
+            buf,
+            info,
+            _raw(lid if lid != inner_src else None),
+            _raw(rid if rid != inner_dst else None),
+        )
+        # Outer: to our locator -> to our identifier; from the peer's locator (the
+        # peer itself complains) -> from its identifier. A router's address stays.
+        outer_dst = lid if _addr(info.dst) == inner_src and lid != inner_src else None
+        outer_src = rid if _addr(info.src) == inner_dst and rid != inner_dst else None
+        rewrite_addresses(buf, info, _raw(outer_src), _raw(outer_dst))
+        self.translated += 1
+        return bytes(buf)
+
+    # -- shared ---------------------------------------------------------------------
+
+    def _rewrite(
+        self,
+        data: bytes,
+        info: PacketInfo,
+        entry: SocketEntry,
+        lid: IPAddress,
+        rid: IPAddress,
+    ) -> bytes | None:
+        tr = self.tr.translation(entry.hid)
+        if tr is None:
+            return None
+        lloc, rloc = tr.outbound(lid, rid)
+        if lloc is None and rloc is None:
+            return None
+        buf = bytearray(data)
+        rewrite_addresses(buf, info, _raw(lloc), _raw(rloc))
+        self.translated += 1
+        return bytes(buf)
+
+
+def _raw(addr: IPAddress | None) -> bytes | None:
+    return None if addr is None else addr.packed

@@ -1,0 +1,147 @@
+"""The socket table: {flow, identifier addresses -> HID}, Fig. 3(a) of the DIME paper.
+
+A flow is named as the application sees it: protocol, local identifier address and
+port, remote identifier address and port. Each flow maps to the HID of its remote
+host. Two indexes serve the two directions of the data plane:
+
+* outbound: the flow key itself;
+* inbound: (HID, IP version, protocol, remote port, local port). A packet's source locator gives
+  the HID (any address of the host), and the HID with the ports gives the flow. That
+  is why inbound translation is per flow and not per host: two sockets may know one
+  host under two identifiers (the paper's s1/s2 case), and each gets the identifier
+  it expects.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv6Address
+
+IPAddress = IPv4Address | IPv6Address
+
+TCP = 6
+UDP = 17
+
+
+@dataclass(frozen=True, slots=True)
+class FlowKey:
+    """A flow as its socket sees it (identifiers, not locators)."""
+
+    proto: int
+    local: IPAddress
+    lport: int
+    remote: IPAddress
+    rport: int
+
+    def __str__(self) -> str:
+        name = {TCP: "tcp", UDP: "udp"}.get(self.proto, str(self.proto))
+        return f"{name} {_ep(self.local, self.lport)} -> {_ep(self.remote, self.rport)}"
+
+
+def _ep(addr: IPAddress, port: int) -> str:
+    return f"[{addr}]:{port}" if addr.version == 6 else f"{addr}:{port}"
+
+
+def endpoint(addr: IPAddress, port: int) -> str:
+    """``addr:port`` (``[addr]:port`` for IPv6), as status output shows it."""
+    return _ep(addr, port)
+
+
+# (hid, IP version, proto, remote port, local port): a dual-stack host may use the
+# same ports over IPv4 and IPv6.
+InboundKey = tuple[int, int, int, int, int]
+
+
+@dataclass(slots=True)
+class SocketEntry:
+    key: FlowKey
+    hid: int
+    created: float
+    last_seen: float
+
+    @property
+    def inbound_key(self) -> InboundKey:
+        return (self.hid, self.key.remote.version, self.key.proto, self.key.rport, self.key.lport)
+
+
+class SocketTable:
+    """Flows and their HIDs, indexed for both directions. Pure bookkeeping."""
+
+    def __init__(self) -> None:
+        self._by_key: dict[FlowKey, SocketEntry] = {}
+        self._inbound: dict[InboundKey, SocketEntry] = {}
+        self._by_hid: dict[int, dict[FlowKey, SocketEntry]] = {}
+        # How many flows use each (local id, remote id) pair of a HID, and each local
+        # id: what translations depend on, kept so they never walk every flow.
+        self._pairs: dict[int, Counter[tuple[IPAddress, IPAddress]]] = {}
+        self._lids: Counter[IPAddress] = Counter()
+
+    def __len__(self) -> int:
+        return len(self._by_key)
+
+    def __iter__(self) -> Iterator[SocketEntry]:
+        return iter(list(self._by_key.values()))
+
+    def get(self, key: FlowKey) -> SocketEntry | None:
+        return self._by_key.get(key)
+
+    def inbound(
+        self, hid: int, version: int, proto: int, rport: int, lport: int
+    ) -> SocketEntry | None:
+        return self._inbound.get((hid, version, proto, rport, lport))
+
+    def flows_of(self, hid: int) -> list[SocketEntry]:
+        return list(self._by_hid.get(hid, {}).values())
+
+    def pairs_of(self, hid: int) -> set[tuple[IPAddress, IPAddress]]:
+        """The distinct (local identifier, remote identifier) pairs of ``hid``'s flows."""
+        return set(self._pairs.get(hid, ()))
+
+    def add(self, key: FlowKey, hid: int, now: float) -> SocketEntry | None:
+        """Record a new flow. Returns None if its inbound key is taken by another flow.
+
+        That happens only when one local port talks to the same remote port of one
+        host under two identifiers at once; the second flow then goes untranslated.
+        """
+        existing = self._by_key.get(key)
+        if existing is not None:
+            return existing
+        entry = SocketEntry(key, hid, now, now)
+        if entry.inbound_key in self._inbound:
+            return None
+        self._by_key[key] = entry
+        self._inbound[entry.inbound_key] = entry
+        self._by_hid.setdefault(hid, {})[key] = entry
+        self._pairs.setdefault(hid, Counter())[(key.local, key.remote)] += 1
+        self._lids[key.local] += 1
+        return entry
+
+    def remove(self, key: FlowKey) -> SocketEntry | None:
+        entry = self._by_key.pop(key, None)
+        if entry is None:
+            return None
+        self._inbound.pop(entry.inbound_key, None)
+        flows = self._by_hid.get(entry.hid)
+        if flows is not None:
+            flows.pop(key, None)
+            if not flows:
+                del self._by_hid[entry.hid]
+        pairs = self._pairs[entry.hid]
+        pairs[(key.local, key.remote)] -= 1
+        if pairs[(key.local, key.remote)] <= 0:
+            del pairs[(key.local, key.remote)]
+        if not pairs:
+            del self._pairs[entry.hid]
+        self._lids[key.local] -= 1
+        if self._lids[key.local] <= 0:
+            del self._lids[key.local]
+        return entry
+
+    def remove_hid(self, hid: int) -> list[SocketEntry]:
+        return [e for e in (self.remove(k) for k in list(self._by_hid.get(hid, {}))) if e]
+
+    def local_identifiers(self) -> set[IPAddress]:
+        """Every local address some flow is bound to."""
+        return set(self._lids)

@@ -1,0 +1,66 @@
+"""What to rewrite for one remote host: derived from its HID entry and its flows.
+
+A :class:`HidTranslation` is the whole data-plane consequence of one HID entry. It
+is recomputed whenever the entry, its flows or this host's addresses change, and
+the data plane applies the difference in one update, however many flows the host
+has: the outbound rewrites are keyed by identifier, not by flow.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterable
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv6Address
+
+from dime.hid_table import HidState, HostEntry
+
+IPAddress = IPv4Address | IPv6Address
+
+
+@dataclass(frozen=True)
+class HidTranslation:
+    hid: int
+    # Remote identifier -> the locator to put on the wire instead.
+    remote: dict[IPAddress, IPAddress] = field(default_factory=dict)
+    # (local identifier, remote identifier) -> the local locator to send from instead.
+    local: dict[tuple[IPAddress, IPAddress], IPAddress] = field(default_factory=dict)
+    # Every address of the remote host: inbound packets from them belong to this HID.
+    locators: frozenset[IPAddress] = frozenset()
+
+    def outbound(self, lid: IPAddress, rid: IPAddress) -> tuple[IPAddress | None, IPAddress | None]:
+        """(new source, new destination) for a packet lid -> rid; None = unchanged."""
+        return self.local.get((lid, rid)), self.remote.get(rid)
+
+
+def _same_family(addrs: Iterable[IPAddress], like: IPAddress) -> IPAddress | None:
+    return next((a for a in addrs if a.version == like.version), None)
+
+
+def compute(
+    entry: HostEntry,
+    pairs: Iterable[tuple[IPAddress, IPAddress]],
+    local_addresses: Collection[IPAddress],
+) -> HidTranslation:
+    """The rewrites ``entry`` implies for its flows' (local id, remote id) ``pairs``.
+
+    A remote identifier is rewritten only when it is no longer an active address of
+    the host; a local identifier only when the host cannot reach us at it (it left
+    this host, or the peer never verified it). Legacy and NAT-forced hosts are
+    never rewritten: there is nobody to agree the addresses with.
+    """
+    locators = frozenset(entry.active) | frozenset(entry.unreachable)
+    if entry.state in (HidState.LEGACY, HidState.NAT_FORCED):
+        return HidTranslation(entry.hid, locators=locators)
+    remote: dict[IPAddress, IPAddress] = {}
+    local: dict[tuple[IPAddress, IPAddress], IPAddress] = {}
+    usable_local = [a for a in entry.local if a in local_addresses]
+    for lid, rid in pairs:
+        if rid not in entry.active:
+            rloc = _same_family(entry.active, rid)
+            if rloc is not None:
+                remote[rid] = rloc
+        if entry.local and lid not in entry.local:
+            lloc = _same_family(usable_local, lid)
+            if lloc is not None and lloc != lid:
+                local[(lid, rid)] = lloc
+    return HidTranslation(entry.hid, remote, local, locators)

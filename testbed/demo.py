@@ -1,0 +1,673 @@
+"""The live handoff demo: a TCP transfer survives a hard handoff of the mobile host.
+
+    sudo .venv/bin/python -m testbed.demo [--gap S] [--duration S] [--rate MBIT]
+                                          [--dataplane auto|nft|nfqueue] [--ipv6]
+
+It builds the paper's Fig. 7 testbed in network namespaces of its own (a mobile host
+MH and a correspondent host CH, joined by a router R), starts ``dime up`` in the CH
+and the MH, and sends a paced TCP stream MH -> CH. At a third of the transfer the MH
+loses its address (and link); ``--gap`` seconds later it comes up on the other
+subnet with a new address. The demo prints the rate arriving at the CH as it goes,
+the daemons' IHMP events, and a verdict: did the connection survive, are the bytes
+intact (SHA-256), how long was the receiver without data after the new address came
+up, what was the goodput. Exit status 0 when everything held, 1 otherwise.
+
+Nothing runs in the machine's own namespace: both daemons run inside the demo's
+namespaces, and every namespace is deleted on exit, also on errors and Ctrl-C.
+Addresses are documentation ranges (RFC 5737, RFC 3849).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from testbed.fig7 import V4, V6, Fig7, Plan
+from testbed.netns import CommandError, Namespace, topology
+
+ROOT = Path(__file__).resolve().parent.parent
+XFER = str(ROOT / "testbed" / "xfer.py")
+PORT = 5001
+TICK = 0.2  # s between two live rate lines
+READY_TIMEOUT = 20.0
+BAR_WIDTH = 30
+
+# Counts TCP resets sent and received by a host (its own table, in the demo's
+# namespaces only; deleted with them).
+RST_COUNTER = """
+table inet dmdemo {
+  counter rst_out { }
+  counter rst_in { }
+  chain o { type filter hook postrouting priority 0; tcp flags rst counter name rst_out; }
+  chain i { type filter hook input priority 0; tcp flags rst counter name rst_in; }
+}
+"""
+
+
+class DemoError(RuntimeError):
+    """The demo cannot go on; the message says why (with log lines where useful)."""
+
+
+def dime_command() -> list[str]:
+    """The ``dime`` of this Python environment (the venv's), else the one on PATH."""
+    here = Path(sys.executable).with_name("dime")
+    if here.exists():
+        return [str(here)]
+    found = shutil.which("dime")
+    if found:
+        return [found]
+    return [sys.executable, "-m", "dime.cli"]
+
+
+def say(text: str = "") -> None:
+    print(text, flush=True)
+
+
+# -- the daemons -------------------------------------------------------------------------
+
+
+@dataclass
+class Daemon:
+    """``dime up`` running inside one namespace, logging to a file."""
+
+    name: str
+    ns: Namespace
+    state_dir: Path
+    log: Path
+    dime: list[str]
+    proc: subprocess.Popen[bytes] | None = None
+    _offset: int = 0
+    _partial: str = ""
+
+    def cmd(self, *args: str) -> list[str]:
+        return ["env", f"DIME_STATE_DIR={self.state_dir}", *self.dime, *args]
+
+    def start(self, dataplane: str) -> None:
+        with self.log.open("wb") as out:
+            self.proc = self.ns.popen(
+                *self.cmd("up", "-v", "--dataplane", dataplane),
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # Ctrl-C is the demo's to handle, not the daemon's
+            )
+
+    def status(self) -> dict[str, Any] | None:
+        """``dime status --json``, or None while the daemon does not answer."""
+        try:
+            out = self.ns.run(*self.cmd("status", "--json"), check=False, timeout=10)
+        except subprocess.TimeoutExpired:
+            return None
+        if not out.lstrip().startswith("{"):
+            return None
+        return dict(json.loads(out))
+
+    def wait_ready(self, deadline: float) -> dict[str, Any]:
+        assert self.proc is not None
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise DemoError(
+                    f"dime up in the {self.name} exited with status {self.proc.returncode}:\n"
+                    + self.tail()
+                )
+            st = self.status()
+            if st is not None:
+                return st
+            time.sleep(0.1)
+        raise DemoError(
+            f"dime up in the {self.name} not ready after {READY_TIMEOUT:.0f} s:\n" + self.tail()
+        )
+
+    def tail(self, n: int = 25) -> str:
+        try:
+            lines = self.log.read_text(errors="replace").splitlines()[-n:]
+        except OSError:
+            lines = []
+        return "\n".join(f"    {self.name}| {line}" for line in lines) or "    (empty log)"
+
+    def new_log_lines(self) -> list[str]:
+        """Complete lines the daemon logged since the last call."""
+        try:
+            with self.log.open("rb") as f:
+                f.seek(self._offset)
+                data = f.read()
+        except OSError:
+            return []
+        self._offset += len(data)
+        text = self._partial + data.decode(errors="replace")
+        *lines, self._partial = text.split("\n")
+        return lines
+
+    def down(self, timeout: float = 30) -> tuple[bool, str]:
+        """``dime down`` in the namespace; (stopped, what it said)."""
+        if self.proc is None:
+            return True, "not started"
+        try:
+            out = self.ns.run(*self.cmd("down"), check=False, timeout=timeout + 5).strip()
+        except subprocess.TimeoutExpired:
+            out = "dime down timed out"
+        try:
+            code = self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            return False, f"{out}; the daemon did not exit, killed"
+        return code == 0, f"{out} (exit status {code})"
+
+
+# IHMP and HID table lines from the daemons' logs worth showing live.
+EVENT_WORDS = ("IHMP", "HID ", "handoff", "address up", "address down", "ghost")
+QUIET_WORDS = ("host key", "rewrite remote {} local {}", "dime up:")
+
+
+def log_event(line: str) -> tuple[float, str] | None:
+    """``2026-.. 12:00:00,123 INFO dime: message`` -> (wall clock, message) for events."""
+    parts = line.split(" ", 3)
+    if len(parts) < 4 or ": " not in parts[3]:
+        return None
+    try:
+        when = datetime.strptime(f"{parts[0]} {parts[1]}", "%Y-%m-%d %H:%M:%S,%f").timestamp()
+    except ValueError:
+        return None
+    level, message = parts[2], parts[3].split(": ", 1)[1]
+    if level in ("WARNING", "ERROR", "CRITICAL"):
+        return when, f"{level}: {message}"
+    if any(w in message for w in QUIET_WORDS) or not any(w in message for w in EVENT_WORDS):
+        return None
+    return when, message
+
+
+# -- the handoff, in a thread ------------------------------------------------------------
+
+
+@dataclass
+class Handoff:
+    """The MH's hard handoff and what the daemons said about it, filled in by a thread."""
+
+    fig: Fig7
+    gap: float
+    ch: Daemon
+    mh: Daemon
+    down_at: float | None = None  # wall clock: old address gone
+    up_at: float | None = None  # wall clock: new address and default route configured
+    ch_switched_at: float | None = None  # wall clock: the CH's HID has the new address
+    ch_status: dict[str, Any] | None = None
+    mh_status: dict[str, Any] | None = None
+    error: str | None = None
+    notes: list[tuple[float, str]] = field(default_factory=list)  # (wall clock, text)
+    done: threading.Event = field(default_factory=threading.Event)
+
+    def run(self) -> None:
+        p = self.fig.plan
+        try:
+            self.fig.detach(self.fig.mh, "m1", p.m1)
+            self.down_at = time.time()
+            self.notes.append((self.down_at, f"MH: {p.m1.host} and its link m1 gone"))
+            if self.gap:
+                time.sleep(self.gap)
+            self.fig.attach(self.fig.mh, "m2", p.m2)
+            self.up_at = time.time()
+            self.notes.append((self.up_at, f"MH: {p.m2.host} up on m2, default route via it"))
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                st = self.ch.status()
+                if st and any(p.m2.host in h["active"] for h in st["hids"]):
+                    self.ch_switched_at = time.time()
+                    self.ch_status = st
+                    break
+                time.sleep(0.2)
+            self.mh_status = self.mh.status()
+        except (CommandError, OSError, ValueError, subprocess.TimeoutExpired) as exc:
+            self.error = f"{type(exc).__name__}: {exc}"
+        finally:
+            self.done.set()
+
+
+# -- helpers -----------------------------------------------------------------------------
+
+
+def read_line(proc: subprocess.Popen[bytes], timeout: float) -> str:
+    """One stderr line of ``proc``; DemoError after ``timeout`` seconds or at EOF."""
+    assert proc.stderr is not None
+    deadline = time.monotonic() + timeout
+    buf = b""
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([proc.stderr], [], [], max(deadline - time.monotonic(), 0))
+        if not ready:
+            break
+        ch = os.read(proc.stderr.fileno(), 1)
+        if not ch:
+            break
+        if ch == b"\n":
+            return buf.decode(errors="replace")
+        buf += ch
+    raise DemoError(f"{proc.args!r}: no line within {timeout:.0f} s ({buf!r})")
+
+
+def wait_for(proc: subprocess.Popen[bytes], word: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while word not in read_line(proc, max(deadline - time.monotonic(), 0.01)):
+        pass
+
+
+def xfer(ns: Namespace, *args: str) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+    return ns.popen(
+        sys.executable,
+        XFER,
+        *args,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        cwd=str(ROOT),
+        start_new_session=True,
+    )
+
+
+def xfer_result(proc: subprocess.Popen[bytes], timeout: float) -> dict[str, Any]:
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+    lines = out.decode(errors="replace").strip().splitlines()
+    if not lines:
+        return {"error": f"no result (stderr: {err.decode(errors='replace')[-500:].strip()})"}
+    return dict(json.loads(lines[-1]))
+
+
+def rx_bytes(ns: Namespace, dev: str) -> int | None:
+    try:
+        return int(ns.run("cat", f"/sys/class/net/{dev}/statistics/rx_bytes", timeout=5))
+    except (CommandError, ValueError, subprocess.TimeoutExpired):
+        return None
+
+
+def rst_count(ns: Namespace) -> int:
+    out = json.loads(ns.run("nft", "-j", "list", "counters", "table", "inet", "dmdemo"))
+    return sum(item["counter"]["packets"] for item in out["nftables"] if "counter" in item)
+
+
+def bar(rate: float, target: float) -> str:
+    n = round(min(rate / target, 1.25) * BAR_WIDTH) if target > 0 else 0
+    return "▇" * n
+
+
+def mbit(nbytes: float, seconds: float) -> float:
+    return nbytes * 8 / seconds / 1e6 if seconds > 0 else 0.0
+
+
+def describe_hid(h: dict[str, Any]) -> str:
+    key = (h.get("key") or "-")[:16]
+    return (
+        f"HID {h['hid']} {h['state']}: active [{' '.join(h['active']) or '-'}]"
+        f" unreachable [{' '.join(h['unreachable']) or '-'}] key {key}"
+    )
+
+
+@contextlib.contextmanager
+def no_interrupts() -> Iterator[None]:
+    """Cleanup must finish: a second Ctrl-C waits until it has."""
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
+# -- the demo ----------------------------------------------------------------------------
+
+
+@dataclass
+class Outcome:
+    ok: bool = True
+    lines: list[tuple[str, str, str, bool]] = field(default_factory=list)
+
+    def add(self, what: str, value: str, detail: str = "", ok: bool = True) -> None:
+        self.lines.append((what, value, detail, ok))
+        self.ok = self.ok and ok
+
+
+class Demo:
+    def __init__(self, args: argparse.Namespace, fig: Fig7, tmp: Path) -> None:
+        self.args = args
+        self.fig = fig
+        self.plan: Plan = fig.plan
+        self.tmp = tmp
+        dime = dime_command()
+        self.ch = Daemon("CH", fig.ch, tmp / "ch-state", tmp / "dime-ch.log", dime)
+        self.mh = Daemon("MH", fig.mh, tmp / "mh-state", tmp / "dime-mh.log", dime)
+        self.outcome = Outcome()
+        self.t0 = 0.0  # wall clock: the transfer's start
+        self._notes_shown = 0
+        self._last_event: dict[str, str] = {}
+
+    def stamp(self, when: float | None = None) -> str:
+        return f"t={(time.time() if when is None else when) - self.t0:4.1f}s"
+
+    def show_events(self, handoff: Handoff | None = None) -> None:
+        """What the daemons logged and what the handoff did since the last call, in order
+        of the time it happened (the daemons' log time stamps)."""
+        events: list[tuple[float, str]] = []
+        for d in (self.ch, self.mh):
+            for line in d.new_log_lines():
+                ev = log_event(line)
+                if ev is None or self._last_event.get(d.name) == ev[1]:
+                    continue  # e.g. one event reported twice by the engine
+                self._last_event[d.name] = ev[1]
+                events.append((ev[0], f"[{d.name} dime] {ev[1]}"))
+        if handoff is not None:
+            new = handoff.notes[self._notes_shown :]
+            self._notes_shown += len(new)
+            events += [(when, f">>> {text}") for when, text in new]
+        for when, text in sorted(events, key=lambda e: e[0]):
+            say(f"  {self.stamp(when)}  {text}")
+
+    def start_daemons(self) -> None:
+        p = self.plan
+        say(
+            f"Fig. 7 testbed (IPv{p.family}): CH {p.c1.host} on c1 --- router --- "
+            f"MH {p.m1.host} on m1 (later {p.m2.host} on m2)"
+        )
+        for ns in (self.fig.ch, self.fig.mh):
+            ns.sh(f"nft -f - <<'EOF'\n{RST_COUNTER}\nEOF")
+        for d in (self.ch, self.mh):
+            d.start(self.args.dataplane)
+        deadline = time.monotonic() + READY_TIMEOUT
+        for d in (self.ch, self.mh):
+            st = d.wait_ready(deadline)
+            d.new_log_lines()  # start-up lines: in the log file, not on screen
+            say(
+                f"dime up in the {d.name}: pid {st['pid']}, dataplane {st['dataplane']}, "
+                f"IHMP port {st['port']}, local {' '.join(st['local_addresses'])}"
+            )
+
+    def run(self) -> bool:
+        a = self.args
+        p = self.plan
+        self.start_daemons()
+        nbytes = int(a.rate * 1e6 / 8 * a.duration)
+        timeout = max(30.0, a.gap + 30)
+        server = xfer(
+            self.fig.ch, "tcp-server", "--bind", p.c1.host, "--port", str(PORT),
+            "--timeout", str(timeout),
+        )  # fmt: skip
+        wait_for(server, "listening", 10)
+        self.t0 = time.time()
+        client = xfer(
+            self.fig.mh, "tcp-client", "--connect", p.c1.host, "--port", str(PORT),
+            "--bytes", str(nbytes), "--rate", str(a.rate), "--timeout", str(timeout),
+        )  # fmt: skip
+        wait_for(client, "ready", 10)
+        say(
+            f"\nTCP transfer MH -> CH ({p.c1.host}:{PORT}): {nbytes / 1e6:.1f} MB at "
+            f"{a.rate:g} Mbit/s; hard handoff at t={a.duration / 3:.1f}s with a "
+            f"{a.gap:g} s gap.\nEvery {TICK * 1000:.0f} ms: the rate arriving on the CH's "
+            "interface (headers included); >>> the handoff; [.. dime] the daemons' log.\n"
+        )
+        handoff = Handoff(self.fig, a.gap, self.ch, self.mh)
+        thread = threading.Thread(target=handoff.run, name="handoff", daemon=True)
+        handoff_at = time.monotonic() + a.duration / 3
+        deadline = time.monotonic() + a.duration + a.gap + timeout + 30
+        last = rx_bytes(self.fig.ch, "c1")
+        last_t = time.monotonic()
+        while client.poll() is None or server.poll() is None:
+            time.sleep(max(0.0, last_t + TICK - time.monotonic()))
+            now_bytes, now = rx_bytes(self.fig.ch, "c1"), time.monotonic()
+            self.show_events(handoff)
+            if now_bytes is not None and last is not None:
+                rate = mbit(now_bytes - last, now - last_t)
+                say(f"  {self.stamp()}  {rate:6.1f} Mbit/s  {bar(rate, a.rate)}")
+            last, last_t = now_bytes, now
+            if not thread.is_alive() and not handoff.done.is_set() and now >= handoff_at:
+                thread.start()
+            if now > deadline:
+                client.kill()
+                server.kill()
+                self.outcome.add("transfer", "timeout", "did not finish in time; killed", ok=False)
+                break
+        if thread.is_alive():
+            thread.join(timeout=30)
+        self.show_events(handoff)
+        sent, got = xfer_result(client, 10), xfer_result(server, 10)
+        self.report_handoff(handoff)
+        self.judge(sent, got, handoff, nbytes)
+        self.stop_daemons()
+        ok = self.print_verdict()
+        if not ok:
+            say("\nThe daemons' last log lines:")
+            say(self.ch.tail(40))
+            say(self.mh.tail(40))
+        return ok
+
+    def report_handoff(self, h: Handoff) -> None:
+        p = self.plan
+        say("\nWhat the daemons reported about the handoff:")
+        if h.error:
+            say(f"  the handoff failed: {h.error}")
+            self.outcome.add("handoff", "failed", h.error, ok=False)
+            return
+        if h.up_at is None:
+            say("  the handoff did not happen (the transfer ended first)")
+            self.outcome.add("handoff", "none", "the transfer ended first", ok=False)
+            return
+        mh = h.mh_status
+        if mh is not None:
+            say(
+                f"  MH  local addresses [{' '.join(mh['local_addresses'])}], "
+                f"ghost addresses kept on lo [{' '.join(mh['ghosts']) or '-'}]"
+            )
+            for s in mh["sockets"]:
+                say(f"      socket {s['proto']} {s['local']} -> {s['remote']} (HID {s['hid']})")
+        if h.ch_status is not None and h.ch_switched_at is not None:
+            took = (h.ch_switched_at - h.up_at) * 1000
+            for hid in h.ch_status["hids"]:
+                if p.m2.host in hid["active"]:
+                    say(f"  CH  {describe_hid(hid)}")
+            for s in h.ch_status["sockets"]:
+                say(f"      socket {s['proto']} {s['local']} -> {s['remote']} (HID {s['hid']})")
+            say(f"      (the CH had the MH at {p.m2.host} {took:.0f} ms after it came up)")
+        else:
+            say(f"  CH  never listed {p.m2.host} as the MH's active address")
+            self.outcome.add("IHMP", "failed", f"the CH never learned {p.m2.host}", ok=False)
+
+    def judge(self, sent: dict[str, Any], got: dict[str, Any], h: Handoff, nbytes: int) -> None:
+        o = self.outcome
+        try:
+            resets = rst_count(self.fig.ch) + rst_count(self.fig.mh)
+        except (CommandError, ValueError, KeyError):
+            resets = -1
+        errors = [f"{who}: {r['error']}" for who, r in (("MH", sent), ("CH", got)) if r["error"]]
+        if resets:
+            errors.append(f"{resets if resets > 0 else 'unknown number of'} TCP resets")
+        if errors:
+            o.add("connection survived", "NO", "; ".join(errors), ok=False)
+        else:
+            o.add("connection survived", "yes", "no socket error on either end, 0 TCP resets")
+        same = (
+            sent.get("bytes") == got.get("bytes") == nbytes
+            and sent.get("sha256") == got.get("sha256")
+            and sent.get("sha256") is not None
+        )
+        o.add(
+            "bytes intact",
+            "yes" if same else "NO",
+            f"{sent.get('bytes', 0):,} bytes sent, {got.get('bytes', 0):,} received, "
+            f"SHA-256 {'equal' if same else 'differs'} ({str(got.get('sha256', '-'))[:16]}…)",
+            ok=same,
+        )
+        timeline: list[int] = list(got.get("timeline") or [])
+        start = float(got.get("start") or 0)
+        if h.up_at is not None and h.down_at is not None and timeline:
+            o.add("handoff gap", *self.gap_text(timeline, start, h.down_at, h.up_at))
+        secs = float(sent.get("seconds") or len(timeline) / 10)
+        if got.get("bytes"):
+            o.add(
+                "goodput",
+                f"{mbit(got['bytes'], secs):.1f} Mbit/s",
+                f"{got['bytes'] / 1e6:.1f} MB in {secs:.1f} s, paced at {self.args.rate:g} Mbit/s"
+                " (the sender catches up after the gap)",
+            )
+
+    @staticmethod
+    def gap_text(
+        timeline: list[int], start: float, down_at: float, up_at: float
+    ) -> tuple[str, str]:
+        """From the new address's configuration to the first 100 ms slot with data again.
+
+        The receiver's timeline counts bytes per 100 ms since the connection. The stall
+        is the first empty slot from the old address's removal on; data is back at the
+        first non-empty slot after it.
+        """
+        no_addr = f"the MH had no address for {(up_at - down_at) * 1000:.0f} ms"
+        first = max(int((down_at - start) * 10), 0)
+        stall = next((i for i in range(first, len(timeline)) if timeline[i] == 0), None)
+        if stall is None or start + stall * 0.1 > up_at + 5:
+            return "0 ms", f"no 100 ms slot without data at the CH; {no_addr}"
+        back = next((i for i in range(stall, len(timeline)) if timeline[i] > 0), None)
+        if back is None:
+            return "∞", "data never came back"
+        gap_ms = (start + back * 0.1 - up_at) * 1000
+        return (
+            f"{gap_ms:.0f} ms" if gap_ms >= 0 else "< 100 ms",
+            "from the new address up to the first 100 ms with data at the CH\n"
+            f"the CH received nothing for {(back - stall) * 100} ms; {no_addr}",
+        )
+
+    def stop_daemons(self) -> None:
+        stopped = []
+        for d in (self.ch, self.mh):
+            ok, text = d.down()
+            left = self.leftovers(d)
+            if left:
+                ok, text = False, f"{text}; left behind: {left}"
+            stopped.append((d.name, ok, text))
+            d.proc = None
+        all_ok = all(ok for _, ok, _ in stopped)
+        self.outcome.add(
+            "daemons stopped",
+            "yes" if all_ok else "NO",
+            "dime down in CH and MH; no dime rules, queues or ghost addresses left"
+            if all_ok
+            else "; ".join(f"{n}: {t}" for n, ok, t in stopped if not ok),
+            ok=all_ok,
+        )
+
+    @staticmethod
+    def leftovers(d: Daemon) -> str:
+        found = []
+        if "table inet dime" in d.ns.run("nft", "list", "tables", check=False):
+            found.append("nft table inet dime")
+        rules = d.ns.run("iptables-save", check=False) + d.ns.run("ip6tables-save", check=False)
+        if "DIME_" in rules:
+            found.append("iptables DIME_* chains")
+        if len(d.ns.run("ip", "-o", "addr", "show", "dev", "lo").splitlines()) > 2:
+            found.append("an address on lo")
+        return ", ".join(found)
+
+    def print_verdict(self) -> bool:
+        o = self.outcome
+        width = max((len(w) for w, *_ in o.lines), default=0)
+        say("\n" + "=" * 78)
+        for what, value, detail, ok in o.lines:
+            say(f"  {'✔' if ok else '✘'} {what:<{width}}  {value}")
+            for line in detail.splitlines():
+                say(f"    {'':<{width}}  {line}")
+        say("=" * 78)
+        say(f"RESULT: {'PASS' if o.ok else 'FAIL'}")
+        return o.ok
+
+    def abort_cleanup(self) -> None:
+        """After an error or Ctrl-C: stop whatever daemon still runs, quietly."""
+        for d in (self.ch, self.mh):
+            if d.proc is not None:
+                d.down(timeout=15)
+                d.proc = None
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m testbed.demo",
+        description="dime live demo: a TCP transfer survives a hard handoff of the mobile "
+        "host (in network namespaces of its own; needs root)",
+    )
+    p.add_argument(
+        "--gap",
+        type=float,
+        default=2.0,
+        help="seconds between the old address going and the new one coming up (default 2.0)",
+    )
+    p.add_argument(
+        "--duration", type=float, default=10.0, help="transfer duration, seconds (default 10)"
+    )
+    p.add_argument("--rate", type=float, default=50.0, help="sending rate, Mbit/s (default 50)")
+    p.add_argument("--dataplane", choices=["auto", "nft", "nfqueue"], default="auto")
+    p.add_argument("--ipv6", action="store_true", help="IPv6 addresses instead of IPv4")
+    a = p.parse_args(argv)
+    if not 0 <= a.gap <= 20:
+        p.error("--gap must be between 0 and 20 seconds")
+    if not 3 <= a.duration <= 300:
+        p.error("--duration must be between 3 and 300 seconds")
+    if not 0.5 <= a.rate <= 2000:
+        p.error("--rate must be between 0.5 and 2000 Mbit/s")
+    return a
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if os.geteuid() != 0:
+        print("demo: must run as root (it creates network namespaces)", file=sys.stderr)
+        return 1
+    tmp = Path(tempfile.mkdtemp(prefix="dime-demo-"))
+    ok = interrupted = False
+    demo: Demo | None = None
+    try:
+        with topology("demo") as topo:
+            try:
+                fig = Fig7.build(topo, V6 if args.ipv6 else V4)
+                demo = Demo(args, fig, tmp)
+                ok = demo.run()
+            except BaseException:
+                with no_interrupts():
+                    if demo is not None:
+                        demo.abort_cleanup()
+                raise
+            finally:
+                signal.signal(signal.SIGINT, signal.SIG_IGN)  # until the namespaces are gone
+    except KeyboardInterrupt:
+        print("\ninterrupted: daemons stopped, namespaces removed", file=sys.stderr)
+        interrupted = True
+        return 130
+    except (DemoError, CommandError, subprocess.TimeoutExpired) as exc:
+        print(f"\ndemo failed: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        keep = not ok and not interrupted and any(tmp.glob("*.log"))
+        shutil.rmtree(tmp / "ch-state", ignore_errors=True)
+        shutil.rmtree(tmp / "mh-state", ignore_errors=True)
+        if keep:
+            print(f"daemon logs kept in {tmp}", file=sys.stderr)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,120 @@
+"""The DIME paper's Fig. 7 testbed, in network namespaces.
+
+A mobile host (MH) and a correspondent host (CH), each with two interfaces, joined
+through a router namespace (R) that serves a separate subnet on each of the four
+links, the paper's R1 and R2 (and two more for the CH, so that both hosts can
+move). One interface of each host is in use at a time; a move takes the host's
+address away with its link and brings up the other subnet, as a laptop changing
+networks would. Addresses are documentation ranges only.
+
+    CH =(c1 192.0.2.0/25 | c2 192.0.2.128/25)= R =(m1 198.51.100.0/24 | m2 203.0.113.0/24)= MH
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from testbed.netns import Namespace, Topology
+
+
+@dataclass(frozen=True)
+class Subnet:
+    prefix: str
+    router: str
+    host: str
+    plen: int
+
+    def host_cidr(self) -> str:
+        return f"{self.host}/{self.plen}"
+
+
+@dataclass(frozen=True)
+class Plan:
+    family: int
+    c1: Subnet
+    c2: Subnet
+    m1: Subnet
+    m2: Subnet
+
+
+V4 = Plan(
+    4,
+    Subnet("192.0.2.0/25", "192.0.2.126", "192.0.2.1", 25),
+    Subnet("192.0.2.128/25", "192.0.2.254", "192.0.2.129", 25),
+    Subnet("198.51.100.0/24", "198.51.100.254", "198.51.100.2", 24),
+    Subnet("203.0.113.0/24", "203.0.113.254", "203.0.113.2", 24),
+)
+V6 = Plan(
+    6,
+    Subnet("2001:db8:c1::/64", "2001:db8:c1::fe", "2001:db8:c1::1", 64),
+    Subnet("2001:db8:c2::/64", "2001:db8:c2::fe", "2001:db8:c2::1", 64),
+    Subnet("2001:db8:1::/64", "2001:db8:1::fe", "2001:db8:1::2", 64),
+    Subnet("2001:db8:2::/64", "2001:db8:2::fe", "2001:db8:2::2", 64),
+)
+
+
+@dataclass
+class Fig7:
+    topo: Topology
+    plan: Plan
+    ch: Namespace
+    r: Namespace
+    mh: Namespace
+    events: list[tuple[float, str]] = field(default_factory=list)
+
+    @classmethod
+    def build(cls, topo: Topology, plan: Plan = V4) -> Fig7:
+        ch, r, mh = topo.add_ns("ch"), topo.add_ns("r"), topo.add_ns("mh")
+        for host, names in ((ch, ("c1", "c2")), (mh, ("m1", "m2"))):
+            for name in names:
+                topo.link(host, name, r, f"r{name}")
+        r.run("sysctl", "-qw", "net.ipv4.ip_forward=1")
+        r.run("sysctl", "-qw", "net.ipv6.conf.all.forwarding=1")
+        for name in ("c1", "c2", "m1", "m2"):
+            sub: Subnet = getattr(plan, name)
+            r.addr_add(f"r{name}", f"{sub.router}/{sub.plen}")
+        fig = cls(topo, plan, ch, r, mh)
+        fig.attach(ch, "c1", plan.c1)
+        fig.attach(mh, "m1", plan.m1)
+        ch.ip("link", "set", "c2", "down")
+        mh.ip("link", "set", "m2", "down")
+        return fig
+
+    def _ip(self, ns: Namespace, *args: str) -> None:
+        ns.ip(*(("-6",) if self.plan.family == 6 else ()), *args)
+
+    def attach(self, ns: Namespace, dev: str, sub: Subnet) -> None:
+        """Bring ``dev`` up with the host's address on ``sub`` and a default route."""
+        ns.ip("link", "set", dev, "up")
+        ns.addr_add(dev, sub.host_cidr())
+        self._ip(ns, "route", "replace", "default", "via", sub.router, "dev", dev)
+        self.events.append((time.monotonic(), f"{ns.name}: {sub.host} up on {dev}"))
+
+    def detach(self, ns: Namespace, dev: str, sub: Subnet) -> None:
+        """The host leaves the link: its address goes, then the link."""
+        ns.addr_del(dev, sub.host_cidr())
+        ns.ip("link", "set", dev, "down")
+        self.events.append((time.monotonic(), f"{ns.name}: {sub.host} down on {dev}"))
+
+    # -- moves -------------------------------------------------------------------------
+
+    def hard_handoff_mh(self, gap: float = 0.0) -> None:
+        """MH: old address gone first, the new one ``gap`` seconds later."""
+        self.detach(self.mh, "m1", self.plan.m1)
+        if gap:
+            time.sleep(gap)
+        self.attach(self.mh, "m2", self.plan.m2)
+
+    def soft_handoff_mh(self, overlap: float = 0.0) -> None:
+        """MH: the new address first, the old one gone ``overlap`` seconds later."""
+        self.attach(self.mh, "m2", self.plan.m2)
+        if overlap:
+            time.sleep(overlap)
+        self.detach(self.mh, "m1", self.plan.m1)
+
+    def hard_handoff_ch(self, gap: float = 0.0) -> None:
+        self.detach(self.ch, "c1", self.plan.c1)
+        if gap:
+            time.sleep(gap)
+        self.attach(self.ch, "c2", self.plan.c2)

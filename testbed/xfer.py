@@ -1,0 +1,197 @@
+"""Traffic for tests and the demo: a paced TCP transfer with SHA-256, UDP echo.
+
+Run inside a namespace; every mode prints one JSON object on stdout when done.
+
+  xfer tcp-server --bind ADDR --port P
+      accept one connection, read to EOF: {"bytes", "sha256", "error"}
+  xfer tcp-client --connect ADDR --port P --bytes N [--rate MBIT] [--bind ADDR]
+      send N deterministic pseudo-random bytes: {"bytes", "sha256", "error", "timeline"}
+      (timeline: bytes sent per 100 ms)
+  xfer udp-echo --bind ADDR --port P --duration S
+  xfer udp-client --connect ADDR --port P --duration S [--interval S]
+      {"sent", "received", "last_reply_at", "replies_after": {...}}
+
+The client's ``ready`` line on stderr (when connected) lets a test start the
+handoff mid-transfer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import random
+import socket
+import sys
+import time
+
+
+def _family(addr: str) -> int:
+    return socket.AF_INET6 if ":" in addr else socket.AF_INET
+
+
+def tcp_server(bind: str, port: int, timeout: float) -> dict[str, object]:
+    srv = socket.socket(_family(bind), socket.SOCK_STREAM)
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind((bind, port))
+    srv.listen(1)
+    srv.settimeout(timeout)
+    print("listening", file=sys.stderr, flush=True)
+    digest = hashlib.sha256()
+    total = 0
+    error = None
+    timeline: list[int] = []  # bytes received per 100 ms since the connection
+    start = time.time()
+    try:
+        conn, _peer = srv.accept()
+        conn.settimeout(timeout)
+        start = time.time()
+        while True:
+            chunk = conn.recv(1 << 16)
+            if not chunk:
+                break
+            digest.update(chunk)
+            total += len(chunk)
+            slot = int((time.time() - start) * 10)
+            while len(timeline) <= slot:
+                timeline.append(0)
+            timeline[slot] += len(chunk)
+        conn.close()
+    except OSError as exc:
+        error = f"{type(exc).__name__}: {exc}"
+    return {
+        "bytes": total,
+        "sha256": digest.hexdigest(),
+        "error": error,
+        "timeline": timeline,
+        "start": start,  # wall clock, to line the timeline up with events
+    }
+
+
+def tcp_client(
+    connect: str, port: int, nbytes: int, rate_mbit: float, bind: str | None, timeout: float
+) -> dict[str, object]:
+    sock = socket.socket(_family(connect), socket.SOCK_STREAM)
+    if bind:
+        sock.bind((bind, 0))
+    sock.settimeout(timeout)
+    digest = hashlib.sha256()
+    rng = random.Random(1234)
+    sent = 0
+    error = None
+    timeline: list[int] = []
+    start = time.monotonic()
+    try:
+        sock.connect((connect, port))
+        print("ready", file=sys.stderr, flush=True)
+        chunk_size = 16384
+        while sent < nbytes:
+            n = min(chunk_size, nbytes - sent)
+            chunk = rng.randbytes(n)
+            sock.sendall(chunk)
+            digest.update(chunk)
+            sent += n
+            elapsed = time.monotonic() - start
+            slot = int(elapsed * 10)
+            while len(timeline) <= slot:
+                timeline.append(0)
+            timeline[slot] += n
+            if rate_mbit > 0:
+                ahead = sent * 8 / (rate_mbit * 1e6) - elapsed
+                if ahead > 0:
+                    time.sleep(ahead)
+        sock.shutdown(socket.SHUT_WR)
+        while sock.recv(4096):  # wait for the server's close: every byte was read
+            pass
+    except OSError as exc:
+        error = f"{type(exc).__name__}: {exc}"
+    finally:
+        sock.close()
+    return {
+        "bytes": sent,
+        "sha256": digest.hexdigest(),
+        "error": error,
+        "timeline": timeline,
+        "seconds": time.monotonic() - start,
+    }
+
+
+def udp_echo(bind: str, port: int, duration: float) -> dict[str, object]:
+    sock = socket.socket(_family(bind), socket.SOCK_DGRAM)
+    sock.bind((bind, port))
+    sock.settimeout(0.2)
+    print("listening", file=sys.stderr, flush=True)
+    end = time.monotonic() + duration
+    echoed = 0
+    peers: set[str] = set()
+    while time.monotonic() < end:
+        try:
+            data, peer = sock.recvfrom(2048)
+        except TimeoutError:
+            continue
+        sock.sendto(data, peer)
+        peers.add(str(peer[0]))
+        echoed += 1
+    return {"echoed": echoed, "peers": sorted(peers)}
+
+
+def udp_client(connect: str, port: int, duration: float, interval: float) -> dict[str, object]:
+    sock = socket.socket(_family(connect), socket.SOCK_DGRAM)
+    sock.connect((connect, port))
+    sock.settimeout(interval)
+    print("ready", file=sys.stderr, flush=True)
+    start = time.monotonic()
+    sent = received = 0
+    reply_times: list[float] = []
+    send_errors = 0  # e.g. "network unreachable" while a host has no address at all
+    while time.monotonic() - start < duration:
+        try:
+            sock.send(sent.to_bytes(4, "big"))
+            sent += 1
+            deadline = time.monotonic() + interval
+            while time.monotonic() < deadline:
+                sock.settimeout(max(deadline - time.monotonic(), 0.001))
+                try:
+                    sock.recv(2048)
+                    received += 1
+                    reply_times.append(time.monotonic() - start)
+                except TimeoutError:
+                    break
+        except OSError:
+            send_errors += 1
+            time.sleep(interval)
+    return {
+        "sent": sent,
+        "received": received,
+        "reply_times": reply_times,
+        "send_errors": send_errors,
+        "error": None,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="xfer")
+    p.add_argument("mode", choices=["tcp-server", "tcp-client", "udp-echo", "udp-client"])
+    p.add_argument("--bind")
+    p.add_argument("--connect")
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--bytes", type=int, default=10_000_000)
+    p.add_argument("--rate", type=float, default=0.0, help="Mbit/s, 0 = unpaced")
+    p.add_argument("--duration", type=float, default=5.0)
+    p.add_argument("--interval", type=float, default=0.05)
+    p.add_argument("--timeout", type=float, default=60.0)
+    a = p.parse_args(argv)
+    if a.mode == "tcp-server":
+        out = tcp_server(a.bind, a.port, a.timeout)
+    elif a.mode == "tcp-client":
+        out = tcp_client(a.connect, a.port, a.bytes, a.rate, a.bind, a.timeout)
+    elif a.mode == "udp-echo":
+        out = udp_echo(a.bind, a.port, a.duration)
+    else:
+        out = udp_client(a.connect, a.port, a.duration, a.interval)
+    print(json.dumps(out), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

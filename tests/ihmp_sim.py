@@ -1,0 +1,192 @@
+"""An in-memory network with a fake clock for driving IHMP engines back to back.
+
+Reachability model: public addresses (see ihmp.reachability) reach each other;
+a private address reaches another private address only within the same *site*;
+a private address reaches a public one only through a NAT given in ``nat``.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv6Address, ip_address, ip_interface
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from dime.hid_table import HidState, HidTable, HostEntry
+from ihmp import events as ev
+from ihmp.engine import Datagram, EngineConfig, IhmpEngine
+from ihmp.keys import LocalKeys, TrustStore
+from ihmp.reachability import block_of
+from ihmp.wire import MessageType, decode
+
+IPAddress = IPv4Address | IPv6Address
+
+
+def A(s: str) -> IPAddress:
+    return ip_address(s)
+
+
+class Host:
+    def __init__(
+        self,
+        name: str,
+        addrs: list[str],
+        *,
+        seed: int,
+        signed: bool = True,
+        config: EngineConfig | None = None,
+        trust: TrustStore | None = None,
+    ) -> None:
+        self.name = name
+        self.table = HidTable()
+        self.key = Ed25519PrivateKey.generate() if signed else None
+        keys = LocalKeys()
+        if self.key is not None:
+            keys.set_local_key(self.key, "*")
+        self.engine = IhmpEngine(
+            self.table,
+            counter_start=1_000_000 * seed,
+            rng=random.Random(seed),
+            config=config or EngineConfig(),
+            local_keys=keys,
+            trust=trust,
+            local_addresses=[ip_interface(a) for a in addrs],
+        )
+        self.events: list[ev.Event] = []
+
+    def drain_events(self) -> None:
+        while (e := self.engine.next_event()) is not None:
+            self.events.append(e)
+
+    def events_of(self, kind: type[ev.Event]) -> list[ev.Event]:
+        self.drain_events()
+        return [e for e in self.events if isinstance(e, kind)]
+
+    def entry_for(self, addr: str) -> HostEntry:
+        entry = self.table.lookup(A(addr))
+        assert entry is not None, f"{self.name} has no HID for {addr}"
+        return entry
+
+    def connect(self, remote: str, now: float, local: str | None = None) -> int:
+        """What StackTrans does on a first packet to an unknown address."""
+        entry = self.table.create([A(remote)], state=HidState.HELLO_PENDING)
+        self.engine.start_hello(entry.hid, now, A(local) if local else None)
+        return entry.hid
+
+
+@dataclass
+class Sent:
+    at: float
+    datagram: Datagram
+    delivered: bool
+    src_seen: IPAddress
+
+
+@dataclass
+class Net:
+    loss: float = 0.0
+    seed: int = 0
+    duplicate: bool = False
+    shuffle: bool = False
+    sites: dict[IPAddress, str] = field(default_factory=dict)
+    nat: dict[IPAddress, IPAddress] = field(default_factory=dict)  # private -> public
+    hosts: list[Host] = field(default_factory=list)
+    now: float = 0.0
+    log: list[Sent] = field(default_factory=list)
+    hold: bool = False  # queue instead of delivering (tests reorder by hand)
+    held: list[tuple[Host, Datagram]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.rng = random.Random(self.seed)
+
+    def add(self, host: Host, sites: dict[str, str] | None = None) -> Host:
+        self.hosts.append(host)
+        for addr, site in (sites or {}).items():
+            self.sites[A(addr)] = site
+        return host
+
+    def owner(self, addr: IPAddress) -> tuple[Host, IPAddress] | None:
+        for host in self.hosts:
+            if addr in host.engine.local_addresses:
+                return host, addr
+        for private, public in self.nat.items():
+            if public == addr:
+                found = self.owner(private)
+                if found is not None:
+                    return found
+        return None
+
+    def reaches(self, src: IPAddress, dst: IPAddress) -> tuple[bool, IPAddress]:
+        """Whether src can reach dst, and the source address dst will see."""
+        if src.version != dst.version:
+            return False, src
+        sblock, dblock = block_of(src), block_of(dst)
+        if sblock is None and dblock is None:
+            return True, src
+        if sblock is not None and dblock is not None:
+            same = self.sites.get(src, "?s") == self.sites.get(dst, "?d")
+            return same, src
+        if sblock is not None and dblock is None and src in self.nat:
+            return True, self.nat[src]
+        return False, src
+
+    def deliver(self, sender: Host, dgram: Datagram) -> None:
+        ok, seen = self.reaches(dgram.src, dgram.dst)
+        if dgram.src not in sender.engine.local_addresses:
+            ok = False  # an address the host no longer has cannot send
+        target = self.owner(dgram.dst) if ok else None
+        lost = self.loss > 0 and self.rng.random() < self.loss
+        self.log.append(Sent(self.now, dgram, target is not None and not lost, seen))
+        if target is None or lost:
+            return
+        host, local = target
+        host.engine.receive_datagram(dgram.data, seen, local, self.now)
+
+    def flush(self) -> None:
+        for _ in range(1000):
+            batch = [(h, d) for h in self.hosts for d in h.engine.datagrams_to_send(self.now)]
+            if not batch:
+                return
+            if self.hold:
+                self.held.extend(batch)
+                continue
+            if self.duplicate:
+                batch = batch + batch
+            if self.shuffle:
+                self.rng.shuffle(batch)
+            for host, dgram in batch:
+                self.deliver(host, dgram)
+        raise AssertionError("datagram storm: the engines never went quiet")
+
+    def run(self, duration: float) -> None:
+        """Deliver everything and fire timers until ``duration`` from now has passed."""
+        end = self.now + duration
+        self.flush()
+        while True:
+            timers = [t for h in self.hosts if (t := h.engine.get_timer()) is not None]
+            if not timers or min(timers) > end:
+                break
+            self.now = max(self.now, min(timers))
+            for host in self.hosts:
+                timer = host.engine.get_timer()
+                if timer is not None and timer <= self.now:
+                    host.engine.handle_timer(self.now)
+            self.flush()
+        self.now = end
+        for host in self.hosts:
+            host.drain_events()
+
+    def types_sent(self, since: float = -1.0) -> list[MessageType]:
+        return [decode(s.datagram.data).type for s in self.log if s.at >= since]
+
+    def sent_to(self, addr: str) -> list[Sent]:
+        return [s for s in self.log if s.datagram.dst == A(addr)]
+
+
+def assert_symmetric(a: Host, a_addr: str, b: Host, b_addr: str) -> None:
+    """A's view of B mirrors B's view of A (the paper's symmetric HID tables)."""
+    ea = a.entry_for(b_addr)
+    eb = b.entry_for(a_addr)
+    assert set(ea.local) == set(eb.active), (a.name, ea, b.name, eb)
+    assert set(ea.active) == set(eb.local), (a.name, ea, b.name, eb)

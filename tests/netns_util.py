@@ -1,0 +1,188 @@
+"""Helpers for tests that run real traffic in network namespaces."""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from testbed.netns import Namespace
+
+ROOT = Path(__file__).resolve().parent.parent
+PY = sys.executable
+
+
+def py(ns: Namespace, *args: str, **kw: Any) -> subprocess.Popen[bytes]:
+    """A python process in ``ns`` with the project on its path."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+    return ns.popen(
+        PY,
+        *args,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        cwd=str(ROOT),
+        **kw,
+    )
+
+
+def read_line(proc: subprocess.Popen[bytes], timeout: float, stream: str = "stdout") -> str:
+    """One line from the process, or AssertionError after ``timeout`` seconds."""
+    pipe = proc.stdout if stream == "stdout" else proc.stderr
+    assert pipe is not None
+    deadline = time.monotonic() + timeout
+    buf = b""
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([pipe], [], [], max(deadline - time.monotonic(), 0))
+        if not ready:
+            break
+        ch = os.read(pipe.fileno(), 1)
+        if not ch:
+            break
+        if ch == b"\n":
+            return buf.decode()
+        buf += ch
+    raise AssertionError(f"no line from {proc.args!r} within {timeout}s (got {buf!r})")
+
+
+def wait_for(proc: subprocess.Popen[bytes], word: str, timeout: float) -> None:
+    """Wait for a stderr line containing ``word`` (e.g. "ready", "listening")."""
+    deadline = time.monotonic() + timeout
+    while True:
+        line = read_line(proc, max(deadline - time.monotonic(), 0.01), "stderr")
+        if word in line:
+            return
+
+
+def result(proc: subprocess.Popen[bytes], timeout: float) -> dict[str, Any]:
+    """The JSON object a testbed.xfer process prints when it is done."""
+    out, err = proc.communicate(timeout=timeout)
+    lines = out.decode().strip().splitlines()
+    assert lines, f"{proc.args!r} printed nothing; stderr: {err.decode()[-2000:]}"
+    return dict(json.loads(lines[-1]))
+
+
+@dataclass
+class StNode:
+    """tests/st_node.py running in a namespace."""
+
+    proc: subprocess.Popen[bytes]
+
+    @classmethod
+    def start(cls, ns: Namespace, mode: str, locals_: list[str]) -> StNode:
+        proc = py(ns, "-m", "tests.st_node", mode, *locals_)
+        node = cls(proc)
+        ready = node._reply(timeout=30)
+        assert ready.get("ready"), ready
+        return node
+
+    def _reply(self, timeout: float = 20) -> dict[str, Any]:
+        line = read_line(self.proc, timeout)
+        return dict(json.loads(line))
+
+    def send(self, **msg: Any) -> dict[str, Any]:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write((json.dumps(msg) + "\n").encode())
+        self.proc.stdin.flush()
+        return self._reply()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.send(cmd="stop")
+                self.proc.wait(timeout=20)
+            except (AssertionError, BrokenPipeError, subprocess.TimeoutExpired):
+                self.proc.kill()
+                self.proc.wait()
+
+
+RST_COUNTER = """
+table inet dmtest {
+  counter rst_out { }
+  counter rst_in { }
+  chain o { type filter hook postrouting priority 0; tcp flags rst counter name rst_out; }
+  chain i { type filter hook input priority 0; tcp flags rst counter name rst_in; }
+}
+"""
+
+
+def add_rst_counter(ns: Namespace) -> None:
+    ns.sh(f"nft -f - <<'EOF'\n{RST_COUNTER}\nEOF")
+
+
+def rst_count(ns: Namespace) -> int:
+    out = json.loads(ns.run("nft", "-j", "list", "counters", "table", "inet", "dmtest"))
+    return sum(item["counter"]["packets"] for item in out["nftables"] if "counter" in item)
+
+
+def kernel_state(ns: Namespace) -> tuple[str, str, str, str]:
+    """Ruleset, addresses, routes and legacy-visible iptables rules, for residue checks."""
+    return (
+        ns.run("nft", "list", "ruleset"),
+        ns.run("ip", "-o", "addr", "show"),
+        ns.run("ip", "route", "show", "table", "all"),
+        _no_comments(ns.run("iptables-save") + ns.run("ip6tables-save")),
+    )
+
+
+def _no_comments(text: str) -> str:
+    # iptables-save stamps the time in comment lines.
+    return "\n".join(line for line in text.splitlines() if not line.startswith("#"))
+
+
+XFER = str(ROOT / "testbed" / "xfer.py")
+
+
+def tcp_transfer(
+    sender: Namespace,
+    receiver: Namespace,
+    server_addr: str,
+    nbytes: int,
+    rate: float,
+    port: int = 5001,
+    timeout: float = 60,
+) -> tuple[subprocess.Popen[bytes], subprocess.Popen[bytes]]:
+    """A paced testbed.xfer TCP transfer sender -> receiver, connected when this returns."""
+    server = py(receiver, XFER, "tcp-server", "--bind", server_addr, "--port", str(port))
+    wait_for(server, "listening", 10)
+    client = py(
+        sender,
+        XFER,
+        "tcp-client",
+        "--connect",
+        server_addr,
+        "--port",
+        str(port),
+        "--bytes",
+        str(nbytes),
+        "--rate",
+        str(rate),
+        "--timeout",
+        str(timeout),
+    )
+    wait_for(client, "ready", 10)
+    return server, client
+
+
+def check_transfer(
+    namespaces: tuple[Namespace, ...],
+    server: subprocess.Popen[bytes],
+    client: subprocess.Popen[bytes],
+    nbytes: int,
+    context: str = "",
+) -> None:
+    """Every byte arrived intact (SHA-256), no error, no TCP reset in ``namespaces``."""
+    sent, got = result(client, 120), result(server, 120)
+    assert sent["error"] is None, f"sender: {sent['error']}\n{context}"
+    assert got["error"] is None, f"receiver: {got['error']}\n{context}"
+    assert got["bytes"] == sent["bytes"] == nbytes
+    assert got["sha256"] == sent["sha256"]
+    for ns in namespaces:
+        assert rst_count(ns) == 0, f"TCP reset seen in {ns.name}\n{context}"

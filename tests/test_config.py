@@ -1,0 +1,413 @@
+"""dime's TOML config: defaults, a full file, and one-line errors naming the key."""
+
+from __future__ import annotations
+
+import base64
+import os
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from dime.config import (
+    Config,
+    ConfigError,
+    KeyBinding,
+    TrustBinding,
+    from_dict,
+    load,
+    parse_public_key,
+)
+from ihmp.engine import EngineConfig
+
+KEY = bytes(range(32))
+KEY_HEX = KEY.hex()
+KEY_B64 = base64.b64encode(KEY).decode()
+KEY2 = bytes(range(100, 132))
+
+
+def write(tmp_path: Path, text: str, name: str = "dime.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def error(data: dict[str, object]) -> str:
+    with pytest.raises(ConfigError) as info:
+        from_dict(data)
+    message = str(info.value)
+    assert "\n" not in message, message
+    return message
+
+
+def file_error(path: Path) -> str:
+    with pytest.raises(ConfigError) as info:
+        load(path)
+    message = str(info.value)
+    assert "\n" not in message, message
+    return message
+
+
+# -- defaults ---------------------------------------------------------------------------
+
+
+def test_no_file_gives_the_defaults() -> None:
+    cfg = load(None)
+    assert cfg == Config()
+    assert cfg.port == 4731
+    assert cfg.dataplane == "auto"
+    assert cfg.strict is False
+    assert cfg.log_level == "info"
+    assert cfg.state_dir is None
+    assert cfg.handoff_window == 1.0
+    assert cfg.sweep_interval == 2.0
+    assert (cfg.queue_out, cfg.queue_in) == (4731, 4732)
+    assert cfg.adopt_existing is True
+    assert cfg.ihmp == EngineConfig()
+    assert cfg.local_key == [] and cfg.trust == []
+
+
+def test_an_empty_file_gives_the_defaults(tmp_path: Path) -> None:
+    assert load(write(tmp_path, "")) == Config()
+    assert load(write(tmp_path, "# only a comment\n")) == Config()
+
+
+# -- a full valid file ------------------------------------------------------------------
+
+FULL = f"""
+port = 5000
+dataplane = "nfqueue"
+strict = true
+log_level = "debug"
+state_dir = "/srv/dime-state"
+handoff_window = 2          # an integer where a number is expected is fine
+sweep_interval = 0.5
+queue_out = 0
+queue_in = 65535
+adopt_existing = false
+
+[ihmp]
+initial_rto = 0.25
+max_rto = 8
+max_attempts = 9
+probe_attempts = 2
+legacy_hold_down = 60.0
+path_loss_grace = 12.5
+
+[[local_key]]
+file = "/etc/dime/lab.key"
+addr = "198.51.100.0/24"
+
+[[local_key]]
+file = "/etc/dime/other.key"
+
+[[trust]]
+key = "{KEY_HEX}"
+addr = "192.0.2.7"
+
+[[trust]]
+key = "{KEY_B64}"
+addr = "2001:db8::/32"
+
+[[trust]]
+key = "  {KEY2.hex().upper()}  "
+addr = "203.0.113.0/24"
+"""
+
+
+def test_a_full_file_parses_into_the_right_values(tmp_path: Path) -> None:
+    cfg = load(write(tmp_path, FULL))
+    assert cfg.port == 5000
+    assert cfg.dataplane == "nfqueue"
+    assert cfg.strict is True
+    assert cfg.log_level == "debug"
+    assert cfg.state_dir == Path("/srv/dime-state")
+    assert cfg.handoff_window == 2.0 and isinstance(cfg.handoff_window, float)
+    assert cfg.sweep_interval == 0.5
+    assert (cfg.queue_out, cfg.queue_in) == (0, 65535)
+    assert cfg.adopt_existing is False
+    assert cfg.ihmp == EngineConfig(
+        initial_rto=0.25,
+        max_rto=8.0,
+        max_attempts=9,
+        probe_attempts=2,
+        legacy_hold_down=60.0,
+        path_loss_grace=12.5,
+    )
+    assert isinstance(cfg.ihmp.max_rto, float)
+    assert isinstance(cfg.ihmp.max_attempts, int)
+    assert cfg.ihmp.strict is False  # the top-level strict reaches the engine at start
+    assert cfg.local_key == [
+        KeyBinding(Path("/etc/dime/lab.key"), "198.51.100.0/24"),
+        KeyBinding(Path("/etc/dime/other.key"), "*"),
+    ]
+    assert cfg.trust == [
+        TrustBinding(KEY, "192.0.2.7"),
+        TrustBinding(KEY, "2001:db8::/32"),
+        TrustBinding(KEY2, "203.0.113.0/24"),
+    ]
+
+
+def test_the_documented_example_is_a_valid_config() -> None:
+    import dime.config
+
+    doc = dime.config.__doc__ or ""
+    example = "\n".join(line[4:] for line in doc.splitlines() if line.startswith("    "))
+    example = example.replace("hex or base64 of the 32-byte Ed25519 public key", KEY_HEX)
+    cfg = from_dict(tomllib.loads(example))
+    assert cfg.state_dir == Path("/var/lib/dime")
+    assert cfg.local_key == [KeyBinding(Path("/etc/dime/lab.key"), "198.51.100.0/24")]
+    assert cfg.trust == [TrustBinding(KEY, "192.0.2.7")]
+    assert cfg.ihmp == EngineConfig()
+
+
+def test_one_key_changes_only_that_key() -> None:
+    cfg = from_dict({"port": 6000})
+    assert cfg.port == 6000
+    cfg.port = 4731
+    assert cfg == Config()
+
+
+# -- bad input: one line, starting with the key -----------------------------------------
+
+
+def test_unknown_top_level_key() -> None:
+    msg = error({"prot": 4731})
+    assert msg.startswith("prot: unknown key")
+    assert "port" in msg  # lists the known keys
+
+
+def test_unknown_ihmp_key() -> None:
+    assert error({"ihmp": {"initial_rtt": 1.0}}).startswith("ihmp.initial_rtt: unknown key")
+    # strict is a top-level key, not an [ihmp] one
+    assert error({"ihmp": {"strict": True}}).startswith("ihmp.strict: unknown key")
+
+
+def test_ihmp_must_be_a_table() -> None:
+    assert error({"ihmp": 3}).startswith("ihmp: ")
+
+
+@pytest.mark.parametrize(
+    ("data", "key", "detail"),
+    [
+        ({"port": "4731"}, "port", "expected an integer, got str"),
+        ({"port": True}, "port", "expected an integer, got a boolean"),
+        ({"port": 4731.0}, "port", "expected an integer, got float"),
+        ({"queue_in": False}, "queue_in", "got a boolean"),
+        ({"strict": "yes"}, "strict", "expected true or false"),
+        ({"strict": 1}, "strict", "expected true or false"),
+        ({"adopt_existing": 0}, "adopt_existing", "expected true or false"),
+        ({"dataplane": 1}, "dataplane", "expected a string"),
+        ({"log_level": ["info"]}, "log_level", "expected a string"),
+        ({"state_dir": 7}, "state_dir", "expected a string"),
+        ({"handoff_window": "1s"}, "handoff_window", "expected a number"),
+        ({"sweep_interval": True}, "sweep_interval", "got a boolean"),
+        ({"ihmp": {"max_attempts": "6"}}, "ihmp.max_attempts", "expected an integer"),
+        ({"ihmp": {"max_attempts": True}}, "ihmp.max_attempts", "got a boolean"),
+        ({"ihmp": {"max_attempts": 6.5}}, "ihmp.max_attempts", "expected an integer"),
+        ({"ihmp": {"initial_rto": "0.5"}}, "ihmp.initial_rto", "expected a number"),
+        ({"ihmp": {"max_rto": False}}, "ihmp.max_rto", "got a boolean"),
+    ],
+)
+def test_wrong_type(data: dict[str, object], key: str, detail: str) -> None:
+    msg = error(data)
+    assert msg.startswith(f"{key}: "), msg
+    assert detail in msg
+
+
+@pytest.mark.parametrize(
+    ("data", "key"),
+    [
+        ({"port": 0}, "port"),
+        ({"port": -1}, "port"),
+        ({"port": 65536}, "port"),
+        ({"queue_out": -1}, "queue_out"),
+        ({"queue_in": 65536}, "queue_in"),
+    ],
+)
+def test_out_of_range_port(data: dict[str, object], key: str) -> None:
+    msg = error(data)
+    assert msg.startswith(f"{key}: must be between")
+
+
+def test_port_bounds_are_accepted() -> None:
+    assert from_dict({"port": 1}).port == 1
+    assert from_dict({"port": 65535}).port == 65535
+
+
+def test_queue_in_equal_to_queue_out() -> None:
+    assert error({"queue_in": 7, "queue_out": 7}).startswith("queue_in: must differ")
+    # the default queue_in (4732) against a queue_out set to it
+    assert error({"queue_out": 4732}).startswith("queue_in: must differ")
+
+
+def test_bad_dataplane_and_log_level() -> None:
+    msg = error({"dataplane": "ebpf"})
+    assert msg.startswith("dataplane: must be one of auto, nft, nfqueue")
+    assert "'ebpf'" in msg
+    msg = error({"log_level": "verbose"})
+    assert msg.startswith("log_level: must be one of debug, info, warning, error")
+    assert error({"log_level": "INFO"}).startswith("log_level: ")
+
+
+@pytest.mark.parametrize(
+    ("data", "key"),
+    [
+        ({"handoff_window": 0}, "handoff_window"),
+        ({"handoff_window": -1.5}, "handoff_window"),
+        ({"sweep_interval": 0.0}, "sweep_interval"),
+        ({"sweep_interval": float("nan")}, "sweep_interval"),
+        ({"ihmp": {"initial_rto": 0}}, "ihmp.initial_rto"),
+        ({"ihmp": {"max_rto": -4.0}}, "ihmp.max_rto"),
+        ({"ihmp": {"max_attempts": 0}}, "ihmp.max_attempts"),
+        ({"ihmp": {"probe_attempts": -1}}, "ihmp.probe_attempts"),
+        ({"ihmp": {"legacy_hold_down": 0.0}}, "ihmp.legacy_hold_down"),
+        ({"ihmp": {"path_loss_grace": float("nan")}}, "ihmp.path_loss_grace"),
+    ],
+)
+def test_non_positive_durations(data: dict[str, object], key: str) -> None:
+    assert error(data).startswith(f"{key}: must be greater than 0")
+
+
+def test_nan_in_a_toml_file_is_refused(tmp_path: Path) -> None:
+    msg = file_error(write(tmp_path, "handoff_window = nan\n"))
+    assert msg.startswith("handoff_window: must be greater than 0")
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        KEY_HEX[:-2],  # 31 bytes
+        KEY_HEX + "00",  # 33 bytes
+        base64.b64encode(KEY[:16]).decode(),
+        base64.b64encode(KEY + b"\0").decode(),
+        "not a key",
+        "",
+    ],
+)
+def test_bad_trust_key(key: str) -> None:
+    msg = error({"trust": [{"key": key, "addr": "192.0.2.7"}]})
+    assert msg.startswith("trust[0].key: not a 32-byte Ed25519 public key")
+
+
+def test_trust_key_of_the_wrong_type() -> None:
+    assert error({"trust": [{"key": 5, "addr": "192.0.2.7"}]}).startswith("trust[0].key: ")
+
+
+def test_the_index_of_the_bad_trust_entry_is_named() -> None:
+    good = {"key": KEY_HEX, "addr": "192.0.2.7"}
+    msg = error({"trust": [good, {"key": "00", "addr": "192.0.2.8"}]})
+    assert msg.startswith("trust[1].key: ")
+
+
+def test_trust_addr_star_is_refused() -> None:
+    msg = error({"trust": [{"key": KEY_HEX, "addr": "*"}]})
+    assert msg.startswith("trust[0].addr: a trusted key needs an address or prefix")
+
+
+@pytest.mark.parametrize("addr", ["192.0.2.0/33", "2001:db8::/129", "not-an-address", "", "**"])
+def test_bad_addr_prefix(addr: str) -> None:
+    msg = error({"trust": [{"key": KEY_HEX, "addr": addr}]})
+    assert msg.startswith("trust[0].addr: not an address, prefix or '*'")
+    msg = error({"local_key": [{"file": "/k", "addr": addr}]})
+    assert msg.startswith("local_key[0].addr: not an address, prefix or '*'")
+
+
+def test_trust_entry_missing_or_extra_keys() -> None:
+    assert error({"trust": [{"addr": "192.0.2.7"}]}).startswith("trust[0].key: missing")
+    assert error({"trust": [{"key": KEY_HEX}]}).startswith("trust[0].addr: missing")
+    msg = error({"trust": [{"key": KEY_HEX, "addr": "192.0.2.7", "port": 1}]})
+    assert msg.startswith("trust[0].port: unknown key")
+
+
+def test_local_key_missing_file() -> None:
+    assert error({"local_key": [{"addr": "198.51.100.0/24"}]}).startswith(
+        "local_key[0].file: missing"
+    )
+
+
+def test_local_key_bad_entries() -> None:
+    assert error({"local_key": [{"file": 3}]}).startswith("local_key[0].file: expected a string")
+    msg = error({"local_key": [{"file": "/k", "path": "/k"}]})
+    assert msg.startswith("local_key[0].path: unknown key")
+    assert error({"local_key": [{"file": "/k"}, {}]}).startswith("local_key[1].file: missing")
+
+
+def test_arrays_of_tables_must_be_arrays_of_tables() -> None:
+    assert error({"local_key": {"file": "/k"}}).startswith("local_key: must be an array")
+    assert error({"trust": "192.0.2.7"}).startswith("trust: must be an array")
+    assert error({"trust": [1, 2]}).startswith("trust: must be an array")
+
+
+def test_errors_from_a_file_name_the_key(tmp_path: Path) -> None:
+    msg = file_error(write(tmp_path, 'port = 4731\nbogus = "x"\n'))
+    assert msg.startswith("bogus: unknown key")
+    msg = file_error(write(tmp_path, "[ihmp]\nmax_attempts = 0\n"))
+    assert msg.startswith("ihmp.max_attempts: must be greater than 0")
+
+
+# -- unreadable and invalid files -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "port = \n",
+        "port = 4731\nport = 4732\n",
+        "[ihmp\n",
+        'dataplane = "nft\n',
+        "= 1\n",
+    ],
+)
+def test_invalid_toml_names_the_file(tmp_path: Path, text: str) -> None:
+    path = write(tmp_path, text)
+    msg = file_error(path)
+    assert msg.startswith(f"{path}: not valid TOML: ")
+
+
+def test_a_file_that_is_not_utf8_is_one_line_naming_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "binary.toml"
+    path.write_bytes(b"port = 1\n\xff\xfe\n")
+    msg = file_error(path)
+    assert msg.startswith(f"{path}: not valid TOML: ")
+
+
+def test_a_missing_file_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "nope.toml"
+    assert file_error(path) == f"{path}: cannot read: No such file or directory"
+
+
+def test_a_directory_names_the_file(tmp_path: Path) -> None:
+    msg = file_error(tmp_path)
+    assert msg.startswith(f"{tmp_path}: cannot read: ")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file")
+def test_an_unreadable_file_names_the_file(tmp_path: Path) -> None:
+    path = write(tmp_path, "port = 1\n")
+    path.chmod(0)
+    assert file_error(path) == f"{path}: cannot read: Permission denied"
+
+
+def test_an_unreadable_file_names_the_file_as_root_too(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = write(tmp_path, "port = 1\n")
+
+    def denied(self: Path, *args: object, **kwargs: object) -> str:
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "read_text", denied)
+    assert file_error(path) == f"{path}: cannot read: Permission denied"
+
+
+# -- public keys ------------------------------------------------------------------------
+
+
+def test_parse_public_key_hex_and_base64() -> None:
+    assert parse_public_key(KEY_HEX, "k") == KEY
+    assert parse_public_key(KEY_HEX.upper(), "k") == KEY
+    assert parse_public_key(KEY_B64, "k") == KEY
+    assert parse_public_key(f"\n {KEY_B64}\t", "k") == KEY
+    with pytest.raises(ConfigError, match=r"^PUBKEY: not a 32-byte"):
+        parse_public_key(KEY_B64[:-4], "PUBKEY")

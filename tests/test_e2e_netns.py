@@ -1,0 +1,394 @@
+"""dime end to end: the real CLI (`dime up`) in the MH and the CH of the Fig. 7
+testbed, real handoffs, real transfers. Every scenario checks SHA-256 and TCP resets.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from subprocess import Popen
+
+import pytest
+
+from testbed.fig7 import V4, V6, Fig7, Plan
+from testbed.netns import Namespace, topology
+from tests.netns_util import (
+    ROOT,
+    XFER,
+    add_rst_counter,
+    check_transfer,
+    kernel_state,
+    py,
+    result,
+    tcp_transfer,
+    wait_for,
+)
+
+pytestmark = pytest.mark.netns
+
+DIME = str(ROOT / ".venv" / "bin" / "dime")
+
+
+@dataclass
+class Daemon:
+    ns: Namespace
+    proc: Popen[bytes]
+    log: Path
+
+    def status(self) -> dict[str, object]:
+        return dict(json.loads(self.ns.run(DIME, "status", "--json")))
+
+    def log_tail(self) -> str:
+        return "\n".join(self.log.read_text().splitlines()[-40:])
+
+
+@dataclass
+class Bed:
+    fig: Fig7
+    tmp: Path
+    daemons: dict[str, Daemon] = field(default_factory=dict)
+    before: dict[str, tuple[str, str, str, str]] = field(default_factory=dict)
+
+    @property
+    def plan(self) -> Plan:
+        return self.fig.plan
+
+    def up(self, *names: str, args: tuple[str, ...] = ()) -> None:
+        for name in names:
+            ns = getattr(self.fig, name)
+            self.before.setdefault(name, kernel_state(ns))
+            log = self.tmp / f"dime-{name}.log"
+            proc = ns.popen(
+                *self.env(name),
+                DIME,
+                "up",
+                "-v",
+                *args,
+                stdout=log.open("w"),
+                stderr=subprocess.STDOUT,
+            )
+            self.daemons[name] = Daemon(ns, proc, log)
+        for name in names:
+            self._wait_ready(self.daemons[name])
+
+    def env(self, name: str) -> tuple[str, ...]:
+        """Keys of this test's hosts live in its tmp dir, not in /var/lib/dime."""
+        return ("env", f"DIME_STATE_DIR={self.tmp / name}")
+
+    def dime(self, name: str, *args: str) -> str:
+        return str(getattr(self.fig, name).run(*self.env(name), DIME, *args))
+
+    def _wait_ready(self, d: Daemon) -> None:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if d.proc.poll() is not None:
+                raise AssertionError(f"dime up exited {d.proc.returncode}:\n{d.log_tail()}")
+            if d.ns.run(DIME, "status", "--json", check=False).startswith("{"):
+                return
+            time.sleep(0.1)
+        raise AssertionError(f"dime up not ready:\n{d.log_tail()}")
+
+    def down(self) -> None:
+        for name, d in self.daemons.items():
+            out = d.ns.run(DIME, "down", check=False)
+            try:
+                assert d.proc.wait(timeout=20) == 0, f"{name}: {out}\n{d.log_tail()}"
+            finally:
+                if d.proc.poll() is None:
+                    d.proc.kill()
+        for name, d in self.daemons.items():
+            now = kernel_state(d.ns)
+            assert now[0] == self.before[name][0], f"{name}: nft ruleset differs after dime down"
+            assert now[3] == self.before[name][3], f"{name}: iptables rules differ after dime down"
+            lo = d.ns.run("ip", "-o", "addr", "show", "dev", "lo").splitlines()
+            assert len(lo) == 2, f"{name}: ghost address left on lo: {lo}"
+        self.daemons.clear()
+
+    def logs(self) -> str:
+        return "\n\n".join(f"== {n}\n{d.log_tail()}" for n, d in self.daemons.items())
+
+
+@contextlib.contextmanager
+def bed(tmp_path: Path, plan: Plan = V4, tag: str = "e2e") -> Iterator[Bed]:
+    with topology(tag) as topo:
+        fig = Fig7.build(topo, plan)
+        for ns in (fig.ch, fig.mh):
+            add_rst_counter(ns)
+        b = Bed(fig, tmp_path)
+        try:
+            yield b
+        except BaseException:
+            print(b.logs())
+            raise
+        finally:
+            for d in b.daemons.values():
+                d.ns.run(DIME, "down", check=False)
+                if d.proc.poll() is None:
+                    d.proc.kill()
+
+
+def tcp(
+    sender: Namespace, receiver: Namespace, addr: str, nbytes: int, rate: float, port: int = 5001
+) -> tuple[Popen[bytes], Popen[bytes]]:
+    return tcp_transfer(sender, receiver, addr, nbytes, rate, port)
+
+
+def check(b: Bed, server: Popen[bytes], client: Popen[bytes], nbytes: int) -> None:
+    check_transfer((b.fig.ch, b.fig.mh), server, client, nbytes, b.logs())
+
+
+def hid_of(status: dict[str, object], addr: str) -> dict[str, object]:
+    for h in status["hids"]:  # type: ignore[attr-defined]
+        if addr in h["active"]:
+            return dict(h)
+    raise AssertionError(f"no HID with active {addr}: {status['hids']}")
+
+
+def wait_status(d: Daemon, pred, timeout: float = 15) -> dict[str, object]:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while True:
+        st = d.status()
+        if pred(st):
+            return st
+        if time.monotonic() > deadline:
+            raise AssertionError(f"status never matched: {json.dumps(st)[:2000]}")
+        time.sleep(0.1)
+
+
+# -- scenarios --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("gap", [0.0, 2.0], ids=["gap0", "gap2s"])
+def test_hard_handoff_mh(tmp_path: Path, gap: float) -> None:
+    with bed(tmp_path) as b:
+        p = b.plan
+        b.up("ch", "mh")
+        nbytes = 12_000_000
+        server, client = tcp(b.fig.mh, b.fig.ch, p.c1.host, nbytes, rate=20)
+        time.sleep(1)
+        # During the transfer, both sides list the flow and the peer.
+        st = wait_status(
+            b.daemons["ch"], lambda s: any(h["state"] == "established" for h in s["hids"])
+        )
+        assert hid_of(st, p.m1.host)["key"] is not None
+        assert [s["remote"].rsplit(":", 1)[0] for s in st["sockets"]] == [p.m1.host]
+        assert st["sockets"][0]["local"] == f"{p.c1.host}:5001"
+        b.fig.hard_handoff_mh(gap)
+        st = wait_status(b.daemons["ch"], lambda s: p.m2.host in str(s["hids"]))
+        assert hid_of(st, p.m2.host)["active"] == [p.m2.host]
+        assert st["sockets"][0]["remote"].startswith(p.m1.host)  # identifier unchanged
+        mh = b.daemons["mh"].status()
+        assert mh["ghosts"] == [p.m1.host]
+        check(b, server, client, nbytes)
+        assert mh["counters"]["messages_rejected"] == {}
+        b.down()
+
+
+def test_soft_handoff_mh(tmp_path: Path) -> None:
+    with bed(tmp_path) as b:
+        p = b.plan
+        b.up("ch", "mh")
+        nbytes = 10_000_000
+        server, client = tcp(b.fig.mh, b.fig.ch, p.c1.host, nbytes, rate=20)
+        time.sleep(1)
+        b.fig.soft_handoff_mh(overlap=1.0)
+        wait_status(b.daemons["ch"], lambda s: hid_of(s, p.m2.host)["active"] == [p.m2.host])
+        check(b, server, client, nbytes)
+        b.down()
+
+
+def test_ch_initiated_connection_then_mh_moves(tmp_path: Path) -> None:
+    with bed(tmp_path) as b:
+        p = b.plan
+        b.up("ch", "mh")
+        nbytes = 10_000_000
+        server, client = tcp(b.fig.ch, b.fig.mh, p.m1.host, nbytes, rate=20)
+        time.sleep(1)
+        b.fig.hard_handoff_mh(0.5)
+        check(b, server, client, nbytes)
+        b.down()
+
+
+def test_udp_request_response_across_handoff(tmp_path: Path) -> None:
+    with bed(tmp_path) as b:
+        p = b.plan
+        b.up("ch", "mh")
+        echo = py(
+            b.fig.ch, XFER, "udp-echo", "--bind", p.c1.host, "--port", "5300", "--duration", "9"
+        )
+        wait_for(echo, "listening", 10)
+        client = py(
+            b.fig.mh,
+            XFER,
+            "udp-client",
+            "--connect",
+            p.c1.host,
+            "--port",
+            "5300",
+            "--duration",
+            "7",
+            "--interval",
+            "0.05",
+        )
+        wait_for(client, "ready", 10)
+        time.sleep(2)
+        b.fig.hard_handoff_mh(0.5)
+        out = result(client, 30)
+        result(echo, 30)
+        assert out["error"] is None
+        late = [t for t in out["reply_times"] if t > 4.5]
+        assert len(late) > 30, f"only {len(late)} replies in the last 2.5 s\n{b.logs()}"
+        b.down()
+
+
+def test_connection_opened_before_dime_up(tmp_path: Path) -> None:
+    with bed(tmp_path) as b:
+        p = b.plan
+        nbytes = 12_000_000
+        server, client = tcp(b.fig.mh, b.fig.ch, p.c1.host, nbytes, rate=20)
+        time.sleep(0.5)
+        b.up("ch", "mh")  # adopts the running connection, says HELLO for it
+        wait_status(b.daemons["mh"], lambda s: any(h["state"] == "established" for h in s["hids"]))
+        b.fig.hard_handoff_mh(0.5)
+        check(b, server, client, nbytes)
+        b.down()
+
+
+def test_both_hosts_move_one_after_the_other(tmp_path: Path) -> None:
+    with bed(tmp_path) as b:
+        p = b.plan
+        b.up("ch", "mh")
+        nbytes = 16_000_000
+        server, client = tcp(b.fig.mh, b.fig.ch, p.c1.host, nbytes, rate=20)
+        time.sleep(1)
+        b.fig.hard_handoff_mh(0.5)
+        wait_status(b.daemons["ch"], lambda s: p.m2.host in str(s["hids"]))
+        time.sleep(1)
+        b.fig.hard_handoff_ch(0.5)
+        wait_status(b.daemons["mh"], lambda s: p.c2.host in str(s["hids"]))
+        check(b, server, client, nbytes)
+        mh = b.daemons["mh"].status()
+        assert hid_of(mh, p.c2.host)["local"] == [p.m2.host]
+        b.down()
+
+
+def test_ipv6_hard_handoff(tmp_path: Path) -> None:
+    with bed(tmp_path, V6, "e2e6") as b:
+        p = b.plan
+        b.up("ch", "mh")
+        nbytes = 10_000_000
+        server, client = tcp(b.fig.mh, b.fig.ch, p.c1.host, nbytes, rate=20)
+        time.sleep(1)
+        b.fig.hard_handoff_mh(0.5)
+        wait_status(b.daemons["ch"], lambda s: p.m2.host in str(s["hids"]))
+        check(b, server, client, nbytes)
+        b.down()
+
+
+def test_nfqueue_dataplane_hard_handoff(tmp_path: Path) -> None:
+    with bed(tmp_path, tag="e2eq") as b:
+        p = b.plan
+        b.up("ch", "mh", args=("--dataplane", "nfqueue"))
+        assert b.daemons["ch"].status()["dataplane"] == "nfqueue"
+        nbytes = 6_000_000
+        server, client = tcp(b.fig.mh, b.fig.ch, p.c1.host, nbytes, rate=16)
+        time.sleep(1)
+        b.fig.hard_handoff_mh(0.5)
+        check(b, server, client, nbytes)
+        b.down()
+
+
+def test_peer_without_dime_is_untouched(tmp_path: Path) -> None:
+    with bed(tmp_path) as b:
+        p = b.plan
+        b.up("ch")  # the MH runs no dime
+        nbytes = 6_000_000
+        server, client = tcp(b.fig.ch, b.fig.mh, p.m1.host, nbytes, rate=0)
+        check(b, server, client, nbytes)
+        st = b.daemons["ch"].status()
+        assert hid_of(st, p.m1.host)["state"] in ("hello-pending", "legacy")
+        b.down()
+
+
+SILENT_SERVER = """
+import socket, sys, time
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((sys.argv[1], 5001)); s.listen(1)
+print("listening", file=sys.stderr, flush=True)
+c, _ = s.accept()
+time.sleep(40)
+"""
+
+BLOCKED_CLIENT = """
+import json, socket, sys, time
+c = socket.create_connection((sys.argv[1], 5001))
+print("ready", file=sys.stderr, flush=True)
+c.settimeout(40)
+start = time.monotonic()
+try:
+    c.recv(10)
+    err = "closed"
+except OSError as exc:
+    err = type(exc).__name__
+print(json.dumps({"error": err, "after": time.monotonic() - start}), flush=True)
+"""
+
+
+def test_peer_lost_fails_its_sockets_instead_of_hanging(tmp_path: Path) -> None:
+    """The MH loses its only address for good: after the grace period its HID for the
+    CH is removed, and an application blocked in recv() gets an error, not a hang."""
+    cfg = tmp_path / "dime.toml"
+    cfg.write_text("handoff_window = 0.5\n[ihmp]\npath_loss_grace = 2.0\n")
+    with bed(tmp_path, tag="e2el") as b:
+        p = b.plan
+        b.up("ch", "mh", args=("--config", str(cfg)))
+        server = py(b.fig.ch, "-c", SILENT_SERVER, p.c1.host)
+        wait_for(server, "listening", 10)
+        client = py(b.fig.mh, "-c", BLOCKED_CLIENT, p.c1.host)
+        wait_for(client, "ready", 10)
+        wait_status(b.daemons["mh"], lambda s: any(h["state"] == "established" for h in s["hids"]))
+        b.fig.detach(b.fig.mh, "m1", p.m1)  # gone, and nothing new comes up
+        out = result(client, 60)
+        server.kill()
+        assert out["error"] in ("ConnectionAbortedError", "ConnectionResetError"), out
+        st = wait_status(b.daemons["mh"], lambda s: not s["hids"] and not s["sockets"])
+        assert st["ghosts"] == []
+        b.down()
+
+
+def test_strict_mode_with_keys_configured_beforehand(tmp_path: Path) -> None:
+    with bed(tmp_path, tag="e2es") as b:
+        p = b.plan
+        key = {name: b.dime(name, "keygen").strip() for name in ("ch", "mh")}
+        b.dime("ch", "trust", key["mh"], "--addr", p.m1.host)
+        b.dime("mh", "trust", key["ch"], "--addr", p.c1.host)
+        b.up("ch", "mh", args=("--strict",))
+        nbytes = 8_000_000
+        server, client = tcp(b.fig.mh, b.fig.ch, p.c1.host, nbytes, rate=20)
+        st = wait_status(
+            b.daemons["ch"], lambda s: any(h["state"] == "established" for h in s["hids"])
+        )
+        assert hid_of(st, p.m1.host)["key"] == key["mh"]
+        b.fig.hard_handoff_mh(0.5)
+        wait_status(b.daemons["ch"], lambda s: p.m2.host in str(s["hids"]))
+        check(b, server, client, nbytes)
+        b.down()
+
+
+def test_strict_mode_refuses_an_unknown_key(tmp_path: Path) -> None:
+    with bed(tmp_path, tag="e2eu") as b:
+        p = b.plan
+        b.up("ch", args=("--strict",))  # trusts nobody
+        b.up("mh")
+        nbytes = 2_000_000
+        server, client = tcp(b.fig.mh, b.fig.ch, p.c1.host, nbytes, rate=0)
+        check(b, server, client, nbytes)  # data is never held hostage by IHMP
+        st = wait_status(b.daemons["ch"], lambda s: s["counters"]["messages_rejected"])
+        assert st["counters"]["messages_rejected"].get("untrusted", 0) >= 1
+        assert hid_of(st, p.m1.host)["key"] is None
+        b.down()

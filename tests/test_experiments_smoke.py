@@ -1,0 +1,138 @@
+"""The experiments' smoke mode, as CI runs it: one short run of each, small sizes.
+
+Each experiment runs as ``python -m testbed.experiments NAME --smoke --out DIR`` (its
+own process, as a user would run it); the test checks that it wrote well-formed
+results and its plots, and that RESULTS.md can be generated from them. No timing or
+performance figure is asserted: CI machines differ.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from testbed.experiments import NAMES, load
+from testbed.experiments.report import write_report
+
+ROOT = Path(__file__).resolve().parent.parent
+
+pytestmark = [
+    pytest.mark.netns,
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces)"),
+]
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+NEEDS_PLOT = ("goodput", "scalability")
+
+
+@pytest.fixture(scope="module")
+def out(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("smoke")
+
+
+def _module_exists(name: str) -> bool:
+    return (ROOT / "testbed" / "experiments" / f"{name}.py").exists()
+
+
+def _numbers(value: Any) -> list[float]:
+    if isinstance(value, bool):
+        return []
+    if isinstance(value, int | float):
+        return [float(value)]
+    if isinstance(value, dict):
+        return [x for v in value.values() for x in _numbers(v)]
+    if isinstance(value, list):
+        return [x for v in value for x in _numbers(v)]
+    return []
+
+
+# Structure (never values) each experiment's results must have.
+def _check_scalability(res: dict[str, Any]) -> None:
+    for mode in ("nft", "nfqueue"):
+        levels = res[mode]["levels"]
+        assert [lv["n"] for lv in levels] == sorted(lv["n"] for lv in levels)
+        for lv in levels:
+            assert {"rx_gbps", "ratio", "entries_before", "wire"} <= set(lv)
+            assert lv["entries_before"] >= lv["n"], "background flows missing from the table"
+    assert set(res["goal"]) == {"nft", "nfqueue"}
+
+
+def _check_signaling(res: dict[str, Any]) -> None:
+    for row in res["connections"] + res["peers"]:
+        assert row["handoffs"]
+        for h in row["handoffs"]:
+            assert isinstance(h["wire_total"], int)
+            assert isinstance(h["counters_total"], int)
+            assert isinstance(h["alive"], int)
+
+
+def _check_overhead(res: dict[str, Any]) -> None:
+    for rows in res.values():
+        assert set(rows) == {"none", "nft", "nfqueue"}
+        for e in rows.values():
+            assert e["runs"] and "after_gbps" in e
+
+
+def _check_footprint(res: dict[str, Any]) -> None:
+    for r in res.values():
+        assert r["startup"]["all_s"]
+        assert r["idle"]["rss_kib"] > 0 and r["loaded"]["rss_kib"] > 0
+
+
+CHECKS = {
+    "scalability": _check_scalability,
+    "signaling": _check_signaling,
+    "overhead": _check_overhead,
+    "footprint": _check_footprint,
+}
+
+
+@pytest.mark.timeout(1200)
+@pytest.mark.parametrize("name", NAMES)
+def test_experiment_smoke(name: str, out: Path) -> None:
+    if not _module_exists(name):
+        pytest.skip(f"testbed/experiments/{name}.py is not written yet")
+    proc = subprocess.run(
+        [sys.executable, "-m", "testbed.experiments", name, "--smoke", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=1100,
+    )
+    assert proc.returncode == 0, f"{name} failed:\n{proc.stderr[-4000:]}"
+    doc = json.loads((out / f"{name}.json").read_text())
+    assert {"experiment", "meta", "config", "results"} <= set(doc)
+    assert doc["experiment"] == name
+    meta = doc["meta"]
+    assert meta["command"] and "testbed.experiments" in meta["command"]
+    assert {"kernel", "cpus", "python"} <= set(meta["machine"])
+    assert meta["smoke"] is True
+    assert all(math.isfinite(x) or math.isnan(x) for x in _numbers(doc["results"]))
+    if name in CHECKS:
+        CHECKS[name](doc["results"])
+    plots = sorted(out.glob(f"{name}*.png"))
+    if name in NEEDS_PLOT:
+        assert plots, f"{name} wrote no plot"
+    for png in plots:
+        assert png.read_bytes()[:8] == PNG_MAGIC, f"{png} is not a PNG"
+
+
+def test_results_md(out: Path) -> None:
+    """RESULTS.md from whatever the smoke runs left: a section for every experiment."""
+    if not all(_module_exists(n) for n in NAMES):
+        pytest.skip("not every experiment module is written yet")
+    target = write_report(out, out / "RESULTS.md")
+    text = target.read_text()
+    for name in NAMES:
+        title = load(name).TITLE
+        assert f"## {title}" in text, f"no section for {name}"
+        if (out / f"{name}.json").exists():
+            section = text.split(f"## {title}", 1)[1]
+            assert not section.lstrip().startswith("Not run yet"), name

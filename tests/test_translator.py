@@ -1,0 +1,111 @@
+"""The Translator and translation rules, with a recording stand-in for the kernel."""
+
+from __future__ import annotations
+
+from ipaddress import ip_address
+from typing import Any
+
+from dime.hid_table import HidState, HidTable
+from stacktrans.nft import NftTable
+from stacktrans.socket_table import TCP, UDP, FlowKey
+from stacktrans.translation import HidTranslation
+from stacktrans.translator import Translator
+
+A = ip_address
+LOCAL, PEER, PEER2 = A("192.0.2.1"), A("198.51.100.2"), A("203.0.113.2")
+
+
+class FakeNft:
+    """Records the batches NftTable would hand to libnftables."""
+
+    def __init__(self) -> None:
+        self.batches: list[str] = []
+
+    def run(self, commands: str) -> str:
+        self.batches.append(commands)
+        return ""
+
+
+def make(n_flows: int = 3) -> tuple[Translator, HidTable, FakeNft, list[int]]:
+    table = HidTable()
+    nft = FakeNft()
+    kernel = NftTable(nft, fast_path=True)  # type: ignore[arg-type]
+    new_hids: list[int] = []
+    tr = Translator(table, kernel, on_new_hid=lambda hid, local: new_hids.append(hid))
+    tr.set_local_addresses({LOCAL})
+    for i in range(n_flows):
+        tr.flow_seen(FlowKey(TCP, LOCAL, 40000 + i, PEER, 80), now=0.0)
+    return tr, table, nft, new_hids
+
+
+def test_first_flow_creates_one_hid_and_prompts_one_hello() -> None:
+    tr, table, _, new_hids = make(3)
+    assert len(table) == 1 and new_hids == [table.lookup(PEER).hid]  # type: ignore[union-attr]
+    assert len(tr.sockets) == 3
+
+
+def test_a_handoff_is_one_kernel_batch_whatever_the_number_of_flows() -> None:
+    for n in (1, 50, 500):
+        tr, table, nft, _ = make(n)
+        hid = table.lookup(PEER).hid  # type: ignore[union-attr]
+        table.set_state(hid, HidState.ESTABLISHED)
+        nft.batches.clear()
+        # What IHMP does on a HANDOFF: the new address first, then the old one goes.
+        table.add_active(hid, PEER2, prefer=True)
+        table.remove_address(hid, PEER)
+        rewrites = [b for b in nft.batches if "rloc4" in b]
+        assert len(rewrites) == 1, (n, nft.batches)
+        assert f"add element inet dime rloc4 {{ {PEER} : {PEER2} }}" in rewrites[0]
+        assert all("flows4" not in b for b in nft.batches)  # no per-flow update
+        assert tr.translation(hid) == HidTranslation(hid, {PEER: PEER2}, {}, frozenset({PEER2}))
+
+
+def test_local_side_rewrite_only_when_the_peer_cannot_reach_the_identifier() -> None:
+    tr, table, _, _ = make(1)
+    hid = table.lookup(PEER).hid  # type: ignore[union-attr]
+    table.add_local(hid, LOCAL)
+    assert tr.translation(hid).local == {}  # type: ignore[union-attr]
+    new_local = A("192.0.2.99")
+    tr.set_local_addresses({new_local})
+    table.remove_local(hid, LOCAL)
+    table.add_local(hid, new_local)
+    assert tr.translation(hid).local == {(LOCAL, PEER): new_local}  # type: ignore[union-attr]
+    assert tr.ghosts_needed() == {LOCAL}
+
+
+def test_legacy_hosts_are_never_rewritten() -> None:
+    tr, table, _, _ = make(1)
+    hid = table.lookup(PEER).hid  # type: ignore[union-attr]
+    table.add_active(hid, PEER2, prefer=True)
+    table.remove_address(hid, PEER)
+    table.set_state(hid, HidState.LEGACY)
+    assert tr.translation(hid).remote == {}  # type: ignore[union-attr]
+
+
+def test_sweep_drops_dead_flows_and_idle_udp() -> None:
+    tr, _, _, _ = make(2)
+    udp = FlowKey(UDP, LOCAL, 5000, PEER, 53)
+    tr.flow_seen(udp, now=0.0)
+    alive: set[Any] = {FlowKey(TCP, LOCAL, 40000, PEER, 80), udp}
+    gone = tr.sweep(alive, now=10.0)
+    assert [e.key.lport for e in gone] == [40001]
+    assert tr.sweep(alive, now=200.0, udp_idle=120.0)[0].key == udp
+    assert {e.key for e in tr.sockets} == {FlowKey(TCP, LOCAL, 40000, PEER, 80)}
+
+
+def test_removed_hid_fails_its_flows() -> None:
+    failed: list[Any] = []
+    table = HidTable()
+    nft = FakeNft()
+    tr = Translator(
+        table,
+        NftTable(nft, fast_path=True),  # type: ignore[arg-type]
+        on_new_hid=lambda hid, local: None,
+        on_host_gone=failed.extend,
+    )
+    tr.set_local_addresses({LOCAL})
+    tr.flow_seen(FlowKey(TCP, LOCAL, 40000, PEER, 80), now=0.0)
+    table.remove(table.lookup(PEER).hid)  # type: ignore[union-attr]
+    assert [e.key.lport for e in failed] == [40000]
+    assert len(tr.sockets) == 0
+    assert any("add element inet dime dead4" in b for b in nft.batches)

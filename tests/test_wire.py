@@ -1,0 +1,632 @@
+"""The IHMP wire format (``ihmp/wire.py``) against its spec, ``docs/ihmp-wire.md``.
+
+* every ``ihmp-vector`` block of the spec, byte for byte;
+* round trips of random valid messages of every type;
+* fuzzing: random and mutated bytes are refused with WireError and nothing else;
+* signatures: tampering, wrong keys, unsigned messages;
+* the encoder refusing messages that break the format's rules.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from dataclasses import replace
+from ipaddress import IPv4Address, IPv6Address, ip_address
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from ihmp.wire import (
+    DEFAULT_PORT,
+    HEADER_LEN,
+    MAX_ADDRESSES,
+    SIGNATURE_LEN,
+    VERSION,
+    Flags,
+    Message,
+    MessageType,
+    NatMapping,
+    WireError,
+    decode,
+    encode,
+    public_key_bytes,
+    unsigned,
+    verify,
+)
+
+IPAddress = IPv4Address | IPv6Address
+T = MessageType
+
+DOC = Path(__file__).resolve().parent.parent / "docs" / "ihmp-wire.md"
+# The spec's vector key: the Ed25519 private key whose seed is bytes 0x00..0x1f.
+VECTOR_KEY = Ed25519PrivateKey.from_private_bytes(bytes(range(32)))
+VECTOR_PUB = public_key_bytes(VECTOR_KEY)
+OTHER_KEY = Ed25519PrivateKey.from_private_bytes(bytes(range(32, 64)))
+OTHER_PUB = public_key_bytes(OTHER_KEY)
+
+REASONS = {"truncated", "version", "type", "flags", "length", "field", "address"}
+
+
+# == the spec's test vectors ==========================================================
+
+
+def _load_vectors() -> list[dict[str, Any]]:
+    text = DOC.read_text(encoding="utf-8")
+    blocks = re.findall(r"^```ihmp-vector\n(.*?)^```", text, flags=re.S | re.M)
+    return [json.loads(block) for block in blocks]
+
+
+VECTORS = _load_vectors()
+VALID = [v for v in VECTORS if "error" not in v]
+INVALID = [v for v in VECTORS if "error" in v]
+
+_MESSAGE_KEYS = {
+    "type",
+    "seq",
+    "host_id",
+    "counter",
+    "flags",
+    "advertised",
+    "new_addr",
+    "old_addrs",
+    "src_addr",
+    "observed_addr",
+    "public_key",
+    "nat_mapping",
+    "signature",
+}
+
+
+def _addr(value: str | None) -> IPAddress | None:
+    return None if value is None else ip_address(value)
+
+
+def _addrs(values: list[str]) -> tuple[IPAddress, ...]:
+    return tuple(ip_address(v) for v in values)
+
+
+def _hex(value: str | None) -> bytes | None:
+    return None if value is None else bytes.fromhex(value)
+
+
+def message_from_json(obj: dict[str, Any]) -> Message:
+    """The Message a vector's ``message`` object describes."""
+    unknown = set(obj) - _MESSAGE_KEYS
+    assert not unknown, f"unknown message keys {unknown}"
+    flags = Flags.NONE
+    for name in obj.get("flags", []):
+        assert name != "SIG", "SIG follows from the signature, it is not listed"
+        flags |= Flags[name]
+    nat = obj.get("nat_mapping")
+    mapping = None
+    if nat is not None:
+        mapping = NatMapping(
+            proto=nat["proto"],
+            internal=ip_address(nat["internal"]),
+            internal_port=nat["internal_port"],
+            external=ip_address(nat["external"]),
+            external_port=nat["external_port"],
+        )
+    host_id = _addr(obj["host_id"])
+    assert host_id is not None
+    return Message(
+        type=MessageType[obj["type"]],
+        seq=obj["seq"],
+        host_id=host_id,
+        counter=obj.get("counter", 0),
+        flags=flags,
+        advertised=_addrs(obj.get("advertised", [])),
+        new_addr=_addr(obj.get("new_addr")),
+        old_addrs=_addrs(obj.get("old_addrs", [])),
+        src_addr=_addr(obj.get("src_addr")),
+        observed_addr=_addr(obj.get("observed_addr")),
+        public_key=_hex(obj.get("public_key")),
+        nat_mapping=mapping,
+        signature=_hex(obj.get("signature")),
+    )
+
+
+def test_vectors_are_well_formed() -> None:
+    names = [v["name"] for v in VECTORS]
+    assert len(names) == len(set(names)), "vector names must be unique"
+    for v in VALID:
+        assert set(v) == {"name", "message", "signed", "hex"}, v["name"]
+        assert isinstance(v["signed"], bool)
+        assert (v["message"]["signature"] is not None) == v["signed"], v["name"]
+    for v in INVALID:
+        assert set(v) == {"name", "hex", "error"}, v["name"]
+        assert v["error"] in REASONS, v["name"]
+
+
+def test_every_message_type_has_a_vector() -> None:
+    covered = {MessageType[v["message"]["type"]] for v in VALID}
+    assert covered == set(MessageType)
+    assert any(v["signed"] for v in VALID)
+    assert any(not v["signed"] for v in VALID)
+
+
+def test_enough_invalid_vectors_with_distinct_reasons() -> None:
+    assert len(INVALID) >= 4
+    assert {v["error"] for v in INVALID} == REASONS
+
+
+def test_required_vectors_are_present() -> None:
+    """The vectors the spec promises: they must not silently disappear."""
+    msgs = {v["name"]: (message_from_json(v["message"]), v["signed"]) for v in VALID}
+
+    def has(pred: Any) -> bool:
+        return any(pred(m, signed) for m, signed in msgs.values())
+
+    assert has(
+        lambda m, s: (
+            m.type is T.HELLO
+            and s
+            and m.public_key == VECTOR_PUB
+            and {a.version for a in m.advertised} == {4, 6}
+        )
+    )
+    assert has(
+        lambda m, s: (
+            m.type is T.ACK
+            and not s
+            and m.flags == Flags.ND | Flags.NF
+            and m.observed_addr is not None
+        )
+    )
+    assert has(lambda m, s: m.type is T.HANDOFF and m.flags & Flags.OU and len(m.old_addrs) == 2)
+    assert has(lambda m, s: m.type is T.NAT_ENTRY and m.nat_mapping is not None)
+
+
+def test_spec_states_the_constants() -> None:
+    text = DOC.read_text(encoding="utf-8")
+    assert str(DEFAULT_PORT) in text
+    assert VECTOR_PUB.hex() in text
+    assert HEADER_LEN == 16
+    assert VERSION == 1
+
+
+@pytest.mark.parametrize("vector", VALID, ids=[v["name"] for v in VALID])
+def test_valid_vector(vector: dict[str, Any]) -> None:
+    data = bytes.fromhex(vector["hex"])
+    msg = message_from_json(vector["message"])
+    key = VECTOR_KEY if vector["signed"] else None
+    # Encoding the message (without its signature) gives the vector, byte for byte.
+    assert encode(unsigned(msg), key) == data
+    # So does re-encoding it with the signature it carries.
+    assert encode(msg) == data
+    # Decoding gives the message back, signature included.
+    decoded = decode(data)
+    assert decoded == msg
+    assert decoded.signature == msg.signature
+    if vector["signed"]:
+        assert data[2] & Flags.SIG
+        assert decoded.signature == data[-SIGNATURE_LEN:]
+        assert verify(decoded, VECTOR_PUB)
+        assert not verify(decoded, OTHER_PUB)
+    else:
+        assert not data[2] & Flags.SIG
+        assert decoded.signature is None
+        assert not verify(decoded, VECTOR_PUB)
+    _check_header(data, decoded)
+
+
+@pytest.mark.parametrize("vector", INVALID, ids=[v["name"] for v in INVALID])
+def test_invalid_vector(vector: dict[str, Any]) -> None:
+    with pytest.raises(WireError) as info:
+        decode(bytes.fromhex(vector["hex"]))
+    assert info.value.reason == vector["error"]
+
+
+@pytest.mark.parametrize("vector", VALID, ids=[v["name"] for v in VALID])
+def test_vector_prefixes_are_truncated_and_extensions_too_long(vector: dict[str, Any]) -> None:
+    data = bytes.fromhex(vector["hex"])
+    for end in range(len(data)):
+        with pytest.raises(WireError) as info:
+            decode(data[:end])
+        assert info.value.reason == "truncated"
+    with pytest.raises(WireError) as info:
+        decode(data + b"\x00")
+    assert info.value.reason == "length"
+
+
+def _check_header(data: bytes, msg: Message) -> None:
+    """The 16-byte header as the spec lays it out."""
+    version, mtype, flags, reserved, seq, body_len, counter = struct.unpack_from(
+        "!BBBBHHQ", data, 0
+    )
+    signed = msg.signature is not None
+    assert version == VERSION
+    assert mtype == msg.type
+    assert flags == int(msg.flags) | (Flags.SIG if signed else 0)
+    assert reserved == 0
+    assert seq == msg.seq
+    assert counter == msg.counter
+    assert len(data) == HEADER_LEN + body_len + (SIGNATURE_LEN if signed else 0)
+    family = data[HEADER_LEN]
+    assert family == msg.host_id.version
+    host_end = HEADER_LEN + 1 + len(msg.host_id.packed)
+    assert data[HEADER_LEN + 1 : host_end] == msg.host_id.packed
+
+
+# == strategies =======================================================================
+
+ipv4 = st.integers(0, 2**32 - 1).map(IPv4Address)
+ipv6 = st.integers(0, 2**128 - 1).map(IPv6Address)
+addresses: st.SearchStrategy[IPAddress] = st.one_of(ipv4, ipv6)
+
+
+def address_lists(exclude: IPAddress | None = None) -> st.SearchStrategy[tuple[IPAddress, ...]]:
+    elems = addresses if exclude is None else addresses.filter(lambda a: a != exclude)
+    return st.lists(elems, min_size=1, max_size=MAX_ADDRESSES, unique=True).map(tuple)
+
+
+ports = st.integers(0, 0xFFFF)
+nat_mappings = st.builds(
+    NatMapping,
+    proto=st.sampled_from([6, 17]) | st.integers(0, 0xFF),
+    internal=addresses,
+    internal_port=ports,
+    external=addresses,
+    external_port=ports,
+)
+
+# The spec's table (section 3), written out independently of ihmp/wire.py:
+# required fields, optional fields, and the flags allowed besides NS (and SIG).
+SPEC: dict[MessageType, tuple[frozenset[str], frozenset[str], Flags]] = {
+    T.HELLO: (frozenset({"advertised", "src_addr"}), frozenset({"public_key"}), Flags.NF),
+    T.ACK: (
+        frozenset(),
+        frozenset({"advertised", "src_addr", "observed_addr", "public_key"}),
+        Flags.ND | Flags.NF,
+    ),
+    T.PATH_PROBE: (frozenset({"src_addr"}), frozenset(), Flags.NONE),
+    T.ADDR_UP: (frozenset({"new_addr"}), frozenset(), Flags.NONE),
+    T.ADDR_UP_UNREACHABLE: (frozenset({"new_addr"}), frozenset(), Flags.NONE),
+    T.ADDR_DOWN: (frozenset({"old_addrs"}), frozenset(), Flags.NONE),
+    T.ADDR_DOWN_UNREACHABLE: (frozenset({"old_addrs"}), frozenset(), Flags.NONE),
+    T.HANDOFF: (frozenset({"new_addr", "old_addrs"}), frozenset(), Flags.OU),
+    T.HANDOFF_UNREACHABLE: (frozenset({"new_addr", "old_addrs"}), frozenset(), Flags.OU),
+    T.NAT_ENTRY: (frozenset({"nat_mapping"}), frozenset(), Flags.NONE),
+}
+ALL_FIELDS = (
+    "advertised",
+    "new_addr",
+    "old_addrs",
+    "src_addr",
+    "observed_addr",
+    "public_key",
+    "nat_mapping",
+)
+
+
+def _field_strategy(name: str, values: dict[str, Any]) -> st.SearchStrategy[Any]:
+    if name in ("advertised",):
+        return address_lists()
+    if name == "old_addrs":
+        return address_lists(exclude=values.get("new_addr"))
+    if name == "public_key":
+        return st.binary(min_size=32, max_size=32)
+    if name == "nat_mapping":
+        return nat_mappings
+    return addresses
+
+
+@st.composite
+def messages(draw: st.DrawFn, mtype: MessageType | None = None) -> Message:
+    """A valid unsigned message of ``mtype`` (or of any type)."""
+    if mtype is None:
+        mtype = draw(st.sampled_from(list(MessageType)))
+    required, optional, type_flags = SPEC[mtype]
+    values: dict[str, Any] = {}
+    for name in ALL_FIELDS:  # new_addr before old_addrs: old_addrs must avoid it
+        if name in required or (name in optional and draw(st.booleans())):
+            values[name] = draw(_field_strategy(name, values))
+    allowed = [f for f in (Flags.NS, Flags.ND, Flags.NF, Flags.OU) if f & (Flags.NS | type_flags)]
+    flags = Flags.NONE
+    for f in draw(st.lists(st.sampled_from(allowed), unique=True)):
+        flags |= f
+    return Message(
+        type=mtype,
+        seq=draw(st.integers(0, 0xFFFF)),
+        host_id=draw(addresses),
+        counter=draw(st.integers(0, 2**64 - 1)),
+        flags=flags,
+        **values,
+    )
+
+
+@st.composite
+def encodings(draw: st.DrawFn) -> bytes:
+    """The bytes of a valid message, signed or not."""
+    msg = draw(messages())
+    return encode(msg, VECTOR_KEY if draw(st.booleans()) else None)
+
+
+def _decode_or_refuse(data: bytes) -> Message | None:
+    """Decode ``data``; a refusal must be a WireError with a known reason."""
+    try:
+        msg = decode(data)
+    except WireError as exc:
+        assert exc.reason in REASONS, exc
+        return None
+    # Accepted bytes are canonical: re-encoding gives them back.
+    assert encode(msg) == data
+    return msg
+
+
+# == round trips ======================================================================
+
+
+@pytest.mark.parametrize("mtype", list(MessageType), ids=[t.name for t in MessageType])
+@settings(deadline=None, max_examples=60, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_round_trip(mtype: MessageType, data: st.DataObject) -> None:
+    msg = data.draw(messages(mtype))
+    signed = data.draw(st.booleans(), label="signed")
+    wire = encode(msg, VECTOR_KEY if signed else None)
+    decoded = decode(wire)
+    if signed:
+        assert decoded.signature == wire[-SIGNATURE_LEN:]
+        assert decoded == replace(msg, signature=decoded.signature)
+        assert verify(decoded, VECTOR_PUB)
+    else:
+        assert decoded == msg
+    assert encode(decoded) == wire
+    _check_header(wire, decoded)
+
+
+@settings(deadline=None, max_examples=200)
+@given(msg=messages())
+def test_encode_ignores_a_sig_flag_given_by_the_caller(msg: Message) -> None:
+    """SIG is set exactly when a signature is appended."""
+    assert encode(replace(msg, flags=msg.flags | Flags.SIG)) == encode(msg)
+
+
+# == fuzzing ==========================================================================
+
+
+@st.composite
+def header_shaped(draw: st.DrawFn) -> bytes:
+    """Random bytes behind a plausible header, to get past the first checks."""
+    host_id = draw(st.sampled_from([b"", b"\x04\xc0\x00\x02\x01", b"\x06" + bytes(16)]))
+    body = host_id + draw(st.binary(max_size=120))
+    flags = draw(st.sampled_from([0, 0, 0, 0x01, 0x02, 0x04, 0x08, 0x80]) | st.integers(0, 0xFF))
+    sig = SIGNATURE_LEN if flags & Flags.SIG else 0
+    body_len = draw(st.sampled_from([len(body), len(body), len(body) - sig]) | st.integers())
+    header = struct.pack(
+        "!BBBBHHQ",
+        draw(st.sampled_from([VERSION] * 8 + [0, 2])),
+        draw(st.integers(1, 10) | st.integers(0, 0xFF)),
+        flags,
+        draw(st.sampled_from([0] * 8 + [1])),
+        draw(st.integers(0, 0xFFFF)),
+        body_len & 0xFFFF,
+        draw(st.integers(0, 2**64 - 1)),
+    )
+    return header + body
+
+
+@settings(max_examples=10_000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.binary(max_size=300) | header_shaped())
+def test_fuzz_random_bytes(data: bytes) -> None:
+    _decode_or_refuse(data)
+
+
+@st.composite
+def mutated(draw: st.DrawFn) -> bytes:
+    """A valid encoding with a few bytes flipped, inserted, deleted, or cut off."""
+    data = bytearray(draw(encodings()))
+    for _ in range(draw(st.integers(1, 4))):
+        op = draw(st.sampled_from(["flip", "set", "insert", "delete", "truncate"]))
+        pos = draw(st.integers(0, max(len(data) - 1, 0)))
+        if op == "flip" and data:
+            data[pos] ^= draw(st.integers(1, 0xFF))
+        elif op == "set" and data:
+            data[pos] = draw(st.sampled_from([0, 1, 2, 3, 4, 5, 6, 7, 8, 0x20, 0x80, 0xFF]))
+        elif op == "insert":
+            data[pos:pos] = draw(st.binary(min_size=1, max_size=20))
+        elif op == "delete" and data:
+            del data[pos : pos + draw(st.integers(1, 20))]
+        elif op == "truncate":
+            del data[pos:]
+    if len(data) >= HEADER_LEN and draw(st.booleans()):
+        # Keep the announced body length consistent, to reach the field decoders.
+        sig = SIGNATURE_LEN if data[2] & Flags.SIG else 0
+        struct.pack_into("!H", data, 6, max(len(data) - HEADER_LEN - sig, 0) & 0xFFFF)
+    return bytes(data)
+
+
+@settings(max_examples=1_500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=mutated())
+def test_fuzz_mutated_encodings(data: bytes) -> None:
+    _decode_or_refuse(data)
+
+
+# == signatures =======================================================================
+
+
+def _signed_vector() -> bytes:
+    vector = next(v for v in VALID if v["signed"] and v["message"]["type"] == "HELLO")
+    return bytes.fromhex(vector["hex"])
+
+
+@pytest.mark.parametrize("mask", [0x01, 0x80, 0xFF])
+def test_tampering_with_any_byte_breaks_the_signature(mask: int) -> None:
+    data = _signed_vector()
+    assert verify(decode(data), VECTOR_PUB)
+    for pos in range(len(data)):
+        tampered = bytearray(data)
+        tampered[pos] ^= mask
+        msg = _decode_or_refuse(bytes(tampered))
+        if msg is not None:
+            assert not verify(msg, VECTOR_PUB), f"byte {pos} ^ {mask:#x} still verifies"
+
+
+@settings(deadline=None, max_examples=300)
+@given(data=st.data())
+def test_tampering_with_random_signed_messages(data: st.DataObject) -> None:
+    wire = bytearray(encode(data.draw(messages()), VECTOR_KEY))
+    pos = data.draw(st.integers(0, len(wire) - 1), label="pos")
+    wire[pos] ^= data.draw(st.integers(1, 0xFF), label="mask")
+    msg = _decode_or_refuse(bytes(wire))
+    if msg is not None:
+        assert not verify(msg, VECTOR_PUB)
+
+
+@settings(deadline=None, max_examples=100)
+@given(msg=messages())
+def test_verify_needs_the_right_key(msg: Message) -> None:
+    signed = decode(encode(msg, VECTOR_KEY))
+    assert verify(signed, VECTOR_PUB)
+    assert not verify(signed, OTHER_PUB)
+    assert not verify(signed, VECTOR_PUB[:31])  # not a key at all: False, no exception
+    # The signature is over the bytes before it, not just the body.
+    assert not verify(replace(signed, counter=(signed.counter + 1) % 2**64), VECTOR_PUB)
+    assert not verify(replace(signed, seq=(signed.seq + 1) % 2**16), VECTOR_PUB)
+
+
+@settings(deadline=None, max_examples=100)
+@given(msg=messages())
+def test_unsigned_messages_do_not_verify(msg: Message) -> None:
+    assert not verify(decode(encode(msg)), VECTOR_PUB)
+    assert not verify(unsigned(decode(encode(msg, VECTOR_KEY))), VECTOR_PUB)
+
+
+def test_signature_does_not_transplant() -> None:
+    data = _signed_vector()
+    msg = decode(data)
+    other = decode(encode(replace(unsigned(msg), counter=msg.counter + 1), VECTOR_KEY))
+    assert verify(other, VECTOR_PUB)
+    assert not verify(replace(other, signature=msg.signature), VECTOR_PUB)
+
+
+def test_signature_covers_the_sig_flag() -> None:
+    """Signing the same bytes without SIG set gives a signature that does not verify."""
+    msg = unsigned(decode(_signed_vector()))
+    bare = encode(msg)
+    forged = replace(msg, signature=VECTOR_KEY.sign(bare))
+    assert not verify(forged, VECTOR_PUB)
+    assert verify(
+        replace(msg, signature=VECTOR_KEY.sign(encode(forged)[:-SIGNATURE_LEN])), VECTOR_PUB
+    )
+
+
+# == the encoder refuses invalid messages =============================================
+
+A = ip_address("192.0.2.1")
+B = ip_address("2001:db8::2")
+C = ip_address("10.0.0.3")
+GOOD_NAT = NatMapping(17, ip_address("192.168.1.2"), 5000, A, 40000)
+
+ENCODE_REFUSALS: list[tuple[str, Message, str]] = [
+    ("hello-without-src-addr", Message(T.HELLO, 1, A, advertised=(A,)), "field"),
+    ("hello-with-empty-advertised", Message(T.HELLO, 1, A, src_addr=A), "field"),
+    ("path-probe-without-src-addr", Message(T.PATH_PROBE, 1, A), "field"),
+    ("addr-up-without-new-addr", Message(T.ADDR_UP, 1, A), "field"),
+    ("addr-down-with-empty-old-addrs", Message(T.ADDR_DOWN, 1, A), "field"),
+    ("handoff-without-old-addrs", Message(T.HANDOFF, 1, A, new_addr=B), "field"),
+    ("nat-entry-without-mapping", Message(T.NAT_ENTRY, 1, A), "field"),
+    (
+        "path-probe-with-public-key",
+        Message(T.PATH_PROBE, 1, A, src_addr=A, public_key=bytes(32)),
+        "field",
+    ),
+    ("addr-up-with-advertised", Message(T.ADDR_UP, 1, A, new_addr=B, advertised=(C,)), "field"),
+    ("ack-with-new-addr", Message(T.ACK, 1, A, new_addr=B), "field"),
+    ("addr-up-with-ou", Message(T.ADDR_UP, 1, A, flags=Flags.OU, new_addr=B), "flags"),
+    ("hello-with-nd", Message(T.HELLO, 1, A, flags=Flags.ND, advertised=(A,), src_addr=A), "flags"),
+    ("ack-with-ou", Message(T.ACK, 1, A, flags=Flags.OU), "flags"),
+    ("path-probe-with-nf", Message(T.PATH_PROBE, 1, A, flags=Flags.NF, src_addr=A), "flags"),
+    ("unassigned-flag-bit", Message(T.ACK, 1, A, flags=Flags(0x10)), "flags"),
+    ("seq-negative", Message(T.ACK, -1, A), "field"),
+    ("seq-too-large", Message(T.ACK, 0x10000, A), "field"),
+    ("counter-negative", Message(T.ACK, 1, A, counter=-1), "field"),
+    ("counter-too-large", Message(T.ACK, 1, A, counter=2**64), "field"),
+    (
+        "new-addr-in-old-addrs",
+        Message(T.HANDOFF, 1, A, new_addr=B, old_addrs=(C, B)),
+        "field",
+    ),
+    (
+        "new-addr-in-old-addrs-unreachable",
+        Message(T.HANDOFF_UNREACHABLE, 1, A, new_addr=C, old_addrs=(C,)),
+        "field",
+    ),
+    ("duplicate-advertised", Message(T.HELLO, 1, A, advertised=(A, B, A), src_addr=A), "field"),
+    (
+        "too-many-old-addrs",
+        Message(
+            T.ADDR_DOWN,
+            1,
+            A,
+            old_addrs=tuple(IPv4Address(0x0A000000 + i) for i in range(MAX_ADDRESSES + 1)),
+        ),
+        "field",
+    ),
+    (
+        "public-key-31-bytes",
+        Message(T.HELLO, 1, A, advertised=(A,), src_addr=A, public_key=bytes(31)),
+        "field",
+    ),
+    ("signature-63-bytes", Message(T.ACK, 1, A, signature=bytes(63)), "field"),
+    (
+        "nat-port-out-of-range",
+        Message(T.NAT_ENTRY, 1, A, nat_mapping=replace(GOOD_NAT, external_port=0x10000)),
+        "field",
+    ),
+    (
+        "nat-proto-out-of-range",
+        Message(T.NAT_ENTRY, 1, A, nat_mapping=replace(GOOD_NAT, proto=256)),
+        "field",
+    ),
+    ("unknown-type", Message(11, 1, A), "type"),  # type: ignore[arg-type]
+    ("scoped-host-id", Message(T.ACK, 1, IPv6Address("fe80::1%eth0")), "address"),
+    (
+        "scoped-addresses-differing-only-in-scope",
+        Message(
+            T.ADDR_DOWN,
+            1,
+            A,
+            old_addrs=(IPv6Address("fe80::1%1"), IPv6Address("fe80::1%2")),
+        ),
+        "address",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("msg", "reason"),
+    [(m, r) for _, m, r in ENCODE_REFUSALS],
+    ids=[name for name, _, _ in ENCODE_REFUSALS],
+)
+def test_encode_refuses(msg: Message, reason: str) -> None:
+    # Signing with a key replaces any signature on the message: no key for that case.
+    keys = (None,) if msg.signature is not None else (None, VECTOR_KEY)
+    for key in keys:
+        with pytest.raises(WireError) as info:
+            encode(msg, key)
+        assert info.value.reason == reason
+
+
+def test_encode_accepts_the_limits() -> None:
+    """The edges of each range are valid, and round-trip."""
+    most = tuple(IPv6Address(i) for i in range(MAX_ADDRESSES))
+    for msg in (
+        Message(T.ACK, 0, A, counter=0),
+        Message(T.ACK, 0xFFFF, A, counter=2**64 - 1),
+        Message(T.ADDR_DOWN, 1, A, old_addrs=most),
+        Message(T.HELLO, 1, B, advertised=most, src_addr=B, public_key=VECTOR_PUB),
+        Message(
+            T.NAT_ENTRY,
+            1,
+            A,
+            nat_mapping=NatMapping(0xFF, B, 0xFFFF, A, 0),
+        ),
+    ):
+        assert decode(encode(msg)) == msg
