@@ -289,6 +289,7 @@ class StackTransService:
         assert self._alive_flows is not None
         while True:
             await asyncio.sleep(self.config.sweep_interval)
+            taken_at = self.clock()
             try:
                 alive = await asyncio.to_thread(self._alive_flows)
             except Exception:
@@ -297,7 +298,7 @@ class StackTransService:
             if self.translator is not None:
                 # In nfqueue mode every packet refreshes last_seen: idle UDP times out.
                 idle = self.config.udp_idle if self.mode is DataplaneMode.NFQUEUE else None
-                gone = self.translator.sweep(alive, self.clock(), idle)
+                gone = self.translator.sweep(alive, self.clock(), idle, taken_at)
                 if gone:
                     log.info("%d flows ended", len(gone))
 

@@ -125,16 +125,29 @@ class Translator:
         return sum(1 for key in keys if self.flow_seen(key, now) is not None)
 
     def sweep(
-        self, alive: Container[FlowKey], now: float, udp_idle: float | None = None
+        self,
+        alive: Container[FlowKey],
+        now: float,
+        udp_idle: float | None = None,
+        taken_at: float | None = None,
     ) -> list[SocketEntry]:
         """Drop flows whose socket is gone (``alive`` holds those that still exist),
         and UDP flows idle for more than ``udp_idle`` seconds (when the caller sees
-        every packet, so that ``last_seen`` means something)."""
+        every packet, so that ``last_seen`` means something).
+
+        ``taken_at`` is when the snapshot ``alive`` began. Flows first seen since
+        then are kept whatever it says: a snapshot of 100k sockets takes seconds,
+        and a flow born meanwhile may be missing from it. Dropping such a flow
+        would be for good in ``nft`` mode, whose packets are no longer "new".
+        """
         gone = [
             e
             for e in self.sockets
-            if e.key not in alive
-            or (udp_idle is not None and e.key.proto == UDP and now - e.last_seen > udp_idle)
+            if (taken_at is None or e.created < taken_at)
+            and (
+                e.key not in alive
+                or (udp_idle is not None and e.key.proto == UDP and now - e.last_seen > udp_idle)
+            )
         ]
         self._remove_flows(gone)
         dead_gone = [e for k, e in self._dead.items() if k not in alive]

@@ -18,6 +18,7 @@ import shlex
 import subprocess
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 PREFIX = "dm"
 
@@ -61,8 +62,9 @@ class Namespace:
     def sh(self, script: str, check: bool = True, timeout: float = 30) -> str:
         return self.run("sh", "-c", script, check=check, timeout=timeout)
 
-    def popen(self, *cmd: str, **kwargs: object) -> subprocess.Popen[bytes]:
-        return subprocess.Popen(self.argv(*cmd), **kwargs)  # type: ignore[call-overload,no-any-return]
+    def popen(self, *cmd: str, **kwargs: Any) -> subprocess.Popen[Any]:
+        """``cmd`` in this namespace; bytes or text pipes as ``kwargs`` say."""
+        return subprocess.Popen(self.argv(*cmd), **kwargs)
 
     def ip(self, *args: str, check: bool = True) -> str:
         return self.run("ip", *args, check=check)

@@ -93,6 +93,18 @@ def test_sweep_drops_dead_flows_and_idle_udp() -> None:
     assert {e.key for e in tr.sockets} == {FlowKey(TCP, LOCAL, 40000, PEER, 80)}
 
 
+def test_sweep_keeps_flows_born_while_the_snapshot_was_taken() -> None:
+    """A slow snapshot (100k sockets) misses flows that start meanwhile: keep them."""
+    tr, _, _, _ = make(1)
+    old = FlowKey(TCP, LOCAL, 40000, PEER, 80)
+    born = FlowKey(UDP, LOCAL, 5000, PEER, 53)
+    tr.flow_seen(born, now=5.0)  # first packet after the snapshot began at 4.0
+    gone = tr.sweep(set(), now=6.0, taken_at=4.0)
+    assert [e.key for e in gone] == [old]
+    assert {e.key for e in tr.sockets} == {born}
+    assert [e.key for e in tr.sweep(set(), now=9.0, taken_at=6.0)] == [born]
+
+
 def test_removed_hid_fails_its_flows() -> None:
     failed: list[Any] = []
     table = HidTable()

@@ -156,7 +156,6 @@ def usage(ctx: RunContext, mode: str) -> dict[str, Any]:
                 }
                 progress(f"{NAME}: {mode}: learning {nflows} flows")
                 flows.open(nflows)
-                time.sleep(4 + 0.0005 * nflows)  # let a sweep older than the sockets end
                 t0 = time.monotonic()
                 with cpu_meter(pid) as learn:
                     flows.send_new()

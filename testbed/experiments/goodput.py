@@ -579,7 +579,7 @@ def run(ctx: RunContext) -> Path:
     loaded = [r["rtt_loaded_ms"] for r in runs if "rtt_loaded_ms" in r]
     cpu = [r["delay_line"].get("cpu_pct", 0.0) for r in runs if r.get("delay_line")]
     late = [r["delay_line"].get("late_max_ms", 0.0) for r in runs if r.get("delay_line")]
-    path = next((r["path"] for r in runs if "path" in r), {})
+    path: dict[str, Any] = next((r["path"] for r in runs if "path" in r), {})
     rtt = round(mean(rtts), 2) if rtts else None
     comparisons = _comparisons(summary, rtt)
     results = {

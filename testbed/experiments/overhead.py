@@ -34,7 +34,7 @@ from testbed.experiments.common import (
     progress_done,
     write_result,
 )
-from testbed.experiments.scalability import after_sweep, machine_line, plot_path, smoke_note
+from testbed.experiments.scalability import machine_line, plot_path, smoke_note
 from testbed.experiments.signaling import moves
 from testbed.fig7 import V4, Fig7
 from testbed.netns import Namespace, topology
@@ -108,10 +108,6 @@ def measure(ctx: RunContext, config: str, rate: int | None) -> dict[str, Any]:
             plan = moves(fig.plan, runs)
             for i in range(runs):
                 progress(f"{NAME}: {label}: run {i + 1}/{runs}")
-                if procs:
-                    # Start the connection right after a liveness sweep of the MH's
-                    # dime (see scalability.after_sweep: a dime race).
-                    after_sweep(procs[1], fig.plan.c1.host)
                 srv = server(fig.ch)
                 cli = iperf3_client(fig.mh, fig.plan.c1.host, "-t", f"{total:g}")
                 t0 = time.monotonic()

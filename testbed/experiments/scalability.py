@@ -251,40 +251,6 @@ class Flows:
         self.holders.clear()
 
 
-# A marker flow: one datagram from a fresh socket, which then closes at once.
-MARKER = r"""
-import socket, sys
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.bind(("", 0))
-s.connect((sys.argv[1], int(sys.argv[2])))
-s.send(b"marker")
-s.close()
-"""
-
-
-def after_sweep(d: DimeProc, dst: str, port: int = SINK_PORTS[1], timeout: float = 240) -> float:
-    """Return just after the daemon's next liveness sweep; returns the seconds waited.
-
-    Works around a race in dime: the sweeper takes a snapshot of the kernel's sockets
-    and flows (in a thread; seconds with many flows), then drops every table entry the
-    snapshot lacks, including flows first seen *while* it was being taken. Such a
-    flow loses its entry; in ``nft`` mode it is never learned again (its packets are
-    no longer "new"), so after a handoff it is not rewritten. A test flow started
-    right after a sweep (the sweeper then pauses 2 s) is learned before the next
-    snapshot begins. A marker flow that ends at once makes the sweep log a line.
-    """
-    off = d.log.stat().st_size
-    d.ns.run(PYTHON, "-c", MARKER, dst, str(port))
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        with d.log.open("rb") as f:
-            f.seek(off)
-            if b"flows ended" in f.read():
-                return time.monotonic() - t0
-        time.sleep(0.02)
-    raise RuntimeError(f"{d.ns.name}: no liveness sweep within {timeout:g} s\n{d.log_tail()}")
-
-
 def sink(ns: Namespace, ports: tuple[int, int] = SINK_PORTS) -> None:
     """Drop UDP to ``ports`` in ``ns`` before anything else sees it (dime, conntrack)."""
     ns.run(
@@ -525,7 +491,6 @@ def wire_check(fig: Fig7, tmp: Path, bind: str, d: DimeProc) -> dict[str, Any]:
     """A short, slow run captured on R's CH-side link: which source the wire carries."""
     cap = Capture(fig.r, "rc1", "udp and dst port 5201", tmp / "scal-wire.pcap")
     cap.start()
-    after_sweep(d, fig.plan.c1.host)
     try:
         run = udp_run(fig, 1.0, bind, rate="20M")
     finally:
@@ -536,7 +501,7 @@ def wire_check(fig: Fig7, tmp: Path, bind: str, d: DimeProc) -> dict[str, Any]:
     return {"bound": bind, "wire_sources": srcs, "ch_sees": run.get("ch_sees")}
 
 
-def build(flows: Flows, n: int, d: DimeProc, sweep_s: float) -> dict[str, Any]:
+def build(flows: Flows, n: int, d: DimeProc) -> dict[str, Any]:
     """Grow the MH's table to ``n`` other entries; returns how it went."""
     t0 = time.monotonic()
     before = len(status(d)["sockets"])
@@ -544,10 +509,6 @@ def build(flows: Flows, n: int, d: DimeProc, sweep_s: float) -> dict[str, Any]:
     if new <= 0:
         return {"build_s": 0.0, "learn_rate_per_s": None}
     flows.open(n)
-    # A liveness sweep that began before these sockets existed would drop the flows it
-    # did not see (its snapshot is older than them): let any such sweep finish first.
-    # A snapshot costs ~0.3 ms per flow (sock_diag, conntrack, /proc/net/udp).
-    time.sleep(sweep_s + 2 + 0.0005 * n)
     t1 = time.monotonic()
     flows.send_new()
     t2 = time.monotonic()
@@ -579,7 +540,6 @@ def ensure(flows: Flows, n: int, d: DimeProc, mode: str, extra: int) -> int:
 def measure_mode(ctx: RunContext, mode: str, levels: tuple[int, ...]) -> dict[str, Any]:
     runs = ctx.n(ctx.runs)
     secs = SMOKE_RUN_S if ctx.smoke else RUN_S
-    sweep_s = 2.0
     res: dict[str, Any] = {"levels": []}
     with topology(f"sc{mode[:2]}") as topo:
         fig = Fig7.build(topo, V4)
@@ -604,14 +564,13 @@ def measure_mode(ctx: RunContext, mode: str, levels: tuple[int, ...]) -> dict[st
                 res["pid"] = status(dmh)["pid"]
                 for n in levels:
                     progress(f"{NAME} {mode}: building {n} entries")
-                    b = build(flows, n, dmh, sweep_s)
+                    b = build(flows, n, dmh)
                     level: dict[str, Any] = {"n": n, **b}
                     seed.refresh()
                     level["entries_before"] = ensure(flows, n, dmh, mode, extra=1)
                     level["wire"] = wire_check(fig, ctx.tmp, old, dmh)
                     c0 = status(dmh)["counters"]
                     samples: list[dict[str, Any]] = []
-                    waits: list[float] = []
                     last_refresh = time.monotonic()
                     cpus: list[float] = []
                     for i in range(runs):
@@ -622,12 +581,10 @@ def measure_mode(ctx: RunContext, mode: str, levels: tuple[int, ...]) -> dict[st
                             seed.refresh()
                             last_refresh = time.monotonic()
                         progress(f"{NAME} {mode}: {n} entries: run {i + 1}/{runs}")
-                        waits.append(after_sweep(dmh, p.c1.host))
                         with cpu_meter(res["pid"]) as cpu:
                             samples.append(udp_run(fig, secs, old))
                         cpus.append(cpu.get("cpu_pct", 0.0))
                     level["daemon_cpu_pct"] = round(mean(cpus), 1) if cpus else None
-                    level["sweep_wait_s"] = round(mean(waits), 2) if waits else None
                     st = status(dmh)
                     level["entries_after"] = len(st["sockets"])
                     level["user_space_translated"] = st["counters"].get(
@@ -828,21 +785,12 @@ def report(doc: dict[str, Any], out: Path, md_dir: Path) -> str:
         'CPU (% of one core) over the runs; "learn rate" is how fast the MH daemon '
         "took the new flows' first packets while the table grew to n.",
         "",
-        "Each run starts right after one of the MH daemon's liveness sweeps (a marker "
-        "flow ends, the next sweep logs it). This works around a race in dime, found "
-        "by this experiment: the sweeper snapshots the kernel's sockets and conntrack "
-        "in a thread (seconds at 10k-100k flows), then drops every entry the snapshot "
-        "lacks, including flows first seen while it was being taken. In `nft` mode "
-        "such a flow is never learned again (its packets are no longer new), so it is "
-        "not rewritten after a handoff; without the workaround iperf3's control "
-        "connection lost its entry and stalled already at 1k entries. Mean wait for "
-        "a sweep per point (about one sweep cycle): "
-        + ", ".join(
-            f"{m}/{lv['n']:,} {_f(lv.get('sweep_wait_s'), 1)} s"
-            for m in cfg["modes"]
-            for lv in res[m]["levels"]
-        )
-        + ".",
+        "This experiment found a race in dime's liveness sweep, since fixed: the "
+        "sweeper snapshots the kernel's sockets and conntrack in a thread (seconds at "
+        "10k-100k flows) and dropped every entry the snapshot lacked, including flows "
+        "first seen while it was being taken; in `nft` mode such a flow was never "
+        "learned again. The sweep now keeps entries younger than its snapshot "
+        "(`Translator.sweep(taken_at=...)`), and the runs start at any time.",
         "",
         "Verdict:",
         "",

@@ -43,7 +43,6 @@ from testbed.experiments.common import (
 from testbed.experiments.scalability import (
     Capture,
     _readline,
-    after_sweep,
     machine_line,
     plot_path,
     smoke_note,
@@ -331,8 +330,6 @@ def run_config(ctx: RunContext, k: int, per: int, handoffs: int) -> dict[str, An
                 for s in servers:
                     _readline(s, 30, "echo server start")
                 progress(f"{NAME}: {label}: opening {k * per} connection(s)")
-                # Right after a liveness sweep (see scalability.after_sweep).
-                after_sweep(dmh, star.addrs[0], port=ECHO_PORT + 1)
                 t_open = time.monotonic()
                 client = mh.popen(
                     PYTHON, "-c", CLIENT, str(ECHO_PORT), str(per), *star.addrs,
