@@ -41,6 +41,7 @@ from ihmp.keys import LocalKeys, TrustStore
 from stacktrans.adopt import existing_flows
 from stacktrans.monitor import AddressMonitor, IPInterface
 from stacktrans.nft import Nft, NftError
+from stacktrans.rto_revert import prompt
 from stacktrans.service import (
     DataplaneConfig,
     DataplaneMode,
@@ -180,6 +181,7 @@ class Daemon:
             on_residue=save_residue,
             existing_flows=existing_flows,
             alive_flows=alive_flows,
+            prompt_retransmit=prompt,
         )
         # The port first: if it is taken, nothing has been installed yet.
         self.transport = IhmpTransport(cfg.port, self._on_datagram)
@@ -419,6 +421,7 @@ class Daemon:
         counters["packets_translated_in_user_space"] = translated
         if service is not None:
             counters["packets_queued"] = sum(q.packets for q in service.queues)
+            counters["tcp_flows_prompted"] = service.flows_prompted
         return {
             "pid": os.getpid(),
             "uptime": round(time.time() - self.started_at, 1),

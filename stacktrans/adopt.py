@@ -32,7 +32,7 @@ from pyroute2.netlink.diag import (
 
 from stacktrans.socket_table import FlowKey
 
-__all__ = ["TCP_ADOPT_STATES", "Flow", "existing_flows", "proc_flows"]
+__all__ = ["TCP_ADOPT_STATES", "Flow", "diag_flow", "existing_flows", "proc_flows"]
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +163,7 @@ def proc_flows(family: int, proto: int) -> list[Flow]:
                 "idiag_dst": str(proc_address(raddr)),
                 "idiag_dport": int(rport, 16),
             }
-            flow = _flow(msg, proto)
+            flow = diag_flow(msg, proto)
         except (KeyError, TypeError, ValueError) as exc:
             log.debug("skipping /proc line %r: %s", line, exc)
             continue
@@ -187,7 +187,7 @@ def proc_address(text: str) -> IPAddress:
 def _flows(msgs: Iterable[Mapping[str, object]], proto: int) -> Iterable[Flow]:
     for msg in msgs:
         try:
-            flow = _flow(msg, proto)
+            flow = diag_flow(msg, proto)
         except (KeyError, TypeError, ValueError) as exc:
             # Not an inet_diag_msg we understand (an error, a truncated message...).
             log.debug("skipping sock_diag message %r: %s", msg, exc)
@@ -196,7 +196,9 @@ def _flows(msgs: Iterable[Mapping[str, object]], proto: int) -> Iterable[Flow]:
             yield flow
 
 
-def _flow(msg: Mapping[str, object], proto: int) -> Flow | None:
+def diag_flow(msg: Mapping[str, object], proto: int) -> Flow | None:
+    """The flow of one sock_diag message (or /proc line as a dict); None if it is not
+    one worth translating. Raises KeyError, TypeError or ValueError on a bad message."""
     header = msg.get("header")
     if isinstance(header, Mapping) and header.get("error") is not None:
         raise ValueError(f"error {header['error']}")

@@ -136,6 +136,11 @@ def _queue_chains(q: QueueSpec) -> list[str]:
         "    type filter hook output priority -150; policy accept;",
         *skip("oifname"),
         f"    meta l4proto {{ tcp, udp }}{new} {to(q.out_queue)}",
+        *(
+            []
+            if q.every_packet
+            else [f"    tcp flags & (syn | ack) == syn | ack {to(q.out_queue)}"]
+        ),
         *icmp,
         "  }",
         "  chain q_in {",

@@ -80,6 +80,8 @@ class PacketPath:
                 return None
         else:
             entry.last_seen = self.clock()
+        if info.tcp_flags & TCP_SYN and len(data) >= info.l4_offset + 8:
+            entry.isn = int.from_bytes(data[info.l4_offset + 4 : info.l4_offset + 8], "big")
         return self._rewrite(data, info, entry, key.local, key.remote)
 
     def _outbound_icmp(self, data: bytes, info: PacketInfo, inner: PacketInfo) -> bytes | None:

@@ -14,7 +14,8 @@ What is queued:
 * ``nfqueue`` mode: every TCP/UDP packet, outbound in mangle OUTPUT (priority
   -150, after conntrack, so conntrack saw identifiers) and inbound in raw
   PREROUTING (-300, before conntrack, so conntrack will see identifiers);
-* ``nft`` mode: only the first packet of each flow (``ctstate NEW``) both ways; the
+* ``nft`` mode: only the first packet of each flow (``ctstate NEW``) both ways, and
+  our SYN-ACKs (whose sequence number :mod:`stacktrans.rto_revert` needs); the
   kernel rewrites the rest;
 * both: ICMP errors, whose quoted headers need translating (inbound before
   conntrack, which matches them to connections by the quote).
@@ -33,6 +34,7 @@ COMMENT = "dime"
 ICMP4_ERRORS = ("3", "4", "11", "12")  # unreachable, source quench, time exceeded, param
 ICMP6_ERRORS = ("1", "2", "3", "4")  # unreachable, too big, time exceeded, param
 BUILTIN_TABLES = ("mangle", "raw")
+SYN_ACK = "-p tcp --tcp-flags SYN,ACK SYN,ACK"
 
 
 class QueueRulesError(RuntimeError):
@@ -92,6 +94,7 @@ class XtQueueRules:
             f"-I OUTPUT 1 {hook} -j DIME_OUT",
             *skip("DIME_OUT", "-o"),
             *(queue("DIME_OUT", f"-p {p}{new}", self.out_queue) for p in ("tcp", "udp")),
+            *([] if self.every_packet else [queue("DIME_OUT", SYN_ACK, self.out_queue)]),
             *(queue("DIME_OUT", m, self.out_queue) for m in icmp),
         ]
         raw = [

@@ -110,7 +110,12 @@ class StackTransService:
         on_residue: Callable[[Residue], None] = lambda r: None,
         existing_flows: Callable[[], list[FlowKey]] | None = None,
         alive_flows: Callable[[], Container[FlowKey]] | None = None,
+        prompt_retransmit: Callable[[list[tuple[FlowKey, int]]], int] | None = None,
     ) -> None:
+        """``existing_flows``, ``alive_flows`` and ``prompt_retransmit`` reach into the
+        kernel (sock_diag, raw sockets; see :mod:`stacktrans.adopt`,
+        :mod:`stacktrans.sweep`, :mod:`stacktrans.rto_revert`); None turns that part off.
+        """
         self.table = table
         self.config = config
         self.clock = clock
@@ -119,6 +124,10 @@ class StackTransService:
         self._on_new_hid = on_new_hid
         self._existing_flows = existing_flows
         self._alive_flows = alive_flows
+        self._prompt_retransmit = prompt_retransmit
+        self._stalled_hids: set[int] = set()
+        self._prompt_task: asyncio.Task[None] | None = None
+        self.flows_prompted = 0  # stalled TCP flows told to retransmit (status counter)
         self.mode = config.mode
         self.nft: Nft | None = None
         self.kernel: NftTable | None = None
@@ -176,6 +185,7 @@ class StackTransService:
             on_new_hid=self._on_new_hid,
             on_host_gone=self._host_gone,
             on_change=self.schedule_reconcile,
+            on_path_change=self._path_changed,
         )
         self.translator.set_local_addresses(local_addresses)
         self.path = PacketPath(self.translator, self.table, self.clock)
@@ -230,8 +240,9 @@ class StackTransService:
             self.kernel.flush()  # the table goes next: nothing may be left queued
         if self.translator is not None:
             self.translator.close()
-        if self._reconcile_task is not None:
-            await asyncio.gather(self._reconcile_task, return_exceptions=True)
+        for pending in (self._reconcile_task, self._prompt_task):
+            if pending is not None:
+                await asyncio.gather(pending, return_exceptions=True)
         await cleanup(self.residue, self.nft, self.continuity)
         self._record()
 
@@ -301,6 +312,40 @@ class StackTransService:
                 gone = self.translator.sweep(alive, self.clock(), idle, taken_at)
                 if gone:
                     log.info("%d flows ended", len(gone))
+
+    def _path_changed(self, hid: int) -> None:
+        if self._prompt_retransmit is None:
+            return
+        self._stalled_hids.add(hid)
+        if self._prompt_task is None or self._prompt_task.done():
+            self._prompt_task = asyncio.get_running_loop().create_task(self._prompt_stalled())
+
+    async def _prompt_stalled(self) -> None:
+        """TCP flows of hosts whose path changed retransmit now, not when their
+        backed-off timer says (:mod:`stacktrans.rto_revert`)."""
+        assert self._prompt_retransmit is not None
+        await asyncio.sleep(0)  # the rest of this burst of table changes first
+        while self._stalled_hids and self.translator is not None:
+            hids, self._stalled_hids = self._stalled_hids, set()
+            if self.kernel is not None:
+                self.kernel.flush()  # the new locators must be in the kernel first
+            flows = [
+                (e.key, e.isn)
+                for hid in hids
+                for e in self.translator.sockets.flows_of(hid)
+                if e.key.proto == TCP and e.isn is not None
+            ]
+            log.debug("path changed for HIDs %s: %d TCP flows with a known ISN", hids, len(flows))
+            if not flows:
+                continue
+            try:
+                n = await asyncio.to_thread(self._prompt_retransmit, flows)
+            except Exception:
+                log.exception("prompting stalled TCP flows failed")
+                continue
+            if n:
+                self.flows_prompted += n
+                log.info("%d stalled TCP flows prompted to retransmit", n)
 
     def _host_gone(self, flows: list[SocketEntry]) -> None:
         # The nft reject path answers the next packet; destroying the TCP sockets

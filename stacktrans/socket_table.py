@@ -60,6 +60,9 @@ class SocketEntry:
     hid: int
     created: float
     last_seen: float
+    #: TCP: the initial sequence number of our side (its SYN or SYN-ACK), if seen;
+    #: what :mod:`stacktrans.rto_revert` needs to name ``snd_una``.
+    isn: int | None = None
 
     @property
     def inbound_key(self) -> InboundKey:

@@ -49,10 +49,13 @@ class Translator:
         on_new_hid: Callable[[int, IPAddress], None],
         on_host_gone: Callable[[list[SocketEntry]], None] = lambda flows: None,
         on_change: Callable[[], None] = lambda: None,
+        on_path_change: Callable[[int], None] = lambda hid: None,
     ) -> None:
         """``on_new_hid(hid, local)``: a first packet created a HID (say HELLO).
         ``on_host_gone(flows)``: a HID was removed; its flows must fail now.
         ``on_change()``: ghost addresses or routes may need reconciling.
+        ``on_path_change(hid)``: the locators of an existing host's flows changed
+        (a handoff, either end): its stalled TCP flows may send again.
         """
         self.table = table
         self.kernel = kernel
@@ -63,6 +66,7 @@ class Translator:
         self._on_new_hid = on_new_hid
         self._on_host_gone = on_host_gone
         self._on_change = on_change
+        self._on_path_change = on_path_change
         self._unsubscribe = table.subscribe(self._on_table_change)
 
     def close(self) -> None:
@@ -206,6 +210,8 @@ class Translator:
                 {f"{k[0]}>{k[1]}": str(v) for k, v in new.local.items()},
             )
             self._on_change()
+            if old is not None:
+                self._on_path_change(hid)
 
     def _host_gone(self, hid: int) -> None:
         flows = self.sockets.remove_hid(hid)

@@ -20,7 +20,7 @@ from stacktrans.adopt import (
     IPPROTO_TCP,
     IPPROTO_UDP,
     Flow,
-    _flow,
+    diag_flow,
     existing_flows,
     proc_address,
 )
@@ -48,39 +48,39 @@ def diag(
 
 def test_flow_from_message() -> None:
     tcp = IPPROTO_TCP
-    assert _flow(diag(1, "192.0.2.1", 1000, "198.51.100.1", 80), tcp) == Flow(
+    assert diag_flow(diag(1, "192.0.2.1", 1000, "198.51.100.1", 80), tcp) == Flow(
         tcp, IPv4Address("192.0.2.1"), 1000, IPv4Address("198.51.100.1"), 80
     )
-    mapped = _flow(diag(1, "::ffff:192.0.2.1", 1000, "::ffff:198.51.100.1", 80, 10), tcp)
+    mapped = diag_flow(diag(1, "::ffff:192.0.2.1", 1000, "::ffff:198.51.100.1", 80, 10), tcp)
     assert mapped is not None and mapped.local == IPv4Address("192.0.2.1")
     assert mapped.remote == IPv4Address("198.51.100.1")
-    v6 = _flow(diag(8, "2001:db8::1", 1000, "2001:db8::2", 80, 10), tcp)  # CLOSE_WAIT
+    v6 = diag_flow(diag(8, "2001:db8::1", 1000, "2001:db8::2", 80, 10), tcp)  # CLOSE_WAIT
     assert v6 is not None and v6.remote == IPv6Address("2001:db8::2")
     for state in (6, 7, 10):  # TIME_WAIT, CLOSE, LISTEN
-        assert _flow(diag(state, "192.0.2.1", 1000, "198.51.100.1", 80), tcp) is None
-    assert _flow(diag(1, "127.0.0.1", 1000, "127.0.0.1", 80), tcp) is None
-    assert _flow(diag(1, "192.0.2.1", 1000, "127.0.0.1", 80), tcp) is None
-    assert _flow(diag(1, "::1", 1000, "::1", 80, 10), tcp) is None
-    assert _flow(diag(1, "::ffff:127.0.0.1", 1000, "::ffff:192.0.2.9", 80, 10), tcp) is None
+        assert diag_flow(diag(state, "192.0.2.1", 1000, "198.51.100.1", 80), tcp) is None
+    assert diag_flow(diag(1, "127.0.0.1", 1000, "127.0.0.1", 80), tcp) is None
+    assert diag_flow(diag(1, "192.0.2.1", 1000, "127.0.0.1", 80), tcp) is None
+    assert diag_flow(diag(1, "::1", 1000, "::1", 80, 10), tcp) is None
+    assert diag_flow(diag(1, "::ffff:127.0.0.1", 1000, "::ffff:192.0.2.9", 80, 10), tcp) is None
 
 
 def test_udp_needs_a_remote_end() -> None:
     udp = IPPROTO_UDP
-    assert _flow(diag(7, "0.0.0.0", 53, "0.0.0.0", 0), udp) is None
-    assert _flow(diag(7, "192.0.2.1", 53, "0.0.0.0", 0), udp) is None
-    assert _flow(diag(1, "192.0.2.1", 5000, "198.51.100.1", 0), udp) is None
-    assert _flow(diag(1, "::", 5000, "::", 0, 10), udp) is None
-    flow = _flow(diag(1, "192.0.2.1", 5000, "198.51.100.1", 53), udp)
+    assert diag_flow(diag(7, "0.0.0.0", 53, "0.0.0.0", 0), udp) is None
+    assert diag_flow(diag(7, "192.0.2.1", 53, "0.0.0.0", 0), udp) is None
+    assert diag_flow(diag(1, "192.0.2.1", 5000, "198.51.100.1", 0), udp) is None
+    assert diag_flow(diag(1, "::", 5000, "::", 0, 10), udp) is None
+    flow = diag_flow(diag(1, "192.0.2.1", 5000, "198.51.100.1", 53), udp)
     assert flow == Flow(udp, IPv4Address("192.0.2.1"), 5000, IPv4Address("198.51.100.1"), 53)
 
 
 def test_odd_messages_raise_for_the_caller_to_skip() -> None:
     with pytest.raises(ValueError):
-        _flow({**diag(1, "192.0.2.1", 1, "192.0.2.2", 2), "header": {"error": OSError()}}, 6)
+        diag_flow({**diag(1, "192.0.2.1", 1, "192.0.2.2", 2), "header": {"error": OSError()}}, 6)
     with pytest.raises(ValueError):
-        _flow(diag(1, "192.0.2.1", 1, "192.0.2.2", 2, family=1), 6)
+        diag_flow(diag(1, "192.0.2.1", 1, "192.0.2.2", 2, family=1), 6)
     with pytest.raises(KeyError):
-        _flow({"idiag_family": 2}, 6)
+        diag_flow({"idiag_family": 2}, 6)
 
 
 def testproc_address() -> None:

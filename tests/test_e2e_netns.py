@@ -15,6 +15,7 @@ from subprocess import Popen
 
 import pytest
 
+from testbed.delay import tbf_args
 from testbed.fig7 import V4, V6, Fig7, Plan
 from testbed.netns import Namespace, topology
 from tests.netns_util import (
@@ -186,6 +187,25 @@ def test_hard_handoff_mh(tmp_path: Path, gap: float) -> None:
         assert mh["ghosts"] == [p.m1.host]
         check(b, server, client, nbytes)
         assert mh["counters"]["messages_rejected"] == {}
+        b.down()
+
+
+def test_hard_handoff_bulk_sender_is_prompted_to_retransmit(tmp_path: Path) -> None:
+    """A bulk transfer through a 20 Mbit/s bottleneck has data in flight when the MH
+    loses its address; 4 s without a path back its retransmission timer off to
+    seconds. dime prompts the flow to retransmit once the CH has acknowledged the
+    new address (stacktrans/rto_revert.py) instead of leaving it to the timer."""
+    with bed(tmp_path) as b:
+        p = b.plan
+        b.fig.r.run("tc", "qdisc", "replace", "dev", "rc1", "root", *tbf_args(20, 50))
+        b.up("ch", "mh")
+        nbytes = 16_000_000  # ~6.5 s at 20 Mbit/s
+        server, client = tcp(b.fig.mh, b.fig.ch, p.c1.host, nbytes, rate=0)
+        time.sleep(1)
+        b.fig.hard_handoff_mh(4.0)
+        check(b, server, client, nbytes)
+        counters = b.daemons["mh"].status()["counters"]
+        assert counters["tcp_flows_prompted"] == 1, b.logs()
         b.down()
 
 

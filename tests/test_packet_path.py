@@ -305,6 +305,24 @@ def test_first_inbound_packet_learns_the_flow_with_local_and_remote_swapped(
     assert len(node.tr.sockets) == 1 and len(node.new_hids) == 1
 
 
+@pytest.mark.parametrize("opener", ["active", "passive"])
+def test_our_syn_or_syn_ack_gives_the_flow_its_isn(net: Net, opener: str) -> None:
+    """What rto_revert needs to name snd_una: the seq of the SYN (or SYN-ACK) we sent."""
+    node = Node(net)
+    if opener == "active":
+        node.path.outbound(pkt(net, TCP, net.l_old, net.p_old, 40000, 80, "S"))
+        key = FlowKey(TCP, net.l_old, 40000, net.p_old, 80)
+    else:
+        node.path.inbound(pkt(net, TCP, net.p_old, net.l_old, 5555, 22, "S"))
+        key = FlowKey(TCP, net.l_old, 22, net.p_old, 5555)
+        assert node.tr.sockets.get(key).isn is None  # type: ignore[union-attr]  # theirs
+        node.path.outbound(pkt(net, TCP, net.l_old, net.p_old, 22, 5555, "SA"))
+    entry = node.tr.sockets.get(key)
+    assert entry is not None and entry.isn == 1000  # pkt() sends seq 1000
+    node.path.outbound(pkt(net, TCP, net.l_old, net.p_old, key.lport, key.rport, "PA"))
+    assert entry.isn == 1000
+
+
 def test_traffic_dime_leaves_alone_creates_nothing(net: Net) -> None:
     node = Node(net)
     loop = A("127.0.0.1") if net.family == 4 else A("::1")
