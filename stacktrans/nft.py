@@ -157,6 +157,7 @@ def _queue_chains(q: QueueSpec) -> list[str]:
             "    type filter hook prerouting priority -150; policy accept;",
             *skip("iifname"),
             f"    meta l4proto {{ tcp, udp }} ct state new {to(q.in_queue)}",
+            f"    tcp flags & (syn | ack) == syn | ack {to(q.in_queue)}",
             "  }",
         ]
     return lines

@@ -80,8 +80,8 @@ class PacketPath:
                 return None
         else:
             entry.last_seen = self.clock()
-        if info.tcp_flags & TCP_SYN and len(data) >= info.l4_offset + 8:
-            entry.isn = int.from_bytes(data[info.l4_offset + 4 : info.l4_offset + 8], "big")
+        if info.tcp_flags & TCP_SYN:
+            entry.isn = _seq(data, info)
         return self._rewrite(data, info, entry, key.local, key.remote)
 
     def _outbound_icmp(self, data: bytes, info: PacketInfo, inner: PacketInfo) -> bytes | None:
@@ -127,11 +127,15 @@ class PacketPath:
             )
         if entry is None:
             if _starts_flow(info):
-                self.tr.flow_seen(
+                entry = self.tr.flow_seen(
                     FlowKey(info.proto, dst, info.dport, src, info.sport), self.clock()
                 )
+                if entry is not None and info.tcp_flags & TCP_SYN:
+                    entry.peer_isn = _seq(data, info)
             return None
         entry.last_seen = self.clock()
+        if info.tcp_flags & TCP_SYN:
+            entry.peer_isn = _seq(data, info)
         new_src = entry.key.remote if entry.key.remote != src else None
         new_dst = entry.key.local if entry.key.local != dst else None
         if new_src is None and new_dst is None:
@@ -190,6 +194,12 @@ class PacketPath:
         rewrite_addresses(buf, info, _raw(lloc), _raw(rloc))
         self.translated += 1
         return bytes(buf)
+
+
+def _seq(data: bytes, info: PacketInfo) -> int | None:
+    """The TCP sequence number of a packet, if its header holds one."""
+    at = info.l4_offset + 4
+    return int.from_bytes(data[at : at + 4], "big") if len(data) >= at + 4 else None
 
 
 def _raw(addr: IPAddress | None) -> bytes | None:

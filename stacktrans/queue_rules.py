@@ -15,8 +15,8 @@ What is queued:
   -150, after conntrack, so conntrack saw identifiers) and inbound in raw
   PREROUTING (-300, before conntrack, so conntrack will see identifiers);
 * ``nft`` mode: only the first packet of each flow (``ctstate NEW``) both ways, and
-  our SYN-ACKs (whose sequence number :mod:`stacktrans.rto_revert` needs); the
-  kernel rewrites the rest;
+  SYN-ACKs both ways (whose sequence numbers :mod:`stacktrans.rto_revert` needs);
+  the kernel rewrites the rest;
 * both: ICMP errors, whose quoted headers need translating (inbound before
   conntrack, which matches them to connections by the quote).
 
@@ -112,6 +112,7 @@ class XtQueueRules:
                 f"-I PREROUTING 1 {hook} -j DIME_NEW",
                 *skip("DIME_NEW", "-i"),
                 *(queue("DIME_NEW", f"-p {p}{new}", self.in_queue) for p in ("tcp", "udp")),
+                queue("DIME_NEW", SYN_ACK, self.in_queue),
             ]
         return {"mangle": mangle, "raw": raw}
 

@@ -1,31 +1,38 @@
-"""Prompt TCP to retransmit at once when a host's path comes back (RFC 6069).
+"""Undo TCP's timer backoff when a host's path comes back, so its flows send at once.
 
 While a host has no path (a hard handoff: the old address is gone, the new one not
-yet there), TCP's retransmissions fail and its retransmission timer backs off
-exponentially: 0.2, 0.4, ... 3.2 s. When the path is back, the next retransmission
-may still be seconds away; the flow sits idle although it could send. MPTCP avoids
-this by opening a new subflow; dime keeps the same socket.
+yet there), TCP's transmissions fail and its timer backs off exponentially: 0.2,
+0.4, ... 3.2 s. When the path is back, the next attempt may still be seconds away;
+the flow sits idle although it could send. MPTCP avoids this by opening a new
+subflow; dime keeps the same socket, and knows the moment the path is back (the
+host's translation changed). It then tells its own stack, with packets that never
+leave the host (raw sockets, addressed to the flow's local identifier):
 
-RFC 6069 lets an ICMP "host unreachable" (or "net unreachable") about the oldest
-unacknowledged segment undo one step of backoff; Linux (``tcp_ld_RTO_revert``) then
-retransmits at once if the reverted timer has already expired. Linux does this for
-IPv4 only (``tcp_v6_err`` ignores it: measured, ``tests/test_rto_revert.py``), so
-IPv6 flows are left to their timers; :func:`revert_message` still builds the ICMPv6
-form the RFC describes. dime knows the moment the path is back (the translation of the
-host changed), so it sends its own stack one such ICMP error per backoff step of
-each affected flow, through a raw socket to the flow's local identifier (it never
-leaves the host).
+* **Retransmission timer** (data was in flight: ``tcpi_retransmits`` > 0). RFC 6069
+  lets an ICMP "host unreachable" about the oldest unacknowledged segment undo one
+  step of backoff; Linux (``tcp_ld_RTO_revert``) then retransmits at once if the
+  reverted timer has expired. One message per backoff step. Linux does this for
+  IPv4 only (``tcp_v6_err`` ignores it: measured, ``tests/test_rto_revert.py``).
+* **Probe timer** (nothing was in flight, new data failed to go out: the timer that
+  probes a closed window runs instead, ``tcpi_retransmits`` = 0). Any acceptable ACK
+  from the peer stops it, clears the backoff and lets TCP send what is queued
+  (``tcp_ack_probe``). dime sends the socket a pure ACK as the peer would: its
+  sequence number is the peer's next byte, it acknowledges what is already
+  acknowledged, and it advertises the window TCP already has, so nothing but the
+  timer changes. Both IP versions.
 
-The quote must carry the exact ``snd_una``. ``tcp_info`` has no ``snd_una`` but has
-``bytes_acked``, which counts the SYN too: ``snd_una = ISN + bytes_acked`` (mod
-2^32). The ISN is the sequence number of the SYN or SYN-ACK the socket sent, which
-the packet path sees in both data-plane modes. Flows adopted at start-up have no
-known ISN and are left to their timers. A quote with a stale ``snd_una`` is ignored
-by the kernel (it must equal ``snd_una`` exactly), so a wrong guess costs nothing.
+Sequence numbers: ``tcp_info`` has no ``snd_una``/``rcv_nxt`` but has byte counts;
+``snd_una = ISN + bytes_acked`` (which counts the SYN) and ``rcv_nxt = peer ISN + 1
++ bytes_received`` (mod 2^32). The packet path records both ISNs from the SYN and
+SYN-ACK of each flow. Flows adopted at start-up have no known ISNs and are left to
+their timers. A wrong guess costs nothing: the kernel ignores an ICMP error that
+does not quote ``snd_una`` exactly, and answers an ACK outside its window with one
+duplicate ACK.
 """
 
 from __future__ import annotations
 
+import enum
 import logging
 import socket
 import struct
@@ -45,7 +52,8 @@ ICMP6_DEST_UNREACH, ICMP6_ADDR_UNREACH = 1, 3
 #: The kernel's backoff never exceeds this in practice (TCP_RTO_MAX / TCP_RTO_MIN ~ 2^10).
 MAX_STEPS = 16
 #: IP versions whose TCP implements RFC 6069 in Linux.
-PROMPTED_VERSIONS = frozenset({4})
+REVERT_VERSIONS = frozenset({4})
+TCP_ACK_FLAG = 0x10
 _INET_DIAG_INFO = 2  # attribute number; its request bit is 1 << (2 - 1)
 
 
@@ -54,12 +62,46 @@ class TcpProgress:
     """What ``tcp_info`` says about one socket's retransmission state."""
 
     backoff: int  # icsk_backoff: how many times the timer doubled
-    retransmits: int  # icsk_retransmits: unanswered timeouts in a row
+    retransmits: int  # icsk_retransmits: unanswered retransmission timeouts in a row
     bytes_acked: int
+    bytes_received: int = 0
+    snd_wnd: int = 0  # the peer's window as TCP has it, in bytes (0: not reported)
+    snd_wscale: int = 0
+
+
+@dataclass(frozen=True)
+class FlowSeq:
+    """A TCP flow and its initial sequence numbers, as the packet path saw them."""
+
+    key: FlowKey
+    isn: int
+    peer_isn: int | None
+
+
+class Remedy(enum.Enum):
+    NONE = "none"
+    REVERT = "icmp"  # RFC 6069 ICMP errors: retransmission timer
+    ACK = "ack"  # a pure ACK: probe timer
+
+
+def remedy(flow: FlowSeq, p: TcpProgress) -> Remedy:
+    """What, if anything, makes this flow send now."""
+    if p.backoff <= 0:
+        return Remedy.NONE  # its timer has not backed off: it is not stalled
+    if p.retransmits > 0:
+        return Remedy.REVERT if flow.key.local.version in REVERT_VERSIONS else Remedy.NONE
+    # An ACK must advertise the window TCP has: without it, it would close the window.
+    if flow.peer_isn is None or p.snd_wnd <= 0:
+        return Remedy.NONE
+    return Remedy.ACK
 
 
 def snd_una(isn: int, bytes_acked: int) -> int:
     return (isn + bytes_acked) & 0xFFFFFFFF
+
+
+def rcv_nxt(peer_isn: int, bytes_received: int) -> int:
+    return (peer_isn + 1 + bytes_received) & 0xFFFFFFFF
 
 
 def _checksum(data: bytes) -> int:
@@ -98,6 +140,25 @@ def revert_message(key: FlowKey, seq: int) -> bytes:
     return struct.pack("!BBHI", ICMP6_DEST_UNREACH, ICMP6_ADDR_UNREACH, 0, 0) + quote
 
 
+def ack_packet(key: FlowKey, seq: int, ack: int, window: int) -> bytes:
+    """A pure ACK from the peer to ``key``'s socket: IP header included, checksums done."""
+    src, dst = key.remote.packed, key.local.packed
+    tcp = struct.pack(
+        "!HHIIBBHHH", key.rport, key.lport, seq, ack, 5 << 4, TCP_ACK_FLAG, window, 0, 0
+    )
+    if key.local.version == 4:
+        pseudo = src + dst + struct.pack("!BBH", 0, TCP, len(tcp))
+    else:
+        pseudo = src + dst + struct.pack("!IxxxB", len(tcp), TCP)
+    tcp = tcp[:16] + struct.pack("!H", _checksum(pseudo + tcp)) + tcp[18:]
+    if key.local.version == 4:
+        ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp), 0, 0x4000, 64, TCP, 0, src, dst)
+        ip = ip[:10] + struct.pack("!H", _checksum(ip)) + ip[12:]
+    else:
+        ip = struct.pack("!IHBB16s16s", 6 << 28, len(tcp), TCP, 64, src, dst)
+    return ip + tcp
+
+
 def tcp_progress(keys: Iterable[FlowKey]) -> dict[FlowKey, TcpProgress]:
     """``tcp_info`` of the TCP sockets of ``keys`` (sock_diag). Blocking: use a thread."""
     from pyroute2 import DiagSocket
@@ -119,6 +180,10 @@ def tcp_progress(keys: Iterable[FlowKey]) -> dict[FlowKey, TcpProgress]:
                     int(info.get("tcpi_backoff", 0)),
                     int(info.get("tcpi_retransmits", 0)),
                     int(info.get("tcpi_bytes_acked", 0)),
+                    int(info.get("tcpi_bytes_received", 0)),
+                    int(info.get("tcpi_snd_wnd", 0) or 0),
+                    # pyroute2 decodes the snd_wscale:4 bit field (the low nibble) here
+                    int(info.get("tcpi_snd_wscale", 0)) & 0x0F,
                 )
     return out
 
@@ -130,42 +195,69 @@ def _key_of(msg: Mapping[str, object]) -> FlowKey | None:
         return None
 
 
-def prompt(flows: Iterable[tuple[FlowKey, int]]) -> int:
-    """Make the backed-off TCP flows among ``flows`` ((key, ISN) pairs) retransmit
-    now. Returns how many were prompted. Blocking (sock_diag): use a thread.
-
-    A flow is prompted only if its timer has backed off and it waits for an ACK;
-    one ICMP error per backoff step (the kernel undoes one step per message).
+def prompt(flows: Iterable[FlowSeq]) -> int:
+    """Make the stalled TCP flows among ``flows`` send now (see the module's
+    docstring). Returns how many were prompted. Blocking (sock_diag): use a thread.
     """
-    isns = {key: isn for key, isn in flows if key.local.version in PROMPTED_VERSIONS}
-    if not isns:
+    wanted = {f.key: f for f in flows}
+    if not wanted:
         return 0
-    progress = tcp_progress(isns)
-    log.debug("retransmission state of %d flows: %s", len(isns), progress)
+    progress = tcp_progress(wanted)
+    log.debug("timer state of %d flows: %s", len(wanted), progress)
     sent = 0
-    socks: dict[int, socket.socket] = {}
-    try:
+    with _RawSockets() as socks:
         for key, p in progress.items():
-            if p.backoff <= 0 or p.retransmits <= 0:
+            flow = wanted[key]
+            what = remedy(flow, p)
+            if what is Remedy.NONE:
                 continue
-            msg = revert_message(key, snd_una(isns[key], p.bytes_acked))
-            sock = socks.get(key.local.version) or _raw_socket(key.local.version)
-            socks[key.local.version] = sock
             try:
-                for _ in range(min(p.backoff, MAX_STEPS)):
-                    sock.sendto(msg, (str(key.local), 0))
+                if what is Remedy.REVERT:
+                    msg = revert_message(key, snd_una(flow.isn, p.bytes_acked))
+                    for _ in range(min(p.backoff, MAX_STEPS)):
+                        socks.icmp(key.local.version).sendto(msg, (str(key.local), 0))
+                else:
+                    assert flow.peer_isn is not None
+                    pkt = ack_packet(
+                        key,
+                        rcv_nxt(flow.peer_isn, p.bytes_received),
+                        snd_una(flow.isn, p.bytes_acked),
+                        min(p.snd_wnd >> p.snd_wscale, 0xFFFF),
+                    )
+                    socks.raw(key.local.version).sendto(pkt, (str(key.local), 0))
             except OSError as exc:
-                log.warning("could not prompt %s to retransmit: %s", key, exc)
+                log.warning("could not prompt %s: %s", key, exc)
                 continue
-            log.info("prompted %s to retransmit (backoff %d)", key, p.backoff)
+            log.info("prompted %s to send (%s, backoff %d)", key, what.value, p.backoff)
             sent += 1
-    finally:
-        for sock in socks.values():
-            sock.close()
     return sent
 
 
-def _raw_socket(version: int) -> socket.socket:
-    if version == 4:
-        return socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
-    return socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6)
+class _RawSockets:
+    """Raw sockets opened on first use, closed on exit."""
+
+    def __init__(self) -> None:
+        self._socks: dict[tuple[str, int], socket.socket] = {}
+
+    def __enter__(self) -> _RawSockets:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sock in self._socks.values():
+            sock.close()
+
+    def icmp(self, version: int) -> socket.socket:
+        if version == 4:
+            return self._get("icmp", socket.AF_INET, socket.IPPROTO_ICMP)
+        return self._get("icmp", socket.AF_INET6, socket.IPPROTO_ICMPV6)
+
+    def raw(self, version: int) -> socket.socket:
+        """IPPROTO_RAW: we give the IP header (IPv6 too, on Linux)."""
+        family = socket.AF_INET if version == 4 else socket.AF_INET6
+        return self._get("raw", family, socket.IPPROTO_RAW)
+
+    def _get(self, kind: str, family: int, proto: int) -> socket.socket:
+        sock = self._socks.get((kind, family))
+        if sock is None:
+            sock = self._socks[(kind, family)] = socket.socket(family, socket.SOCK_RAW, proto)
+        return sock

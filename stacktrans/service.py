@@ -24,6 +24,7 @@ from stacktrans.nft import Nft, NftError, NftTable, QueueSpec
 from stacktrans.packet_path import PacketPath
 from stacktrans.queue import PacketQueue, QueueError
 from stacktrans.queue_rules import XtQueueRules, nft_queue_supported
+from stacktrans.rto_revert import FlowSeq
 from stacktrans.socket_table import TCP, FlowKey, SocketEntry
 from stacktrans.translator import Translator
 
@@ -110,7 +111,7 @@ class StackTransService:
         on_residue: Callable[[Residue], None] = lambda r: None,
         existing_flows: Callable[[], list[FlowKey]] | None = None,
         alive_flows: Callable[[], Container[FlowKey]] | None = None,
-        prompt_retransmit: Callable[[list[tuple[FlowKey, int]]], int] | None = None,
+        prompt_retransmit: Callable[[list[FlowSeq]], int] | None = None,
     ) -> None:
         """``existing_flows``, ``alive_flows`` and ``prompt_retransmit`` reach into the
         kernel (sock_diag, raw sockets; see :mod:`stacktrans.adopt`,
@@ -321,8 +322,8 @@ class StackTransService:
             self._prompt_task = asyncio.get_running_loop().create_task(self._prompt_stalled())
 
     async def _prompt_stalled(self) -> None:
-        """TCP flows of hosts whose path changed retransmit now, not when their
-        backed-off timer says (:mod:`stacktrans.rto_revert`)."""
+        """TCP flows of hosts whose path changed send now, not when their backed-off
+        timer says (:mod:`stacktrans.rto_revert`)."""
         assert self._prompt_retransmit is not None
         await asyncio.sleep(0)  # the rest of this burst of table changes first
         while self._stalled_hids and self.translator is not None:
@@ -330,7 +331,7 @@ class StackTransService:
             if self.kernel is not None:
                 self.kernel.flush()  # the new locators must be in the kernel first
             flows = [
-                (e.key, e.isn)
+                FlowSeq(e.key, e.isn, e.peer_isn)
                 for hid in hids
                 for e in self.translator.sockets.flows_of(hid)
                 if e.key.proto == TCP and e.isn is not None
@@ -345,7 +346,7 @@ class StackTransService:
                 continue
             if n:
                 self.flows_prompted += n
-                log.info("%d stalled TCP flows prompted to retransmit", n)
+                log.info("%d stalled TCP flows prompted to send", n)
 
     def _host_gone(self, flows: list[SocketEntry]) -> None:
         # The nft reject path answers the next packet; destroying the TCP sockets

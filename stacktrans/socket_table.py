@@ -63,6 +63,8 @@ class SocketEntry:
     #: TCP: the initial sequence number of our side (its SYN or SYN-ACK), if seen;
     #: what :mod:`stacktrans.rto_revert` needs to name ``snd_una``.
     isn: int | None = None
+    #: TCP: the peer's initial sequence number (its SYN or SYN-ACK), if seen.
+    peer_isn: int | None = None
 
     @property
     def inbound_key(self) -> InboundKey:

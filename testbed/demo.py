@@ -171,8 +171,8 @@ class Daemon:
 
 
 # IHMP and HID table lines from the daemons' logs worth showing live.
-EVENT_WORDS = ("IHMP", "HID ", "handoff", "address up", "address down", "ghost")
-QUIET_WORDS = ("host key", "rewrite remote {} local {}", "dime up:")
+EVENT_WORDS = ("IHMP", "HID ", "handoff", "address up", "address down", "ghost", "prompted")
+QUIET_WORDS = ("host key", "rewrite remote {} local {}", "dime up:", "flows prompted")
 
 
 def log_event(line: str) -> tuple[float, str] | None:

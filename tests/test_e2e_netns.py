@@ -187,14 +187,20 @@ def test_hard_handoff_mh(tmp_path: Path, gap: float) -> None:
         assert mh["ghosts"] == [p.m1.host]
         check(b, server, client, nbytes)
         assert mh["counters"]["messages_rejected"] == {}
+        if gap:
+            # Paced, nothing in flight when the address went: new data could not
+            # leave and TCP's probe timer backed off; dime's ACK restarted it as soon
+            # as the CH acknowledged the new address (stacktrans/rto_revert.py).
+            counters = b.daemons["mh"].status()["counters"]
+            assert counters["tcp_flows_prompted"] == 1, b.logs()
         b.down()
 
 
 def test_hard_handoff_bulk_sender_is_prompted_to_retransmit(tmp_path: Path) -> None:
     """A bulk transfer through a 20 Mbit/s bottleneck has data in flight when the MH
     loses its address; 4 s without a path back its retransmission timer off to
-    seconds. dime prompts the flow to retransmit once the CH has acknowledged the
-    new address (stacktrans/rto_revert.py) instead of leaving it to the timer."""
+    seconds. dime prompts the flow to retransmit (RFC 6069) once the CH has
+    acknowledged the new address, instead of leaving it to the timer."""
     with bed(tmp_path) as b:
         p = b.plan
         b.fig.r.run("tc", "qdisc", "replace", "dev", "rc1", "root", *tbf_args(20, 50))

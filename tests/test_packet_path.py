@@ -306,21 +306,28 @@ def test_first_inbound_packet_learns_the_flow_with_local_and_remote_swapped(
 
 
 @pytest.mark.parametrize("opener", ["active", "passive"])
-def test_our_syn_or_syn_ack_gives_the_flow_its_isn(net: Net, opener: str) -> None:
-    """What rto_revert needs to name snd_una: the seq of the SYN (or SYN-ACK) we sent."""
+def test_the_handshake_gives_the_flow_both_isns(net: Net, opener: str) -> None:
+    """What rto_revert needs to name snd_una and rcv_nxt: the seq of the SYN or SYN-ACK
+    each side sent (pkt() always sends seq 1000; the peer's here is 7777)."""
     node = Node(net)
+    theirs = bytearray(pkt(net, TCP, net.p_old, net.l_old, 5555, 22, "S"))
     if opener == "active":
         node.path.outbound(pkt(net, TCP, net.l_old, net.p_old, 40000, 80, "S"))
         key = FlowKey(TCP, net.l_old, 40000, net.p_old, 80)
+        theirs = bytearray(pkt(net, TCP, net.p_old, net.l_old, 80, 40000, "SA"))
     else:
-        node.path.inbound(pkt(net, TCP, net.p_old, net.l_old, 5555, 22, "S"))
         key = FlowKey(TCP, net.l_old, 22, net.p_old, 5555)
-        assert node.tr.sockets.get(key).isn is None  # type: ignore[union-attr]  # theirs
+    hl = 20 if net.family == 4 else 40
+    theirs[hl + 4 : hl + 8] = (7777).to_bytes(4, "big")
+    node.path.inbound(bytes(rebuilt(bytes(theirs))))
+    if opener == "passive":
         node.path.outbound(pkt(net, TCP, net.l_old, net.p_old, 22, 5555, "SA"))
     entry = node.tr.sockets.get(key)
-    assert entry is not None and entry.isn == 1000  # pkt() sends seq 1000
+    assert entry is not None and (entry.isn, entry.peer_isn) == (1000, 7777)
+    # Later segments (their seq is 1000 too) change neither.
     node.path.outbound(pkt(net, TCP, net.l_old, net.p_old, key.lport, key.rport, "PA"))
-    assert entry.isn == 1000
+    node.path.inbound(pkt(net, TCP, net.p_old, net.l_old, key.rport, key.lport, "PA"))
+    assert (entry.isn, entry.peer_isn) == (1000, 7777)
 
 
 def test_traffic_dime_leaves_alone_creates_nothing(net: Net) -> None:

@@ -1,9 +1,11 @@
-"""Prompting stalled TCP flows to retransmit (RFC 6069 on the local stack).
+"""Undoing TCP's timer backoff when a path comes back (stacktrans/rto_revert.py).
 
-The message layout is checked byte by byte; the real-kernel test stalls a TCP flow
-between two namespaces until its retransmission timer has backed off to seconds,
-restores the path, and checks that a prompt makes the kernel retransmit at once,
-and that without it the flow keeps waiting for its timer.
+The messages are checked byte by byte. The real-kernel test stalls a TCP flow
+between two namespaces until its timer has backed off to seconds, restores the
+path, and checks that a prompt makes the flow send at once, and that without it the
+flow keeps waiting for its timer. Two stalls: data in flight and the peer silent
+(the retransmission timer; ICMP, RFC 6069) and no route at all, so new data never
+left (the probe timer; a pure ACK).
 """
 
 from __future__ import annotations
@@ -17,8 +19,22 @@ from ipaddress import IPv4Address, IPv6Address
 from typing import Any
 
 import pytest
+from scapy.layers.inet import IP
+from scapy.layers.inet import TCP as TCPLayer
+from scapy.layers.inet6 import IPv6
 
-from stacktrans.rto_revert import _checksum, prompt, revert_message, snd_una
+from stacktrans.rto_revert import (
+    FlowSeq,
+    Remedy,
+    TcpProgress,
+    _checksum,
+    ack_packet,
+    prompt,
+    rcv_nxt,
+    remedy,
+    revert_message,
+    snd_una,
+)
 from stacktrans.socket_table import TCP, FlowKey
 from testbed.netns import topology
 from tests.netns_util import py, read_line
@@ -27,9 +43,25 @@ V4 = FlowKey(TCP, IPv4Address("192.0.2.1"), 40000, IPv4Address("198.51.100.2"), 
 V6 = FlowKey(TCP, IPv6Address("2001:db8::1"), 40000, IPv6Address("2001:db8:1::2"), 80)
 
 
-def test_snd_una_wraps_around() -> None:
+def test_sequence_numbers_wrap_around() -> None:
     assert snd_una(100, 1) == 101
     assert snd_una(0xFFFFFFFF, 2) == 1
+    assert rcv_nxt(0xFFFFFFFF, 5) == 5
+
+
+def _p(backoff: int, retransmits: int, snd_wnd: int = 65535) -> TcpProgress:
+    return TcpProgress(backoff, retransmits, 1, 0, snd_wnd, 0)
+
+
+def test_remedy_follows_the_timer_that_backed_off() -> None:
+    v4, v6 = FlowSeq(V4, 1, 2), FlowSeq(V6, 1, 2)
+    assert remedy(v4, _p(0, 0)) is Remedy.NONE  # not stalled
+    assert remedy(v4, _p(3, 3)) is Remedy.REVERT  # retransmission timer
+    assert remedy(v6, _p(3, 3)) is Remedy.NONE  # no RFC 6069 for IPv6 in Linux
+    assert remedy(v4, _p(3, 0)) is Remedy.ACK  # probe timer
+    assert remedy(v6, _p(3, 0)) is Remedy.ACK
+    assert remedy(FlowSeq(V4, 1, None), _p(3, 0)) is Remedy.NONE  # peer's ISN unknown
+    assert remedy(v4, _p(3, 0, snd_wnd=0)) is Remedy.NONE  # would close the window
 
 
 def test_ipv4_message_is_a_host_unreachable_quoting_the_segment() -> None:
@@ -43,6 +75,26 @@ def test_ipv4_message_is_a_host_unreachable_quoting_the_segment() -> None:
     assert len(msg) == 36
 
 
+@pytest.mark.parametrize("key", [V4, V6], ids=["v4", "v6"])
+def test_ack_is_from_the_peer_to_the_socket_with_valid_checksums(key: FlowKey) -> None:
+    pkt = ack_packet(key, 111, 222, 333)
+    parsed = (IP if key.local.version == 4 else IPv6)(pkt)
+    tcp = parsed[TCPLayer]
+    assert (parsed.src, parsed.dst) == (str(key.remote), str(key.local))
+    assert (tcp.sport, tcp.dport, tcp.seq, tcp.ack, tcp.window) == (80, 40000, 111, 222, 333)
+    assert tcp.flags == "A" and bytes(tcp.payload) == b""
+    sent_sum = tcp.chksum
+    del tcp.chksum
+    if key.local.version == 4:
+        sent_ip = parsed.chksum
+        del parsed.chksum
+        rebuilt = IP(bytes(parsed))
+        assert rebuilt.chksum == sent_ip
+        assert rebuilt[TCPLayer].chksum == sent_sum
+    else:
+        assert IPv6(bytes(parsed))[TCPLayer].chksum == sent_sum
+
+
 def test_ipv6_message_is_an_address_unreachable_quoting_the_segment() -> None:
     msg = revert_message(V6, 7)
     assert msg[:2] == bytes([1, 3])  # destination unreachable, address unreachable
@@ -52,21 +104,22 @@ def test_ipv6_message_is_an_address_unreachable_quoting_the_segment() -> None:
     assert struct.unpack("!HHI", msg[48:56]) == (40000, 80, 7)
 
 
-# Runs in namespace "a": connects to b, learns its ISN from its own SYN (AF_PACKET),
-# keeps sending, and on command reports its retransmission state or prompts itself.
+# Runs in namespace "a": connects to b, learns both ISNs from the handshake
+# (AF_PACKET), sends (bulk: all it can; bursty: 20 kB every 50 ms, nothing in flight
+# most of the time), and on command reports its timer state or prompts itself.
 SENDER = r"""
 import json, socket, struct, sys, threading, time
 from ipaddress import ip_address
-from stacktrans.rto_revert import prompt
+from stacktrans.rto_revert import FlowSeq, prompt
 from stacktrans.socket_table import TCP, FlowKey
-dst, dev = sys.argv[1], sys.argv[2]
+dst, dev, style = sys.argv[1], sys.argv[2], sys.argv[3]
 fam = socket.AF_INET6 if ":" in dst else socket.AF_INET
 sniff = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))
 sniff.bind((dev, 0))
 s = socket.socket(fam, socket.SOCK_STREAM)
 s.connect((dst, 5000))
-isn = None
-while isn is None:
+isn = peer_isn = None
+while isn is None or peer_isn is None:
     frame = sniff.recv(2048)
     l3 = frame[14:]
     if fam == socket.AF_INET and frame[12:14] == b"\x08\x00" and l3[9] == 6:
@@ -75,25 +128,31 @@ while isn is None:
         tcp = l3[40:]
     else:
         continue
-    if struct.unpack("!H", tcp[2:4])[0] == 5000 and tcp[13] & 0x12 == 0x02:
-        isn = struct.unpack("!I", tcp[4:8])[0]
+    ports = struct.unpack("!HH", tcp[:4])
+    seq = struct.unpack("!I", tcp[4:8])[0]
+    if ports[1] == 5000 and tcp[13] & 0x12 == 0x02:
+        isn = seq
+    elif ports[0] == 5000 and tcp[13] & 0x12 == 0x12:
+        peer_isn = seq
 sniff.close()
 s.setblocking(False)
 def pump():
     while True:
         try:
-            s.send(b"x" * 1000)
+            s.send(b"x" * (1000 if style == "bulk" else 20000))
         except BlockingIOError:
             pass
-        time.sleep(0.005)
+        time.sleep(0.005 if style == "bulk" else 0.05)
 threading.Thread(target=pump, daemon=True).start()
 def info():
-    raw = s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
-    rto, = struct.unpack_from("I", raw, 8)
-    total, = struct.unpack_from("I", raw, 100)
-    return {"backoff": raw[4], "rto_us": rto, "total_retrans": total}
+    raw = s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 144)
+    return {"retransmits": raw[2], "probes": raw[3], "backoff": raw[4],
+            "rto_us": struct.unpack_from("I", raw, 8)[0],
+            "total_retrans": struct.unpack_from("I", raw, 100)[0],
+            "bytes_acked": struct.unpack_from("Q", raw, 120)[0]}
 local, remote = s.getsockname(), s.getpeername()
-key = FlowKey(TCP, ip_address(local[0]), local[1], ip_address(remote[0]), remote[1])
+flow = FlowSeq(FlowKey(TCP, ip_address(local[0]), local[1], ip_address(remote[0]), remote[1]),
+               isn, peer_isn)
 print("ready", flush=True)
 for line in sys.stdin:
     cmd = line.strip()
@@ -102,9 +161,9 @@ for line in sys.stdin:
     elif cmd in ("prompt", "wait"):
         before = info()
         t0 = time.monotonic()
-        n = prompt([(key, isn)]) if cmd == "prompt" else 0
+        n = prompt([flow]) if cmd == "prompt" else 0
         after = info()
-        while after["total_retrans"] == before["total_retrans"] and time.monotonic() - t0 < 0.5:
+        while after["bytes_acked"] == before["bytes_acked"] and time.monotonic() - t0 < 0.5:
             time.sleep(0.005)
             after = info()
         print(json.dumps({"prompted": n, "before": before, "after": after,
@@ -131,9 +190,9 @@ def _cmd(proc: subprocess.Popen[bytes], line: str, timeout: float = 10) -> dict[
     return dict(json.loads(read_line(proc, timeout)))
 
 
-def _stall(sender: subprocess.Popen[bytes]) -> None:
-    """Until the timer has backed off to >= 3.2 s and has just fired: the next
-    retransmission is then seconds away."""
+def _stall(sender: subprocess.Popen[bytes], counter: str) -> dict[str, Any]:
+    """Until the timer has backed off to >= 3.2 s and has just fired (``counter``
+    moved): its next expiry is then seconds away."""
     for _ in range(300):
         st = _cmd(sender, "info")
         if st["backoff"] >= 4:
@@ -141,19 +200,26 @@ def _stall(sender: subprocess.Popen[bytes]) -> None:
         time.sleep(0.05)
     else:
         raise AssertionError(f"the flow never backed off: {st}")
-    start = st["total_retrans"]
-    while _cmd(sender, "info")["total_retrans"] == start:
+    while (now := _cmd(sender, "info"))[counter] == st[counter]:
         time.sleep(0.01)
+    return now
+
+
+# timer -> (sender style, counter that moves when the timer fires)
+STALLS = {"retransmission": ("bulk", "total_retrans"), "probe": ("bursty", "probes")}
+ADDRS = {4: ("10.77.0.1", "10.77.0.2", 24), 6: ("2001:db8:77::1", "2001:db8:77::2", 64)}
 
 
 @pytest.mark.netns
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces)")
-@pytest.mark.parametrize("family", [4])  # Linux has RFC 6069 for IPv4 only
+@pytest.mark.parametrize(
+    "timer,family",
+    [("retransmission", 4), ("probe", 4), ("probe", 6)],  # no RFC 6069 in IPv6's TCP
+)
 @pytest.mark.parametrize("prompted", [True, False], ids=["prompt", "no-prompt"])
-def test_a_prompt_makes_a_backed_off_flow_retransmit_now(family: int, prompted: bool) -> None:
-    a_addr, b_addr, plen = (
-        ("10.77.0.1", "10.77.0.2", 24) if family == 4 else ("2001:db8:77::1", "2001:db8:77::2", 64)
-    )
+def test_a_prompt_makes_a_stalled_flow_send_now(timer: str, family: int, prompted: bool) -> None:
+    a_addr, b_addr, plen = ADDRS[family]
+    style, counter = STALLS[timer]
     with topology("rto") as topo:
         a, b = topo.add_ns("a"), topo.add_ns("b")
         topo.link(a, "va", b, "vb")
@@ -163,17 +229,24 @@ def test_a_prompt_makes_a_backed_off_flow_retransmit_now(family: int, prompted: 
         sender = None
         try:
             assert read_line(server, 10) == "listening"
-            sender = py(a, "-c", SENDER, b_addr, "va")
+            sender = py(a, "-c", SENDER, b_addr, "va", style)
             assert read_line(sender, 10) == "ready"
-            # The path goes away: b drops the flow's segments; a's timer backs off.
-            b.run(
-                "nft",
-                "add table inet rtotest; add chain inet rtotest in "
-                "{ type filter hook input priority 0; }; "
-                "add rule inet rtotest in tcp dport 5000 drop",
-            )
-            _stall(sender)
-            b.run("nft", "delete table inet rtotest")  # the path is back
+            if timer == "retransmission":  # the peer goes silent: data stays in flight
+                b.run(
+                    "nft",
+                    "add table inet rtotest; add chain inet rtotest in "
+                    "{ type filter hook input priority 0; }; "
+                    "add rule inet rtotest in tcp dport 5000 drop",
+                )
+            else:  # no route at all: new data never leaves
+                time.sleep(0.02)  # between bursts, all acknowledged
+                a.ip("route", "del", _net(family), "dev", "va")
+            stalled = _stall(sender, counter)
+            assert (stalled["retransmits"] > 0) == (timer == "retransmission"), stalled
+            if timer == "retransmission":
+                b.run("nft", "delete table inet rtotest")  # the path is back
+            else:
+                a.ip("route", "add", _net(family), "dev", "va")
             res = _cmd(sender, "prompt" if prompted else "wait")
         finally:
             for p in (sender, server):
@@ -181,16 +254,20 @@ def test_a_prompt_makes_a_backed_off_flow_retransmit_now(family: int, prompted: 
                     p.kill()
                     p.wait()
     before, after = res["before"], res["after"]
-    assert before["rto_us"] >= 3_000_000, res
+    assert before["rto_us"] >= 200_000 and before["backoff"] >= 4, res
     if prompted:
         assert res["prompted"] == 1, res
-        assert after["total_retrans"] > before["total_retrans"], res
-        assert after["backoff"] < before["backoff"], res
+        assert after["bytes_acked"] > before["bytes_acked"], res
     else:
         # The control: left alone, the flow waits for its (seconds-long) timer.
-        assert res["prompted"] == 0 and after["total_retrans"] == before["total_retrans"], res
+        assert res["prompted"] == 0 and after["bytes_acked"] == before["bytes_acked"], res
 
 
-def test_ipv6_flows_are_left_to_their_timers() -> None:
-    # Linux's tcp_v6_err has no RFC 6069 revert: nothing is sent, nothing is asked.
-    assert prompt([(V6, 1)]) == 0
+def _net(family: int) -> str:
+    return "10.77.0.0/24" if family == 4 else "2001:db8:77::/64"
+
+
+def test_ipv6_flows_in_retransmission_backoff_get_nothing() -> None:
+    # Linux's tcp_v6_err has no RFC 6069 revert: nothing to send (remedy NONE).
+    assert remedy(FlowSeq(V6, 1, 2), _p(5, 5)) is Remedy.NONE
+    assert prompt([]) == 0
