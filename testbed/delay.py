@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from testbed.netns import CommandError, Namespace
+from testbed.netns import CommandError, Namespace, read_line
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_QUEUE = 7
@@ -377,24 +377,20 @@ def emulate(
 
 
 def _wait_ready(proc: subprocess.Popen[bytes], timeout: float) -> None:
-    import select
-
     assert proc.stderr is not None
     deadline = time.monotonic() + timeout
-    buf = b""
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([proc.stderr], [], [], max(deadline - time.monotonic(), 0))
-        if not ready:
+    seen = b""
+    while True:
+        line, rest = read_line(proc.stderr, max(deadline - time.monotonic(), 0))
+        if line is None:
+            seen += rest
             break
-        chunk = os.read(proc.stderr.fileno(), 4096)
-        if not chunk:
-            break
-        buf += chunk
-        if b"ready\n" in buf:
+        if line.endswith("ready"):
             return
+        seen += line.encode() + b"\n"
     proc.kill()
     _, err = proc.communicate()
-    raise CommandError(f"delay line did not start: {(buf + err).decode(errors='replace')[-800:]}")
+    raise CommandError(f"delay line did not start: {(seen + err).decode(errors='replace')[-800:]}")
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ import argparse
 import contextlib
 import json
 import os
-import select
 import shutil
 import signal
 import subprocess
@@ -39,6 +38,7 @@ from typing import Any
 
 from testbed.fig7 import V4, V6, Fig7, Plan
 from testbed.netns import CommandError, Namespace, topology
+from testbed.netns import read_line as pipe_line
 
 ROOT = Path(__file__).resolve().parent.parent
 XFER = str(ROOT / "testbed" / "xfer.py")
@@ -244,18 +244,9 @@ class Handoff:
 def read_line(proc: subprocess.Popen[bytes], timeout: float) -> str:
     """One stderr line of ``proc``; DemoError after ``timeout`` seconds or at EOF."""
     assert proc.stderr is not None
-    deadline = time.monotonic() + timeout
-    buf = b""
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([proc.stderr], [], [], max(deadline - time.monotonic(), 0))
-        if not ready:
-            break
-        ch = os.read(proc.stderr.fileno(), 1)
-        if not ch:
-            break
-        if ch == b"\n":
-            return buf.decode(errors="replace")
-        buf += ch
+    line, buf = pipe_line(proc.stderr, timeout)
+    if line is not None:
+        return line
     raise DemoError(f"{proc.args!r}: no line within {timeout:.0f} s ({buf!r})")
 
 

@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import shlex
 import subprocess
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import IO, Any
 
 PREFIX = "dm"
 
@@ -46,6 +48,24 @@ def sweep_stale() -> list[str]:
             _run(["ip", "netns", "del", name], check=False)
             removed.append(name)
     return removed
+
+
+def read_line(pipe: IO[bytes], timeout: float) -> tuple[str | None, bytes]:
+    """One line from a child's pipe within ``timeout`` seconds: (line without its
+    newline, b"") or, at timeout or EOF, (None, what was read)."""
+    deadline = time.monotonic() + timeout
+    buf = b""
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([pipe], [], [], max(deadline - time.monotonic(), 0))
+        if not ready:
+            break
+        ch = os.read(pipe.fileno(), 1)
+        if not ch:
+            break
+        if ch == b"\n":
+            return buf.decode(errors="replace"), b""
+        buf += ch
+    return None, buf
 
 
 @dataclass

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import select
 import subprocess
 import sys
 import time
@@ -13,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from testbed.netns import Namespace
+from testbed.netns import read_line as netns_read_line
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -37,18 +37,9 @@ def read_line(proc: subprocess.Popen[bytes], timeout: float, stream: str = "stdo
     """One line from the process, or AssertionError after ``timeout`` seconds."""
     pipe = proc.stdout if stream == "stdout" else proc.stderr
     assert pipe is not None
-    deadline = time.monotonic() + timeout
-    buf = b""
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([pipe], [], [], max(deadline - time.monotonic(), 0))
-        if not ready:
-            break
-        ch = os.read(pipe.fileno(), 1)
-        if not ch:
-            break
-        if ch == b"\n":
-            return buf.decode()
-        buf += ch
+    line, buf = netns_read_line(pipe, timeout)
+    if line is not None:
+        return line
     raise AssertionError(f"no line from {proc.args!r} within {timeout}s (got {buf!r})")
 
 

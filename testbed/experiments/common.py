@@ -101,6 +101,27 @@ def write_result(
     return path
 
 
+#: How the experiments without shaping or delay describe their links (``write_result``).
+UNSHAPED = {"link": "unshaped veth (no rate limit)", "delay_ms": 0, "delay": "none added"}
+
+
+def pyplot() -> Any:
+    """matplotlib's pyplot, drawing to files only (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig: Any, path: Path) -> None:
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    pyplot().close(fig)
+
+
 def progress(text: str) -> None:
     """One live status line on the terminal (overwritten by the next one)."""
     if sys.stderr.isatty():

@@ -23,11 +23,14 @@ from testbed.experiments.common import (
     DIME,
     PYTHON,
     ROOT,
+    UNSHAPED,
     RunContext,
     dime_on,
     median,
     progress,
     progress_done,
+    pyplot,
+    save_figure,
     write_result,
 )
 from testbed.experiments.scalability import (
@@ -200,17 +203,14 @@ def run(ctx: RunContext) -> Path:
     }
     path = write_result(
         ctx, NAME, config, results,
-        link="unshaped veth (no rate limit)", delay_ms=0, delay="none added",
+        **UNSHAPED,
     )  # fmt: skip
     plot(results, ctx.out / f"{NAME}.png", ctx.smoke)
     return path
 
 
 def plot(results: dict[str, Any], path: Path, smoke: bool) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     xs = list(range(len(MODES)))
@@ -244,10 +244,7 @@ def plot(results: dict[str, Any], path: Path, smoke: bool) -> None:
     axes[0].set_title(f"memory, idle vs {n:,} flows", fontsize=9)
     axes[1].set_title(f"CPU, idle vs {n:,} flows", fontsize=9)
     fig.suptitle("dime footprint" + (" [smoke]" if smoke else ""))
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def report(doc: dict[str, Any], out: Path, md_dir: Path) -> str:

@@ -68,6 +68,8 @@ from testbed.experiments.common import (
     ping_rtt_ms,
     progress,
     progress_done,
+    pyplot,
+    save_figure,
     start_dime,
     write_result,
 )
@@ -656,10 +658,7 @@ LABELS = {"dime": "dime", "mptcp": "MPTCP (kernel)", "tcp": "plain TCP"}
 def plot(
     summary: dict[str, Any], timing: Timing, path: Path, rtt: float | None, em: dict[str, Any]
 ) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), sharey=True)
     for ax, handoff in zip(axes, ("soft", "hard"), strict=True):
@@ -698,10 +697,7 @@ def plot(
         f"({em.get('delay_mode', '?')} delay)",
         fontsize=10,
     )
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def _yes(ok: bool) -> str:

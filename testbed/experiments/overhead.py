@@ -32,6 +32,8 @@ from testbed.experiments.common import (
     ping_rtt_ms,
     progress,
     progress_done,
+    pyplot,
+    save_figure,
     write_result,
 )
 from testbed.experiments.scalability import machine_line, plot_path, smoke_note
@@ -200,10 +202,7 @@ def run(ctx: RunContext) -> Path:
 
 
 def plot(results: dict[str, Any], path: Path, smoke: bool) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     keys = list(results)
     fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.8))
@@ -221,10 +220,7 @@ def plot(results: dict[str, Any], path: Path, smoke: bool) -> None:
         ax.grid(axis="y", alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle("Throughput overhead, iperf3 TCP MH -> CH" + (" [smoke]" if smoke else ""))
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def report(doc: dict[str, Any], out: Path, md_dir: Path) -> str:

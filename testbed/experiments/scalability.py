@@ -42,6 +42,7 @@ from typing import Any
 
 from testbed.experiments.common import (
     PYTHON,
+    UNSHAPED,
     DimeProc,
     RunContext,
     dime_on,
@@ -53,6 +54,8 @@ from testbed.experiments.common import (
     ping_rtt_ms,
     progress,
     progress_done,
+    pyplot,
+    save_figure,
     write_result,
 )
 from testbed.fig7 import V4, Fig7
@@ -670,7 +673,7 @@ def run(ctx: RunContext) -> Path:
     }
     path = write_result(
         ctx, NAME, config, results,
-        link="unshaped veth (no rate limit)", delay_ms=0, delay="none added",
+        **UNSHAPED,
         rtt_ms=round(mean(rtts), 3) if rtts else None,
     )  # fmt: skip
     plot(results, levels, ctx.out / f"{NAME}.png", ctx.smoke)
@@ -685,10 +688,7 @@ def _ratio_at(mode_res: dict[str, Any], n: int) -> float | None:
 
 
 def plot(results: dict[str, Any], levels: tuple[int, ...], path: Path, smoke: bool) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
     xs = list(range(len(levels)))
@@ -724,10 +724,7 @@ def plot(results: dict[str, Any], levels: tuple[int, ...], path: Path, smoke: bo
         + (" [smoke]" if smoke else ""),
         fontsize=10,
     )
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def report(doc: dict[str, Any], out: Path, md_dir: Path) -> str:

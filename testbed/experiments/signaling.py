@@ -33,11 +33,14 @@ from typing import Any
 from testbed.experiments.common import (
     DIME,
     PYTHON,
+    UNSHAPED,
     DimeProc,
     RunContext,
     mean,
     progress,
     progress_done,
+    pyplot,
+    save_figure,
     write_result,
 )
 from testbed.experiments.scalability import (
@@ -462,17 +465,14 @@ def run(ctx: RunContext) -> Path:
     }
     path = write_result(
         ctx, NAME, config, results,
-        link="unshaped veth (no rate limit)", delay_ms=0, delay="none added",
+        **UNSHAPED,
     )  # fmt: skip
     plot(results, ctx.out / f"{NAME}.png", ctx.smoke)
     return path
 
 
 def plot(results: dict[str, Any], path: Path, smoke: bool) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for ax, key, xkey, xlabel in (
@@ -494,10 +494,7 @@ def plot(results: dict[str, Any], path: Path, smoke: bool) -> None:
         ax.grid(axis="y", alpha=0.3)
         ax.legend(fontsize=8, loc="upper left")
     fig.suptitle("IHMP signaling per MH handoff" + (" [smoke]" if smoke else ""), fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def report(doc: dict[str, Any], out: Path, md_dir: Path) -> str:
