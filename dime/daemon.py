@@ -421,7 +421,7 @@ class Daemon:
         counters["packets_translated_in_user_space"] = translated
         if service is not None:
             counters["packets_queued"] = sum(q.packets for q in service.queues)
-            counters["tcp_flows_prompted"] = service.flows_prompted
+            counters["tcp_flows_prompted"] = sum(service.prompts.values())
         return {
             "pid": os.getpid(),
             "uptime": round(time.time() - self.started_at, 1),

@@ -36,6 +36,7 @@ import enum
 import logging
 import socket
 import struct
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
@@ -195,16 +196,17 @@ def _key_of(msg: Mapping[str, object]) -> FlowKey | None:
         return None
 
 
-def prompt(flows: Iterable[FlowSeq]) -> int:
-    """Make the stalled TCP flows among ``flows`` send now (see the module's
-    docstring). Returns how many were prompted. Blocking (sock_diag): use a thread.
+def prompt(flows: Iterable[FlowSeq]) -> Counter[Remedy]:
+    """Give each TCP flow of a host whose path changed what makes it send now (see
+    the module's docstring). Returns how many flows got each remedy. Blocking
+    (sock_diag): call it from a thread.
     """
     wanted = {f.key: f for f in flows}
+    done: Counter[Remedy] = Counter()
     if not wanted:
-        return 0
+        return done
     progress = tcp_progress(wanted)
     log.debug("timer state of %d flows: %s", len(wanted), progress)
-    sent = 0
     with _RawSockets() as socks:
         for key, p in progress.items():
             flow = wanted[key]
@@ -212,25 +214,27 @@ def prompt(flows: Iterable[FlowSeq]) -> int:
             if what is Remedy.NONE:
                 continue
             try:
-                if what is Remedy.REVERT:
-                    msg = revert_message(key, snd_una(flow.isn, p.bytes_acked))
-                    for _ in range(min(p.backoff, MAX_STEPS)):
-                        socks.icmp(key.local.version).sendto(msg, (str(key.local), 0))
-                else:
-                    assert flow.peer_isn is not None
-                    pkt = ack_packet(
-                        key,
-                        rcv_nxt(flow.peer_isn, p.bytes_received),
-                        snd_una(flow.isn, p.bytes_acked),
-                        min(p.snd_wnd >> p.snd_wscale, 0xFFFF),
-                    )
-                    socks.raw(key.local.version).sendto(pkt, (str(key.local), 0))
+                _apply(what, flow, p, socks)
             except OSError as exc:
                 log.warning("could not prompt %s: %s", key, exc)
                 continue
             log.info("prompted %s to send (%s, backoff %d)", key, what.value, p.backoff)
-            sent += 1
-    return sent
+            done[what] += 1
+    return done
+
+
+def _apply(what: Remedy, flow: FlowSeq, p: TcpProgress, socks: _RawSockets) -> None:
+    key, dst = flow.key, (str(flow.key.local), 0)
+    una = snd_una(flow.isn, p.bytes_acked)
+    if what is Remedy.REVERT:
+        msg = revert_message(key, una)
+        for _ in range(min(p.backoff, MAX_STEPS)):
+            socks.icmp(key.local.version).sendto(msg, dst)
+        return
+    assert flow.peer_isn is not None
+    nxt = rcv_nxt(flow.peer_isn, p.bytes_received)
+    pkt = ack_packet(key, nxt, una, min(p.snd_wnd >> p.snd_wscale, 0xFFFF))
+    socks.raw(key.local.version).sendto(pkt, dst)
 
 
 class _RawSockets:

@@ -13,6 +13,7 @@ import contextlib
 import enum
 import logging
 import os
+from collections import Counter
 from collections.abc import Callable, Container
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address
@@ -24,7 +25,7 @@ from stacktrans.nft import Nft, NftError, NftTable, QueueSpec
 from stacktrans.packet_path import PacketPath
 from stacktrans.queue import PacketQueue, QueueError
 from stacktrans.queue_rules import XtQueueRules, nft_queue_supported
-from stacktrans.rto_revert import FlowSeq
+from stacktrans.rto_revert import FlowSeq, Remedy
 from stacktrans.socket_table import TCP, FlowKey, SocketEntry
 from stacktrans.translator import Translator
 
@@ -111,7 +112,7 @@ class StackTransService:
         on_residue: Callable[[Residue], None] = lambda r: None,
         existing_flows: Callable[[], list[FlowKey]] | None = None,
         alive_flows: Callable[[], Container[FlowKey]] | None = None,
-        prompt_retransmit: Callable[[list[FlowSeq]], int] | None = None,
+        prompt_retransmit: Callable[[list[FlowSeq]], Counter[Remedy]] | None = None,
     ) -> None:
         """``existing_flows``, ``alive_flows`` and ``prompt_retransmit`` reach into the
         kernel (sock_diag, raw sockets; see :mod:`stacktrans.adopt`,
@@ -128,7 +129,7 @@ class StackTransService:
         self._prompt_retransmit = prompt_retransmit
         self._stalled_hids: set[int] = set()
         self._prompt_task: asyncio.Task[None] | None = None
-        self.flows_prompted = 0  # stalled TCP flows told to retransmit (status counter)
+        self.prompts: Counter[Remedy] = Counter()  # what rto_revert did (status counters)
         self.mode = config.mode
         self.nft: Nft | None = None
         self.kernel: NftTable | None = None
@@ -340,13 +341,13 @@ class StackTransService:
             if not flows:
                 continue
             try:
-                n = await asyncio.to_thread(self._prompt_retransmit, flows)
+                done = await asyncio.to_thread(self._prompt_retransmit, flows)
             except Exception:
-                log.exception("prompting stalled TCP flows failed")
+                log.exception("prompting TCP flows failed")
                 continue
-            if n:
-                self.flows_prompted += n
-                log.info("%d stalled TCP flows prompted to send", n)
+            self.prompts.update(done)
+            if done:
+                log.info("%d stalled TCP flows prompted to send", sum(done.values()))
 
     def _host_gone(self, flows: list[SocketEntry]) -> None:
         # The nft reject path answers the next packet; destroying the TCP sockets

@@ -161,7 +161,7 @@ for line in sys.stdin:
     elif cmd in ("prompt", "wait"):
         before = info()
         t0 = time.monotonic()
-        n = prompt([flow]) if cmd == "prompt" else 0
+        n = sum(prompt([flow]).values()) if cmd == "prompt" else 0
         after = info()
         while after["bytes_acked"] == before["bytes_acked"] and time.monotonic() - t0 < 0.5:
             time.sleep(0.005)
@@ -270,4 +270,4 @@ def _net(family: int) -> str:
 def test_ipv6_flows_in_retransmission_backoff_get_nothing() -> None:
     # Linux's tcp_v6_err has no RFC 6069 revert: nothing to send (remedy NONE).
     assert remedy(FlowSeq(V6, 1, 2), _p(5, 5)) is Remedy.NONE
-    assert prompt([]) == 0
+    assert not prompt([])
