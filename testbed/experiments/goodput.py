@@ -821,8 +821,15 @@ def report(doc: dict[str, Any], out: Path, md_dir: Path) -> str:
         lines += [
             "",
             "dime's own reaction on the MH (its log; median from the same reference "
-            "time): " + "; ".join(react) + ". The rest of a gap is the time TCP took to "
-            "send again (retransmission timer, with its backoff) and to ramp up.",
+            "time): " + "; ".join(react) + ". The rest of a gap is TCP's: after a hard "
+            "handoff its retransmission timer had backed off for 5 s, and dime prompts "
+            "it to retransmit at once when the CH acknowledges the new address "
+            "(`stacktrans/rto_revert.py`, RFC 6069); TCP then restarts from a window of "
+            "one segment and needs a few round trips to carry half its earlier rate. "
+            "After a soft handoff the packets and ACKs in flight on the old address "
+            "when it goes are lost, and TCP notices at its retransmission timeout "
+            "(at least 200 ms + RTT here) that nothing prompts earlier: the timer has "
+            "not backed off yet.",
         ]
     lines += ["", "### Goals", "", "| goal | soft | hard |", "|---|---|---|"]
     rows = (
