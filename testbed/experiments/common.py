@@ -15,6 +15,7 @@ import datetime
 import json
 import os
 import platform
+import select
 import shlex
 import subprocess
 import sys
@@ -266,3 +267,40 @@ def ping_rtt_ms(ns: Namespace, addr: str, count: int = 5) -> float:
         if "min/avg/max" in line:
             return float(line.split("=")[1].split("/")[1])
     return float("nan")
+
+
+# -- helper processes and reports ------------------------------------------------------
+
+
+def read_reply(proc: subprocess.Popen[str], timeout: float, what: str) -> str:
+    """One line from a helper's stdout, within ``timeout`` seconds."""
+    assert proc.stdout is not None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([proc.stdout], [], [], 1.0)
+        if ready:
+            line = proc.stdout.readline()
+            if line:
+                return line
+            break
+        if proc.poll() is not None:
+            break
+    raise RuntimeError(f"{proc.args!r} did not answer {what!r}")
+
+
+def plot_path(out: Path, md_dir: Path, name: str) -> str:
+    return os.path.relpath((out / name).resolve(), md_dir.resolve())
+
+
+def machine_line(meta: dict[str, Any]) -> str:
+    m = meta["machine"]
+    return (
+        f"{m['cpu'] or m['arch']} ({m['cpus']} CPUs), Linux {m['kernel']}, "
+        f"Python {m['python']}; {meta['date']}"
+    )
+
+
+def smoke_note(meta: dict[str, Any]) -> list[str]:
+    if meta.get("smoke"):
+        return ["*Smoke run: tiny sizes and one short run; the figures are not meaningful.*", ""]
+    return []

@@ -26,24 +26,24 @@ from testbed.experiments.common import (
     UNSHAPED,
     RunContext,
     dime_on,
+    machine_line,
     median,
+    plot_path,
     progress,
     progress_done,
     pyplot,
+    read_reply,
     save_figure,
+    smoke_note,
     write_result,
 )
 from testbed.experiments.scalability import (
     SEED_LPORT,
     Flows,
     ProcCpu,
-    _readline,
     cpu_meter,
     established,
-    machine_line,
-    plot_path,
     sink,
-    smoke_note,
     status,
     wait_status,
 )
@@ -108,11 +108,11 @@ def startup_times(ctx: RunContext, mode: str) -> dict[str, Any]:
                 stderr=subprocess.DEVNULL, text=True,
             )  # fmt: skip
             try:
-                times.append(json.loads(_readline(helper, 90, "start-up"))["ready_s"])
+                times.append(json.loads(read_reply(helper, 90, "start-up"))["ready_s"])
                 assert helper.stdin is not None
                 helper.stdin.write("stop\n")
                 helper.stdin.flush()
-                _readline(helper, 60, "stop")
+                read_reply(helper, 60, "stop")
             finally:
                 if helper.poll() is None:
                     helper.kill()

@@ -63,6 +63,7 @@ from testbed.delay import Emulation, emulate
 from testbed.experiments.common import (
     DimeProc,
     RunContext,
+    machine_line,
     mean,
     median,
     ping_rtt_ms,
@@ -709,7 +710,6 @@ def report(doc: dict[str, Any], out: Path, md_dir: Path) -> str:
     s, cmp_ = res["summary"], res["comparisons"]
     rtt = res["rtt_ms"]["mean"]
     goal_gap = cmp_["goal_gap_s"]
-    m = meta["machine"]
     png = out / f"{NAME}.png"
     try:
         rel = png.resolve().relative_to(md_dir.resolve())
@@ -729,8 +729,7 @@ def report(doc: dict[str, Any], out: Path, md_dir: Path) -> str:
         f"{cfg['runs']} run(s) of each, a fresh topology for each run.",
         "",
         f"* Command: `{meta['command']}`",
-        f"* Machine: {m['cpu']} ({m['cpus']} CPUs), Linux {m['kernel']}, "
-        f"Python {m['python']}; {meta['date']}",
+        f"* Machine: {machine_line(meta)}",
         f"* Link: tbf {cfg.get('rate_mbit')} Mbit/s on the router's egress (queue "
         f"{cfg.get('tbf_latency_ms')} ms); delay {cfg.get('one_way_delay_ms')} ms per "
         f"crossing of the router by `{cfg.get('delay_mode')}`"

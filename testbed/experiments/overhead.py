@@ -28,15 +28,17 @@ from testbed.experiments.common import (
     dime_on,
     iperf3_client,
     iperf3_json,
+    machine_line,
     mean,
     ping_rtt_ms,
+    plot_path,
     progress,
     progress_done,
     pyplot,
     save_figure,
+    smoke_note,
     write_result,
 )
-from testbed.experiments.scalability import machine_line, plot_path, smoke_note
 from testbed.experiments.signaling import moves
 from testbed.fig7 import V4, Fig7
 from testbed.netns import Namespace, topology

@@ -49,13 +49,17 @@ from testbed.experiments.common import (
     iperf3_client,
     iperf3_json,
     iperf3_server,
+    machine_line,
     mean,
     median,
     ping_rtt_ms,
+    plot_path,
     progress,
     progress_done,
     pyplot,
+    read_reply,
     save_figure,
+    smoke_note,
     write_result,
 )
 from testbed.fig7 import V4, Fig7
@@ -140,22 +144,6 @@ def wait_queues(ns: Namespace, timeout: float = 120.0) -> bool:
     return False
 
 
-def _readline(proc: subprocess.Popen[str], timeout: float, what: str) -> str:
-    """One line from a helper's stdout, within ``timeout`` seconds."""
-    assert proc.stdout is not None
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([proc.stdout], [], [], 1.0)
-        if ready:
-            line = proc.stdout.readline()
-            if line:
-                return line
-            break
-        if proc.poll() is not None:
-            break
-    raise RuntimeError(f"flow holder did not answer {what!r}")
-
-
 class Flows:
     """``n`` real UDP flows from ``ns`` (bound to ``bind``) to ``dst``, held open by
     helper processes (each stays below its RLIMIT_NOFILE hard limit)."""
@@ -182,7 +170,7 @@ class Flows:
         assert proc.stdin is not None
         proc.stdin.write(line + "\n")
         proc.stdin.flush()
-        return _readline(proc, timeout, line)
+        return read_reply(proc, timeout, line)
 
     def _spawn(self) -> tuple[subprocess.Popen[str], list[int]]:
         first = len(self)
@@ -201,7 +189,7 @@ class Flows:
             stderr=subprocess.DEVNULL,
             text=True,
         )
-        line = _readline(proc, 30, "start").split()
+        line = read_reply(proc, 30, "start").split()
         if len(line) != 2 or line[0] != "cap":
             raise RuntimeError(f"flow holder failed to start: {line!r}")
         self.cap = int(line[1])
@@ -438,24 +426,6 @@ def read_pcap(path: Path) -> list[Packet]:
             )
         )
     return out
-
-
-def plot_path(out: Path, md_dir: Path, name: str) -> str:
-    return os.path.relpath((out / name).resolve(), md_dir.resolve())
-
-
-def machine_line(meta: dict[str, Any]) -> str:
-    m = meta["machine"]
-    return (
-        f"{m['cpu'] or m['arch']} ({m['cpus']} CPUs), Linux {m['kernel']}, "
-        f"Python {m['python']}; {meta['date']}"
-    )
-
-
-def smoke_note(meta: dict[str, Any]) -> list[str]:
-    if meta.get("smoke"):
-        return ["*Smoke run: tiny sizes and one short run; the figures are not meaningful.*", ""]
-    return []
 
 
 # == the experiment =======================================================================

@@ -36,19 +36,19 @@ from testbed.experiments.common import (
     UNSHAPED,
     DimeProc,
     RunContext,
+    machine_line,
     mean,
+    plot_path,
     progress,
     progress_done,
     pyplot,
+    read_reply,
     save_figure,
+    smoke_note,
     write_result,
 )
 from testbed.experiments.scalability import (
     Capture,
-    _readline,
-    machine_line,
-    plot_path,
-    smoke_note,
 )
 from testbed.fig7 import V4, Fig7, Subnet
 from testbed.netns import Namespace, Topology, topology
@@ -331,7 +331,7 @@ def run_config(ctx: RunContext, k: int, per: int, handoffs: int) -> dict[str, An
                     )  # fmt: skip
                     servers.append(s)
                 for s in servers:
-                    _readline(s, 30, "echo server start")
+                    read_reply(s, 30, "echo server start")
                 progress(f"{NAME}: {label}: opening {k * per} connection(s)")
                 t_open = time.monotonic()
                 client = mh.popen(
@@ -339,7 +339,7 @@ def run_config(ctx: RunContext, k: int, per: int, handoffs: int) -> dict[str, An
                     stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                     stderr=subprocess.PIPE, text=True,
                 )  # fmt: skip
-                ready = _readline(client, 120, "connections").split()
+                ready = read_reply(client, 120, "connections").split()
                 res["connections"] = int(ready[1])
                 res["open_s"] = round(time.monotonic() - t_open, 2)
                 # Every correspondent known and its HELLO exchange over.
@@ -422,7 +422,7 @@ def one_handoff(
     assert client.stdin is not None
     client.stdin.write("check\n")
     client.stdin.flush()
-    alive = int(_readline(client, 60, "echo check").split()[1])
+    alive = int(read_reply(client, 60, "echo check").split()[1])
     counters = [sent(a) - sent(b) for a, b in zip(after, before, strict=True)]
     return {
         "from": fsub.host,
