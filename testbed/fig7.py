@@ -8,10 +8,25 @@ address away with its link and brings up the other subnet, as a laptop changing
 networks would. Addresses are documentation ranges only.
 
     CH =(c1 192.0.2.0/25 | c2 192.0.2.128/25)= R =(m1 198.51.100.0/24 | m2 203.0.113.0/24)= MH
+
+The paper's two routers and the switch joining them are one router namespace here:
+R1's subnet (m1) and R2's (m2) are two of R's links, and R forwards between them
+and the CH as the switch and the two routers would.
+
+As a command, for trying dime by hand (``ip netns exec fig7-mh dime up`` ...)::
+
+    python -m testbed.fig7 up [--ipv6]     # namespaces fig7-ch, fig7-r, fig7-mh
+    python -m testbed.fig7 down            # removes them, whatever runs inside
+
+``up`` removes what it built if building fails or is interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
 
+import argparse
+import os
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -118,3 +133,66 @@ class Fig7:
         if gap:
             time.sleep(gap)
         self.attach(self.ch, "c2", self.plan.c2)
+
+
+# -- as a command ------------------------------------------------------------------------
+
+NAME_PREFIX = "fig7"
+SHORT_NAMES = ("ch", "r", "mh")
+
+
+def up(plan: Plan) -> Fig7:
+    """Build the testbed with fixed names; on any failure (or Ctrl-C), remove it."""
+    topo = Topology(name_prefix=NAME_PREFIX)
+    try:
+        return Fig7.build(topo, plan)
+    except BaseException:
+        topo.close()
+        raise
+
+
+def down() -> list[str]:
+    """Remove the namespaces ``up`` made (killing what runs in them); their names."""
+    topo = Topology(name_prefix=NAME_PREFIX)
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    present = {line.split()[0] for line in listed.splitlines() if line.strip()}
+    for short in SHORT_NAMES:
+        if f"{NAME_PREFIX}-{short}" in present:
+            topo.namespaces[short] = Namespace(f"{NAME_PREFIX}-{short}")
+    gone = [ns.name for ns in topo.namespaces.values()]
+    topo.close()
+    return gone
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m testbed.fig7", description="Build or remove the Fig. 7 testbed."
+    )
+    p.add_argument("action", choices=("up", "down"))
+    p.add_argument("--ipv6", action="store_true", help="IPv6 addresses instead of IPv4")
+    a = p.parse_args(argv)
+    if os.geteuid() != 0:
+        p.error("must run as root (it creates network namespaces)")
+    if a.action == "down":
+        gone = down()
+        print(f"removed {', '.join(gone)}" if gone else "nothing to remove")
+        return 0
+    if down():
+        print("removed an earlier fig7 testbed first", file=sys.stderr)
+    fig = up(V6 if a.ipv6 else V4)
+    pl = fig.plan
+    print(
+        f"fig7 up: CH {pl.c1.host} ({fig.ch.name}), router {fig.r.name}, "
+        f"MH {pl.m1.host} on m1 ({fig.mh.name}); m2 ({pl.m2.host}) and c2 are down.\n"
+        f"Try: ip netns exec {fig.mh.name} dime up   (and the same in {fig.ch.name})\n"
+        f"Move the MH: ip -n {fig.mh.name} addr del {pl.m1.host_cidr()} dev m1; "
+        f"ip -n {fig.mh.name} link set m2 up; "
+        f"ip -n {fig.mh.name} addr add {pl.m2.host_cidr()} dev m2; "
+        f"ip -n {fig.mh.name} route replace default via {pl.m2.router}\n"
+        "Remove: python -m testbed.fig7 down"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -105,9 +105,12 @@ class Topology:
     tag: str = "t"
     namespaces: dict[str, Namespace] = field(default_factory=dict)
     _links: int = 0
+    #: Fixed namespace names ``<name_prefix>-<short>`` instead of per-process ones,
+    #: for a topology that outlives its process (``python -m testbed.fig7 up``).
+    name_prefix: str | None = None
 
     def __post_init__(self) -> None:
-        self._prefix = f"{PREFIX}-{os.getpid()}-{self.tag}"
+        self._prefix = self.name_prefix or f"{PREFIX}-{os.getpid()}-{self.tag}"
 
     def __enter__(self) -> Topology:
         return self
