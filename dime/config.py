@@ -10,6 +10,7 @@
                                 # the environment's DIME_STATE_DIR overrides the default)
     handoff_window = 1.0        # s: an address lost and another gained within it is a handoff
     sweep_interval = 2.0        # s: how often ended flows are dropped from the socket table
+                                # (at most; with many flows a sweep waits 20x its own cost)
     queue_out = 4731            # NFQUEUE numbers (outbound, inbound)
     queue_in = 4732
     adopt_existing = true       # take over connections opened before dime started

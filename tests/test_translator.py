@@ -7,6 +7,7 @@ from typing import Any
 
 from dime.hid_table import HidState, HidTable
 from stacktrans.nft import NftTable
+from stacktrans.service import SWEEP_DUTY, sweep_delay
 from stacktrans.socket_table import TCP, UDP, FlowKey
 from stacktrans.translation import HidTranslation
 from stacktrans.translator import Translator
@@ -121,3 +122,8 @@ def test_removed_hid_fails_its_flows() -> None:
     assert [e.key.lport for e in failed] == [40000]
     assert len(tr.sockets) == 0
     assert any("add element inet dime dead4" in b for b in nft.batches)
+
+
+def test_a_costly_sweep_waits_longer_before_the_next() -> None:
+    assert sweep_delay(2.0, 0.01) == 2.0  # cheap: the configured interval
+    assert sweep_delay(2.0, 1.5) == 1.5 * SWEEP_DUTY  # 1.5 s of work: 1/20 of a core
