@@ -39,14 +39,13 @@ import struct
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv6Address
 
 from stacktrans.adopt import diag_flow
+from stacktrans.rewrite import checksum
 from stacktrans.socket_table import TCP, FlowKey
 
 log = logging.getLogger("dime.rto")
 
-IPAddress = IPv4Address | IPv6Address
 
 ICMP_DEST_UNREACH, ICMP_HOST_UNREACH = 3, 1
 ICMP6_DEST_UNREACH, ICMP6_ADDR_UNREACH = 1, 3
@@ -105,15 +104,6 @@ def rcv_nxt(peer_isn: int, bytes_received: int) -> int:
     return (peer_isn + 1 + bytes_received) & 0xFFFFFFFF
 
 
-def _checksum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return int(~total & 0xFFFF)
-
-
 def _quote(key: FlowKey, seq: int) -> bytes:
     """The head of a segment of ``key`` as the socket sent it: IP header + 8 bytes."""
     tcp8 = struct.pack("!HHI", key.lport, key.rport, seq)
@@ -121,7 +111,7 @@ def _quote(key: FlowKey, seq: int) -> bytes:
         ip = struct.pack(
             "!BBHHHBBH4s4s", 0x45, 0, 40, 0, 0x4000, 64, TCP, 0, key.local.packed, key.remote.packed
         )
-        ip = ip[:10] + struct.pack("!H", _checksum(ip)) + ip[12:]
+        ip = ip[:10] + struct.pack("!H", checksum(ip)) + ip[12:]
         return ip + tcp8
     # payload length 20: the quoted segment was at least a bare TCP header
     ip6 = struct.pack("!IHBB16s16s", 6 << 28, 20, TCP, 64, key.local.packed, key.remote.packed)
@@ -136,7 +126,7 @@ def revert_message(key: FlowKey, seq: int) -> bytes:
     quote = _quote(key, seq)
     if key.local.version == 4:
         head = struct.pack("!BBHI", ICMP_DEST_UNREACH, ICMP_HOST_UNREACH, 0, 0)
-        csum = _checksum(head + quote)
+        csum = checksum(head + quote)
         return head[:2] + struct.pack("!H", csum) + head[4:] + quote
     return struct.pack("!BBHI", ICMP6_DEST_UNREACH, ICMP6_ADDR_UNREACH, 0, 0) + quote
 
@@ -151,10 +141,10 @@ def ack_packet(key: FlowKey, seq: int, ack: int, window: int) -> bytes:
         pseudo = src + dst + struct.pack("!BBH", 0, TCP, len(tcp))
     else:
         pseudo = src + dst + struct.pack("!IxxxB", len(tcp), TCP)
-    tcp = tcp[:16] + struct.pack("!H", _checksum(pseudo + tcp)) + tcp[18:]
+    tcp = tcp[:16] + struct.pack("!H", checksum(pseudo + tcp)) + tcp[18:]
     if key.local.version == 4:
         ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp), 0, 0x4000, 64, TCP, 0, src, dst)
-        ip = ip[:10] + struct.pack("!H", _checksum(ip)) + ip[12:]
+        ip = ip[:10] + struct.pack("!H", checksum(ip)) + ip[12:]
     else:
         ip = struct.pack("!IHBB16s16s", 6 << 28, len(tcp), TCP, 64, src, dst)
     return ip + tcp

@@ -23,11 +23,11 @@ from scapy.layers.inet import IP
 from scapy.layers.inet import TCP as TCPLayer
 from scapy.layers.inet6 import IPv6
 
+from stacktrans.rewrite import checksum
 from stacktrans.rto_revert import (
     FlowSeq,
     Remedy,
     TcpProgress,
-    _checksum,
     ack_packet,
     prompt,
     rcv_nxt,
@@ -67,9 +67,9 @@ def test_remedy_follows_the_timer_that_backed_off() -> None:
 def test_ipv4_message_is_a_host_unreachable_quoting_the_segment() -> None:
     msg = revert_message(V4, 0xDEADBEEF)
     assert msg[:2] == bytes([3, 1])  # destination unreachable, host unreachable
-    assert _checksum(msg) == 0
+    assert checksum(msg) == 0
     ip = msg[8:28]
-    assert ip[0] == 0x45 and ip[9] == TCP and _checksum(ip) == 0
+    assert ip[0] == 0x45 and ip[9] == TCP and checksum(ip) == 0
     assert ip[12:16] == V4.local.packed and ip[16:20] == V4.remote.packed
     assert struct.unpack("!HHI", msg[28:36]) == (40000, 80, 0xDEADBEEF)
     assert len(msg) == 36
