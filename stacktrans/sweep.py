@@ -11,8 +11,8 @@ everywhere, which is what sockets and conntrack see.
 
 A sweep reads the kernel's text tables (``/proc/thread-self/net/{tcp,udp}{,6}`` and
 ``nf_conntrack``), not sock_diag and ctnetlink through pyroute2: at 9k UDP flows
-the text took 0.9 s of CPU and pyroute2's decoding 3.6 s (0.6 and 1.0 s for the
-sockets, 0.2 and 2.6 s for conntrack). Where a text table is missing (``nf_conntrack`` needs
+the text takes 0.65 s of CPU and pyroute2's decoding 3.8 s (sockets 0.4 vs 1.1 s,
+conntrack 0.2 vs 2.6 s; ``python -m testbed.sweep_cost``). Where a text table is missing (``nf_conntrack`` needs
 ``CONFIG_NF_CONNTRACK_PROCFS``) the netlink dumps are used; pyroute2 dumps IPv4
 conntrack only, so IPv6 UDP flows then have no idle timeout in ``nft`` mode.
 """
