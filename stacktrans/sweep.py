@@ -11,10 +11,11 @@ everywhere, which is what sockets and conntrack see.
 
 A sweep reads the kernel's text tables (``/proc/thread-self/net/{tcp,udp}{,6}`` and
 ``nf_conntrack``), not sock_diag and ctnetlink through pyroute2: at 9k UDP flows
-the text takes 0.65 s of CPU and pyroute2's decoding 3.8 s (sockets 0.4 vs 1.1 s,
-conntrack 0.2 vs 2.6 s; ``python -m testbed.sweep_cost``). Where a text table is missing (``nf_conntrack`` needs
-``CONFIG_NF_CONNTRACK_PROCFS``) the netlink dumps are used; pyroute2 dumps IPv4
-conntrack only, so IPv6 UDP flows then have no idle timeout in ``nft`` mode.
+the text takes 0.6 s of CPU and pyroute2's decoding 3.7 s (sockets 0.3 vs 1.0 s,
+conntrack 0.2 vs 2.6 s; ``python -m testbed.sweep_cost``). Where a text table is
+missing (``nf_conntrack`` needs ``CONFIG_NF_CONNTRACK_PROCFS``) the netlink dumps are
+used; pyroute2 dumps IPv4 conntrack only, so IPv6 UDP flows then have no idle
+timeout in ``nft`` mode.
 """
 
 from __future__ import annotations
