@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import socket
 import sys
 from collections.abc import Iterable, Mapping
@@ -144,8 +145,7 @@ def proc_flows(family: int, proto: int) -> list[Flow]:
     if family == socket.AF_INET6:
         name += "6"
     try:
-        with open(f"/proc/thread-self/net/{name}") as f:
-            lines = f.readlines()[1:]  # the first line names the columns
+        lines = read_proc_net(name)[1:]  # the first line names the columns
     except OSError as exc:
         log.warning("cannot read /proc net %s: %s", name, exc)
         return []
@@ -156,7 +156,14 @@ def proc_flows(family: int, proto: int) -> list[Flow]:
             _, local, remote, state = line.split()[:4]
             laddr, lport = local.split(":")
             raddr, rport = remote.split(":")
-            flow = _proc_flow(proto, int(state, 16), laddr, int(lport, 16), raddr, int(rport, 16))
+            flow = endpoint_flow(
+                proto,
+                int(state, 16),
+                proc_address(laddr),
+                int(lport, 16),
+                proc_address(raddr),
+                int(rport, 16),
+            )
         except (TypeError, ValueError) as exc:
             log.debug("skipping /proc line %r: %s", line, exc)
             continue
@@ -165,18 +172,35 @@ def proc_flows(family: int, proto: int) -> list[Flow]:
     return out
 
 
-def _proc_flow(
-    proto: int, state: int, laddr: str, lport: int, raddr: str, rport: int
+def endpoint_flow(
+    proto: int, state: int, local: IPAddress, lport: int, remote: IPAddress, rport: int
 ) -> Flow | None:
-    """:func:`diag_flow`'s rules on one /proc line's fields (a sweep reads 100k)."""
+    """:func:`diag_flow`'s rules on a socket's fields (a sweep checks 100k of them)."""
     if proto == IPPROTO_TCP and state not in TCP_ADOPT_STATES:
         return None
-    local, remote = _unmap(proc_address(laddr)), _unmap(proc_address(raddr))
+    local, remote = _unmap(local), _unmap(remote)
     if remote.is_unspecified or rport == 0 or local.is_unspecified:
         return None
     if local.is_loopback or remote.is_loopback:
         return None
     return Flow(proto=proto, local=local, lport=lport, remote=remote, rport=rport)
+
+
+def read_proc_net(name: str) -> list[str]:
+    """The lines of ``/proc/thread-self/net/<name>`` (OSError if unreadable).
+
+    Read in 4 MiB calls: the kernel restarts its walk of the socket (or conntrack)
+    table at every read() call, from the start of a hash chain, so the default 8 KiB
+    reads make listing 100k UDP sockets that share ports take tens of seconds.
+    """
+    fd = os.open(f"/proc/thread-self/net/{name}", os.O_RDONLY)
+    try:
+        chunks = []
+        while chunk := os.read(fd, 1 << 22):
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
+    return b"".join(chunks).decode("ascii", "replace").splitlines()
 
 
 @functools.lru_cache(maxsize=4096)

@@ -123,7 +123,7 @@ class StackTransService:
         on_new_hid: Callable[[int, IPAddress], None],
         on_residue: Callable[[Residue], None] = lambda r: None,
         existing_flows: Callable[[], list[FlowKey]] | None = None,
-        alive_flows: Callable[[], Container[FlowKey]] | None = None,
+        alive_flows: Callable[[bool], Container[FlowKey]] | None = None,
         prompt_retransmit: Callable[[list[FlowSeq]], Counter[Remedy]] | None = None,
     ) -> None:
         """``existing_flows``, ``alive_flows`` and ``prompt_retransmit`` reach into the
@@ -318,7 +318,9 @@ class StackTransService:
             taken_at = self.clock()
             started = time.monotonic()
             try:
-                alive = await asyncio.to_thread(self._alive_flows)
+                # conntrack only where it times UDP flows out: in nfqueue mode the
+                # daemon does (and listing 100k conntrack entries costs seconds).
+                alive = await asyncio.to_thread(self._alive_flows, self.mode is DataplaneMode.NFT)
             except Exception:
                 log.exception("listing live flows failed")
                 continue

@@ -9,23 +9,22 @@ that is its idle timeout (conntrack's UDP timeouts). In ``nfqueue`` mode the dae
 sees every packet and times UDP flows out itself. Flows are named by identifiers
 everywhere, which is what sockets and conntrack see.
 
-A sweep reads the kernel's text tables (``/proc/thread-self/net/{tcp,udp}{,6}`` and
-``nf_conntrack``), not sock_diag and ctnetlink through pyroute2: at 9k UDP flows
-the text takes 0.6 s of CPU and pyroute2's decoding 3.7 s (sockets 0.3 vs 1.0 s,
-conntrack 0.2 vs 2.6 s; ``python -m testbed.sweep_cost``). Where a text table is
-missing (``nf_conntrack`` needs ``CONFIG_NF_CONNTRACK_PROCFS``) the netlink dumps are
-used; pyroute2 dumps IPv4 conntrack only, so IPv6 UDP flows then have no idle
-timeout in ``nft`` mode.
+A sweep lists sockets with a lean sock_diag dump (:mod:`stacktrans.diag`: pyroute2
+decodes 0.1 ms per socket, and ``/proc/net/udp`` grows with the square of the number
+of sockets) and reads conntrack from ``nf_conntrack``'s text, pyroute2's ctnetlink
+dump being the fallback (``nf_conntrack`` needs ``CONFIG_NF_CONNTRACK_PROCFS``);
+pyroute2 dumps IPv4 conntrack only, so IPv6 UDP flows then have no idle timeout in
+``nft`` mode. ``python -m testbed.sweep_cost`` measures each source.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import socket
 from ipaddress import IPv4Address, IPv6Address, ip_address
 
-from stacktrans.adopt import existing_flows, proc_address, proc_flows
+from stacktrans import diag
+from stacktrans.adopt import endpoint_flow, proc_address, proc_flows, read_proc_net
 from stacktrans.socket_table import TCP, UDP, FlowKey
 
 IPAddress = IPv4Address | IPv6Address
@@ -39,8 +38,7 @@ def udp_bindings() -> set[tuple[IPAddress, int]]:
     out: set[tuple[IPAddress, int]] = set()
     for name in ("udp", "udp6"):
         try:
-            with open(f"/proc/thread-self/net/{name}") as f:
-                lines = f.readlines()[1:]
+            lines = read_proc_net(name)[1:]
         except OSError as exc:
             log.debug("cannot read %s: %s", name, exc)
             continue
@@ -59,11 +57,30 @@ def _unmap(addr: IPAddress) -> IPAddress:
     return addr
 
 
-def socket_flows() -> set[FlowKey]:
-    """TCP and connected UDP flows: from /proc when all four tables are readable."""
-    names = ("tcp", "tcp6", "udp", "udp6")
-    if not all(os.access(f"/proc/thread-self/net/{n}", os.R_OK) for n in names):
-        return set(existing_flows())
+def kernel_sockets() -> tuple[set[FlowKey], set[tuple[IPAddress, int]]]:
+    """(TCP and connected UDP flows, (address, port) of every UDP socket).
+
+    From a lean sock_diag dump (:mod:`stacktrans.diag`); from /proc where sock_diag
+    cannot list a protocol (no ``udp_diag``).
+    """
+    flows: set[FlowKey] = set()
+    bound: set[tuple[IPAddress, int]] = set()
+    try:
+        for family in (socket.AF_INET, socket.AF_INET6):
+            for proto in (TCP, UDP):
+                for s in diag.dump(family, proto):
+                    flow = endpoint_flow(proto, s.state, s.local, s.lport, s.remote, s.rport)
+                    if flow is not None:
+                        flows.add(flow)
+                    if proto == UDP:
+                        bound.add((_unmap(s.local), s.lport))
+    except OSError as exc:
+        log.debug("sock_diag dump failed (%s): reading /proc", exc)
+        return _proc_sockets(), udp_bindings()
+    return flows, bound
+
+
+def _proc_sockets() -> set[FlowKey]:
     return {
         flow
         for family in (socket.AF_INET, socket.AF_INET6)
@@ -76,8 +93,7 @@ def conntrack_udp() -> tuple[set[FlowKey], frozenset[int]] | None:
     """UDP conntrack entries, both orientations, and the IP versions they cover;
     None if conntrack is unavailable."""
     try:
-        with open("/proc/thread-self/net/nf_conntrack") as f:
-            lines = f.readlines()
+        lines = read_proc_net("nf_conntrack")
     except OSError:
         v4 = conntrack_udp4()
         return None if v4 is None else (v4, frozenset({4}))
@@ -140,8 +156,7 @@ class Liveness:
     """A snapshot of the kernel's sockets (and IPv4 UDP conntrack), asked about flows."""
 
     def __init__(self, use_conntrack: bool = True) -> None:
-        self.flows = socket_flows()
-        self.udp = udp_bindings()
+        self.flows, self.udp = kernel_sockets()
         ct = conntrack_udp() if use_conntrack else None
         self.ct: set[FlowKey] | None = ct[0] if ct is not None else None
         self.ct_versions: frozenset[int] = ct[1] if ct is not None else frozenset()
@@ -157,6 +172,6 @@ class Liveness:
         return (key.local, key.lport) in self.udp or any((a, key.lport) in self.udp for a in anys)
 
 
-def alive_flows() -> Liveness:
+def alive_flows(use_conntrack: bool = True) -> Liveness:
     """Which flows the kernel still has sockets for. Blocking: call it from a thread."""
-    return Liveness()
+    return Liveness(use_conntrack)

@@ -1,4 +1,4 @@
-"""What one liveness sweep costs, by source: /proc text tables vs pyroute2 dumps.
+"""What one liveness sweep costs, by source: sock_diag (lean or pyroute2), /proc.
 
     python -m testbed.sweep_cost [--flows N]     (as root)
 
@@ -37,7 +37,13 @@ def _cpu(fn: Callable[[], Any]) -> dict[str, float]:
 def measure(n: int) -> dict[str, Any]:
     """Runs inside the namespace: open the flows, time every source."""
     from stacktrans.adopt import existing_flows
-    from stacktrans.sweep import conntrack_udp, conntrack_udp4, socket_flows, udp_bindings
+    from stacktrans.sweep import (
+        _proc_sockets,
+        conntrack_udp,
+        conntrack_udp4,
+        kernel_sockets,
+        udp_bindings,
+    )
 
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -53,7 +59,8 @@ def measure(n: int) -> dict[str, Any]:
     return {
         "flows": n,
         "sockets_sock_diag_pyroute2": _cpu(existing_flows),
-        "sockets_proc": _cpu(socket_flows),
+        "sockets_and_bindings_sock_diag_lean": _cpu(kernel_sockets),
+        "sockets_proc": _cpu(_proc_sockets),
         "udp_bindings_proc": _cpu(udp_bindings),
         "conntrack_ctnetlink_pyroute2": _cpu(conntrack_udp4),
         "conntrack_proc": _cpu(conntrack_udp),
