@@ -140,7 +140,12 @@ def report(doc: dict[str, Any], out: Path, md_dir: Path) -> str:
         "",
         "Each new flow's first packet waits for the daemon: a Python callback, a "
         "socket-table entry and one libnftables batch (three map elements) before the "
-        "verdict. The paper gives no figure for this.",
+        "verdict; in `nft` mode each end's SYN-ACK goes through the daemon too (its "
+        "sequence number, for prompting stalled flows after an outage). One daemon "
+        "handles one packet at a time in Python, which is what bounds the rate: the "
+        "rate goal needs the kernel to learn flows itself (e.g. an nft `dynset` "
+        "adding the flow's elements from the packet path), which dime does not do yet. "
+        "The paper gives no figure for this.",
         "",
     ]
     return "\n".join(lines)

@@ -256,7 +256,8 @@ def report(doc: dict[str, Any], out: Path, md_dir: Path) -> str:
         f"a peer. CPU is utime+stime over {cfg['window_s']:g} s, in % of one core; RSS is "
         f"VmRSS (peak: VmHWM). The {n:,} flows are real flows the daemon learned "
         "(connected UDP sockets, one datagram each) and held during the window; dime's "
-        f"liveness sweep runs every {cfg['sweep_interval_s']:g} s. Start-up is from "
+        f"liveness sweep runs every {cfg['sweep_interval_s']:g} s or less often with many flows. "
+        "Start-up is from "
         "starting `dime up` to its control socket answering `status` (everything "
         f"installed), {cfg['starts']} starts per data plane.",
         "",

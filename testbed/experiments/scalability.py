@@ -770,6 +770,18 @@ def report(doc: dict[str, Any], out: Path, md_dir: Path) -> str:
             f"* {mode}: ratio at {top:,} entries {_f(r, 3)} (goal >= {cfg['goal_ratio']}): "
             f"{verdict}."
         )
+    if not all(res["goal"][m]["met"] for m in cfg["modes"]):
+        lines += [
+            "",
+            "Why: in `nft` mode the packets never reach the daemon (its CPU column) and the "
+            "kernel's set and map lookups are hashed, so the table size should not matter; "
+            "on this 2-CPU machine the spread between runs of one point (min-max) is as "
+            "large as the differences between points, and the ratio follows it. In "
+            "`nfqueue` mode the daemon is the bottleneck (its CPU column): a liveness "
+            "sweep of 100k sockets takes a few seconds of CPU in the same interpreter "
+            "(`python -m testbed.sweep_cost`; it then waits 20 times as long) and the "
+            "runs it falls in are slower.",
+        ]
     wire = []
     for mode in cfg["modes"]:
         for lv in res[mode]["levels"]:
