@@ -12,9 +12,7 @@ running event loop, where pyroute2's synchronous sockets do not work.
 
 from __future__ import annotations
 
-import functools
 import logging
-import os
 import socket
 import sys
 from collections.abc import Iterable, Mapping
@@ -175,12 +173,13 @@ def proc_flows(family: int, proto: int) -> list[Flow]:
 def endpoint_flow(
     proto: int, state: int, local: IPAddress, lport: int, remote: IPAddress, rport: int
 ) -> Flow | None:
-    """:func:`diag_flow`'s rules on a socket's fields (a sweep checks 100k of them)."""
+    """The flow of a socket with these fields; None if it is not one worth translating
+    (see :func:`existing_flows`' contract). A sweep asks this of 100k sockets."""
     if proto == IPPROTO_TCP and state not in TCP_ADOPT_STATES:
         return None
     local, remote = _unmap(local), _unmap(remote)
     if remote.is_unspecified or rport == 0 or local.is_unspecified:
-        return None
+        return None  # an unconnected UDP socket: no flow to speak of
     if local.is_loopback or remote.is_loopback:
         return None
     return Flow(proto=proto, local=local, lport=lport, remote=remote, rport=rport)
@@ -189,21 +188,14 @@ def endpoint_flow(
 def read_proc_net(name: str) -> list[str]:
     """The lines of ``/proc/thread-self/net/<name>`` (OSError if unreadable).
 
-    Read in 4 MiB calls: the kernel restarts its walk of the socket (or conntrack)
-    table at every read() call, from the start of a hash chain, so the default 8 KiB
-    reads make listing 100k UDP sockets that share ports take tens of seconds.
+    The kernel prints these tables a page per read() and walks its hash table from
+    the start for each page, so listing n UDP sockets or conntrack entries costs
+    about n^2: fine for a fallback, too slow for a sweep of 100k (:mod:`.diag`).
     """
-    fd = os.open(f"/proc/thread-self/net/{name}", os.O_RDONLY)
-    try:
-        chunks = []
-        while chunk := os.read(fd, 1 << 22):
-            chunks.append(chunk)
-    finally:
-        os.close(fd)
-    return b"".join(chunks).decode("ascii", "replace").splitlines()
+    with open(f"/proc/thread-self/net/{name}") as f:
+        return f.read().splitlines()
 
 
-@functools.lru_cache(maxsize=4096)
 def proc_address(text: str) -> IPAddress:
     # The kernel prints the address in 32-bit words, each as a native-endian integer
     # (%08X of the __be32 in memory): converting back in native order restores the
@@ -236,18 +228,14 @@ def diag_flow(msg: Mapping[str, object], proto: int) -> Flow | None:
         raise ValueError(f"error {header['error']}")
     if msg["idiag_family"] not in (socket.AF_INET, socket.AF_INET6):
         raise ValueError(f"family {msg['idiag_family']}")
-    state = msg["idiag_state"]
-    local = _unmap(ip_address(str(msg["idiag_src"])))
-    remote = _unmap(ip_address(str(msg["idiag_dst"])))
-    lport = _port(msg["idiag_sport"])
-    rport = _port(msg["idiag_dport"])
-    if proto == IPPROTO_TCP and state not in TCP_ADOPT_STATES:
-        return None
-    if remote.is_unspecified or rport == 0 or local.is_unspecified:
-        return None  # an unconnected UDP socket: no flow to speak of
-    if local.is_loopback or remote.is_loopback:
-        return None
-    return Flow(proto=proto, local=local, lport=lport, remote=remote, rport=rport)
+    return endpoint_flow(
+        proto,
+        int(msg["idiag_state"]),  # type: ignore[call-overload]
+        ip_address(str(msg["idiag_src"])),
+        _port(msg["idiag_sport"]),
+        ip_address(str(msg["idiag_dst"])),
+        _port(msg["idiag_dport"]),
+    )
 
 
 def _unmap(addr: IPAddress) -> IPAddress:

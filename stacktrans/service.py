@@ -77,9 +77,9 @@ class Residue:
         )
 
 
-#: A sweep lists every socket (and conntrack entry): about 0.1 ms of CPU per flow, so
-#: at 10k-100k flows it takes seconds. Waiting SWEEP_DUTY times as long as the last
-#: one took keeps it to 1/SWEEP_DUTY of a core; below ~1k flows the interval rules.
+#: A sweep lists every socket (and, in nft mode, conntrack entry): at 10k-100k flows
+#: that takes seconds of CPU. Waiting SWEEP_DUTY times as long as the last one took
+#: keeps it to 1/SWEEP_DUTY of a core; below ~1k flows the interval rules.
 SWEEP_DUTY = 20
 
 
