@@ -24,7 +24,7 @@ from typing import Any, NoReturn
 import click
 
 from dime import control, keystore
-from dime.config import Config, ConfigError, load, parse_public_key, state_dir
+from dime.config import Config, ConfigError, load, parse_public_key, run_dir, state_dir
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -98,9 +98,9 @@ def down(timeout: float) -> None:
     try:
         control.request("down")
     except control.NotRunning:
-        from dime.daemon import clean_residue
+        from stacktrans.service import clean_leftovers
 
-        if asyncio.run(clean_residue()):
+        if asyncio.run(clean_leftovers(run_dir())):
             click.echo("dime was not running; removed what it had left behind")
         else:
             click.echo("dime is not running here")

@@ -2,123 +2,66 @@
 
 One process, one loop, serving the NFQUEUE sockets (through StackTrans), the IHMP
 UDP sockets, the netlink address monitor, the control socket and the engine's
-timers. Wiring:
+timer. Everything the engine decides leaves it one way, and :meth:`Daemon._pump`
+hands it on:
 
-* a first packet to an unknown address creates a HID -> the engine says HELLO;
-* the engine changes the HID table -> StackTrans rewrites every flow of that host
-  at once (it subscribes to the table);
-* the engine drops a HID whose last path is gone -> StackTrans fails its flows
-  (TCP reset / ICMP error, and SOCK_DESTROY for idle sockets);
-* netlink address events -> the engine (ADDR_UP/DOWN, HANDOFF) and StackTrans
-  (local identifiers to keep as ghosts).
+* events -> :meth:`Daemon._on_event`: a change of a host (a peer moved, was
+  created, lost its last path, ...) goes to StackTrans, which brings the kernel's
+  rewrites for all of that host's flows up to date at once; the rest is logged;
+* datagrams -> the IHMP transport, after the kernel has the rewrites the events
+  asked for (so an ACK never promises a rewrite that is not in place yet).
 
-Everything it installs is recorded in the run directory, so ``dime down`` can
-clean up after a ``kill -9``.
+Inputs: IHMP datagrams and timers -> the engine; netlink address events -> the
+engine (ADDR_UP/DOWN, HANDOFF) and StackTrans (which local identifiers need a
+ghost); a new flow's first packet -> StackTrans, which asks the engine for the
+flow's host (:meth:`Daemon._hid_for`).
+
+Everything StackTrans installs is recorded in the run directory first, so ``dime
+down`` can clean up after a ``kill -9``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
 import logging
 import os
 import random
 import signal
 import socket
 import time
-from ipaddress import IPv4Address, IPv6Address
-from pathlib import Path
 from typing import Any
 
-from dime import control, keystore
-from dime.config import Config, run_dir, state_dir
-from dime.hid_table import HidTable, TableChange
+from dime import control, keystore, status, systemd
+from dime.config import Config, run_dir
+from dime.monitor import AddressMonitor
 from dime.transport import IhmpTransport
 from ihmp import events as ev
+from ihmp.addr import IPAddress, IPInterface
 from ihmp.engine import IhmpEngine
-from ihmp.keys import LocalKeys, TrustStore
-from stacktrans.adopt import existing_flows
-from stacktrans.monitor import AddressMonitor, IPInterface
-from stacktrans.nft import Nft, NftError
-from stacktrans.rto_revert import prompt
 from stacktrans.service import (
     DataplaneConfig,
     DataplaneMode,
-    Residue,
-    StackTransService,
+    StackTrans,
     check_privileges,
-    cleanup,
+    clean_leftovers,
 )
-from stacktrans.socket_table import endpoint
-from stacktrans.sweep import alive_flows
 
-IPAddress = IPv4Address | IPv6Address
 log = logging.getLogger("dime")
-RESIDUE = "residue.json"
-
-
-def notify_systemd(state: str) -> None:
-    """sd_notify(3): one datagram to $NOTIFY_SOCKET (Type=notify units)."""
-    path = os.environ.get("NOTIFY_SOCKET")
-    if not path:
-        return
-    if path.startswith("@"):
-        path = "\0" + path[1:]
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-        try:
-            sock.connect(path)
-            sock.send(state.encode())
-        except OSError as exc:
-            log.warning("systemd notification failed: %s", exc)
-
-
-def save_residue(residue: Residue) -> None:
-    directory = run_dir()
-    directory.mkdir(parents=True, exist_ok=True)
-    tmp = directory / (RESIDUE + ".tmp")
-    tmp.write_text(json.dumps(residue.to_json()))
-    tmp.replace(directory / RESIDUE)
-
-
-def load_residue() -> Residue | None:
-    path = run_dir() / RESIDUE
-    try:
-        return Residue.from_json(json.loads(path.read_text()))
-    except (OSError, ValueError):
-        return None
-
-
-async def clean_residue() -> bool:
-    """Remove what a dead daemon of this namespace left behind. Returns whether any."""
-    residue = load_residue()
-    if residue is None:
-        return False
-    try:
-        nft: Nft | None = Nft()
-    except NftError:
-        nft = None
-    await cleanup(residue, nft)
-    (run_dir() / RESIDUE).unlink(missing_ok=True)
-    with contextlib.suppress(OSError):
-        run_dir().rmdir()
-    return True
 
 
 class Daemon:
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.table = HidTable()
         self.loop: asyncio.AbstractEventLoop | None = None
         self.engine: IhmpEngine | None = None
-        self.service: StackTransService | None = None
+        self.service: StackTrans | None = None
         self.transport: IhmpTransport | None = None
         self.monitor: AddressMonitor | None = None
         self._stop = asyncio.Event()
         self._timer: asyncio.TimerHandle | None = None
+        self._pump_scheduled = False
         self._tasks: list[asyncio.Task[Any]] = []
         self.started_at = time.time()
-        self.table.subscribe(self._log_change)
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -128,22 +71,25 @@ class Daemon:
         check_privileges()  # before touching the state dir, the lock or the kernel
         ctl = control.bind()  # the per-namespace lock: refuses a second daemon
         try:
-            if await clean_residue():
+            if await clean_leftovers(run_dir()):
                 log.info("removed what an earlier dime left behind here")
             await self._start(ctl)
             for sig in (signal.SIGTERM, signal.SIGINT):
                 self.loop.add_signal_handler(sig, self._stop.set)
-            notify_systemd("READY=1")
+            systemd.notify("READY=1")
             log.info("dime up: IHMP port %d, dataplane %s", self.config.port, self._mode())
             await self._stop.wait()
-            notify_systemd("STOPPING=1")
+            systemd.notify("STOPPING=1")
         finally:
             await self._shutdown()
             ctl.close()
 
     async def _start(self, ctl: socket.socket) -> None:
         cfg = self.config
-        local_keys, trust = self._keyring(announce=True)
+        keyring = keystore.load_keyring(cfg)
+        if keyring.host_key_created:
+            log.info("generated host key %s", keyring.host_key_path)
+        log.info("host key %s", keystore.public_hex(keyring.host_key))
         engine_cfg = cfg.ihmp
         engine_cfg.strict = cfg.strict
         self.monitor = AddressMonitor(
@@ -158,16 +104,14 @@ class Daemon:
         )
         addresses = await self.monitor.current()
         self.engine = IhmpEngine(
-            self.table,
             counter_start=time.time_ns() // 1000,
             rng=random.SystemRandom(),
             config=engine_cfg,
-            local_keys=local_keys,
-            trust=trust,
+            local_keys=keyring.local,
+            trust=keyring.trust,
             local_addresses=addresses,
         )
-        self.service = StackTransService(
-            self.table,
+        self.service = StackTrans(
             DataplaneConfig(
                 mode=DataplaneMode(cfg.dataplane),
                 queue_out=cfg.queue_out,
@@ -177,11 +121,8 @@ class Daemon:
                 adopt=cfg.adopt_existing,
             ),
             clock=self._now,
-            on_new_hid=self._on_new_hid,
-            on_residue=save_residue,
-            existing_flows=existing_flows,
-            alive_flows=alive_flows,
-            prompt_retransmit=prompt,
+            hid_for=self._hid_for,
+            residue_dir=run_dir(),
         )
         # The port first: if it is taken, nothing has been installed yet.
         self.transport = IhmpTransport(cfg.port, self._on_datagram)
@@ -191,25 +132,6 @@ class Daemon:
         self._tasks.append(asyncio.create_task(self.monitor.run(known=addresses)))
         self._tasks.append(asyncio.create_task(self._serve_control(ctl)))
         self._pump()
-
-    def _keyring(self, announce: bool = False) -> tuple[LocalKeys, TrustStore]:
-        """Keys from the host key, the config file and the CLI's bindings."""
-        cfg = self.config
-        sdir = state_dir(cfg)
-        host_key, created = keystore.load_or_create_host_key(sdir)
-        if announce:
-            if created:
-                log.info("generated host key %s", sdir / keystore.HOST_KEY)
-            log.info("host key %s", keystore.public_hex(host_key))
-        bindings = keystore.Bindings.load(sdir)
-        local = [(b.file, b.addr) for b in cfg.local_key]
-        local += [(Path(b["file"]), b["addr"]) for b in bindings.local_keys]
-        trusted = [(b.key, b.addr) for b in cfg.trust]
-        try:
-            trusted += [(bytes.fromhex(b["key"]), b["addr"]) for b in bindings.trust]
-        except (KeyError, TypeError, ValueError) as exc:
-            raise keystore.KeyFileError(f"{sdir / keystore.BINDINGS}: bad trust entry") from exc
-        return keystore.build_keyring(host_key, local, trusted)
 
     async def _shutdown(self) -> None:
         for task in self._tasks:
@@ -221,9 +143,6 @@ class Daemon:
             self.transport.close()
         if self.service is not None:
             await self.service.stop()
-        (run_dir() / RESIDUE).unlink(missing_ok=True)
-        with contextlib.suppress(OSError):
-            run_dir().rmdir()
         log.info("dime down: rules, maps and ghost addresses removed")
 
     def stop(self) -> None:
@@ -248,12 +167,14 @@ class Daemon:
             log.exception("IHMP datagram from %s crashed the engine; dropped", src)
         self._pump()
 
-    def _on_new_hid(self, hid: int, local: IPAddress) -> None:
+    def _hid_for(self, remote: IPAddress, local: IPAddress, now: float) -> int | None:
+        """StackTrans saw a new flow local -> remote: the engine names its host."""
         assert self.engine is not None
-        self.engine.start_hello(hid, self._now(), local)
-        # Called from inside the packet path: send once the verdict is given.
-        assert self.loop is not None
-        self.loop.call_soon(self._pump)
+        hid = self.engine.flow_started(remote, local, now)
+        # Called from inside the packet path: the HELLO and the host's creation go
+        # out once this packet has its verdict.
+        self._pump_soon()
+        return hid
 
     def _on_added(self, iface: IPInterface) -> None:
         log.info("address up: %s", iface)
@@ -288,17 +209,28 @@ class Daemon:
 
     # -- engine -> outputs ------------------------------------------------------------
 
+    def _pump_soon(self) -> None:
+        if not self._pump_scheduled:
+            self._pump_scheduled = True
+            assert self.loop is not None
+            self.loop.call_soon(self._pump)
+
     def _pump(self) -> None:
-        """Send what the engine queued, log its events, re-arm its timer."""
+        """Send what the engine queued, act on its events, re-arm its timer."""
+        self._pump_scheduled = False
         engine = self.engine
         if engine is None or self.transport is None:
             return
+        while (event := engine.next_event()) is not None:
+            self._on_event(event)
+        if self.service is not None:
+            # The kernel rewrites what the engine just decided before any datagram
+            # (an ACK of a HANDOFF, say) tells the peer it may use it.
+            self.service.flush()
         now = self._now()
         for dgram in engine.datagrams_to_send(now):
             if not self.transport.send(dgram.data, dgram.src, dgram.dst, dgram.dst_port):
                 engine.send_failed(dgram.src, dgram.dst, now)
-        while (event := engine.next_event()) is not None:
-            self._log_event(event)
         deadline = engine.get_timer()
         if self._timer is not None and (deadline is None or self._timer.when() != deadline):
             self._timer.cancel()
@@ -307,49 +239,13 @@ class Daemon:
             assert self.loop is not None
             self._timer = self.loop.call_at(deadline, self._on_timer)
 
-    def _log_event(self, event: ev.Event) -> None:
-        if isinstance(event, ev.MessageRejected):
-            log.warning(
-                "IHMP from %s rejected (%s): %s", event.src, event.reason.value, event.detail
-            )
-        elif isinstance(event, ev.MessageApplied):
-            log.info(
-                "IHMP %s #%d from HID %d applied%s",
-                event.type.name,
-                event.seq,
-                event.hid,
-                " (stale)" if event.stale else "",
-            )
-        elif isinstance(event, ev.ExchangeCompleted):
-            log.info(
-                "IHMP %s #%d to HID %d acknowledged in %.1f ms",
-                event.type.name,
-                event.seq,
-                event.hid,
-                event.rtt * 1000,
-            )
-        elif isinstance(event, ev.ExchangeFailed):
-            log.info("IHMP %s #%d to HID %d unanswered", event.type.name, event.seq, event.hid)
-        elif isinstance(event, ev.PeerLost):
-            log.warning("HID %d lost its last path: its flows are failed", event.hid)
+    def _on_event(self, event: ev.Event) -> None:
+        if isinstance(event, ev.HostChanged):
+            log_change(event)
+            assert self.service is not None
+            self.service.host_changed(event)  # the peer's new locators reach the kernel
         else:
-            log.info("IHMP %s", event)
-
-    def _log_change(self, change: TableChange) -> None:
-        after = change.after
-        if after is None:
-            log.info("HID %d removed (%s)", change.hid, change.reason)
-            return
-        log.info(
-            "HID %d %s: active [%s] unreachable [%s] local [%s] %s (%s)",
-            change.hid,
-            change.kind.value,
-            " ".join(map(str, after.active)),
-            " ".join(map(str, sorted(after.unreachable, key=str))),
-            " ".join(map(str, after.local)),
-            after.state.value,
-            change.reason,
-        )
+            log_event(event)
 
     # -- control ----------------------------------------------------------------------
 
@@ -366,11 +262,11 @@ class Daemon:
             return self.status()
         if cmd == "reload-keys":
             try:
-                keys, trust = self._keyring()
+                keyring = keystore.load_keyring(self.config)
             except (keystore.KeyFileError, ValueError) as exc:
                 return {"error": str(exc)}
             assert self.engine is not None
-            self.engine.local_keys, self.engine.trust = keys, trust
+            self.engine.local_keys, self.engine.trust = keyring.local, keyring.trust
             log.info("key bindings reloaded")
             return {"ok": True}
         if cmd == "down":
@@ -380,56 +276,49 @@ class Daemon:
         return {"error": f"unknown command {cmd!r}"}
 
     def status(self) -> dict[str, Any]:
-        engine, service = self.engine, self.service
-        hids = [
-            {
-                "hid": e.hid,
-                "active": [str(a) for a in e.active],
-                "unreachable": sorted(str(a) for a in e.unreachable),
-                "local": [str(a) for a in e.local],
-                "key": e.key.hex() if e.key else None,
-                "state": e.state.value,
-            }
-            for e in self.table
-        ]
-        sockets = []
-        translated = 0
-        if service is not None and service.translator is not None:
-            for s in service.translator.sockets:
-                sockets.append(
-                    {
-                        "proto": "tcp" if s.key.proto == 6 else "udp",
-                        "local": endpoint(s.key.local, s.key.lport),
-                        "remote": endpoint(s.key.remote, s.key.rport),
-                        "hid": s.hid,
-                    }
-                )
-            translated = service.path.translated if service.path is not None else 0
-        counters: dict[str, Any] = {
-            "messages_sent": 0,
-            "messages_received": 0,
-            "messages_rejected": {},
-        }
-        if engine is not None:
-            c = engine.counters
-            counters = {
-                "messages_sent": c.messages_sent,
-                "messages_received": c.messages_received,
-                "messages_rejected": dict(c.messages_rejected),
-                "retransmissions": c.retransmissions,
-            }
-        counters["packets_translated_in_user_space"] = translated
-        if service is not None:
-            counters["packets_queued"] = sum(q.packets for q in service.queues)
-            counters["tcp_flows_prompted"] = sum(service.prompts.values())
-        return {
-            "pid": os.getpid(),
-            "uptime": round(time.time() - self.started_at, 1),
-            "dataplane": self._mode(),
-            "port": self.config.port,
-            "local_addresses": [str(a) for a in (engine.local_addresses if engine else [])],
-            "ghosts": sorted(str(a) for a in (service.continuity.ghosts if service else [])),
-            "hids": hids,
-            "sockets": sockets,
-            "counters": counters,
-        }
+        return status.build(
+            port=self.config.port,
+            started_at=self.started_at,
+            engine=self.engine,
+            service=self.service,
+        )
+
+
+def log_event(event: ev.Event) -> None:
+    """One log line per engine event (the demo and the testbed read some of them)."""
+    if isinstance(event, ev.MessageRejected):
+        log.warning("IHMP from %s rejected (%s): %s", event.src, event.reason.value, event.detail)
+    elif isinstance(event, ev.MessageApplied):
+        stale = " (stale)" if event.stale else ""
+        log.info("IHMP %s #%d from HID %d applied%s", event.type.name, event.seq, event.hid, stale)
+    elif isinstance(event, ev.ExchangeCompleted):
+        log.info(
+            "IHMP %s #%d to HID %d acknowledged in %.1f ms",
+            event.type.name,
+            event.seq,
+            event.hid,
+            event.rtt * 1000,
+        )
+    elif isinstance(event, ev.ExchangeFailed):
+        log.info("IHMP %s #%d to HID %d unanswered", event.type.name, event.seq, event.hid)
+    elif isinstance(event, ev.PeerLost):
+        log.warning("HID %d lost its last path: its flows are failed", event.hid)
+    else:
+        log.info("IHMP %s", event)
+
+
+def log_change(change: ev.HostChanged) -> None:
+    after = change.after
+    if after is None:
+        log.info("HID %d removed (%s)", change.hid, change.reason)
+        return
+    log.info(
+        "HID %d %s: active [%s] unreachable [%s] local [%s] %s (%s)",
+        change.hid,
+        change.kind.value,
+        " ".join(map(str, after.active)),
+        " ".join(map(str, sorted(after.unreachable, key=str))),
+        " ".join(map(str, after.local)),
+        after.state.value,
+        change.reason,
+    )

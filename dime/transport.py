@@ -15,7 +15,8 @@ import struct
 from collections.abc import Callable
 from ipaddress import IPv4Address, IPv6Address, ip_address
 
-IPAddress = IPv4Address | IPv6Address
+from ihmp.addr import IPAddress
+
 log = logging.getLogger("dime.transport")
 
 IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)  # Linux value; Python does not export it

@@ -25,6 +25,11 @@ def addr_key(addr: IPAddress) -> tuple[int, bytes]:
     return (addr.version, addr.packed)
 
 
+def usable(addr: IPAddress) -> bool:
+    """Whether ``addr`` can be a locator at all (not loopback, multicast, unspecified)."""
+    return not (addr.is_loopback or addr.is_multicast or addr.is_unspecified)
+
+
 def unmap(addr: IPAddress) -> IPAddress:
     """An IPv4-mapped IPv6 address (``::ffff:a.b.c.d``) as the IPv4 address it maps."""
     if isinstance(addr, IPv6Address) and addr.ipv4_mapped is not None:

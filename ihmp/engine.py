@@ -6,18 +6,20 @@ user feeds it
 * received datagrams: :meth:`IhmpEngine.receive_datagram` ``(data, src, dst, now)``;
 * this host's address events: :meth:`address_added`, :meth:`address_removed`,
   :meth:`handoff` (one address lost and another gained);
-* "StackTrans created a HID for this address": :meth:`start_hello`;
+* a new flow to a remote address (StackTrans asks which host it belongs to):
+  :meth:`flow_started`, which creates the host and says HELLO if it is new;
 * timer expiry: :meth:`handle_timer` ``(now)``;
 
 and collects
 
 * datagrams to send, each with its source and destination address:
   :meth:`datagrams_to_send`;
-* HID table operations: the engine applies them to the shared
-  :class:`~dime.hid_table.HidTable`, whose subscribers (StackTrans, status) see each
-  change as it happens;
-* events (:mod:`ihmp.events`): :meth:`next_event`;
+* events (:mod:`ihmp.events`), among them every change of its HID table
+  (:class:`~ihmp.hosts.HostChanged`), in order: :meth:`next_event`;
 * the next timer deadline: :meth:`get_timer`.
+
+The engine owns its :class:`~ihmp.hosts.HidTable` (``engine.table``) and is its only
+writer; others read it, or follow it through the HostChanged events.
 
 The protocol is section III-B of the DIME paper, with these additions:
 
@@ -40,16 +42,18 @@ import random
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
-from ipaddress import IPv4Address, IPv4Interface, IPv6Address, IPv6Interface
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from dime.hid_table import ChangeKind, HidState, HidTable, HidTableError, HostEntry, TableChange
 from ihmp import events as ev
+from ihmp.addr import IPAddress, IPInterface, addr_key, usable
 from ihmp.events import RejectReason
+from ihmp.hosts import HidState, HidTable, HidTableError, HostEntry
 from ihmp.keys import LocalKeys, TrustStore
 from ihmp.reachability import Reach, advertisable, best_path, classify
 from ihmp.replay import ReplayWindow
+from ihmp.states import Trigger
+from ihmp.timers import Timers
 from ihmp.wire import (
     Flags,
     Message,
@@ -61,9 +65,6 @@ from ihmp.wire import (
     public_key_bytes,
     verify,
 )
-
-IPAddress = IPv4Address | IPv6Address
-IPInterface = IPv4Interface | IPv6Interface
 
 T = MessageType
 _EVENT_TYPES = frozenset(
@@ -140,9 +141,14 @@ class _Peer:
     announced: set[IPAddress] = field(default_factory=set)  # our addresses it heard of
     withdrawn: dict[IPAddress, bool] = field(default_factory=dict)  # lost -> was reachable
     legacy_until: float | None = None
-    orphan_deadline: float | None = None
     nat_supported: bool = False
     nat_entries: list[NatMapping] = field(default_factory=list)
+
+
+#: Timer keys: (kind, hid, seq). RETRANSMIT is per message of ours awaiting its ACK,
+#: GRACE per peer that lost its last path (seq 0).
+RETRANSMIT, GRACE = "retransmit", "grace"
+TimerKey = tuple[str, int, int]
 
 
 class _Reject(Exception):
@@ -162,7 +168,6 @@ class IhmpEngine:
 
     def __init__(
         self,
-        table: HidTable,
         *,
         counter_start: int,
         rng: random.Random,
@@ -172,7 +177,8 @@ class IhmpEngine:
         local_addresses: Iterable[IPInterface] = (),
     ) -> None:
         """``counter_start`` must grow across restarts: pass the wall clock in µs."""
-        self.table = table
+        self._events: deque[ev.Event] = deque()
+        self.table = HidTable(self._events.append)
         self.config = config or EngineConfig()
         self.local_keys = local_keys or LocalKeys()
         self.trust = trust or TrustStore()
@@ -186,8 +192,7 @@ class IhmpEngine:
         # before the peer learned we applied the withdrawal still name them.
         self._retired: dict[IPAddress, int] = {}
         self._out: list[Datagram] = []
-        self._events: deque[ev.Event] = deque()
-        table.subscribe(self._on_table_change)
+        self._timers: Timers[TimerKey] = Timers()
 
     # == outputs ======================================================================
 
@@ -201,13 +206,7 @@ class IhmpEngine:
 
     def get_timer(self) -> float | None:
         """The earliest time :meth:`handle_timer` must be called, or None."""
-        deadlines = [p.deadline for peer in self._peers.values() for p in peer.pending.values()]
-        deadlines += [
-            peer.orphan_deadline
-            for peer in self._peers.values()
-            if peer.orphan_deadline is not None
-        ]
-        return min(deadlines, default=None)
+        return self._timers.next()
 
     @property
     def local_addresses(self) -> list[IPAddress]:
@@ -229,17 +228,19 @@ class IhmpEngine:
 
     def handle_timer(self, now: float) -> None:
         """Retransmit, give up, fall back, and drop peers whose grace ran out."""
-        for hid, peer in list(self._peers.items()):
-            for pending in [p for p in peer.pending.values() if p.deadline <= now]:
-                if peer.pending.get(pending.msg.seq) is not pending:
-                    continue  # dropped by an earlier failure in this same pass
-                if pending.attempts >= pending.max_attempts:
-                    del peer.pending[pending.msg.seq]
-                    self._failed(pending, now)
-                else:
-                    self._retransmit(pending, now)
-            if peer.orphan_deadline is not None and peer.orphan_deadline <= now:
+        for kind, hid, seq in self._timers.expired(now):
+            if kind == GRACE:
                 self._drop_peer(hid)
+                continue
+            peer = self._peers.get(hid)
+            pending = peer.pending.get(seq) if peer is not None else None
+            if peer is None or pending is None:
+                continue  # dropped by an earlier expiry in this same pass
+            if pending.attempts >= pending.max_attempts:
+                self._untrack(peer, seq)
+                self._failed(pending, now)
+            else:
+                self._retransmit(pending, now)
 
     def send_failed(self, src: IPAddress, dst: IPAddress, now: float, retry: float = 0.01) -> None:
         """The host could not even send a datagram src -> dst (no route yet, say).
@@ -258,18 +259,35 @@ class IhmpEngine:
                 ):
                     pending.local_failures += 1
                     pending.attempts -= 1
-                    pending.deadline = min(pending.deadline, now + retry)
+                    self._arm(pending, min(pending.deadline, now + retry))
                     # _retransmit doubles it again: the failed send must not back off.
                     pending.rto = pending.rto / 2
 
     # == inputs: StackTrans ===========================================================
 
-    def start_hello(self, hid: int, now: float, local: IPAddress | None = None) -> bool:
-        """StackTrans created HID ``hid`` (or saw a new flow to a legacy one): say HELLO.
+    def flow_started(self, remote: IPAddress, local: IPAddress, now: float) -> int | None:
+        """A new flow ``local`` -> ``remote`` (identifiers): the HID of its host.
 
-        ``local`` is the address the flow uses on this host; if None, the engine picks
-        the best one. Returns False when nothing is sent: the peer is in its legacy
-        hold-down, already established, or has no usable path.
+        An address no host owns yet makes a new host, and the engine says HELLO to it
+        from ``local``; so does a new flow to a legacy host whose hold-down is over.
+        Returns None for addresses that are never translated (loopback, multicast,
+        unspecified).
+        """
+        if not (usable(remote) and usable(local)) or remote == local:
+            return None
+        entry = self.table.lookup(remote)
+        if entry is None:
+            entry = self.table.create([remote], Trigger.HELLO_SENT)
+            self._start_hello(entry.hid, now, local)
+        elif entry.state is HidState.LEGACY:
+            self._start_hello(entry.hid, now, local)
+        return entry.hid
+
+    def _start_hello(self, hid: int, now: float, local: IPAddress | None = None) -> bool:
+        """Say HELLO to ``hid`` from ``local`` (None: the best address we have).
+
+        Returns False when nothing is sent: the peer is in its legacy hold-down,
+        already established, or has no usable path.
         """
         entry = self.table.get(hid)
         peer = self._peer(hid)
@@ -283,7 +301,7 @@ class IhmpEngine:
             _, local, _ = best_path([entry.locator], list(self._local))
         if local is None:
             return False
-        self.table.set_state(hid, HidState.HELLO_PENDING, reason="hello")
+        self.table.transition(hid, Trigger.HELLO_SENT)
         advertised = self._advertised(first=local)
         peer.announced |= set(advertised)
         msg = self._message(
@@ -398,12 +416,12 @@ class IhmpEngine:
         window = self._check_replay(msg, entry, pin)
         nat = msg.src_addr != src
         # Every check passed: from here on the message is applied.
-        state = HidState.NAT_FORCED if nat else HidState.ESTABLISHED
+        trigger = Trigger.HELLO_RECEIVED_THROUGH_NAT if nat else Trigger.HELLO_RECEIVED
         if entry is None:
-            entry = self.table.create([src], state=state, reason="HELLO received")
+            entry = self.table.create([src], trigger)
         else:
             self._claim(entry, src, active=True, prefer=True)
-            self.table.set_state(entry.hid, state, reason="HELLO received")
+            self.table.transition(entry.hid, trigger)
         hid = entry.hid
         self._commit(msg, hid, window, pin)
         peer = self._peer(hid)
@@ -453,7 +471,7 @@ class IhmpEngine:
         peer = self._peer(entry.hid)
         self._note_flags(msg, peer)
         if pending is not None:
-            del peer.pending[msg.seq]
+            self._untrack(peer, msg.seq)
             self._completed(pending, msg, now)
         elif msg.type is T.PATH_PROBE:
             self._on_path_probe(msg, entry, src, dst, port)
@@ -635,7 +653,7 @@ class IhmpEngine:
                 peer.withdrawn.pop(old, None)
                 peer.announced.discard(old)
         if entry.local:
-            peer.orphan_deadline = None
+            self._timers.cancel((GRACE, hid, 0))
         if ack.flags & Flags.ND and ack.observed_addr is not None:
             encoded = pending.msg.new_addr or pending.msg.src_addr or pending.src
             self._events.append(ev.NatDetected(hid, encoded, ack.observed_addr))
@@ -649,10 +667,11 @@ class IhmpEngine:
         for addr in ack.advertised:
             if addr not in entry.active:
                 self._claim(entry, addr, active=False)
-        state = HidState.NAT_FORCED if ack.flags & Flags.NF else HidState.ESTABLISHED
-        self.table.set_state(hid, state, reason="ACK of HELLO")
+        nat_forced = bool(ack.flags & Flags.NF)
+        trigger = Trigger.HELLO_ACKED_NAT_FORCED if nat_forced else Trigger.HELLO_ACKED
+        self.table.transition(hid, trigger)
         self._peers[hid].legacy_until = None
-        if state is HidState.ESTABLISHED:
+        if not nat_forced:
             self._events.append(ev.PeerEstablished(hid, key_pinned=entry.key is not None))
 
     def _failed(self, pending: _Pending, now: float) -> None:
@@ -662,9 +681,10 @@ class IhmpEngine:
         entry = self.table.get(hid)
         peer = self._peers[hid]
         if msg.type is T.HELLO:
-            self.table.set_state(hid, HidState.LEGACY, reason="HELLO unanswered")
+            self.table.transition(hid, Trigger.HELLO_UNANSWERED)
             peer.legacy_until = now + self.config.legacy_hold_down
-            peer.pending.clear()
+            for seq in list(peer.pending):
+                self._untrack(peer, seq)
             self._events.append(ev.PeerLegacy(hid))
             return
         if not pending.fallback:
@@ -765,13 +785,13 @@ class IhmpEngine:
             mtype = pending.msg.type
             gone = pending.msg.new_addr is not None and pending.msg.new_addr not in self._local
             if mtype in _WITHDRAWING or (mtype in _EVENT_TYPES and gone):
-                del peer.pending[seq]
+                self._untrack(peer, seq)
 
     def _probe_unreachable(self, entry: HostEntry, now: float) -> None:
         """PATH_PROBE every address of the peer that is not clearly unreachable."""
         peer = self._peers[entry.hid]
         locals_ = [a for a in self._local if advertisable(a)]
-        for remote in sorted(entry.unreachable, key=_addr_key):
+        for remote in sorted(entry.unreachable, key=addr_key):
             reach, local, _ = best_path([remote], locals_)
             if local is None or reach is Reach.UNREACHABLE:
                 continue
@@ -798,22 +818,22 @@ class IhmpEngine:
         return True
 
     def _orphan(self, hid: int, now: float) -> None:
-        peer = self._peers[hid]
-        if peer.orphan_deadline is None:
-            peer.orphan_deadline = now + self.config.path_loss_grace
+        """``hid`` has no path left: drop it when its grace period is over."""
+        if (GRACE, hid, 0) not in self._timers:
+            self._timers.set((GRACE, hid, 0), now + self.config.path_loss_grace)
 
     def _drop_peer(self, hid: int) -> None:
         entry = self.table.get(hid)
-        addresses = tuple(entry.active) + tuple(sorted(entry.unreachable, key=_addr_key))
+        addresses = tuple(entry.active) + tuple(sorted(entry.unreachable, key=addr_key))
+        peer = self._peers.pop(hid, None)
+        for seq in list(peer.pending if peer is not None else ()):
+            self._timers.cancel((RETRANSMIT, hid, seq))
+        self._timers.cancel((GRACE, hid, 0))
+        self._windows.pop(hid, None)
+        for addr in [a for a, owner in self._retired.items() if owner == hid]:
+            del self._retired[addr]
         self.table.remove(hid, reason="no path left")
         self._events.append(ev.PeerLost(hid, addresses))
-
-    def _on_table_change(self, change: TableChange) -> None:
-        if change.kind is ChangeKind.REMOVED:
-            self._peers.pop(change.hid, None)
-            self._windows.pop(change.hid, None)
-            for addr in [a for a, hid in self._retired.items() if hid == change.hid]:
-                del self._retired[addr]
 
     def _resolve(self, host_id: IPAddress) -> HostEntry | None:
         """The HID a Host ID names: a current address, or one its host withdrew."""
@@ -837,7 +857,7 @@ class IhmpEngine:
         return [e for e in self.table if e.state is HidState.ESTABLISHED and e.hid in self._peers]
 
     def _remotes(self, entry: HostEntry) -> list[IPAddress]:
-        return list(entry.active) + sorted(entry.unreachable, key=_addr_key)
+        return list(entry.active) + sorted(entry.unreachable, key=addr_key)
 
     def _advertised(self, first: IPAddress) -> tuple[IPAddress, ...]:
         others = [a for a in self._local if a != first and advertisable(a)]
@@ -851,7 +871,7 @@ class IhmpEngine:
         if peer.withdrawn:
             return next(iter(peer.withdrawn))
         if peer.announced:
-            return sorted(peer.announced, key=_addr_key)[0]
+            return sorted(peer.announced, key=addr_key)[0]
         if fallback is not None:
             return fallback
         return next(iter(self._local))
@@ -905,7 +925,7 @@ class IhmpEngine:
         self._transmit(msg, src, dst, dst_port)
         if track:
             rto = self.config.initial_rto
-            self._peers[hid].pending[msg.seq] = _Pending(
+            pending = _Pending(
                 hid=hid,
                 msg=msg,
                 src=src,
@@ -917,6 +937,19 @@ class IhmpEngine:
                 deadline=now + rto,
                 rto=rto,
             )
+            self._peers[hid].pending[msg.seq] = pending
+            self._arm(pending, pending.deadline)
+
+    def _arm(self, pending: _Pending, deadline: float) -> None:
+        """(Re)arm the retransmission timer of ``pending`` for ``deadline``."""
+        pending.deadline = deadline
+        self._timers.set((RETRANSMIT, pending.hid, pending.msg.seq), deadline)
+
+    def _untrack(self, peer: _Peer, seq: int) -> None:
+        """Forget message ``seq`` of ours (answered, superseded or given up on)."""
+        pending = peer.pending.pop(seq, None)
+        if pending is not None:
+            self._timers.cancel((RETRANSMIT, pending.hid, seq))
 
     def _send_ack(
         self,
@@ -936,7 +969,7 @@ class IhmpEngine:
     def _retransmit(self, pending: _Pending, now: float) -> None:
         pending.attempts += 1
         pending.rto = min(pending.rto * 2, self.config.max_rto)
-        pending.deadline = now + pending.rto
+        self._arm(pending, now + pending.rto)
         self.counters.retransmissions += 1
         self._transmit(pending.msg, pending.src, pending.dst, pending.dst_port)
 
@@ -949,6 +982,3 @@ class IhmpEngine:
         self._out.append(Datagram(encode(stamped, key), src, dst, dst_port))
         self.counters.messages_sent += 1
 
-
-def _addr_key(addr: IPAddress) -> tuple[int, bytes]:
-    return (addr.version, addr.packed)

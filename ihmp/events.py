@@ -1,18 +1,35 @@
 """Events the IHMP engine reports to its user (the daemon, and through it StackTrans).
 
-Table changes are not events: they reach StackTrans through the HID table's
-subscribers. Events are what a table cannot say: outcomes, rejections, NAT facts.
+The engine's one way out for what it decided, besides datagrams: every change of
+the HID table (:class:`~ihmp.hosts.HostChanged`, which StackTrans applies to the data
+plane) and what a table cannot say (outcomes, rejections, NAT facts), in the order
+they happened. :data:`Event` is the union of them all.
 """
 
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv6Address
 
+from ihmp.addr import IPAddress
+from ihmp.hosts import HostChanged
 from ihmp.wire import MessageType, NatMapping
 
-IPAddress = IPv4Address | IPv6Address
+__all__ = [
+    "AddressVerified",
+    "Event",
+    "ExchangeCompleted",
+    "ExchangeFailed",
+    "HostChanged",
+    "MessageApplied",
+    "MessageRejected",
+    "NatDetected",
+    "NatEntryReceived",
+    "PeerEstablished",
+    "PeerLegacy",
+    "PeerLost",
+    "RejectReason",
+]
 
 
 class RejectReason(enum.Enum):
@@ -27,25 +44,20 @@ class RejectReason(enum.Enum):
 
 
 @dataclass(frozen=True)
-class Event:
-    """Base class of engine events."""
-
-
-@dataclass(frozen=True)
-class PeerEstablished(Event):
+class PeerEstablished:
     hid: int
     key_pinned: bool
 
 
 @dataclass(frozen=True)
-class PeerLegacy(Event):
+class PeerLegacy:
     """The peer never answered HELLO: it runs no DIME. Nothing is sent to it for a while."""
 
     hid: int
 
 
 @dataclass(frozen=True)
-class PeerLost(Event):
+class PeerLost:
     """The HID was removed: no path is left. Its flows should fail fast."""
 
     hid: int
@@ -53,7 +65,7 @@ class PeerLost(Event):
 
 
 @dataclass(frozen=True)
-class AddressVerified(Event):
+class AddressVerified:
     """A probe (PATH_PROBE, or ADDR_UP/HANDOFF used as one) proved a path works."""
 
     hid: int
@@ -62,7 +74,7 @@ class AddressVerified(Event):
 
 
 @dataclass(frozen=True)
-class ExchangeCompleted(Event):
+class ExchangeCompleted:
     """A message of ours was acknowledged."""
 
     hid: int
@@ -72,7 +84,7 @@ class ExchangeCompleted(Event):
 
 
 @dataclass(frozen=True)
-class ExchangeFailed(Event):
+class ExchangeFailed:
     """A message of ours was never acknowledged; the engine gave up or fell back."""
 
     hid: int
@@ -81,7 +93,7 @@ class ExchangeFailed(Event):
 
 
 @dataclass(frozen=True)
-class MessageApplied(Event):
+class MessageApplied:
     """A peer's message was accepted (applied, or recognised as stale) and ACKed."""
 
     hid: int
@@ -91,7 +103,7 @@ class MessageApplied(Event):
 
 
 @dataclass(frozen=True)
-class MessageRejected(Event):
+class MessageRejected:
     """A datagram was refused; it changed nothing."""
 
     src: IPAddress
@@ -100,7 +112,7 @@ class MessageRejected(Event):
 
 
 @dataclass(frozen=True)
-class NatDetected(Event):
+class NatDetected:
     """A message's source address differs from the one it encoded."""
 
     hid: int
@@ -109,6 +121,21 @@ class NatDetected(Event):
 
 
 @dataclass(frozen=True)
-class NatEntryReceived(Event):
+class NatEntryReceived:
     hid: int
     mapping: NatMapping
+
+
+Event = (
+    HostChanged
+    | PeerEstablished
+    | PeerLegacy
+    | PeerLost
+    | AddressVerified
+    | ExchangeCompleted
+    | ExchangeFailed
+    | MessageApplied
+    | MessageRejected
+    | NatDetected
+    | NatEntryReceived
+)

@@ -7,12 +7,11 @@ Pure in-memory objects; loading and storing key files is the daemon's business
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_network
+from ipaddress import ip_network
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-IPAddress = IPv4Address | IPv6Address
-IPNetwork = IPv4Network | IPv6Network
+from ihmp.addr import IPAddress, IPNetwork
 
 
 def parse_scope(scope: str) -> IPNetwork | None:

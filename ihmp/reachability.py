@@ -20,10 +20,9 @@ the testbed count as public, as they would on the Internet.
 from __future__ import annotations
 
 import enum
-from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_network
+from ipaddress import ip_network
 
-IPAddress = IPv4Address | IPv6Address
-IPNetwork = IPv4Network | IPv6Network
+from ihmp.addr import IPAddress, IPNetwork, usable
 
 PRIVATE_BLOCKS: tuple[IPNetwork, ...] = tuple(
     ip_network(n)
@@ -46,11 +45,6 @@ def block_of(addr: IPAddress) -> IPNetwork | None:
         if addr.version == net.version and addr in net:
             return net
     return None
-
-
-def usable(addr: IPAddress) -> bool:
-    """Whether ``addr`` can be a locator at all (not loopback, multicast, unspecified)."""
-    return not (addr.is_loopback or addr.is_multicast or addr.is_unspecified)
 
 
 def advertisable(addr: IPAddress) -> bool:

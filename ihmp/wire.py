@@ -18,7 +18,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-IPAddress = IPv4Address | IPv6Address
+from ihmp.addr import IPAddress
 
 VERSION = 1
 DEFAULT_PORT = 4731

@@ -30,13 +30,11 @@ import json
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv6Address
 from typing import Any
 
+from ihmp.addr import IPAddress
 from stacktrans.socket_table import TCP, SocketEntry
 from stacktrans.translation import HidTranslation
-
-IPAddress = IPv4Address | IPv6Address
 
 log = logging.getLogger("dime.nft")
 
@@ -335,7 +333,7 @@ class NftTable:
         """Apply the queued commands as one atomic batch.
 
         Safe to defer: a new flow's elements only matter once a rewrite is due for
-        it, and the translator flushes at once when it is. If the batch is refused, the
+        it, and the Dataplane flushes at once when it is. If the batch is refused, the
         commands are retried one by one so that one bad element loses nothing else.
         """
         cmds, self._pending = self._pending, []

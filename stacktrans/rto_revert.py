@@ -41,7 +41,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from stacktrans.adopt import diag_flow
-from stacktrans.rewrite import checksum
+from stacktrans.packet import checksum
 from stacktrans.socket_table import TCP, FlowKey
 
 log = logging.getLogger("dime.rto")

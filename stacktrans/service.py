@@ -1,9 +1,15 @@
-"""StackTrans as a running service: kernel rules, queues, translator, continuity.
+"""StackTrans as a running service: the asyncio adapter around the Dataplane.
 
-The daemon runs one :class:`StackTransService` next to the IHMP engine; the
-StackTrans tests run one driven by a test double of IHMP. Everything it puts into
-the kernel it records in a :class:`Residue`, so that a later run can remove it
-after a crash.
+What :class:`~stacktrans.dataplane.Dataplane` is to StackTrans' decisions, this is
+to its I/O, as aioquic's ``asyncio/protocol.py`` is to ``QuicConnection``: it installs
+the kernel rules and maps, serves the NFQUEUEs, feeds the Dataplane (IHMP's host
+changes, this host's addresses, queued packets, the liveness sweep) and carries out
+the :class:`~stacktrans.dataplane.Effects` it returns: ghost addresses and routes,
+prompts of stalled TCP flows, sockets of lost hosts. The daemon runs one next to the
+IHMP engine and imports nothing of StackTrans but this module; the StackTrans tests
+run one driven by a test double of IHMP. Everything it puts into the kernel it
+records first (:mod:`stacktrans.residue`), so that a later run can remove it after
+a crash.
 """
 
 from __future__ import annotations
@@ -16,21 +22,35 @@ import os
 import time
 from collections import Counter
 from collections.abc import Callable, Container
-from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv6Address
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from dime.hid_table import HidTable
-from stacktrans.continuity import Continuity
+from ihmp.addr import IPAddress
+from ihmp.hosts import HostChanged
+from stacktrans import residue
+from stacktrans.adopt import existing_flows
+from stacktrans.dataplane import Dataplane, HidFor
+from stacktrans.ghosts import Ghosts
+from stacktrans.nfqueue import Handler, PacketQueue, QueueError
 from stacktrans.nft import Nft, NftError, NftTable, QueueSpec
-from stacktrans.packet_path import PacketPath
-from stacktrans.queue import PacketQueue, QueueError
 from stacktrans.queue_rules import XtQueueRules, nft_queue_supported
-from stacktrans.rto_revert import FlowSeq, Remedy
-from stacktrans.socket_table import TCP, FlowKey, SocketEntry
-from stacktrans.translator import Translator
+from stacktrans.residue import Record, Residue
+from stacktrans.rto_revert import FlowSeq, Remedy, prompt
+from stacktrans.socket_table import TCP, FlowKey, SocketEntry, endpoint
+from stacktrans.sweep import alive_flows
+from stacktrans.userspace import UserspacePath
 
-IPAddress = IPv4Address | IPv6Address
+__all__ = [
+    "DataplaneConfig",
+    "DataplaneMode",
+    "KernelFlows",
+    "StackTrans",
+    "StartError",
+    "check_privileges",
+    "clean_leftovers",
+]
+
 log = logging.getLogger("dime.stacktrans")
 
 
@@ -56,25 +76,16 @@ class DataplaneConfig:
 
 
 @dataclass
-class Residue:
-    """What this run put into the kernel, for cleanup by a later run."""
+class KernelFlows:
+    """How the service asks the kernel about its sockets: blocking calls, run in a
+    thread. None turns that part off (tests that do not want it)."""
 
-    nft_table: bool = False
-    xt_rules: dict[str, Any] | None = None
-    continuity: dict[str, Any] = field(default_factory=dict)
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "nft_table": self.nft_table,
-            "xt_rules": self.xt_rules,
-            "continuity": self.continuity,
-        }
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Residue:
-        return cls(
-            bool(data.get("nft_table")), data.get("xt_rules"), dict(data.get("continuity") or {})
-        )
+    #: Flows that exist at start-up, to adopt (sock_diag).
+    existing: Callable[[], list[FlowKey]] | None = existing_flows
+    #: Which flows still have sockets (argument: also ask conntrack), for the sweep.
+    alive: Callable[[bool], Container[FlowKey]] | None = alive_flows
+    #: Make stalled TCP flows send now; returns how many got each remedy.
+    prompt: Callable[[list[FlowSeq]], Counter[Remedy]] | None = prompt
 
 
 #: A sweep lists every socket (and, in nft mode, conntrack entry): at 10k-100k flows
@@ -113,44 +124,37 @@ def resolve_mode(mode: DataplaneMode, nft: Nft) -> DataplaneMode:
     return DataplaneMode.NFT
 
 
-class StackTransService:
+class StackTrans:
     def __init__(
         self,
-        table: HidTable,
         config: DataplaneConfig,
         *,
         clock: Callable[[], float],
-        on_new_hid: Callable[[int, IPAddress], None],
-        on_residue: Callable[[Residue], None] = lambda r: None,
-        existing_flows: Callable[[], list[FlowKey]] | None = None,
-        alive_flows: Callable[[bool], Container[FlowKey]] | None = None,
-        prompt_retransmit: Callable[[list[FlowSeq]], Counter[Remedy]] | None = None,
+        hid_for: HidFor,
+        residue_dir: Path | None = None,
+        kernel_flows: KernelFlows | None = None,
     ) -> None:
-        """``existing_flows``, ``alive_flows`` and ``prompt_retransmit`` reach into the
-        kernel (sock_diag, raw sockets; see :mod:`stacktrans.adopt`,
-        :mod:`stacktrans.sweep`, :mod:`stacktrans.rto_revert`); None turns that part off.
-        """
-        self.table = table
+        """``hid_for``: IHMP's answer to "which host does this new flow go to"
+        (:meth:`ihmp.engine.IhmpEngine.flow_started`). ``residue_dir``: where the
+        record of what is installed lives (None: nowhere; tests)."""
         self.config = config
         self.clock = clock
         self.residue = Residue()
-        self._on_residue = on_residue
-        self._on_new_hid = on_new_hid
-        self._existing_flows = existing_flows
-        self._alive_flows = alive_flows
-        self._prompt_retransmit = prompt_retransmit
-        self._stalled_hids: set[int] = set()
-        self._prompt_task: asyncio.Task[None] | None = None
-        self.prompts: Counter[Remedy] = Counter()  # what rto_revert did (status counters)
+        self.record = Record(residue_dir)
+        self.kernel_flows = kernel_flows or KernelFlows()
         self.mode = config.mode
         self.nft: Nft | None = None
         self.kernel: NftTable | None = None
         self.rules: XtQueueRules | None = None
-        self.translator: Translator | None = None
-        self.path: PacketPath | None = None
-        self.continuity = Continuity(on_record=self._record)
+        self.dataplane: Dataplane | None = None
+        self.path: UserspacePath | None = None
+        self.ghosts = Ghosts(on_record=self._record)
         self.queues: list[PacketQueue] = []
+        self.prompts: Counter[Remedy] = Counter()  # what rto_revert did (status counters)
+        self._hid_for = hid_for
         self._tasks: list[asyncio.Task[None]] = []
+        self._stalled_hids: set[int] = set()
+        self._prompt_task: asyncio.Task[None] | None = None
         self._reconcile_pending = False
         self._reconcile_task: asyncio.Task[None] | None = None
 
@@ -193,32 +197,27 @@ class StackTransService:
         if queue is None:
             self._install_xt_rules(fast)
         log.info("queue rules: %s", "nft queue" if queue else "iptables NFQUEUE target")
-        self.translator = Translator(
-            self.table,
-            self.kernel,
-            on_new_hid=self._on_new_hid,
-            on_host_gone=self._host_gone,
-            on_change=self.schedule_reconcile,
-            on_path_change=self._path_changed,
-        )
-        self.translator.set_local_addresses(local_addresses)
-        self.path = PacketPath(self.translator, self.table, self.clock)
+        self.dataplane = Dataplane(self.kernel, self._hid_for)
+        self.dataplane.set_local_addresses(local_addresses)
+        self.path = UserspacePath(self.dataplane, self.clock)
         for num, handler in (
             (self.config.queue_out, self.path.outbound),
             (self.config.queue_in, self.path.inbound),
         ):
-            pq = PacketQueue(num, handler)
+            pq = PacketQueue(num, self._following_up(handler))
             try:
                 pq.start(loop)
             except QueueError as exc:
                 raise StartError(str(exc)) from exc
             self.queues.append(pq)
-        if self.config.adopt and self._existing_flows is not None:
-            flows = await asyncio.to_thread(self._existing_flows)
-            n = self.translator.adopt(flows, self.clock())
+        existing = self.kernel_flows.existing
+        if self.config.adopt and existing is not None:
+            flows = await asyncio.to_thread(existing)
+            n = self.dataplane.adopt(flows, self.clock())
             log.info("adopted %d existing flows", n)
-        if self._alive_flows is not None:
+        if self.kernel_flows.alive is not None:
             self._tasks.append(asyncio.create_task(self._sweeper()))
+        self._follow_up()
         log.info("StackTrans up: dataplane %s", self.mode.value)
 
     def _install_xt_rules(self, fast: bool) -> None:
@@ -252,13 +251,12 @@ class StackTransService:
         self.queues.clear()
         if self.kernel is not None:
             self.kernel.flush()  # the table goes next: nothing may be left queued
-        if self.translator is not None:
-            self.translator.close()
         for pending in (self._reconcile_task, self._prompt_task):
             if pending is not None:
                 await asyncio.gather(pending, return_exceptions=True)
-        await cleanup(self.residue, self.nft, self.continuity)
+        await residue.remove(self.residue, self.nft, self.ghosts)
         self._record()
+        self.record.discard()
 
     def _rules_json(self) -> dict[str, Any]:
         assert self.rules is not None
@@ -269,23 +267,93 @@ class StackTransService:
         }
 
     def _record(self) -> None:
-        self.residue.continuity = self.continuity.state()
-        self._on_residue(self.residue)
+        self.residue.ghosts = self.ghosts.state()
+        self.record.save(self.residue)
 
-    # -- addresses --------------------------------------------------------------------
+    # -- inputs -----------------------------------------------------------------------
+
+    def host_changed(self, change: HostChanged) -> None:
+        """IHMP changed a host (:class:`~ihmp.hosts.HostChanged`): the one way a peer's
+        move reaches StackTrans. The Dataplane applies it to the kernel maps at once
+        (:meth:`~stacktrans.dataplane.Dataplane.host_changed`); what follows (ghosts,
+        routes, prompts, failed sockets) is scheduled here."""
+        if self.dataplane is not None:
+            self.dataplane.host_changed(change)
+            self._follow_up()
 
     def local_added(self, addr: IPAddress) -> None:
-        if self.translator is not None:
-            self.translator.local_added(addr)
+        if self.dataplane is not None:
+            self.dataplane.local_added(addr)
+            self._follow_up()
 
     def local_removed(self, addr: IPAddress) -> None:
-        if self.translator is not None:
-            self.translator.local_removed(addr)
+        if self.dataplane is not None:
+            self.dataplane.local_removed(addr)
+            self._follow_up()
+
+    def set_local_addresses(self, addrs: set[IPAddress]) -> None:
+        if self.dataplane is not None:
+            self.dataplane.set_local_addresses(addrs)
+            self._follow_up()
+
+    def flush(self) -> None:
+        """Put every rewrite decided so far into the kernel now (one batch)."""
+        if self.kernel is not None:
+            self.kernel.flush()
+
+    def _following_up(self, handler: Handler) -> Handler:
+        """``handler`` (a queued packet's translation), then whatever it decided."""
+
+        def handle(data: bytes) -> bytes | None:
+            out = handler(data)
+            if self.dataplane is not None and self.dataplane.has_effects:
+                self._follow_up()
+            return out
+
+        return handle
+
+    # -- queries ----------------------------------------------------------------------
 
     def is_ghost(self, addr: IPAddress) -> bool:
-        return addr in self.continuity.ghosts
+        return addr in self.ghosts.addresses
 
-    # -- continuity -------------------------------------------------------------------
+    def flows(self) -> list[dict[str, Any]]:
+        """The socket table, as ``dime status`` shows it."""
+        if self.dataplane is None:
+            return []
+        return [
+            {
+                "proto": "tcp" if e.key.proto == TCP else "udp",
+                "local": endpoint(e.key.local, e.key.lport),
+                "remote": endpoint(e.key.remote, e.key.rport),
+                "hid": e.hid,
+            }
+            for e in self.dataplane.sockets
+        ]
+
+    def counters(self) -> dict[str, int]:
+        return {
+            "packets_translated_in_user_space": self.path.translated if self.path else 0,
+            "packets_queued": sum(q.packets for q in self.queues),
+            "tcp_flows_prompted": sum(self.prompts.values()),
+        }
+
+    # -- effects ----------------------------------------------------------------------
+
+    def _follow_up(self) -> None:
+        """Carry out what the Dataplane decided: asynchronously, never in its way."""
+        assert self.dataplane is not None
+        effects = self.dataplane.take_effects()
+        if effects.reconcile:
+            self.schedule_reconcile()
+        if effects.moved:
+            self._prompt_soon(effects.moved)
+        tcp = [e for e in effects.failed if e.key.proto == TCP]
+        if tcp:
+            # The nft reject path answers the next packet; destroying the TCP sockets
+            # now means even an idle application learns it at once.
+            self._tasks = [t for t in self._tasks if not t.done()]
+            self._tasks.append(asyncio.get_running_loop().create_task(destroy_sockets(tcp)))
 
     def schedule_reconcile(self) -> None:
         """Coalesce ghost/route reconciliation into one task at a time."""
@@ -302,16 +370,52 @@ class StackTransService:
     async def _reconcile(self) -> None:
         await asyncio.sleep(0)
         self._reconcile_pending = False
-        if self.translator is None:
+        if self.dataplane is None:
             return
-        await self.continuity.reconcile(
-            self.translator.ghosts_needed(), self.translator.translated_remotes()
+        await self.ghosts.reconcile(
+            self.dataplane.ghosts_needed(), self.dataplane.translated_remotes()
         )
+
+    def _prompt_soon(self, hids: set[int]) -> None:
+        if self.kernel_flows.prompt is None:
+            return
+        self._stalled_hids |= hids
+        if self._prompt_task is None or self._prompt_task.done():
+            self._prompt_task = asyncio.get_running_loop().create_task(self._prompt_stalled())
+
+    async def _prompt_stalled(self) -> None:
+        """TCP flows of hosts whose path changed send now, not when their backed-off
+        timer says (:mod:`stacktrans.rto_revert`)."""
+        prompt_flows = self.kernel_flows.prompt
+        assert prompt_flows is not None
+        await asyncio.sleep(0)  # the rest of this burst of table changes first
+        while self._stalled_hids and self.dataplane is not None:
+            hids, self._stalled_hids = self._stalled_hids, set()
+            if self.kernel is not None:
+                self.kernel.flush()  # the new locators must be in the kernel first
+            flows = [
+                FlowSeq(e.key, e.isn, e.peer_isn)
+                for hid in hids
+                for e in self.dataplane.sockets.flows_of(hid)
+                if e.key.proto == TCP and e.isn is not None
+            ]
+            log.debug("path changed for HIDs %s: %d TCP flows with a known ISN", hids, len(flows))
+            if not flows:
+                continue
+            try:
+                done = await asyncio.to_thread(prompt_flows, flows)
+            except Exception:
+                log.exception("prompting TCP flows failed")
+                continue
+            self.prompts.update(done)
+            if done:
+                log.info("%d stalled TCP flows prompted to send", sum(done.values()))
 
     # -- flows ------------------------------------------------------------------------
 
     async def _sweeper(self) -> None:
-        assert self._alive_flows is not None
+        alive_flows = self.kernel_flows.alive
+        assert alive_flows is not None
         delay = self.config.sweep_interval
         while True:
             await asyncio.sleep(delay)
@@ -320,59 +424,25 @@ class StackTransService:
             try:
                 # conntrack only where it times UDP flows out: in nfqueue mode the
                 # daemon does (and listing 100k conntrack entries costs seconds).
-                alive = await asyncio.to_thread(self._alive_flows, self.mode is DataplaneMode.NFT)
+                alive = await asyncio.to_thread(alive_flows, self.mode is DataplaneMode.NFT)
             except Exception:
                 log.exception("listing live flows failed")
                 continue
             finally:
                 delay = sweep_delay(self.config.sweep_interval, time.monotonic() - started)
-            if self.translator is not None:
+            if self.dataplane is not None:
                 # In nfqueue mode every packet refreshes last_seen: idle UDP times out.
                 idle = self.config.udp_idle if self.mode is DataplaneMode.NFQUEUE else None
-                gone = self.translator.sweep(alive, self.clock(), idle, taken_at)
+                gone = self.dataplane.sweep(alive, self.clock(), idle, taken_at)
                 if gone:
                     log.info("%d flows ended", len(gone))
+                self._follow_up()
 
-    def _path_changed(self, hid: int) -> None:
-        if self._prompt_retransmit is None:
-            return
-        self._stalled_hids.add(hid)
-        if self._prompt_task is None or self._prompt_task.done():
-            self._prompt_task = asyncio.get_running_loop().create_task(self._prompt_stalled())
 
-    async def _prompt_stalled(self) -> None:
-        """TCP flows of hosts whose path changed send now, not when their backed-off
-        timer says (:mod:`stacktrans.rto_revert`)."""
-        assert self._prompt_retransmit is not None
-        await asyncio.sleep(0)  # the rest of this burst of table changes first
-        while self._stalled_hids and self.translator is not None:
-            hids, self._stalled_hids = self._stalled_hids, set()
-            if self.kernel is not None:
-                self.kernel.flush()  # the new locators must be in the kernel first
-            flows = [
-                FlowSeq(e.key, e.isn, e.peer_isn)
-                for hid in hids
-                for e in self.translator.sockets.flows_of(hid)
-                if e.key.proto == TCP and e.isn is not None
-            ]
-            log.debug("path changed for HIDs %s: %d TCP flows with a known ISN", hids, len(flows))
-            if not flows:
-                continue
-            try:
-                done = await asyncio.to_thread(self._prompt_retransmit, flows)
-            except Exception:
-                log.exception("prompting TCP flows failed")
-                continue
-            self.prompts.update(done)
-            if done:
-                log.info("%d stalled TCP flows prompted to send", sum(done.values()))
-
-    def _host_gone(self, flows: list[SocketEntry]) -> None:
-        # The nft reject path answers the next packet; destroying the TCP sockets
-        # now means even an idle application learns it at once.
-        tcp = [e for e in flows if e.key.proto == TCP]
-        if tcp:
-            asyncio.get_running_loop().create_task(destroy_sockets(tcp))
+async def clean_leftovers(directory: Path) -> bool:
+    """Remove what a dead run recorded in ``directory`` left in the kernel (``dime
+    down`` with no daemon, or a start after a crash). Returns whether there was any."""
+    return await residue.clean_leftovers(Record(directory))
 
 
 async def destroy_sockets(flows: list[SocketEntry]) -> None:
@@ -396,30 +466,3 @@ async def destroy_sockets(flows: list[SocketEntry]) -> None:
 
 def _ss_addr(addr: IPAddress) -> str:
     return f"[{addr}]" if addr.version == 6 else str(addr)
-
-
-async def cleanup(residue: Residue, nft: Nft | None, continuity: Continuity | None = None) -> None:
-    """Remove everything ``residue`` says was installed (also after a crash)."""
-    if continuity is None:
-        continuity = Continuity.from_state(residue.continuity)
-    await continuity.clear()
-    residue.continuity = continuity.state()
-    if residue.xt_rules is not None:
-        rules = XtQueueRules(
-            0,
-            0,
-            0,
-            every_packet=False,
-            created_tables=list(residue.xt_rules.get("created_tables", [])),
-        )
-        try:
-            rules.remove(nft)
-        except NftError as exc:
-            log.warning("removing queue rules: %s", exc)
-        residue.xt_rules = None
-    if residue.nft_table and nft is not None:
-        try:
-            NftTable(nft, fast_path=False).uninstall()
-        except NftError as exc:
-            log.warning("removing table inet dime: %s", exc)
-        residue.nft_table = False

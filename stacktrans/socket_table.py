@@ -17,9 +17,8 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv6Address
 
-IPAddress = IPv4Address | IPv6Address
+from ihmp.addr import IPAddress
 
 TCP = 6
 UDP = 17

@@ -10,11 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv6Address
 
-from dime.hid_table import HidState, HostEntry
-
-IPAddress = IPv4Address | IPv6Address
+from ihmp.addr import IPAddress
+from ihmp.hosts import HidState, HostSnapshot
 
 
 @dataclass(frozen=True)
@@ -37,7 +35,7 @@ def _same_family(addrs: Iterable[IPAddress], like: IPAddress) -> IPAddress | Non
 
 
 def compute(
-    entry: HostEntry,
+    entry: HostSnapshot,
     pairs: Iterable[tuple[IPAddress, IPAddress]],
     local_addresses: Collection[IPAddress],
 ) -> HidTranslation:

@@ -9,18 +9,17 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv6Address, ip_address, ip_interface
+from ipaddress import ip_address, ip_interface
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from dime.hid_table import HidState, HidTable, HostEntry
 from ihmp import events as ev
+from ihmp.addr import IPAddress
 from ihmp.engine import Datagram, EngineConfig, IhmpEngine
+from ihmp.hosts import HostEntry, HostSnapshot
 from ihmp.keys import LocalKeys, TrustStore
-from ihmp.reachability import block_of
+from ihmp.reachability import best_path, block_of
 from ihmp.wire import MessageType, decode
-
-IPAddress = IPv4Address | IPv6Address
 
 
 def A(s: str) -> IPAddress:
@@ -39,13 +38,11 @@ class Host:
         trust: TrustStore | None = None,
     ) -> None:
         self.name = name
-        self.table = HidTable()
         self.key = Ed25519PrivateKey.generate() if signed else None
         keys = LocalKeys()
         if self.key is not None:
             keys.set_local_key(self.key, "*")
         self.engine = IhmpEngine(
-            self.table,
             counter_start=1_000_000 * seed,
             rng=random.Random(seed),
             config=config or EngineConfig(),
@@ -53,13 +50,14 @@ class Host:
             trust=trust,
             local_addresses=[ip_interface(a) for a in addrs],
         )
+        self.table = self.engine.table
         self.events: list[ev.Event] = []
 
     def drain_events(self) -> None:
         while (e := self.engine.next_event()) is not None:
             self.events.append(e)
 
-    def events_of(self, kind: type[ev.Event]) -> list[ev.Event]:
+    def events_of(self, kind: type) -> list[ev.Event]:
         self.drain_events()
         return [e for e in self.events if isinstance(e, kind)]
 
@@ -70,9 +68,14 @@ class Host:
 
     def connect(self, remote: str, now: float, local: str | None = None) -> int:
         """What StackTrans does on a first packet to an unknown address."""
-        entry = self.table.create([A(remote)], state=HidState.HELLO_PENDING)
-        self.engine.start_hello(entry.hid, now, A(local) if local else None)
-        return entry.hid
+        if local is None:
+            _, src, _ = best_path([A(remote)], self.engine.local_addresses)
+            assert src is not None, f"{self.name} has no address to reach {remote}"
+        else:
+            src = A(local)
+        hid = self.engine.flow_started(A(remote), src, now)
+        assert hid is not None
+        return hid
 
 
 @dataclass
@@ -182,6 +185,23 @@ class Net:
 
     def sent_to(self, addr: str) -> list[Sent]:
         return [s for s in self.log if s.datagram.dst == A(addr)]
+
+
+def assert_events_mirror_table(host: Host) -> None:
+    """The HostChanged events are the table: replayed in order, they rebuild it.
+
+    That is what StackTrans relies on: it never reads the table, it follows it.
+    """
+    host.drain_events()
+    replayed: dict[int, HostSnapshot] = {}
+    for event in host.events:
+        if isinstance(event, ev.HostChanged):
+            assert replayed.get(event.hid) == event.before, event
+            if event.after is None:
+                del replayed[event.hid]
+            else:
+                replayed[event.hid] = event.after
+    assert sorted(replayed.values(), key=lambda h: h.hid) == host.table.snapshot()
 
 
 def assert_symmetric(a: Host, a_addr: str, b: Host, b_addr: str) -> None:

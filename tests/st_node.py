@@ -1,8 +1,9 @@
 """A StackTrans node for the data-plane tests, run inside a network namespace.
 
-It runs the real StackTransService (nft maps, NFQUEUE, ghosts, routes), with a test
-double in place of IHMP: the test sets the HID table the way IHMP would, through
-JSON commands on stdin, one per line; each gets one JSON reply line on stdout.
+It runs the real StackTrans service (nft maps, NFQUEUE, ghosts, routes), with a test
+double in place of IHMP: the test sets the hosts the way IHMP would, through JSON
+commands on stdin, one per line; each gets one JSON reply line on stdout. The double
+hands StackTrans the same HostChanged events the engine would.
 
   {"cmd": "host", "addr": A, "active": [...], "local": [...], "state": "established"}
       find the HID owning A (or create it) and make its sets exactly these
@@ -20,58 +21,74 @@ import sys
 from ipaddress import ip_address
 from typing import Any
 
-from dime.hid_table import HidState, HidTable
+from ihmp.addr import IPAddress
+from ihmp.hosts import ChangeKind, HidState, HostChanged, HostSnapshot
 from stacktrans.adopt import existing_flows
-from stacktrans.service import DataplaneConfig, DataplaneMode, StackTransService
+from stacktrans.service import DataplaneConfig, DataplaneMode, KernelFlows, StackTrans
 
 
 class Node:
     def __init__(self, mode: str, locals_: list[str]) -> None:
-        self.table = HidTable()
+        self.hosts: dict[int, HostSnapshot] = {}
         self.new_hids: list[int] = []
-        loop = asyncio.get_event_loop()
-        self.service = StackTransService(
-            self.table,
+        self.loop = asyncio.get_event_loop()
+        self.service = StackTrans(
             DataplaneConfig(mode=DataplaneMode(mode)),
-            clock=loop.time,
-            on_new_hid=lambda hid, local: self.new_hids.append(hid),
-            existing_flows=existing_flows,
+            clock=self.loop.time,
+            hid_for=self.hid_for,
+            kernel_flows=KernelFlows(existing=existing_flows, alive=None, prompt=None),
         )
         self.locals = {ip_address(a) for a in locals_}
 
+    def lookup(self, addr: IPAddress) -> HostSnapshot | None:
+        return next((h for h in self.hosts.values() if addr in h.active), None)
+
+    def hid_for(self, remote: IPAddress, local: IPAddress, now: float) -> int | None:
+        """What the engine's flow_started does, without the HELLO."""
+        host = self.lookup(remote)
+        if host is not None:
+            return host.hid
+        hid = max(self.hosts, default=0) + 1
+        self.new_hids.append(hid)
+        # Like the engine's events: they reach StackTrans after this packet's verdict.
+        self.set(HostSnapshot(hid, (remote,), frozenset(), (), None, HidState.HELLO_PENDING))
+        return hid
+
+    def set(self, after: HostSnapshot) -> None:
+        before = self.hosts.get(after.hid)
+        self.hosts[after.hid] = after
+        kind = ChangeKind.CREATED if before is None else ChangeKind.UPDATED
+        change = HostChanged(kind, after.hid, before, after, "test")
+        self.loop.call_soon(self.service.host_changed, change)
+
     def host(self, msg: dict[str, Any]) -> dict[str, Any]:
         addr = ip_address(msg["addr"])
-        entry = self.table.lookup(addr)
-        if entry is None:
-            entry = self.table.create([addr])
-        hid = entry.hid
-        active = [ip_address(a) for a in msg.get("active", [])]
-        local = [ip_address(a) for a in msg.get("local", [])]
-        for a in reversed(active):
-            self.table.add_active(hid, a, prefer=True)
-        for a in list(entry.active):
-            if a not in active:
-                self.table.remove_address(hid, a)
-        for a in reversed(local):
-            self.table.add_local(hid, a, prefer=True)
-        for a in list(entry.local):
-            if a not in local:
-                self.table.remove_local(hid, a)
-        self.table.set_state(hid, HidState(msg.get("state", "established")))
+        host = self.lookup(addr)
+        hid = host.hid if host is not None else max(self.hosts, default=0) + 1
+        self.set(
+            HostSnapshot(
+                hid,
+                tuple(ip_address(a) for a in msg.get("active", [])),
+                frozenset(),
+                tuple(ip_address(a) for a in msg.get("local", [])),
+                None,
+                HidState(msg.get("state", "established")),
+            )
+        )
         return {"hid": hid}
 
     def dump(self) -> dict[str, Any]:
-        tr = self.service.translator
-        assert tr is not None
+        dp = self.service.dataplane
+        assert dp is not None
         return {
             "mode": self.service.mode.value,
             "hids": [
                 {
-                    "hid": e.hid,
-                    "active": [str(a) for a in e.active],
-                    "local": [str(a) for a in e.local],
+                    "hid": h.hid,
+                    "active": [str(a) for a in h.active],
+                    "local": [str(a) for a in h.local],
                 }
-                for e in self.table
+                for h in self.hosts.values()
             ],
             "flows": [
                 {
@@ -80,9 +97,9 @@ class Node:
                     "local": str(e.key.local),
                     "remote": str(e.key.remote),
                 }
-                for e in tr.sockets
+                for e in dp.sockets
             ],
-            "ghosts": sorted(map(str, self.service.continuity.ghosts)),
+            "ghosts": sorted(map(str, self.service.ghosts.addresses)),
             "new_hids": self.new_hids,
         }
 
@@ -101,13 +118,12 @@ class Node:
                 if cmd == "host":
                     out = self.host(msg)
                 elif cmd == "locals":
-                    assert self.service.translator is not None
-                    self.service.translator.set_local_addresses(
-                        {ip_address(a) for a in msg["addrs"]}
-                    )
+                    self.service.set_local_addresses({ip_address(a) for a in msg["addrs"]})
                     out = {}
                 else:
                     out = self.dump()
+                await asyncio.sleep(0)  # the host changes reach StackTrans
+                self.service.flush()
                 await self.service.settle()  # ghosts and routes are in the kernel now
                 print(json.dumps(out), flush=True)
         finally:

@@ -15,12 +15,12 @@ from ipaddress import ip_interface
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from dime.hid_table import HidState
 from ihmp import events as ev
 from ihmp.engine import MAX_LOCAL_RETRIES, EngineConfig, seq_newer
+from ihmp.hosts import HidState
 from ihmp.keys import TrustStore
 from ihmp.wire import Flags, MessageType, NatMapping, decode, encode, public_key_bytes, verify
-from tests.ihmp_sim import A, Host, Net, assert_symmetric
+from tests.ihmp_sim import A, Host, Net, assert_events_mirror_table, assert_symmetric
 
 T = MessageType
 A1, B1 = "192.0.2.1", "198.51.100.1"
@@ -85,8 +85,7 @@ def test_set_local_key_per_prefix_picks_the_most_specific() -> None:
     a, _b = pair(net, a_addrs=[A1 + "/24", "203.0.113.9/24"])
     special = Ed25519PrivateKey.generate()
     a.engine.local_keys.set_local_key(special, "203.0.113.0/24")
-    hid = a.table.create([A(B1)]).hid
-    a.engine.start_hello(hid, 0, A("203.0.113.9"))
+    a.engine.flow_started(A(B1), A("203.0.113.9"), 0)
     hello = decode(a.engine.datagrams_to_send(0)[0].data)
     assert hello.public_key == public_key_bytes(special)
     assert verify(hello, public_key_bytes(special))
@@ -289,6 +288,7 @@ def test_losing_the_last_path_removes_the_hid_after_the_grace() -> None:
     assert hid not in a.table
     lost = a.events_of(ev.PeerLost)
     assert lost == [ev.PeerLost(hid, (A(B1),))]
+    assert_events_mirror_table(a)
 
 
 def test_second_handoff_before_first_ack_latest_state_wins() -> None:
@@ -317,6 +317,7 @@ def test_second_handoff_before_first_ack_latest_state_wins() -> None:
     assert set(second_msg.old_addrs) == {A(A1), A("192.0.2.2")}
     stale = [e for e in b.events_of(ev.MessageApplied) if e.stale]
     assert len(stale) == 1
+    assert_events_mirror_table(b)
 
 
 # -- reliability -------------------------------------------------------------------
@@ -331,10 +332,16 @@ def test_hello_unanswered_marks_legacy_and_holds_down() -> None:
     assert a.table.get(hid).state is HidState.LEGACY
     assert len(net.sent_to(B1)) == cfg.max_attempts
     assert a.events_of(ev.PeerLegacy) == [ev.PeerLegacy(hid)]
-    assert not a.engine.start_hello(hid, net.now)  # hold-down: nothing more is sent
+    # A new flow to it during the hold-down: nothing more is sent.
+    assert a.engine.flow_started(A(B1), A(A1), net.now) == hid
     assert a.engine.datagrams_to_send(net.now) == []
     net.run(cfg.legacy_hold_down)
-    assert a.engine.start_hello(hid, net.now)  # hold-down over: try again
+    # Hold-down over: the next new flow tries again.
+    assert a.engine.flow_started(A(B1), A(A1), net.now) == hid
+    assert a.table.get(hid).state is HidState.HELLO_PENDING
+    assert [decode(d.data).type for d in a.engine.datagrams_to_send(net.now)] == [
+        MessageType.HELLO
+    ]
 
 
 def test_retransmission_backs_off_exponentially_with_a_cap() -> None:
@@ -369,6 +376,8 @@ def test_thirty_percent_loss_still_converges(seed: int) -> None:
     assert A("203.0.113.3") in b.entry_for("192.0.2.9").active
     assert A("10.0.0.1") in b.entry_for("192.0.2.9").active
     assert_symmetric(a, "192.0.2.9", b, B1)
+    assert_events_mirror_table(a)
+    assert_events_mirror_table(b)
 
 
 def test_duplicates_and_reordering_do_not_corrupt_the_tables() -> None:
@@ -470,7 +479,7 @@ def test_strict_mode_accepts_only_configured_keys() -> None:
     assert b.engine.counters.messages_rejected["untrusted"] >= 1
     # Now the administrator installs A's key a priori.
     trust.trust(public_key_bytes(a.key), A1)  # type: ignore[arg-type]
-    a.engine.start_hello(a.entry_for(B1).hid, net.now + 1000)
+    a.engine.flow_started(A(B1), A(A1), net.now + 1000)
     net.run(1000)
     assert b.entry_for(A1).key == public_key_bytes(a.key)  # type: ignore[arg-type]
     # An impostor at another address with another key is still refused.

@@ -1,4 +1,4 @@
-"""Tests for stacktrans.monitor: the handoff detector, the rtnetlink table, the monitor.
+"""Tests for dime.monitor: the handoff detector, the rtnetlink table, the monitor.
 
 The detector and the table are pure and driven with a fake clock and dict-shaped
 messages. The monitor itself runs in a subprocess inside a fresh namespace, printing
@@ -22,7 +22,7 @@ from typing import ClassVar
 
 import pytest
 
-from stacktrans.monitor import (
+from dime.monitor import (
     IFA_F_DADFAILED,
     IFA_F_TENTATIVE,
     IFF_LOOPBACK,
@@ -309,7 +309,7 @@ def test_monitor_sync_pairs_and_survives_callbacks() -> None:
 
 MONITOR_SCRIPT = r"""
 import asyncio, ipaddress, json, sys
-from stacktrans.monitor import AddressMonitor
+from dime.monitor import AddressMonitor
 
 window = float(sys.argv[1])
 ignored = {ipaddress.ip_address(a) for a in sys.argv[2:]}
@@ -334,7 +334,7 @@ asyncio.run(main())
 
 CATCH_UP_SCRIPT = r"""
 import asyncio, json, subprocess, sys
-from stacktrans.monitor import AddressMonitor
+from dime.monitor import AddressMonitor
 
 def emit(*fields):
     print(json.dumps([str(f) for f in fields]), flush=True)
@@ -577,7 +577,7 @@ class FakeIPRoute:
 
 
 def test_monitor_run_with_fake_netlink(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("stacktrans.monitor.AsyncIPRoute", FakeIPRoute)
+    monkeypatch.setattr("dime.monitor.AsyncIPRoute", FakeIPRoute)
     FakeIPRoute.sockets = []
     FakeIPRoute.dump = [link(LO, UP | IFF_LOOPBACK), link(ETH, UP), addr(ETH, str(A))]
 

@@ -23,7 +23,7 @@ from scapy.layers.inet import IP
 from scapy.layers.inet import TCP as TCPLayer
 from scapy.layers.inet6 import IPv6
 
-from stacktrans.rewrite import checksum
+from stacktrans.packet import checksum
 from stacktrans.rto_revert import (
     FlowSeq,
     Remedy,

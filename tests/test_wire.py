@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from ihmp.addr import IPAddress
 from ihmp.wire import (
     DEFAULT_PORT,
     HEADER_LEN,
@@ -40,7 +41,6 @@ from ihmp.wire import (
     verify,
 )
 
-IPAddress = IPv4Address | IPv6Address
 T = MessageType
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "ihmp-wire.md"

@@ -1,7 +1,7 @@
-"""The user-space packet path (stacktrans.packet_path), with no kernel.
+"""The user-space packet path (stacktrans.userspace), with no kernel.
 
-A real HidTable and Translator, and a recording stand-in for the kernel maps. The
-HID table is set the way IHMP would set it; packets are built with scapy and
+A real HidTable and Dataplane, and a recording stand-in for the kernel maps. The
+HID table is set the way IHMP would set it (tests/ihmp_double.py); packets are built with scapy and
 results compared byte for byte with the packet scapy builds from scratch with the
 expected addresses (so addresses, payload and every checksum are checked at once),
 and re-parsed with scapy with their checksums recomputed.
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv6Address, ip_address
+from ipaddress import ip_address
 from typing import Any
 
 import pytest
@@ -26,12 +26,13 @@ from scapy.layers.inet import UDP as ScapyUDP
 from scapy.layers.inet6 import ICMPv6DestUnreach, ICMPv6PacketTooBig, IPv6
 from scapy.packet import Packet, Raw
 
-from dime.hid_table import HidState, HidTable
-from stacktrans.packet_path import PacketPath
+from ihmp.addr import IPAddress
+from ihmp.hosts import HidState, HidTable
+from ihmp.states import Trigger
 from stacktrans.socket_table import TCP, UDP, FlowKey, SocketEntry
-from stacktrans.translator import Translator
+from stacktrans.userspace import UserspacePath
+from tests.ihmp_double import IhmpDouble
 
-IPAddress = IPv4Address | IPv6Address
 A = ip_address
 
 
@@ -75,7 +76,7 @@ def net(request: pytest.FixtureRequest) -> Net:
 
 
 class KernelStub:
-    """What the Translator calls on NftTable, recorded."""
+    """What the Dataplane calls on NftTable, recorded."""
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, Any]] = []
@@ -108,19 +109,16 @@ class KernelStub:
 @dataclass
 class Node:
     net: Net
-    table: HidTable = field(default_factory=HidTable)
+    ihmp: IhmpDouble = field(default_factory=IhmpDouble)
     kernel: KernelStub = field(default_factory=KernelStub)
-    new_hids: list[tuple[int, IPAddress]] = field(default_factory=list)
     now: float = 100.0
 
     def __post_init__(self) -> None:
-        self.tr = Translator(
-            self.table,
-            self.kernel,
-            on_new_hid=lambda hid, local: self.new_hids.append((hid, local)),
-        )
+        self.table: HidTable = self.ihmp.table
+        self.new_hids = self.ihmp.new_hids
+        self.tr = self.ihmp.attach(self.kernel)
         self.tr.set_local_addresses({self.net.l_old})
-        self.path = PacketPath(self.tr, self.table, lambda: self.now)
+        self.path = UserspacePath(self.tr, lambda: self.now)
 
     def hid(self, addr: IPAddress) -> int:
         host = self.table.lookup(addr)
@@ -131,7 +129,7 @@ class Node:
 
     def established(self, hid: int) -> None:
         """HELLO/ACK done: the peer reaches us at our identifier."""
-        self.table.set_state(hid, HidState.ESTABLISHED)
+        self.table.transition(hid, Trigger.HELLO_ACKED)
         self.table.add_local(hid, self.net.l_old)
 
     def peer_moves(self, hid: int, old: IPAddress, new: IPAddress) -> None:
@@ -419,7 +417,7 @@ def test_legacy_host_is_never_rewritten(net: Net) -> None:
     node = Node(net)
     assert node.path.outbound(pkt(net, TCP, net.l_old, net.p_old, 40000, 80, "S")) is None
     hid = node.hid(net.p_old)
-    node.table.set_state(hid, HidState.LEGACY)
+    node.table.transition(hid, Trigger.HELLO_UNANSWERED)
     node.table.add_local(hid, net.l_old)
     node.we_move(hid)  # even if the table said the peer knew our new address
     assert node.path.outbound(pkt(net, TCP, net.l_old, net.p_old, 40000, 80)) is None
@@ -431,15 +429,6 @@ def test_legacy_host_is_never_rewritten(net: Net) -> None:
     err = icmp_error(kind, net.p_old, net.l_old, quote)
     assert node.path.inbound(err) is None
     assert node.path.translated == 0
-
-
-def test_new_flow_to_a_legacy_host_prompts_hello_again(net: Net) -> None:
-    node = Node(net)
-    node.path.outbound(pkt(net, TCP, net.l_old, net.p_old, 40000, 80, "S"))
-    hid = node.hid(net.p_old)
-    node.table.set_state(hid, HidState.LEGACY)
-    node.path.outbound(pkt(net, TCP, net.l_old, net.p_old, 40001, 80, "S"))
-    assert node.new_hids == [(hid, net.l_old), (hid, net.l_old)]
 
 
 # --------------------------------------------------------------------------- ICMP errors

@@ -1,4 +1,4 @@
-"""The per-packet path in user space: what the daemon does with a queued packet.
+"""The user-space path: what the daemon does with each packet queued to it.
 
 In ``nfqueue`` mode every TCP/UDP packet comes here and is rewritten here. In
 ``nft`` mode only first packets of flows (to learn them) and ICMP errors (whose
@@ -9,17 +9,18 @@ with locators and must reach the socket with its identifiers. An ICMP error abou
 a flow gets its quoted packet translated too, so that path MTU discovery and
 "port unreachable" reach the right socket.
 
-Plain ``struct`` work through :mod:`stacktrans.rewrite`; never scapy.
+Plain ``struct`` work through :mod:`stacktrans.packet`; never scapy.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from ipaddress import IPv4Address, IPv6Address, ip_address
+from ipaddress import ip_address
 
-from dime.hid_table import HidTable
-from stacktrans.rewrite import (
+from ihmp.addr import IPAddress
+from stacktrans.dataplane import Dataplane
+from stacktrans.packet import (
     PacketInfo,
     RewriteError,
     parse,
@@ -27,9 +28,7 @@ from stacktrans.rewrite import (
     rewrite_inner_addresses,
 )
 from stacktrans.socket_table import TCP, UDP, FlowKey, SocketEntry
-from stacktrans.translator import Translator
 
-IPAddress = IPv4Address | IPv6Address
 log = logging.getLogger("dime.packet")
 
 TCP_FIN, TCP_SYN, TCP_RST, TCP_ACK = 0x01, 0x02, 0x04, 0x10
@@ -47,12 +46,11 @@ def _starts_flow(info: PacketInfo) -> bool:
     return info.proto == TCP and not info.tcp_flags & (TCP_RST | TCP_FIN)
 
 
-class PacketPath:
+class UserspacePath:
     """Translate one queued packet. Returns new bytes, or None to pass it unchanged."""
 
-    def __init__(self, translator: Translator, table: HidTable, clock: Callable[[], float]) -> None:
-        self.tr = translator
-        self.table = table
+    def __init__(self, dataplane: Dataplane, clock: Callable[[], float]) -> None:
+        self.tr = dataplane
         self.clock = clock
         self.translated = 0
 
@@ -119,12 +117,10 @@ class PacketPath:
 
     def _inbound_flow(self, data: bytes, info: PacketInfo) -> bytes | None:
         src, dst = _addr(info.src), _addr(info.dst)
-        host = self.table.lookup(src)
+        hid = self.tr.host_of(src)
         entry = None
-        if host is not None:
-            entry = self.tr.sockets.inbound(
-                host.hid, info.version, info.proto, info.sport, info.dport
-            )
+        if hid is not None:
+            entry = self.tr.sockets.inbound(hid, info.version, info.proto, info.sport, info.dport)
         if entry is None:
             if _starts_flow(info):
                 entry = self.tr.flow_seen(
@@ -147,12 +143,10 @@ class PacketPath:
 
     def _inbound_icmp(self, data: bytes, info: PacketInfo, inner: PacketInfo) -> bytes | None:
         # The quote is our own packet as it went out (locators), local -> remote.
-        host = self.table.lookup(_addr(inner.dst))
-        if host is None:
+        hid = self.tr.host_of(_addr(inner.dst))
+        if hid is None:
             return None
-        entry = self.tr.sockets.inbound(
-            host.hid, inner.version, inner.proto, inner.dport, inner.sport
-        )
+        entry = self.tr.sockets.inbound(hid, inner.version, inner.proto, inner.dport, inner.sport)
         if entry is None:
             return None
         lid, rid = entry.key.local, entry.key.remote

@@ -1,4 +1,4 @@
-"""Tests for stacktrans.rewrite: per-packet address rewriting with incremental checksums.
+"""Tests for stacktrans.packet: per-packet address rewriting with incremental checksums.
 
 Main oracle: a packet built by scapy with the old addresses, once rewritten, must be byte for
 byte the packet scapy builds from scratch with the new addresses (so addresses, payload and
@@ -34,7 +34,7 @@ from scapy.layers.inet6 import (
 from scapy.packet import Packet, Raw
 from scapy.utils import checksum as scapy_checksum
 
-from stacktrans.rewrite import (
+from stacktrans.packet import (
     PacketInfo,
     RewriteError,
     checksum,

@@ -1,4 +1,4 @@
-"""The HID table: one entry per remote host, shared by IHMP and StackTrans.
+"""The HID table: one entry per remote host. IHMP keeps it; StackTrans follows it.
 
 A HID is an internal index for a remote host. It is never sent on the wire. Each entry
 keeps three address sets, as in Fig. 3(b) of the DIME paper:
@@ -9,11 +9,13 @@ keeps three address sets, as in Fig. 3(b) of the DIME paper:
 * **local**: this host's addresses the peer can reach. It mirrors the peer's own
   active set for this host, and IHMP picks its Host ID field from it.
 
-Every change goes through an explicit operation (``add_active``, ``mark_unreachable``,
-``remove_local``, ...). Each operation that changes something notifies the
-subscribers once with a :class:`TableChange`, synchronously and before it returns,
-so that the data plane can react without polling. An operation that would change
-nothing notifies nobody.
+The IHMP engine owns the table and is its only writer. Every change goes through an
+explicit operation (``add_active``, ``mark_unreachable``, ``remove_local``,
+``transition``, ...). Each operation that changes something hands one
+:class:`HostChanged` (before and after snapshots) to the table's sink, which is the
+engine's event queue: that is how a change leaves IHMP, in order with the engine's
+other events, and how StackTrans learns of it. An operation that would change
+nothing emits nothing.
 
 Invariants (checked by the tests):
 
@@ -29,22 +31,23 @@ import enum
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv6Address
 
-IPAddress = IPv4Address | IPv6Address
+from ihmp.addr import IPAddress
+from ihmp.states import INITIAL, HidState, Trigger, next_state
 
-
-class HidState(enum.Enum):
-    """Where IHMP stands with a remote host."""
-
-    HELLO_PENDING = "hello-pending"  # HELLO sent, no ACK yet
-    ESTABLISHED = "established"  # HELLO/ACK done: the peer runs DIME
-    LEGACY = "legacy"  # the peer never answered: it runs no DIME; do not signal it
-    NAT_FORCED = "nat-forced"  # behind an IHMP-unaware NAT: one-to-one, no signaling
+__all__ = [
+    "ChangeKind",
+    "HidState",
+    "HidTable",
+    "HidTableError",
+    "HostChanged",
+    "HostEntry",
+    "HostSnapshot",
+]
 
 
 class ChangeKind(enum.Enum):
-    """What a :class:`TableChange` reports."""
+    """What a :class:`HostChanged` reports."""
 
     CREATED = "created"
     UPDATED = "updated"  # address sets changed
@@ -78,7 +81,7 @@ class HostEntry:
         return set(self.active) | self.unreachable
 
     def snapshot(self) -> HostSnapshot:
-        """An immutable copy, safe to hand to subscribers and the status output."""
+        """An immutable copy, safe to hand to StackTrans and the status output."""
         return HostSnapshot(
             hid=self.hid,
             active=tuple(self.active),
@@ -106,8 +109,11 @@ class HostSnapshot:
 
 
 @dataclass(frozen=True)
-class TableChange:
-    """One change of one entry. ``before`` is None for CREATED, ``after`` for REMOVED."""
+class HostChanged:
+    """One change of one entry. ``before`` is None for CREATED, ``after`` for REMOVED.
+
+    An IHMP engine event (see :mod:`ihmp.events`).
+    """
 
     kind: ChangeKind
     hid: int
@@ -116,17 +122,20 @@ class TableChange:
     reason: str = ""
 
 
-Subscriber = Callable[[TableChange], None]
+Sink = Callable[[HostChanged], None]
 
 
 class HidTable:
-    """The table of remote hosts, indexed by HID and by every remote address."""
+    """The table of remote hosts, indexed by HID and by every remote address.
 
-    def __init__(self) -> None:
+    ``sink`` receives every change, synchronously, in the order they happen.
+    """
+
+    def __init__(self, sink: Sink | None = None) -> None:
         self._entries: dict[int, HostEntry] = {}
         self._by_addr: dict[IPAddress, int] = {}
         self._next_hid = 1
-        self._subscribers: list[Subscriber] = []
+        self._sink: Sink = sink if sink is not None else (lambda change: None)
 
     # -- reading -------------------------------------------------------------------
 
@@ -151,36 +160,21 @@ class HidTable:
     def snapshot(self) -> list[HostSnapshot]:
         return [e.snapshot() for e in self._entries.values()]
 
-    # -- subscribers ---------------------------------------------------------------
-
-    def subscribe(self, callback: Subscriber) -> Callable[[], None]:
-        """Call ``callback`` after every change; returns a function that unsubscribes."""
-        self._subscribers.append(callback)
-        return lambda: self._subscribers.remove(callback)
-
-    def _notify(self, change: TableChange) -> None:
-        for callback in list(self._subscribers):
-            callback(change)
-
     # -- operations ----------------------------------------------------------------
 
-    def create(
-        self,
-        active: Iterable[IPAddress] = (),
-        *,
-        state: HidState = HidState.HELLO_PENDING,
-        reason: str = "",
-    ) -> HostEntry:
-        """Create an entry for a new remote host with the given active addresses."""
+    def create(self, active: Iterable[IPAddress], trigger: Trigger) -> HostEntry:
+        """Create an entry for a new remote host with the given active addresses, in
+        the state :data:`~ihmp.states.INITIAL` gives ``trigger``."""
         addrs = list(dict.fromkeys(active))
         for addr in addrs:
             self._check_free(addr, None)
-        entry = HostEntry(hid=self._next_hid, active=addrs, state=state)
+        reason = trigger.value
+        entry = HostEntry(hid=self._next_hid, active=addrs, state=INITIAL[trigger])
         self._next_hid += 1
         self._entries[entry.hid] = entry
         for addr in addrs:
             self._by_addr[addr] = entry.hid
-        self._notify(TableChange(ChangeKind.CREATED, entry.hid, None, entry.snapshot(), reason))
+        self._sink(HostChanged(ChangeKind.CREATED, entry.hid, None, entry.snapshot(), reason))
         return entry
 
     def remove(self, hid: int, *, reason: str = "") -> None:
@@ -190,7 +184,7 @@ class HidTable:
             return
         for addr in entry.addresses():
             self._by_addr.pop(addr, None)
-        self._notify(TableChange(ChangeKind.REMOVED, hid, entry.snapshot(), None, reason))
+        self._sink(HostChanged(ChangeKind.REMOVED, hid, entry.snapshot(), None, reason))
 
     def add_active(
         self, hid: int, addr: IPAddress, *, prefer: bool = False, reason: str = ""
@@ -265,13 +259,20 @@ class HidTable:
             entry.local.remove(addr)
         return True
 
-    def set_state(self, hid: int, state: HidState, *, reason: str = "") -> bool:
+    def transition(self, hid: int, trigger: Trigger) -> bool:
+        """Move ``hid`` to the state :data:`~ihmp.states.TRANSITIONS` gives ``trigger``.
+
+        Returns whether the state changed; raises TransitionError for a pair the
+        table does not allow.
+        """
         entry = self._entries[hid]
+        state = next_state(entry.state, trigger)
+        reason = trigger.value
         if entry.state is state:
             return False
         before = entry.snapshot()
         entry.state = state
-        self._notify(TableChange(ChangeKind.STATE, hid, before, entry.snapshot(), reason))
+        self._sink(HostChanged(ChangeKind.STATE, hid, before, entry.snapshot(), reason))
         return True
 
     def bind_key(self, hid: int, key: bytes | None, *, reason: str = "") -> bool:
@@ -281,7 +282,7 @@ class HidTable:
             return False
         before = entry.snapshot()
         entry.key = key
-        self._notify(TableChange(ChangeKind.KEY, hid, before, entry.snapshot(), reason))
+        self._sink(HostChanged(ChangeKind.KEY, hid, before, entry.snapshot(), reason))
         return True
 
     # -- helpers -------------------------------------------------------------------
@@ -298,4 +299,4 @@ class HidTable:
         yield
         after = entry.snapshot()
         if after != before:
-            self._notify(TableChange(ChangeKind.UPDATED, entry.hid, before, after, reason))
+            self._sink(HostChanged(ChangeKind.UPDATED, entry.hid, before, after, reason))

@@ -1,32 +1,47 @@
-"""StackTrans' state: the socket table, per-host translations, and the kernel maps.
+"""StackTrans' state: the socket table, each host's translation, and the kernel maps.
 
-The :class:`Translator` subscribes to the HID table. Every change of an entry (IHMP
-learned an address, a handoff, a state change) is turned at once into the entry's
-new :class:`~stacktrans.translation.HidTranslation` and applied to the kernel in one
-update, whatever the number of flows. New flows come from the packet path (first
-packets) or from adoption at start-up (sock_diag).
+The :class:`Dataplane` is StackTrans' core, in the same sans-I/O spirit as the IHMP
+engine: no event loop, no clock, no sockets. Its inputs are
 
-Pure bookkeeping plus calls into :class:`~stacktrans.nft.NftTable`; no I/O of its own.
+* :meth:`Dataplane.host_changed`: a change of IHMP's HID table (an
+  :class:`~ihmp.hosts.HostChanged` event). **This is where "a peer moved" reaches the
+  kernel**: the host's new :class:`~stacktrans.translation.HidTranslation` is
+  computed and applied to the kernel maps in one update, whatever the number of
+  flows;
+* :meth:`flow_seen` (the first packet of a flow, or adoption at start-up), which asks
+  IHMP for the flow's HID through the injected ``hid_for``;
+* :meth:`set_local_addresses`, :meth:`sweep` (flows that ended);
+
+and its outputs are the calls it makes on :class:`KernelMaps` (nft maps: a
+synchronous library call, injected so tests can record it) and the
+:class:`Effects` that something asynchronous must follow up on (ghost addresses and
+routes, stalled TCP flows to prompt, sockets to fail), drained with
+:meth:`take_effects`. Its view of the remote hosts is built only from the
+HostChanged events it is given: it never reads IHMP's table.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Container, Iterable
-from ipaddress import IPv4Address, IPv6Address
+from dataclasses import dataclass, field
 from typing import Protocol
 
-from dime.hid_table import ChangeKind, HidState, HidTable, TableChange
-from ihmp.reachability import usable
+from ihmp.addr import IPAddress, usable
+from ihmp.hosts import ChangeKind, HidState, HostChanged, HostSnapshot
 from stacktrans.socket_table import UDP, FlowKey, SocketEntry, SocketTable
 from stacktrans.translation import HidTranslation, compute
 
-IPAddress = IPv4Address | IPv6Address
 log = logging.getLogger("dime.stacktrans")
+
+#: ``hid_for(remote, local, now)``: the HID of the host a new flow local -> remote
+#: goes to (IHMP creates it and says HELLO if it is new), or None to leave the flow
+#: alone. :meth:`ihmp.engine.IhmpEngine.flow_started` is the real one.
+HidFor = Callable[[IPAddress, IPAddress, float], "int | None"]
 
 
 class KernelMaps(Protocol):
-    """What the Translator needs from the kernel: :class:`~stacktrans.nft.NftTable`.
+    """What the Dataplane needs from the kernel: :class:`~stacktrans.nft.NftTable`.
 
     A protocol so tests can record the calls, and mypy checks the recorder.
     """
@@ -40,42 +55,53 @@ class KernelMaps(Protocol):
         """Apply deferred element updates now."""
 
 
-class Translator:
-    def __init__(
-        self,
-        table: HidTable,
-        kernel: KernelMaps,
-        *,
-        on_new_hid: Callable[[int, IPAddress], None],
-        on_host_gone: Callable[[list[SocketEntry]], None] = lambda flows: None,
-        on_change: Callable[[], None] = lambda: None,
-        on_path_change: Callable[[int], None] = lambda hid: None,
-    ) -> None:
-        """``on_new_hid(hid, local)``: a first packet created a HID (say HELLO).
-        ``on_host_gone(flows)``: a HID was removed; its flows must fail now.
-        ``on_change()``: ghost addresses or routes may need reconciling.
-        ``on_path_change(hid)``: the locators of an existing host's flows changed
-        (a handoff, either end): its stalled TCP flows may send again.
-        """
-        self.table = table
+@dataclass
+class Effects:
+    """What the Dataplane decided that must happen outside it, asynchronously."""
+
+    #: Ghost addresses or identifier routes may have to change (:mod:`stacktrans.ghosts`).
+    reconcile: bool = False
+    #: Hosts whose locators changed: their stalled TCP flows may send now
+    #: (:mod:`stacktrans.rto_revert`).
+    moved: set[int] = field(default_factory=set)
+    #: Flows of hosts that are gone: their sockets must fail now.
+    failed: list[SocketEntry] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return self.reconcile or bool(self.moved) or bool(self.failed)
+
+
+class Dataplane:
+    def __init__(self, kernel: KernelMaps, hid_for: HidFor) -> None:
         self.kernel = kernel
         self.sockets = SocketTable()
         self.local_addresses: set[IPAddress] = set()
+        self._hid_for = hid_for
+        self._hosts: dict[int, HostSnapshot] = {}
+        self._by_locator: dict[IPAddress, int] = {}
         self._translations: dict[int, HidTranslation] = {}
         self._dead: dict[FlowKey, SocketEntry] = {}
-        self._on_new_hid = on_new_hid
-        self._on_host_gone = on_host_gone
-        self._on_change = on_change
-        self._on_path_change = on_path_change
-        self._unsubscribe = table.subscribe(self._on_table_change)
+        self._effects = Effects()
 
-    def close(self) -> None:
-        self._unsubscribe()
+    # -- outputs ----------------------------------------------------------------------
+
+    def take_effects(self) -> Effects:
+        """What must be followed up since the last call; the record is emptied."""
+        effects, self._effects = self._effects, Effects()
+        return effects
+
+    @property
+    def has_effects(self) -> bool:
+        return bool(self._effects)
 
     # -- queries ----------------------------------------------------------------------
 
     def translation(self, hid: int) -> HidTranslation | None:
         return self._translations.get(hid)
+
+    def host_of(self, locator: IPAddress) -> int | None:
+        """The HID whose host has ``locator`` (active or unreachable), if any."""
+        return self._by_locator.get(locator)
 
     def ghosts_needed(self) -> set[IPAddress]:
         """Local identifiers in use that this host no longer has: keep them on ``lo``."""
@@ -88,13 +114,36 @@ class Translator:
             out.update(tr.remote)
         return out
 
-    # -- flows ------------------------------------------------------------------------
+    # -- inputs: IHMP -------------------------------------------------------------------
+
+    def host_changed(self, change: HostChanged) -> None:
+        """IHMP changed a host: bring its translation, in the kernel too, up to date."""
+        if change.kind is ChangeKind.REMOVED:
+            self._host_gone(change.hid)
+            return
+        assert change.after is not None
+        self._learn(change.after)
+        self._refresh(change.hid)
+
+    def _learn(self, host: HostSnapshot) -> None:
+        self._forget(host.hid)
+        self._hosts[host.hid] = host
+        for addr in host.active + tuple(host.unreachable):
+            self._by_locator[addr] = host.hid
+
+    def _forget(self, hid: int) -> None:
+        host = self._hosts.pop(hid, None)
+        for addr in host.active + tuple(host.unreachable) if host else ():
+            if self._by_locator.get(addr) == hid:
+                del self._by_locator[addr]
+
+    # -- inputs: flows ----------------------------------------------------------------
 
     def flow_seen(self, key: FlowKey, now: float) -> SocketEntry | None:
         """The first packet of ``key`` (either direction): record it, and its HID.
 
         Returns the flow's entry, or None for traffic dime leaves alone. Never
-        waits for IHMP: a new HID only *prompts* a HELLO.
+        waits for IHMP: a new host only *prompts* a HELLO.
         """
         entry = self.sockets.get(key)
         if entry is not None:
@@ -102,26 +151,26 @@ class Translator:
             return entry
         if not (usable(key.remote) and usable(key.local)) or key.remote == key.local:
             return None
-        host = self.table.lookup(key.remote)
-        created = host is None
-        if host is None:
-            host = self.table.create([key.remote], state=HidState.HELLO_PENDING, reason="new flow")
-        entry = self.sockets.add(key, host.hid, now)
-        if entry is None:
-            log.warning(
-                "flow %s collides with another flow of HID %d; not translated", key, host.hid
-            )
+        hid = self._hid_for(key.remote, key.local, now)
+        if hid is None:
             return None
-        log.debug("flow %s -> HID %d", key, host.hid)
+        if hid not in self._hosts:
+            # A host IHMP created just now: its HostChanged event is on its way.
+            self._learn(HostSnapshot(hid, (key.remote,), frozenset(), (), None,
+                                     HidState.HELLO_PENDING))  # fmt: skip
+        entry = self.sockets.add(key, hid, now)
+        if entry is None:
+            log.warning("flow %s collides with another flow of HID %d; not translated", key, hid)
+            return None
+        log.debug("flow %s -> HID %d", key, hid)
         self.kernel.add_flows([entry])
-        self._refresh(host.hid)
-        tr = self._translations.get(host.hid)
+        self._refresh(hid)
+        tr = self._translations.get(hid)
         if tr is not None and (
-            tr.outbound(key.local, key.remote) != (None, None) or key.remote not in host.active
+            tr.outbound(key.local, key.remote) != (None, None)
+            or key.remote not in self._hosts[hid].active
         ):
             self.kernel.flush()  # its packets need rewriting from the start
-        if created or host.state is HidState.LEGACY:
-            self._on_new_hid(host.hid, key.local)
         return entry
 
     def adopt(self, keys: Iterable[FlowKey], now: float) -> int:
@@ -169,15 +218,15 @@ class Translator:
         self.kernel.remove_flows(entries)
         for hid in {e.hid for e in entries}:
             self._refresh(hid)
-        self._on_change()
+        self._effects.reconcile = True
 
-    # -- this host's addresses ---------------------------------------------------------
+    # -- inputs: this host's addresses ----------------------------------------------------
 
     def set_local_addresses(self, addrs: Iterable[IPAddress]) -> None:
         self.local_addresses = set(addrs)
         for hid in list(self._translations):
             self._refresh(hid)
-        self._on_change()
+        self._effects.reconcile = True
 
     def local_added(self, addr: IPAddress) -> None:
         self.set_local_addresses(self.local_addresses | {addr})
@@ -185,18 +234,14 @@ class Translator:
     def local_removed(self, addr: IPAddress) -> None:
         self.set_local_addresses(self.local_addresses - {addr})
 
-    # -- HID table changes -------------------------------------------------------------
-
-    def _on_table_change(self, change: TableChange) -> None:
-        if change.kind is ChangeKind.REMOVED:
-            self._host_gone(change.hid)
-        else:
-            self._refresh(change.hid)
+    # -- translations --------------------------------------------------------------------
 
     def _refresh(self, hid: int) -> None:
-        if hid not in self.table:
+        """Recompute ``hid``'s translation; apply a change to the kernel in one batch."""
+        host = self._hosts.get(hid)
+        if host is None:
             return
-        new = compute(self.table.get(hid), self.sockets.pairs_of(hid), self.local_addresses)
+        new = compute(host, self.sockets.pairs_of(hid), self.local_addresses)
         old = self._translations.get(hid)
         if new == old:
             return
@@ -209,11 +254,12 @@ class Translator:
                 {str(k): str(v) for k, v in new.remote.items()},
                 {f"{k[0]}>{k[1]}": str(v) for k, v in new.local.items()},
             )
-            self._on_change()
+            self._effects.reconcile = True
             if old is not None:
-                self._on_path_change(hid)
+                self._effects.moved.add(hid)
 
     def _host_gone(self, hid: int) -> None:
+        self._forget(hid)
         flows = self.sockets.remove_hid(hid)
         self._translations.pop(hid, None)
         self.kernel.update_hid(None, hid)
@@ -223,5 +269,5 @@ class Translator:
             for e in flows:
                 self._dead[e.key] = e
             log.info("HID %d removed: failing %d flows", hid, len(flows))
-            self._on_host_gone(flows)
-        self._on_change()
+            self._effects.failed += flows
+        self._effects.reconcile = True

@@ -1,16 +1,23 @@
-"""The Translator and translation rules, with a recording stand-in for the kernel."""
+"""The Dataplane and translation rules, with a recording stand-in for the kernel.
+
+A HID table stands in for IHMP: its changes go straight to the Dataplane, as the
+engine's HostChanged events do in the daemon.
+"""
 
 from __future__ import annotations
 
 from ipaddress import ip_address
 from typing import Any
 
-from dime.hid_table import HidState, HidTable
+from ihmp.addr import IPAddress
+from ihmp.hosts import HidTable
+from ihmp.states import Trigger
+from stacktrans.dataplane import Dataplane
 from stacktrans.nft import NftTable
 from stacktrans.service import SWEEP_DUTY, sweep_delay
 from stacktrans.socket_table import TCP, UDP, FlowKey
 from stacktrans.translation import HidTranslation
-from stacktrans.translator import Translator
+from tests.ihmp_double import IhmpDouble
 
 A = ip_address
 LOCAL, PEER, PEER2 = A("192.0.2.1"), A("198.51.100.2"), A("203.0.113.2")
@@ -27,12 +34,16 @@ class FakeNft:
         return ""
 
 
-def make(n_flows: int = 3) -> tuple[Translator, HidTable, FakeNft, list[int]]:
-    table = HidTable()
+def dataplane(nft: FakeNft) -> tuple[Dataplane, HidTable, list[tuple[int, IPAddress]]]:
+    """A Dataplane following a HID table, whose new flows create hosts in it."""
+    ihmp = IhmpDouble()
+    tr = ihmp.attach(NftTable(nft, fast_path=True))  # type: ignore[arg-type]
+    return tr, ihmp.table, ihmp.new_hids
+
+
+def make(n_flows: int = 3) -> tuple[Dataplane, HidTable, FakeNft, list[tuple[int, IPAddress]]]:
     nft = FakeNft()
-    kernel = NftTable(nft, fast_path=True)  # type: ignore[arg-type]
-    new_hids: list[int] = []
-    tr = Translator(table, kernel, on_new_hid=lambda hid, local: new_hids.append(hid))
+    tr, table, new_hids = dataplane(nft)
     tr.set_local_addresses({LOCAL})
     for i in range(n_flows):
         tr.flow_seen(FlowKey(TCP, LOCAL, 40000 + i, PEER, 80), now=0.0)
@@ -41,7 +52,7 @@ def make(n_flows: int = 3) -> tuple[Translator, HidTable, FakeNft, list[int]]:
 
 def test_first_flow_creates_one_hid_and_prompts_one_hello() -> None:
     tr, table, _, new_hids = make(3)
-    assert len(table) == 1 and new_hids == [table.lookup(PEER).hid]  # type: ignore[union-attr]
+    assert len(table) == 1 and new_hids == [(table.lookup(PEER).hid, LOCAL)]  # type: ignore[union-attr]
     assert len(tr.sockets) == 3
 
 
@@ -49,7 +60,7 @@ def test_a_handoff_is_one_kernel_batch_whatever_the_number_of_flows() -> None:
     for n in (1, 50, 500):
         tr, table, nft, _ = make(n)
         hid = table.lookup(PEER).hid  # type: ignore[union-attr]
-        table.set_state(hid, HidState.ESTABLISHED)
+        table.transition(hid, Trigger.HELLO_ACKED)
         nft.batches.clear()
         # What IHMP does on a HANDOFF: the new address first, then the old one goes.
         table.add_active(hid, PEER2, prefer=True)
@@ -79,7 +90,7 @@ def test_legacy_hosts_are_never_rewritten() -> None:
     hid = table.lookup(PEER).hid  # type: ignore[union-attr]
     table.add_active(hid, PEER2, prefer=True)
     table.remove_address(hid, PEER)
-    table.set_state(hid, HidState.LEGACY)
+    table.transition(hid, Trigger.HELLO_UNANSWERED)
     assert tr.translation(hid).remote == {}  # type: ignore[union-attr]
 
 
@@ -107,18 +118,13 @@ def test_sweep_keeps_flows_born_while_the_snapshot_was_taken() -> None:
 
 
 def test_removed_hid_fails_its_flows() -> None:
-    failed: list[Any] = []
-    table = HidTable()
     nft = FakeNft()
-    tr = Translator(
-        table,
-        NftTable(nft, fast_path=True),  # type: ignore[arg-type]
-        on_new_hid=lambda hid, local: None,
-        on_host_gone=failed.extend,
-    )
+    tr, table, _ = dataplane(nft)
     tr.set_local_addresses({LOCAL})
     tr.flow_seen(FlowKey(TCP, LOCAL, 40000, PEER, 80), now=0.0)
+    tr.take_effects()
     table.remove(table.lookup(PEER).hid)  # type: ignore[union-attr]
+    failed = tr.take_effects().failed
     assert [e.key.lport for e in failed] == [40000]
     assert len(tr.sockets) == 0
     assert any("add element inet dime dead4" in b for b in nft.batches)

@@ -33,11 +33,13 @@ import errno
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Interface, IPv6Address, IPv6Interface, ip_interface
+from ipaddress import IPv6Address, ip_interface
 from typing import Final
 
 from pyroute2 import AsyncIPRoute
 from pyroute2.netlink.rtnl import RTMGRP_IPV4_IFADDR, RTMGRP_IPV6_IFADDR, RTMGRP_LINK
+
+from ihmp.addr import IPAddress, IPInterface
 
 __all__ = [
     "Added",
@@ -51,8 +53,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-IPAddress = IPv4Address | IPv6Address
-IPInterface = IPv4Interface | IPv6Interface
 NetlinkMessage = Mapping[str, object]
 
 # <linux/if.h> and <linux/if_addr.h>

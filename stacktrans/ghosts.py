@@ -1,4 +1,4 @@
-"""Local-address continuity: keep identifiers usable after this host lost them.
+"""Ghost addresses and identifier routes: identifiers stay usable after they left.
 
 When this host loses an address that live sockets are bound to, the address goes
 back on ``lo`` as a /32 (or /128): a *ghost*. The sockets stay valid, inbound packets
@@ -19,11 +19,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv6Address, ip_address
+from ipaddress import ip_address
 from typing import Any
 
-IPAddress = IPv4Address | IPv6Address
-log = logging.getLogger("dime.continuity")
+from ihmp.addr import IPAddress
+
+log = logging.getLogger("dime.ghosts")
 
 ROUTE_PROTO = 0xD1  # marks routes that dime added ("proto 209")
 
@@ -40,10 +41,10 @@ def _plen(addr: IPAddress) -> int:
 
 
 @dataclass
-class Continuity:
+class Ghosts:
     """Ghost addresses and identifier routes, reconciled against what is needed."""
 
-    ghosts: set[IPAddress] = field(default_factory=set)
+    addresses: set[IPAddress] = field(default_factory=set)
     routes: dict[IPAddress, IPAddress] = field(default_factory=dict)  # identifier -> locator
     on_record: Callable[[], None] = lambda: None  # persist state after each change
 
@@ -55,9 +56,9 @@ class Continuity:
 
         async with AsyncIPRoute() as ipr:
             lo = (await ipr.link_lookup(ifname="lo"))[0]
-            for addr in sorted(want_ghosts - self.ghosts, key=str):
+            for addr in sorted(want_ghosts - self.addresses, key=str):
                 await self._ghost(ipr, "add", lo, addr)
-            for addr in sorted(self.ghosts - want_ghosts, key=str):
+            for addr in sorted(self.addresses - want_ghosts, key=str):
                 await self._ghost(ipr, "del", lo, addr)
             for rid in [r for r in self.routes if want_routes.get(r) != self.routes[r]]:
                 await self._route_del(ipr, rid)
@@ -77,10 +78,10 @@ class Continuity:
                 log.warning("cannot keep %s on lo: %s", addr, exc)
                 return
         if verb == "add":
-            self.ghosts.add(addr)
+            self.addresses.add(addr)
             log.info("ghost address %s kept on lo for its live flows", addr)
         else:
-            self.ghosts.discard(addr)
+            self.addresses.discard(addr)
             log.info("ghost address %s removed from lo", addr)
 
     async def _route_add(self, ipr: Any, rid: IPAddress, loc: IPAddress) -> None:
@@ -115,12 +116,12 @@ class Continuity:
         self.routes.pop(rid, None)
 
     def state(self) -> dict[str, Any]:
-        return {"ghosts": sorted(map(str, self.ghosts)), "routes": sorted(map(str, self.routes))}
+        return {"ghosts": sorted(map(str, self.addresses)), "routes": sorted(map(str, self.routes))}
 
     @classmethod
-    def from_state(cls, state: dict[str, Any]) -> Continuity:
+    def from_state(cls, state: dict[str, Any]) -> Ghosts:
         c = cls()
-        c.ghosts = {ip_address(a) for a in state.get("ghosts", [])}
+        c.addresses = {ip_address(a) for a in state.get("ghosts", [])}
         c.routes = {ip_address(a): ip_address(a) for a in state.get("routes", [])}
         return c
 

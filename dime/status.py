@@ -1,0 +1,70 @@
+"""What ``dime status`` shows: one JSON object built from the engine and StackTrans.
+
+The keys are a contract (``dime status --json`` is read by scripts and tests); add
+to them freely, never rename them.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from ihmp.engine import IhmpEngine
+from stacktrans.service import StackTrans
+
+
+def build(
+    *,
+    port: int,
+    started_at: float,
+    engine: IhmpEngine | None,
+    service: StackTrans | None,
+) -> dict[str, Any]:
+    return {
+        "pid": os.getpid(),
+        "uptime": round(time.time() - started_at, 1),
+        "dataplane": service.mode.value if service is not None else "-",
+        "port": port,
+        "local_addresses": [str(a) for a in (engine.local_addresses if engine else [])],
+        "ghosts": sorted(str(a) for a in (service.ghosts.addresses if service else [])),
+        "hids": _hids(engine),
+        "sockets": service.flows() if service is not None else [],
+        "counters": _counters(engine, service),
+    }
+
+
+def _hids(engine: IhmpEngine | None) -> list[dict[str, Any]]:
+    if engine is None:
+        return []
+    return [
+        {
+            "hid": e.hid,
+            "active": [str(a) for a in e.active],
+            "unreachable": sorted(str(a) for a in e.unreachable),
+            "local": [str(a) for a in e.local],
+            "key": e.key.hex() if e.key else None,
+            "state": e.state.value,
+        }
+        for e in engine.table
+    ]
+
+
+def _counters(engine: IhmpEngine | None, service: StackTrans | None) -> dict[str, Any]:
+    counters: dict[str, Any] = {
+        "messages_sent": 0,
+        "messages_received": 0,
+        "messages_rejected": {},
+    }
+    if engine is not None:
+        c = engine.counters
+        counters = {
+            "messages_sent": c.messages_sent,
+            "messages_received": c.messages_received,
+            "messages_rejected": dict(c.messages_rejected),
+            "retransmissions": c.retransmissions,
+        }
+    counters["packets_translated_in_user_space"] = 0
+    if service is not None:
+        counters.update(service.counters())
+    return counters

@@ -1,0 +1,87 @@
+"""Dependencies run one way: ``ihmp`` <- ``stacktrans`` <- ``dime``.
+
+* ``ihmp/`` (the protocol, and the HID table it keeps) imports nothing of ours;
+* ``stacktrans/`` takes from ``ihmp/`` only the table's and addresses' types;
+* ``dime/`` wires both, and of StackTrans it knows only the service.
+
+Imports anywhere in a module count (also inside functions), found with ``ast``.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = ("ihmp", "stacktrans", "dime")
+
+#: package -> for each package of ours, the modules of it that may be imported
+#: (None: any of them).
+ALLOWED: dict[str, dict[str, frozenset[str] | None]] = {
+    "ihmp": {"ihmp": None},
+    "stacktrans": {"ihmp": frozenset({"ihmp.addr", "ihmp.hosts"}), "stacktrans": None},
+    "dime": {"ihmp": None, "stacktrans": frozenset({"stacktrans.service"}), "dime": None},
+}
+
+
+def imported_modules(source: str) -> set[str]:
+    """Every absolute module an import statement of ``source`` names."""
+    out: set[str] = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            out.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            out.add(node.module)
+            # "from ihmp import events" imports the module ihmp.events
+            out.update(
+                f"{node.module}.{alias.name}"
+                for alias in node.names
+                if _is_module(f"{node.module}.{alias.name}")
+            )
+    return out
+
+
+def _is_module(name: str) -> bool:
+    path = ROOT.joinpath(*name.split("."))
+    return path.with_suffix(".py").is_file() or (path / "__init__.py").is_file()
+
+
+def violations(package: str, source: str) -> list[str]:
+    bad = []
+    rules = ALLOWED[package]
+    for module in sorted(imported_modules(source)):
+        top = module.split(".")[0]
+        if top not in PACKAGES:
+            continue
+        if top not in rules:
+            bad.append(module)
+            continue
+        allowed = rules[top]
+        if allowed is not None and module != top and not _within(module, allowed):
+            bad.append(module)
+    return bad
+
+
+def _within(module: str, allowed: frozenset[str]) -> bool:
+    return any(module == a or module.startswith(a + ".") for a in allowed)
+
+
+def test_the_checker_sees_upward_imports() -> None:
+    assert violations("ihmp", "from dime.config import Config") == ["dime.config"]
+    assert violations("ihmp", "def f():\n    import stacktrans.nft\n") == ["stacktrans.nft"]
+    assert "ihmp.engine" in violations("stacktrans", "from ihmp import engine")
+    assert violations("stacktrans", "from ihmp.hosts import HostChanged") == []
+    assert "stacktrans.nft" in violations("dime", "from stacktrans.nft import Nft")
+    assert violations("dime", "from stacktrans.service import StackTrans") == []
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_no_package_imports_against_the_layering(package: str) -> None:
+    found = {
+        str(path.relative_to(ROOT)): bad
+        for path in sorted((ROOT / package).rglob("*.py"))
+        if (bad := violations(package, path.read_text()))
+    }
+    assert found == {}
