@@ -38,7 +38,7 @@ from dime.transport import IhmpTransport
 from ihmp import events as ev
 from ihmp.engine import IhmpEngine
 from ihmp.keys import LocalKeys, TrustStore
-from stacktrans.adopt import existing_flows
+from stacktrans.kernel_flows import alive_flows, existing_flows
 from stacktrans.monitor import AddressMonitor, IPInterface
 from stacktrans.nft import Nft, NftError
 from stacktrans.rto_revert import prompt
@@ -51,7 +51,6 @@ from stacktrans.service import (
     cleanup,
 )
 from stacktrans.socket_table import endpoint
-from stacktrans.sweep import alive_flows
 
 IPAddress = IPv4Address | IPv6Address
 log = logging.getLogger("dime")

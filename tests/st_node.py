@@ -21,7 +21,7 @@ from ipaddress import ip_address
 from typing import Any
 
 from dime.hid_table import HidState, HidTable
-from stacktrans.adopt import existing_flows
+from stacktrans.kernel_flows import existing_flows
 from stacktrans.service import DataplaneConfig, DataplaneMode, StackTransService
 
 
