@@ -37,10 +37,10 @@ import logging
 import socket
 import struct
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 
-from stacktrans.adopt import diag_flow
+from stacktrans.kernel_flows import TcpProgress, tcp_progress
 from stacktrans.packet import checksum
 from stacktrans.socket_table import TCP, FlowKey
 
@@ -54,19 +54,6 @@ MAX_STEPS = 16
 #: IP versions whose TCP implements RFC 6069 in Linux.
 REVERT_VERSIONS = frozenset({4})
 TCP_ACK_FLAG = 0x10
-_INET_DIAG_INFO = 2  # attribute number; its request bit is 1 << (2 - 1)
-
-
-@dataclass(frozen=True)
-class TcpProgress:
-    """What ``tcp_info`` says about one socket's retransmission state."""
-
-    backoff: int  # icsk_backoff: how many times the timer doubled
-    retransmits: int  # icsk_retransmits: unanswered retransmission timeouts in a row
-    bytes_acked: int
-    bytes_received: int = 0
-    snd_wnd: int = 0  # the peer's window as TCP has it, in bytes (0: not reported)
-    snd_wscale: int = 0
 
 
 @dataclass(frozen=True)
@@ -150,46 +137,11 @@ def ack_packet(key: FlowKey, seq: int, ack: int, window: int) -> bytes:
     return ip + tcp
 
 
-def tcp_progress(keys: Iterable[FlowKey]) -> dict[FlowKey, TcpProgress]:
-    """``tcp_info`` of the TCP sockets of ``keys`` (sock_diag). Blocking: use a thread."""
-    from pyroute2 import DiagSocket
-
-    wanted = {k for k in keys if k.proto == TCP}
-    out: dict[FlowKey, TcpProgress] = {}
-    families = {socket.AF_INET if k.local.version == 4 else socket.AF_INET6 for k in wanted}
-    with DiagSocket() as ds:
-        ds.bind()
-        for family in families:
-            for msg in ds.get_sock_stats(family=family, extensions=1 << (_INET_DIAG_INFO - 1)):
-                key = _key_of(msg)
-                if key is None or key not in wanted:
-                    continue
-                info = msg.get_attr("INET_DIAG_INFO")
-                if info is None:
-                    continue
-                out[key] = TcpProgress(
-                    int(info.get("tcpi_backoff", 0)),
-                    int(info.get("tcpi_retransmits", 0)),
-                    int(info.get("tcpi_bytes_acked", 0)),
-                    int(info.get("tcpi_bytes_received", 0)),
-                    int(info.get("tcpi_snd_wnd", 0) or 0),
-                    # pyroute2 decodes the snd_wscale:4 bit field (the low nibble) here
-                    int(info.get("tcpi_snd_wscale", 0)) & 0x0F,
-                )
-    return out
-
-
-def _key_of(msg: Mapping[str, object]) -> FlowKey | None:
-    try:
-        return diag_flow(msg, TCP)
-    except (KeyError, TypeError, ValueError):
-        return None
-
-
 def prompt(flows: Iterable[FlowSeq]) -> Counter[Remedy]:
     """Give each TCP flow of a host whose path changed what makes it send now (see
     the module's docstring). Returns how many flows got each remedy. Blocking
-    (sock_diag): call it from a thread.
+    (sock_diag lookups of these flows only: :func:`.kernel_flows.tcp_progress`): call
+    it from a thread.
     """
     wanted = {f.key: f for f in flows}
     done: Counter[Remedy] = Counter()

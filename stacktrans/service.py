@@ -29,16 +29,15 @@ from typing import Any
 from ihmp.addr import IPAddress
 from ihmp.hosts import HostChanged
 from stacktrans import residue
-from stacktrans.adopt import existing_flows
 from stacktrans.dataplane import Dataplane, HidFor
 from stacktrans.ghosts import Ghosts
+from stacktrans.kernel_flows import alive_flows, existing_flows
 from stacktrans.nfqueue import Handler, PacketQueue, QueueError
 from stacktrans.nft import Nft, NftError, NftTable, QueueSpec
 from stacktrans.queue_rules import XtQueueRules, nft_queue_supported
 from stacktrans.residue import Record, Residue
 from stacktrans.rto_revert import FlowSeq, Remedy, prompt
 from stacktrans.socket_table import TCP, FlowKey, SocketEntry, endpoint
-from stacktrans.sweep import alive_flows
 from stacktrans.userspace import UserspacePath
 
 __all__ = [

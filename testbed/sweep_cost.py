@@ -1,4 +1,4 @@
-"""What one liveness sweep costs, by source: sock_diag (lean or pyroute2), /proc.
+"""What one liveness sweep costs, by source: sock_diag, /proc, conntrack.
 
     python -m testbed.sweep_cost [--flows N]     (as root)
 
@@ -36,12 +36,12 @@ def _cpu(fn: Callable[[], Any]) -> dict[str, float]:
 
 def measure(n: int) -> dict[str, Any]:
     """Runs inside the namespace: open the flows, time every source."""
-    from stacktrans.adopt import existing_flows
-    from stacktrans.sweep import (
-        _proc_sockets,
+    from stacktrans.kernel_flows import (
         conntrack_udp,
         conntrack_udp4,
+        existing_flows,
         kernel_sockets,
+        proc_sockets,
         udp_bindings,
     )
 
@@ -58,9 +58,11 @@ def measure(n: int) -> dict[str, Any]:
         socks.append(s)
     return {
         "flows": n,
-        "sockets_sock_diag_pyroute2": _cpu(existing_flows),
+        # pyroute2's DiagSocket, measured here until dime stopped using it: 2.6 s at
+        # 19k flows (testbed/results/sweep_cost.json), against 0.6 for the lean parser.
+        "sockets_sock_diag_adoption": _cpu(existing_flows),
         "sockets_and_bindings_sock_diag_lean": _cpu(kernel_sockets),
-        "sockets_proc": _cpu(_proc_sockets),
+        "sockets_proc": _cpu(proc_sockets),
         "udp_bindings_proc": _cpu(udp_bindings),
         "conntrack_ctnetlink_pyroute2": _cpu(conntrack_udp4),
         "conntrack_proc": _cpu(conntrack_udp),

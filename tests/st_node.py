@@ -23,7 +23,7 @@ from typing import Any
 
 from ihmp.addr import IPAddress
 from ihmp.hosts import ChangeKind, HidState, HostChanged, HostSnapshot
-from stacktrans.adopt import existing_flows
+from stacktrans.kernel_flows import existing_flows
 from stacktrans.service import DataplaneConfig, DataplaneMode, KernelFlows, StackTrans
 
 

@@ -23,11 +23,11 @@ from scapy.layers.inet import IP
 from scapy.layers.inet import TCP as TCPLayer
 from scapy.layers.inet6 import IPv6
 
+from stacktrans.kernel_flows import TcpProgress
 from stacktrans.packet import checksum
 from stacktrans.rto_revert import (
     FlowSeq,
     Remedy,
-    TcpProgress,
     ack_packet,
     prompt,
     rcv_nxt,
