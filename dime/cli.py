@@ -93,11 +93,20 @@ def up(
 
 @main.command()
 @click.option("--timeout", default=30.0, show_default=True, help="Seconds to wait for the stop.")
-def down(timeout: float) -> None:
+@click.option(
+    "--keep",
+    is_flag=True,
+    help="Leave the kernel state and the peers for the next `dime up` to take over "
+    "(an upgrade or restart without breaking connections).",
+)
+def down(timeout: float, keep: bool) -> None:
     """Stop the daemon of this network namespace and remove everything it installed."""
     try:
-        control.request("down")
+        control.request("down", keep=keep)
     except control.NotRunning:
+        if keep:
+            click.echo("dime is not running here")
+            return
         from stacktrans.service import clean_leftovers
 
         if asyncio.run(clean_leftovers(run_dir())):

@@ -16,8 +16,12 @@ engine (ADDR_UP/DOWN, HANDOFF) and StackTrans (which local identifiers need a
 ghost); a new flow's first packet -> StackTrans, which asks the engine for the
 flow's host (:meth:`Daemon._hid_for`).
 
-Everything StackTrans installs is recorded in the run directory first, so ``dime
-down`` can clean up after a ``kill -9``.
+Everything StackTrans installs is recorded in the run directory first, with the
+engine's state after every change of the HID table, so that a daemon that dies any
+way but a clean stop (``kill -9``, a crash, ``dime down --keep``) leaves what its
+successor needs to resume: the next ``dime up`` takes over the kernel state and the
+peers, and catches up with what changed meanwhile. ``dime down`` with no daemon
+removes it all instead.
 """
 
 from __future__ import annotations
@@ -41,9 +45,10 @@ from ihmp.engine import IhmpEngine
 from stacktrans.service import (
     DataplaneConfig,
     DataplaneMode,
+    Residue,
     StackTrans,
     check_privileges,
-    clean_leftovers,
+    previous_run,
 )
 
 log = logging.getLogger("dime")
@@ -60,6 +65,7 @@ class Daemon:
         self._stop = asyncio.Event()
         self._timer: asyncio.TimerHandle | None = None
         self._pump_scheduled = False
+        self._keep = False  # stop without removing anything: a successor takes over
         self._tasks: list[asyncio.Task[Any]] = []
         self.started_at = time.time()
 
@@ -71,8 +77,6 @@ class Daemon:
         check_privileges()  # before touching the state dir, the lock or the kernel
         ctl = control.bind()  # the per-namespace lock: refuses a second daemon
         try:
-            if await clean_leftovers(run_dir()):
-                log.info("removed what an earlier dime left behind here")
             await self._start(ctl)
             for sig in (signal.SIGTERM, signal.SIGINT):
                 self.loop.add_signal_handler(sig, self._stop.set)
@@ -97,7 +101,6 @@ class Daemon:
             self._on_removed,
             self._on_handoff,
             handoff_window=cfg.handoff_window,
-            ignore=self._is_ghost,
             # A removal while another address of the family is up ends a soft
             # handoff: act on it now, not a window later.
             soft_immediate=True,
@@ -111,6 +114,10 @@ class Daemon:
             trust=keyring.trust,
             local_addresses=addresses,
         )
+        previous = previous_run(run_dir())
+        resumed = previous is not None and self._resume_engine(previous)
+        # The hosts the engine knows (restored ones) go to StackTrans with its start.
+        hosts = [e.after for e in self._drain_events() if isinstance(e, ev.HostChanged) and e.after]
         self.service = StackTrans(
             DataplaneConfig(
                 mode=DataplaneMode(cfg.dataplane),
@@ -128,10 +135,46 @@ class Daemon:
         self.transport = IhmpTransport(cfg.port, self._on_datagram)
         assert self.loop is not None
         self.transport.open(self.loop)
-        await self.service.start({i.ip for i in addresses})
-        self._tasks.append(asyncio.create_task(self.monitor.run(known=addresses)))
+        await self.service.start({i.ip for i in addresses}, hosts=hosts, previous=previous)
+        # A resumed engine believes in the addresses it saved: the monitor reports
+        # what changed since as ordinary events, then the peers are re-synchronised.
+        known = self.engine.local_interfaces if resumed else addresses
+        on_synced = self._resync if resumed else (lambda: None)
+        self._tasks.append(asyncio.create_task(self.monitor.run(known, on_synced)))
         self._tasks.append(asyncio.create_task(self._serve_control(ctl)))
+        self._save()
         self._pump()
+
+    def _resume_engine(self, previous: Residue) -> bool:
+        """Restore what the previous daemon's engine saved; False if there is nothing
+        usable (it then starts afresh, and only the kernel state is taken over)."""
+        assert self.engine is not None
+        if previous.control is None:
+            return False
+        try:
+            self.engine.restore(previous.control, self._now())
+        except ValueError as exc:
+            log.warning("cannot resume the previous daemon's peers: %s", exc)
+            return False
+        log.info("resuming %d peers of the previous daemon", len(self.engine.table))
+        return True
+
+    def _resync(self) -> None:
+        assert self.engine is not None
+        self.engine.resume(self._now())
+        self._pump()
+
+    def _drain_events(self) -> list[ev.Event]:
+        assert self.engine is not None
+        events = []
+        while (event := self.engine.next_event()) is not None:
+            events.append(event)
+        return events
+
+    def _save(self) -> None:
+        """The engine's state into the record, for a successor after a crash."""
+        if self.engine is not None and self.service is not None:
+            self.service.save_control(self.engine.save(self._now()))
 
     async def _shutdown(self) -> None:
         for task in self._tasks:
@@ -142,8 +185,13 @@ class Daemon:
         if self.transport is not None:
             self.transport.close()
         if self.service is not None:
-            await self.service.stop()
-        log.info("dime down: rules, maps and ghost addresses removed")
+            if self._keep:
+                self._save()
+            await self.service.stop(keep=self._keep)
+        if self._keep:
+            log.info("dime down: the kernel state stays for the next dime up to take over")
+        else:
+            log.info("dime down: rules, maps and ghost addresses removed")
 
     def stop(self) -> None:
         self._stop.set()
@@ -198,9 +246,6 @@ class Daemon:
         self.engine.handoff(old, new, self._now())
         self._pump()
 
-    def _is_ghost(self, addr: IPAddress) -> bool:
-        return self.service is not None and self.service.is_ghost(addr)
-
     def _on_timer(self) -> None:
         self._timer = None
         assert self.engine is not None
@@ -221,8 +266,12 @@ class Daemon:
         engine = self.engine
         if engine is None or self.transport is None:
             return
+        changed = False
         while (event := engine.next_event()) is not None:
+            changed |= isinstance(event, ev.HostChanged)
             self._on_event(event)
+        if changed:
+            self._save()  # before anything that acts on it leaves this host
         if self.service is not None:
             # The kernel rewrites what the engine just decided before any datagram
             # (an ACK of a HANDOFF, say) tells the peer it may use it.
@@ -271,6 +320,7 @@ class Daemon:
             return {"ok": True}
         if cmd == "down":
             assert self.loop is not None
+            self._keep = bool(request.get("keep"))
             self.loop.call_soon(self._stop.set)
             return {"ok": True, "pid": os.getpid()}
         return {"error": f"unknown command {cmd!r}"}

@@ -110,8 +110,6 @@ class HandoffDetector:
     * the detector keeps the set of present addresses: adding a present IP or removing
       an absent one is a no-op (netlink re-announces addresses on every flag or
       lifetime change);
-    * ``ignore(ip)`` true when an address is added: it is dropped, and so is its later
-      removal. An address once reported stays tracked whatever ``ignore`` later says;
     * events are queued and returned by :meth:`poll` in the order they happened,
       expiries included: every call first expires what is due at ``now``, so a caller
       that is late to poll still gets ``Removed(a)`` before a later ``Added(b)``.
@@ -123,7 +121,6 @@ class HandoffDetector:
     def __init__(
         self,
         window: float,
-        ignore: Callable[[IPAddress], bool] | None = None,
         present: Iterable[IPInterface] = (),
         *,
         soft_immediate: bool = False,
@@ -132,11 +129,9 @@ class HandoffDetector:
             raise ValueError("window must be >= 0")
         self.window = window
         self.soft_immediate = soft_immediate
-        self._ignore = ignore
         self._present: dict[IPAddress, IPInterface] = {}
         for iface in present:
-            if not self._ignored(iface.ip):
-                self._present[iface.ip] = iface
+            self._present[iface.ip] = iface
         self._pending: list[tuple[IPInterface, float]] = []  # (removed, deadline), by time
         self._events: list[AddressEvent] = []
 
@@ -149,7 +144,7 @@ class HandoffDetector:
         """``iface`` appeared at ``now``."""
         self._expire(now)
         ip = iface.ip
-        if ip in self._present or self._ignored(ip):
+        if ip in self._present:
             return
         self._present[ip] = iface
         for i, (old, _) in enumerate(self._pending):
@@ -196,9 +191,6 @@ class HandoffDetector:
             else:
                 keep.append((old, deadline))
         self._pending = keep
-
-    def _ignored(self, ip: IPAddress) -> bool:
-        return self._ignore is not None and self._ignore(ip)
 
 
 # == rtnetlink state ===================================================================
@@ -325,9 +317,8 @@ class AddressMonitor:
     ``on_added(iface)``, ``on_removed(iface)`` and ``on_handoff(old, new)`` are called
     from the event loop running :meth:`run`, as the :class:`HandoffDetector` decides
     with ``handoff_window``; an exception in a callback is logged and the monitor
-    goes on. ``ignore(ip)`` true drops an address (the daemon's ghost addresses):
-    :meth:`current` leaves it out and no event mentions it. ``require_carrier``: see
-    the module doc.
+    goes on. ``require_carrier``: see the module doc. A ghost address (on ``lo``) is
+    never reported; the same address back on a real link is, like any other.
 
     Typical use::
 
@@ -344,7 +335,6 @@ class AddressMonitor:
         on_removed: Callable[[IPInterface], object],
         on_handoff: Callable[[IPInterface, IPInterface], object],
         handoff_window: float = 1.0,
-        ignore: Callable[[IPAddress], bool] | None = None,
         *,
         require_carrier: bool = True,
         soft_immediate: bool = False,
@@ -356,24 +346,29 @@ class AddressMonitor:
         self.on_removed = on_removed
         self.on_handoff = on_handoff
         self.handoff_window = handoff_window
-        self.ignore = ignore
         self.require_carrier = require_carrier
 
     async def current(self) -> list[IPInterface]:
-        """The usable addresses now (see the module doc), ignored ones left out.
+        """The usable addresses now (see the module doc).
 
         One netlink dump on a socket of its own; in the kernel's order.
         """
         table = await self._dump()
-        return [i for ip, i in table.usable().items() if not self._ignored(ip)]
+        return list(table.usable().values())
 
-    async def run(self, known: Iterable[IPInterface] | None = None) -> None:
+    async def run(
+        self,
+        known: Iterable[IPInterface] | None = None,
+        on_synced: Callable[[], object] = lambda: None,
+    ) -> None:
         """Monitor until cancelled; the netlink socket is closed on the way out.
 
         ``known``: the addresses the caller already knows about (typically what
         :meth:`current` returned). The differences between them and what is found when
         monitoring starts are reported like any change. None: what is found is taken
         as known, silently.
+
+        ``on_synced()`` is called once those first differences are reported.
 
         Lost netlink messages (socket overrun, ENOBUFS) or undecodable ones trigger a
         fresh dump, whose differences are reported like any change. Raises only if
@@ -393,11 +388,11 @@ class AddressMonitor:
             seen = usable if known is None else {i.ip: i for i in known}
             detector = HandoffDetector(
                 self.handoff_window,
-                self.ignore,
                 seen.values(),
                 soft_immediate=self.soft_immediate,
             )
             seen = self._sync(detector, seen, usable, loop.time())
+            on_synced()
             while True:
                 deadline = detector.deadline()
                 item: object = None
@@ -481,5 +476,3 @@ class AddressMonitor:
                 _apply(table, msg)
         return table
 
-    def _ignored(self, ip: IPAddress) -> bool:
-        return self.ignore is not None and self.ignore(ip)

@@ -42,14 +42,17 @@ import random
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
+from ipaddress import ip_address, ip_interface
+from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from ihmp import events as ev
 from ihmp.addr import IPAddress, IPInterface, addr_key, usable
 from ihmp.events import RejectReason
-from ihmp.hosts import HidState, HidTable, HidTableError, HostEntry
+from ihmp.hosts import HidState, HidTable, HidTableError, HostEntry, HostSnapshot
 from ihmp.keys import LocalKeys, TrustStore
+from ihmp.peer import Peer, Pending
 from ihmp.reachability import Reach, advertisable, best_path, classify
 from ihmp.replay import ReplayWindow
 from ihmp.states import Trigger
@@ -87,9 +90,13 @@ class EngineConfig:
     """Timing and policy. Every field has a default that works."""
 
     initial_rto: float = 0.5  # first retransmission timeout, seconds
-    max_rto: float = 4.0  # backoff cap
-    max_attempts: int = 6  # transmissions of one message before giving up
+    max_rto: float = 2.0  # backoff cap
+    max_attempts: int = 6  # transmissions of a HELLO before the peer counts as legacy
     probe_attempts: int = 3  # for probes of potentially reachable paths
+    # How long an address event (ADDR_UP/DOWN, HANDOFF, NAT_ENTRY) is retransmitted
+    # before giving up: as long as a peer with no path is kept, so that a lossy
+    # control path delays a handoff but does not lose it.
+    exchange_deadline: float = 30.0
     legacy_hold_down: float = 300.0  # after a HELLO went unanswered
     path_loss_grace: float = 30.0  # how long a peer with no path is kept
     strict: bool = False  # accept only keys configured a priori
@@ -113,37 +120,11 @@ class Counters:
     messages_rejected: dict[str, int] = field(default_factory=dict)
 
 
-@dataclass
-class _Pending:
-    """A message of ours waiting for its ACK."""
-
-    hid: int
-    msg: Message  # the counter is filled in at each transmission
-    src: IPAddress
-    dst: IPAddress
-    dst_port: int | None
-    max_attempts: int
-    fallback: bool  # on failure, send the _UNREACHABLE form over an existing path
-    first_sent: float
-    deadline: float
-    rto: float
-    attempts: int = 1
-    local_failures: int = 0  # sends the host itself could not make (no route yet)
-
-
-@dataclass
-class _Peer:
-    """Per-HID protocol state that the HID table does not hold."""
-
-    seq: int  # next sequence number to send
-    addr_seq: dict[IPAddress, int] = field(default_factory=dict)  # newest seq per address
-    pending: dict[int, _Pending] = field(default_factory=dict)
-    announced: set[IPAddress] = field(default_factory=set)  # our addresses it heard of
-    withdrawn: dict[IPAddress, bool] = field(default_factory=dict)  # lost -> was reachable
-    legacy_until: float | None = None
-    nat_supported: bool = False
-    nat_entries: list[NatMapping] = field(default_factory=list)
-
+SAVE_VERSION = 1
+#: How far a restarted engine moves each peer's sequence numbers past the saved
+#: ones: far more messages than could have been sent between the last save and a
+#: crash, far fewer than the 2^15 that RFC 1982 comparison tolerates.
+RESTART_SEQ_SKIP = 1024
 
 #: Timer keys: (kind, hid, seq). RETRANSMIT is per message of ours awaiting its ACK,
 #: GRACE per peer that lost its last path (seq 0).
@@ -156,6 +137,14 @@ class _Reject(Exception):
         super().__init__(detail)
         self.reason = reason
         self.detail = detail
+
+
+def _window_name(wid: bytes | int) -> str:
+    return wid.hex() if isinstance(wid, bytes) else f"hid:{wid}"
+
+
+def _window_key(name: str) -> bytes | int:
+    return int(name[4:]) if name.startswith("hid:") else bytes.fromhex(name)
 
 
 def seq_newer(a: int, b: int) -> bool:
@@ -186,7 +175,7 @@ class IhmpEngine:
         self._rng = rng
         self._counter = counter_start
         self._local: dict[IPAddress, IPInterface] = {i.ip: i for i in local_addresses}
-        self._peers: dict[int, _Peer] = {}
+        self._peers: dict[int, Peer] = {}
         self._windows: dict[bytes | int, ReplayWindow] = {}
         # Addresses peers withdrew, still accepted as their Host ID: messages sent
         # before the peer learned we applied the withdrawal still name them.
@@ -212,6 +201,11 @@ class IhmpEngine:
     def local_addresses(self) -> list[IPAddress]:
         return list(self._local)
 
+    @property
+    def local_interfaces(self) -> list[IPInterface]:
+        """This host's addresses as the engine knows them, with their prefixes."""
+        return list(self._local.values())
+
     def peer_info(self, hid: int) -> dict[str, object]:
         """Protocol facts about a peer for status output."""
         peer = self._peers.get(hid)
@@ -223,6 +217,66 @@ class IhmpEngine:
             "nat_supported": peer.nat_supported,
             "nat_entries": len(peer.nat_entries),
         }
+
+    # == surviving a restart ==========================================================
+
+    def save(self, now: float) -> dict[str, Any]:
+        """Everything a successor needs to resume (:meth:`restore`), as JSON-able data:
+        the HID table, each peer's sequence state, what we told it and withdrew, our
+        addresses, the replay windows' high-water marks and the retired Host IDs.
+        Messages in flight are not kept: :meth:`resume` re-synchronises instead."""
+        peers = {str(hid): peer.to_json(now) for hid, peer in self._peers.items()}
+        return {
+            "version": SAVE_VERSION,
+            "local": [str(i) for i in self._local.values()],
+            "hosts": [h.to_json() for h in self.table.snapshot()],
+            "peers": peers,
+            "windows": {_window_name(w): win.highest for w, win in self._windows.items()},
+            "retired": {str(a): hid for a, hid in self._retired.items()},
+        }
+
+    def restore(self, saved: dict[str, Any], now: float) -> None:
+        """Take up where the engine that :meth:`save` d left off. Call once, on a new
+        engine, before any other input. Every host comes back as a HostChanged event
+        (CREATED); our addresses are the saved ones, so what changed since comes
+        in as ordinary address events. Raises ValueError for data it cannot use
+        (and then has changed nothing)."""
+        try:
+            if saved.get("version") != SAVE_VERSION:
+                raise ValueError(f"version {saved.get('version')!r}")
+            local = [ip_interface(i) for i in saved["local"]]
+            hosts = [HostSnapshot.from_json(h) for h in saved["hosts"]]
+            peers = {
+                int(hid): Peer.from_json(p, now, RESTART_SEQ_SKIP)
+                for hid, p in saved["peers"].items()
+            }
+            windows = {_window_key(w): int(h) for w, h in saved["windows"].items()}
+            retired = {ip_address(a): int(hid) for a, hid in saved["retired"].items()}
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ValueError(f"saved IHMP state unusable: {exc!r}") from exc
+        self._local = {i.ip: i for i in local}
+        for host in hosts:
+            self.table.restore(host)
+            # A host without its peer state (saved mid-change) still needs one.
+            self._peers[host.hid] = peers.get(host.hid) or self._peer(host.hid)
+        for wid, highest in windows.items():
+            self._windows[wid] = ReplayWindow.restored(highest)
+        self._retired = {a: hid for a, hid in retired.items() if hid in self.table}
+
+    def resume(self, now: float) -> None:
+        """After :meth:`restore` and the address events since: say HELLO again to
+        every established peer, from a real address of ours and under a Host ID it
+        knows, to re-synchronise (its sequence state, our addresses, its addresses);
+        finish the HELLOs a predecessor had begun."""
+        for entry in self.table:
+            if entry.locator is None:
+                continue
+            if entry.state is HidState.HELLO_PENDING:
+                self._start_hello(entry.hid, now)
+            elif entry.state is HidState.ESTABLISHED:
+                _, src, _ = best_path([entry.locator], list(self._local))
+                if src is not None and not self._hello_pending(self._peers[entry.hid]):
+                    self._send_hello(entry, src, self._host_id(entry, src), now)
 
     # == inputs: timers ===============================================================
 
@@ -236,7 +290,7 @@ class IhmpEngine:
             pending = peer.pending.get(seq) if peer is not None else None
             if peer is None or pending is None:
                 continue  # dropped by an earlier expiry in this same pass
-            if pending.attempts >= pending.max_attempts:
+            if pending.exhausted(now):
                 self._untrack(peer, seq)
                 self._failed(pending, now)
             else:
@@ -295,25 +349,34 @@ class IhmpEngine:
             return False
         if peer.legacy_until is not None and now < peer.legacy_until:
             return False
-        if any(p.msg.type is T.HELLO for p in peer.pending.values()):
+        if self._hello_pending(peer):
             return False
-        if local is None:
+        if local not in self._local:
+            # Never from a ghost: an identifier this host no longer has (the flow's
+            # local address after a move) is no locator.
             _, local, _ = best_path([entry.locator], list(self._local))
         if local is None:
             return False
         self.table.transition(hid, Trigger.HELLO_SENT)
-        advertised = self._advertised(first=local)
+        self._send_hello(entry, local, local, now)
+        return True
+
+    def _send_hello(
+        self, entry: HostEntry, src: IPAddress, host_id: IPAddress, now: float
+    ) -> None:
+        assert entry.locator is not None
+        peer = self._peers[entry.hid]
+        advertised = self._advertised(first=src)
         peer.announced |= set(advertised)
         msg = self._message(
             peer,
             T.HELLO,
-            host_id=local,
+            host_id=host_id,
             advertised=advertised,
-            src_addr=local,
-            public_key=self._public_key(local),
+            src_addr=src,
+            public_key=self._public_key(src),
         )
-        self._send(hid, msg, local, entry.locator, now, track=True)
-        return True
+        self._send(entry.hid, msg, src, entry.locator, now, track=True)
 
     # == inputs: local address events =================================================
 
@@ -395,6 +458,11 @@ class IhmpEngine:
         it has changed nothing.
         """
         self.counters.messages_received += 1
+        if dst not in self._local:
+            # A ghost (an identifier this host left) or a stray: answering would use
+            # it as a locator, and applying would take it as one the peer reaches.
+            self._reject(src, RejectReason.NOT_A_LOCATOR, f"{dst} is no address of ours")
+            return
         try:
             msg = decode(data)
             if msg.type is T.HELLO:
@@ -427,7 +495,8 @@ class IhmpEngine:
         peer = self._peer(hid)
         peer.addr_seq.clear()  # a HELLO starts the peer's sequence afresh
         self._note_flags(msg, peer)
-        self.table.add_local(hid, dst, reason="HELLO received")
+        self._hello_collision(peer, msg)
+        self._add_local(hid, dst, reason="HELLO received")
         for addr in msg.advertised:
             if addr != src:
                 self._claim(entry, addr, active=False)
@@ -454,6 +523,20 @@ class IhmpEngine:
             self._events.append(ev.PeerEstablished(hid, key_pinned=entry.key is not None))
             self._probe_unreachable(entry, now)
 
+    def _hello_collision(self, peer: Peer, theirs: Message) -> None:
+        """Both ends said HELLO at once: exactly one exchange goes on.
+
+        The HELLO whose Host ID is the lower address wins (both ends compare the
+        same two messages, so they agree); the loser stops retransmitting its own,
+        which the peer's HELLO has made moot. An ACK for it may still come: it is
+        absorbed quietly (:attr:`Peer.cancelled_hellos`).
+        """
+        for seq, pending in list(peer.pending.items()):
+            ours = pending.msg
+            if ours.type is T.HELLO and addr_key(theirs.host_id) < addr_key(ours.host_id):
+                self._untrack(peer, seq)
+                peer.cancelled_hellos.add(seq)
+
     def _on_message(
         self, msg: Message, src: IPAddress, dst: IPAddress, port: int | None, now: float
     ) -> None:
@@ -463,12 +546,16 @@ class IhmpEngine:
         pin = self._authenticate(msg, entry, src)
         window = self._check_replay(msg, entry, pin)
         pending = None
+        peer = self._peer(entry.hid)
         if msg.type is T.ACK:
-            pending = self._peer(entry.hid).pending.get(msg.seq)
+            pending = peer.pending.get(msg.seq)
+            if pending is None and msg.seq in peer.cancelled_hellos:
+                peer.cancelled_hellos.discard(msg.seq)
+                self._commit(msg, entry.hid, window, pin)
+                return  # the ACK of a HELLO that lost a tie-break: nothing to do
             if pending is None:
                 raise _Reject(RejectReason.UNEXPECTED_ACK, f"no message {msg.seq} outstanding")
         self._commit(msg, entry.hid, window, pin)
-        peer = self._peer(entry.hid)
         self._note_flags(msg, peer)
         if pending is not None:
             self._untrack(peer, msg.seq)
@@ -491,7 +578,7 @@ class IhmpEngine:
         # message of the peer's withdrew src meanwhile.
         if not nat and self._newest_about(self._peer(entry.hid), src, msg.seq):
             self._claim(entry, src, active=True)
-            self.table.add_local(entry.hid, dst, reason="PATH_PROBE received")
+            self._add_local(entry.hid, dst, reason="PATH_PROBE received")
         self._ack_applied(entry.hid, msg, src, dst, port, nat=nat, applied=True)
 
     def _on_address_event(
@@ -540,11 +627,11 @@ class IhmpEngine:
             if reachable:
                 # The peer reached us at dst from its new address: dst works for it.
                 prefer = msg.type is T.HANDOFF
-                self.table.add_local(entry.hid, dst, prefer=prefer, reason=reason)
+                self._add_local(entry.hid, dst, prefer=prefer, reason=reason)
         return applied
 
     @staticmethod
-    def _newest_about(peer: _Peer, addr: IPAddress, seq: int) -> bool:
+    def _newest_about(peer: Peer, addr: IPAddress, seq: int) -> bool:
         """Per-address "latest state wins": is ``seq`` the newest word on ``addr``?
 
         Records ``seq`` if so. Messages about different addresses are independent,
@@ -610,10 +697,11 @@ class IhmpEngine:
                 self._windows.pop(next(iter(self._windows)))
             window = self._windows[wid] = ReplayWindow()
         window.accept(msg.counter)
+        self._peer(hid).answered = True
         if pin is not None:
             self.table.bind_key(hid, pin, reason="key pinned")
 
-    def _note_flags(self, msg: Message, peer: _Peer) -> None:
+    def _note_flags(self, msg: Message, peer: Peer) -> None:
         if msg.flags & Flags.NS:
             peer.nat_supported = True
 
@@ -624,7 +712,7 @@ class IhmpEngine:
 
     # == our exchanges completing or failing ==========================================
 
-    def _completed(self, pending: _Pending, ack: Message, now: float) -> None:
+    def _completed(self, pending: Pending, ack: Message, now: float) -> None:
         hid = pending.hid
         entry = self.table.get(hid)
         peer = self._peers[hid]
@@ -634,7 +722,7 @@ class IhmpEngine:
             self._hello_acked(entry, pending, ack)
         elif mtype is T.PATH_PROBE:
             self._claim(entry, pending.dst, active=True)
-            self.table.add_local(hid, pending.src, reason=reason)
+            self._add_local(hid, pending.src, reason=reason)
             self._events.append(ev.AddressVerified(hid, pending.src, pending.dst))
         elif (
             mtype in (T.ADDR_UP, T.HANDOFF)
@@ -643,7 +731,7 @@ class IhmpEngine:
         ):
             new = pending.msg.new_addr
             assert new is not None
-            self.table.add_local(hid, new, prefer=mtype is T.HANDOFF, reason=reason)
+            self._add_local(hid, new, prefer=mtype is T.HANDOFF, reason=reason)
             locator = entry.locator
             prefer = locator is None or classify(locator, new) is Reach.UNREACHABLE
             self._claim(entry, pending.dst, active=True, prefer=prefer)
@@ -661,9 +749,9 @@ class IhmpEngine:
             ev.ExchangeCompleted(hid, mtype, pending.msg.seq, now - pending.first_sent)
         )
 
-    def _hello_acked(self, entry: HostEntry, pending: _Pending, ack: Message) -> None:
+    def _hello_acked(self, entry: HostEntry, pending: Pending, ack: Message) -> None:
         hid = entry.hid
-        self.table.add_local(hid, pending.src, reason="ACK of HELLO")
+        self._add_local(hid, pending.src, reason="ACK of HELLO")
         for addr in ack.advertised:
             if addr not in entry.active:
                 self._claim(entry, addr, active=False)
@@ -674,13 +762,15 @@ class IhmpEngine:
         if not nat_forced:
             self._events.append(ev.PeerEstablished(hid, key_pinned=entry.key is not None))
 
-    def _failed(self, pending: _Pending, now: float) -> None:
+    def _failed(self, pending: Pending, now: float) -> None:
         hid = pending.hid
         msg = pending.msg
         self._events.append(ev.ExchangeFailed(hid, msg.type, msg.seq))
         entry = self.table.get(hid)
         peer = self._peers[hid]
         if msg.type is T.HELLO:
+            if peer.answered:
+                return  # it answered before (or since): never demoted for one HELLO
             self.table.transition(hid, Trigger.HELLO_UNANSWERED)
             peer.legacy_until = now + self.config.legacy_hold_down
             for seq in list(peer.pending):
@@ -763,18 +853,21 @@ class IhmpEngine:
     def _send_probing(
         self, hid: int, msg: Message, src: IPAddress, dst: IPAddress, reach: Reach, now: float
     ) -> None:
-        """Send from a new address; a potentially reachable peer gets fewer tries."""
-        attempts = (
-            self.config.max_attempts if reach is Reach.REACHABLE else self.config.probe_attempts
-        )
+        """Send from a new address; to a potentially reachable peer it is a probe, with
+        fewer tries before falling back to a path that works."""
+        attempts = None if reach is Reach.REACHABLE else self.config.probe_attempts
         self._send(hid, msg, src, dst, now, track=True, attempts=attempts, fallback=True)
 
     @staticmethod
-    def _announcing(peer: _Peer) -> bool:
+    def _hello_pending(peer: Peer) -> bool:
+        return any(p.msg.type is T.HELLO for p in peer.pending.values())
+
+    @staticmethod
+    def _announcing(peer: Peer) -> bool:
         """Whether a message announcing a new address of ours is in flight."""
         return any(p.msg.new_addr is not None for p in peer.pending.values())
 
-    def _supersede(self, peer: _Peer) -> None:
+    def _supersede(self, peer: Peer) -> None:
         """Drop our in-flight address events that a new withdrawal makes obsolete.
 
         The new message carries every withdrawn address, so earlier withdrawals
@@ -845,11 +938,11 @@ class IhmpEngine:
 
     # == message construction and transmission ========================================
 
-    def _peer(self, hid: int) -> _Peer:
+    def _peer(self, hid: int) -> Peer:
         peer = self._peers.get(hid)
         if peer is None:
             # A random initial sequence number per peer, as the paper asks.
-            peer = self._peers[hid] = _Peer(seq=self._rng.getrandbits(16))
+            peer = self._peers[hid] = Peer(seq=self._rng.getrandbits(16))
         return peer
 
     def _signaled(self) -> list[HostEntry]:
@@ -880,6 +973,16 @@ class IhmpEngine:
         key = self.local_keys.key_for(src)
         return public_key_bytes(key) if key is not None else None
 
+    def _add_local(
+        self, hid: int, addr: IPAddress, *, prefer: bool = False, reason: str = ""
+    ) -> None:
+        """Record that the peer reaches us at ``addr`` -- if it is a locator of ours.
+
+        An address that left this host (a ghost kept for its flows) never is.
+        """
+        if addr in self._local:
+            self.table.add_local(hid, addr, prefer=prefer, reason=reason)
+
     def _claim(
         self, entry: HostEntry, addr: IPAddress, *, active: bool, prefer: bool = False
     ) -> None:
@@ -901,7 +1004,7 @@ class IhmpEngine:
         except HidTableError:  # pragma: no cover - guarded by the lookup above
             return
 
-    def _message(self, peer: _Peer, mtype: MessageType, **fields: object) -> Message:
+    def _message(self, peer: Peer, mtype: MessageType, **fields: object) -> Message:
         seq = peer.seq
         peer.seq = (peer.seq + 1) & 0xFFFF
         return Message(type=mtype, seq=seq, **fields)  # type: ignore[arg-type]
@@ -920,18 +1023,25 @@ class IhmpEngine:
         dst_port: int | None = None,
         flags: Flags = Flags.NONE,
     ) -> None:
+        """Send ``msg``; with ``track``, retransmit it until it is acknowledged, or
+        ``attempts`` transmissions, or (address events, with no ``attempts``) until
+        the exchange deadline; a HELLO gets ``max_attempts``."""
         if flags:
             msg = replace(msg, flags=msg.flags | flags)
         self._transmit(msg, src, dst, dst_port)
         if track:
             rto = self.config.initial_rto
-            pending = _Pending(
+            if attempts is None and msg.type is T.HELLO:
+                attempts = self.config.max_attempts
+            give_up_at = None if attempts else now + self.config.exchange_deadline
+            pending = Pending(
                 hid=hid,
                 msg=msg,
                 src=src,
                 dst=dst,
                 dst_port=dst_port,
-                max_attempts=attempts or self.config.max_attempts,
+                max_attempts=attempts,
+                give_up_at=give_up_at,
                 fallback=fallback,
                 first_sent=now,
                 deadline=now + rto,
@@ -940,12 +1050,12 @@ class IhmpEngine:
             self._peers[hid].pending[msg.seq] = pending
             self._arm(pending, pending.deadline)
 
-    def _arm(self, pending: _Pending, deadline: float) -> None:
+    def _arm(self, pending: Pending, deadline: float) -> None:
         """(Re)arm the retransmission timer of ``pending`` for ``deadline``."""
         pending.deadline = deadline
         self._timers.set((RETRANSMIT, pending.hid, pending.msg.seq), deadline)
 
-    def _untrack(self, peer: _Peer, seq: int) -> None:
+    def _untrack(self, peer: Peer, seq: int) -> None:
         """Forget message ``seq`` of ours (answered, superseded or given up on)."""
         pending = peer.pending.pop(seq, None)
         if pending is not None:
@@ -966,7 +1076,7 @@ class IhmpEngine:
         ack = Message(type=T.ACK, seq=msg.seq, host_id=dst, flags=flags, **fields)  # type: ignore[arg-type]
         self._transmit(ack, dst, src, port)
 
-    def _retransmit(self, pending: _Pending, now: float) -> None:
+    def _retransmit(self, pending: Pending, now: float) -> None:
         pending.attempts += 1
         pending.rto = min(pending.rto * 2, self.config.max_rto)
         self._arm(pending, now + pending.rto)

@@ -41,6 +41,7 @@ class RejectReason(enum.Enum):
     UNTRUSTED = "untrusted"  # strict mode and no key configured for the sender
     REPLAY = "replay"  # counter already seen or too old
     UNEXPECTED_ACK = "unexpected_ack"  # ACK that matches nothing outstanding
+    NOT_A_LOCATOR = "not_a_locator"  # sent to an address that is no locator of ours
 
 
 @dataclass(frozen=True)

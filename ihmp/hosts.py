@@ -31,8 +31,10 @@ import enum
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from ipaddress import ip_address
+from typing import Any
 
-from ihmp.addr import IPAddress
+from ihmp.addr import IPAddress, addr_key
 from ihmp.states import INITIAL, HidState, Trigger, next_state
 
 __all__ = [
@@ -107,6 +109,32 @@ class HostSnapshot:
     def locator(self) -> IPAddress | None:
         return self.active[0] if self.active else None
 
+    def addresses(self) -> set[IPAddress]:
+        return set(self.active) | self.unreachable
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "hid": self.hid,
+            "active": [str(a) for a in self.active],
+            "unreachable": [str(a) for a in sorted(self.unreachable, key=addr_key)],
+            "local": [str(a) for a in self.local],
+            "key": self.key.hex() if self.key is not None else None,
+            "state": self.state.value,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> HostSnapshot:
+        """Raises KeyError, TypeError or ValueError for data :meth:`to_json` did not make."""
+        key = data.get("key")
+        return cls(
+            hid=int(data["hid"]),
+            active=tuple(ip_address(a) for a in data["active"]),
+            unreachable=frozenset(ip_address(a) for a in data["unreachable"]),
+            local=tuple(ip_address(a) for a in data["local"]),
+            key=bytes.fromhex(key) if key is not None else None,
+            state=HidState(data["state"]),
+        )
+
 
 @dataclass(frozen=True)
 class HostChanged:
@@ -174,6 +202,31 @@ class HidTable:
         self._entries[entry.hid] = entry
         for addr in addrs:
             self._by_addr[addr] = entry.hid
+        self._sink(HostChanged(ChangeKind.CREATED, entry.hid, None, entry.snapshot(), reason))
+        return entry
+
+    def restore(self, host: HostSnapshot, *, reason: str = "restored") -> HostEntry:
+        """Re-create an entry exactly as a predecessor saved it (same HID and state).
+
+        Only for resuming after a restart: the one operation that sets a state
+        without a transition, since the state was reached through them before.
+        """
+        if host.hid in self._entries:
+            raise HidTableError(f"HID {host.hid} exists")
+        for addr in host.addresses():
+            self._check_free(addr, None)
+        entry = HostEntry(
+            hid=host.hid,
+            active=list(host.active),
+            unreachable=set(host.unreachable),
+            local=list(host.local),
+            key=host.key,
+            state=host.state,
+        )
+        self._entries[entry.hid] = entry
+        for addr in entry.addresses():
+            self._by_addr[addr] = entry.hid
+        self._next_hid = max(self._next_hid, entry.hid + 1)
         self._sink(HostChanged(ChangeKind.CREATED, entry.hid, None, entry.snapshot(), reason))
         return entry
 

@@ -17,6 +17,13 @@ class ReplayWindow:
     highest: int = -1
     _seen: int = 0  # bit i set: counter (highest - i) was accepted
 
+    @classmethod
+    def restored(cls, highest: int) -> ReplayWindow:
+        """A window that takes nothing at or below ``highest``: after a restart, the
+        counters between the last save and the crash are unknown, so all count as
+        seen."""
+        return cls(highest=highest, _seen=(1 << cls.size) - 1)
+
     def fresh(self, counter: int) -> bool:
         """Whether ``counter`` has not been accepted and is not too old. Changes nothing."""
         if counter > self.highest:

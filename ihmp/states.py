@@ -29,7 +29,7 @@ class Trigger(enum.Enum):
     HELLO_RECEIVED_THROUGH_NAT = "HELLO received through a NAT"
     HELLO_ACKED = "ACK of HELLO"
     HELLO_ACKED_NAT_FORCED = "ACK of HELLO with NF"
-    HELLO_UNANSWERED = "HELLO unanswered"
+    HELLO_UNANSWERED = "HELLO unanswered"  # only for a peer that never answered anything
 
 
 S, T = HidState, Trigger
@@ -47,11 +47,11 @@ TRANSITIONS: Final[dict[HidState, dict[Trigger, HidState]]] = {
     },
     S.ESTABLISHED: {
         # Both ends said HELLO at once: the other's HELLO, then the ACK of ours.
+        # (No HELLO_UNANSWERED: a peer that ever answered is never demoted.)
         T.HELLO_RECEIVED: S.ESTABLISHED,
         T.HELLO_RECEIVED_THROUGH_NAT: S.NAT_FORCED,
         T.HELLO_ACKED: S.ESTABLISHED,
         T.HELLO_ACKED_NAT_FORCED: S.NAT_FORCED,
-        T.HELLO_UNANSWERED: S.LEGACY,
     },
     S.LEGACY: {
         T.HELLO_SENT: S.HELLO_PENDING,  # its hold-down is over: try again
@@ -64,7 +64,6 @@ TRANSITIONS: Final[dict[HidState, dict[Trigger, HidState]]] = {
         T.HELLO_RECEIVED_THROUGH_NAT: S.NAT_FORCED,
         T.HELLO_ACKED: S.ESTABLISHED,
         T.HELLO_ACKED_NAT_FORCED: S.NAT_FORCED,
-        T.HELLO_UNANSWERED: S.LEGACY,
     },
 }
 

@@ -45,7 +45,8 @@ class Ghosts:
     """Ghost addresses and identifier routes, reconciled against what is needed."""
 
     addresses: set[IPAddress] = field(default_factory=set)
-    routes: dict[IPAddress, IPAddress] = field(default_factory=dict)  # identifier -> locator
+    # identifier -> the locator whose path the route follows (None: a predecessor's)
+    routes: dict[IPAddress, IPAddress | None] = field(default_factory=dict)
     on_record: Callable[[], None] = lambda: None  # persist state after each change
 
     async def reconcile(
@@ -60,8 +61,10 @@ class Ghosts:
                 await self._ghost(ipr, "add", lo, addr)
             for addr in sorted(self.addresses - want_ghosts, key=str):
                 await self._ghost(ipr, "del", lo, addr)
-            for rid in [r for r in self.routes if want_routes.get(r) != self.routes[r]]:
+            for rid in [r for r in self.routes if not _same(self.routes[r], want_routes.get(r))]:
                 await self._route_del(ipr, rid)
+            for rid in self.routes:
+                self.routes[rid] = want_routes[rid]  # a predecessor's route is kept
             for rid, loc in want_routes.items():
                 if rid not in self.routes:
                     await self._route_add(ipr, rid, loc)
@@ -119,11 +122,19 @@ class Ghosts:
         return {"ghosts": sorted(map(str, self.addresses)), "routes": sorted(map(str, self.routes))}
 
     @classmethod
-    def from_state(cls, state: dict[str, Any]) -> Ghosts:
-        c = cls()
+    def from_state(
+        cls, state: dict[str, Any], on_record: Callable[[], None] = lambda: None
+    ) -> Ghosts:
+        """What :meth:`state` recorded, ours again (a predecessor's, or to remove)."""
+        c = cls(on_record=on_record)
         c.addresses = {ip_address(a) for a in state.get("ghosts", [])}
-        c.routes = {ip_address(a): ip_address(a) for a in state.get("routes", [])}
+        c.routes = {ip_address(a): None for a in state.get("routes", [])}
         return c
+
+
+def _same(have: IPAddress | None, want: IPAddress | None) -> bool:
+    """Whether a route we have (along ``have``; None: unknown) is the one wanted."""
+    return want is not None and (have is None or have == want)
 
 
 async def _routable(ipr: Any, addr: IPAddress) -> bool:

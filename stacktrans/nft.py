@@ -39,6 +39,7 @@ from stacktrans.translation import HidTranslation
 log = logging.getLogger("dime.nft")
 
 TABLE = "dime"
+FAMILIES = ("inet", "arp")  # our tables: table inet dime, table arp dime
 OUT_PRIORITY = -140
 IN_PRIORITY = -300
 
@@ -208,7 +209,28 @@ def ruleset(*, fast_path: bool, queue: QueueSpec | None = None) -> str:
     if queue is not None:
         lines += _queue_chains(queue)
     lines.append("}")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + GHOST_ARP
+
+
+#: A ghost (an address this host left, kept on ``lo`` for its flows) must not be
+#: claimed on any link: a host that is given the address next would find us
+#: answering for it. Linux answers ARP for any local address on any link
+#: (``arp_ignore`` 0), and may name one as the sender of its own requests
+#: (``arp_announce`` 0); these rules stop both, for ghosts only. (IPv6 neighbour
+#: discovery answers only for addresses of the receiving link: a ghost on ``lo``
+#: is never claimed there.)
+GHOST_ARP = f"""table arp {TABLE} {{
+  set ghosts {{ type ipv4_addr; }}
+  chain in {{
+    type filter hook input priority 0; policy accept;
+    arp operation request arp daddr ip @ghosts drop
+  }}
+  chain out {{
+    type filter hook output priority 0; policy accept;
+    arp saddr ip @ghosts drop
+  }}
+}}
+"""
 
 
 def _flow_element(e: SocketEntry) -> tuple[str, str]:
@@ -234,21 +256,42 @@ class NftTable:
         self.fast_path = fast_path
         self.queue = queue
         self._hids: dict[int, HidTranslation] = {}
+        self._ghosts: set[IPAddress] = set()
         self._defer = defer
         self._pending: list[str] = []
+        self.installed = False
 
     def install(self) -> None:
-        """(Re)create our table; any stale copy of it (a crash) is replaced."""
+        """(Re)create our tables, with every element already asked for, in one
+        atomic batch: a stale copy (a predecessor that crashed) is replaced without
+        a moment in which its flows go untranslated."""
+        replace = "".join(f"add table {f} {TABLE}\ndelete table {f} {TABLE}\n" for f in FAMILIES)
         self.nft.run(
-            f"add table inet {TABLE}\ndelete table inet {TABLE}\n"
+            replace
             + ruleset(fast_path=self.fast_path, queue=self.queue)
+            + "\n".join(self._pending)
         )
-        self._hids.clear()
+        self._pending.clear()
+        self.installed = True
 
     def uninstall(self) -> None:
-        if self.nft.table_exists("inet", TABLE):
-            self.nft.run(f"delete table inet {TABLE}")
+        for family in FAMILIES:
+            if self.nft.table_exists(family, TABLE):
+                self.nft.run(f"delete table {family} {TABLE}")
         self._hids.clear()
+        self._ghosts.clear()
+        self.installed = False
+
+    # -- ghosts -----------------------------------------------------------------------
+
+    def set_ghosts(self, ghosts: set[IPAddress]) -> None:
+        """The ghost addresses no link may see us claim (IPv4: ARP)."""
+        v4: set[IPAddress] = {a for a in ghosts if a.version == 4}
+        cmds = [f"delete element arp {TABLE} ghosts {{ {a} }}" for a in self._ghosts - v4]
+        cmds += [f"add element arp {TABLE} ghosts {{ {a} }}" for a in v4 - self._ghosts]
+        self._ghosts = v4
+        self._apply(cmds)
+        self.flush()
 
     # -- flows ------------------------------------------------------------------------
 
@@ -319,8 +362,12 @@ class NftTable:
             self._hids[hid] = new
 
     def _apply(self, cmds: list[str]) -> None:
-        """Queue ``cmds`` (in order) for the next batch, or apply them now."""
+        """Queue ``cmds`` (in order) for the next batch, or apply them now. Before
+        :meth:`install` they wait for it."""
         if not cmds:
+            return
+        if not self.installed:
+            self._pending += cmds
             return
         if self._defer is None:
             self.nft.run("\n".join(cmds))
@@ -336,6 +383,8 @@ class NftTable:
         it, and the Dataplane flushes at once when it is. If the batch is refused, the
         commands are retried one by one so that one bad element loses nothing else.
         """
+        if not self.installed:
+            return  # install() takes them
         cmds, self._pending = self._pending, []
         if not cmds:
             return

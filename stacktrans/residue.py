@@ -33,15 +33,28 @@ class Residue:
     nft_table: bool = False
     xt_rules: dict[str, Any] | None = None
     ghosts: dict[str, Any] = field(default_factory=dict)  # Ghosts.state()
+    #: What the control plane knew (IHMP's saved state), for a successor to resume.
+    control: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"nft_table": self.nft_table, "xt_rules": self.xt_rules, "ghosts": self.ghosts}
+        return {
+            "nft_table": self.nft_table,
+            "xt_rules": self.xt_rules,
+            "ghosts": self.ghosts,
+            "control": self.control,
+        }
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Residue:
         # "continuity": what records of earlier versions call the ghosts.
         ghosts = data.get("ghosts") or data.get("continuity") or {}
-        return cls(bool(data.get("nft_table")), data.get("xt_rules"), dict(ghosts))
+        control = data.get("control")
+        return cls(
+            bool(data.get("nft_table")),
+            data.get("xt_rules"),
+            dict(ghosts),
+            control if isinstance(control, dict) else None,
+        )
 
 
 @dataclass

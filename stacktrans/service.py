@@ -21,13 +21,13 @@ import logging
 import os
 import time
 from collections import Counter
-from collections.abc import Callable, Container
+from collections.abc import Callable, Container, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ihmp.addr import IPAddress
-from ihmp.hosts import HostChanged
+from ihmp.hosts import ChangeKind, HostChanged, HostSnapshot
 from stacktrans import residue
 from stacktrans.dataplane import Dataplane, HidFor
 from stacktrans.ghosts import Ghosts
@@ -44,10 +44,12 @@ __all__ = [
     "DataplaneConfig",
     "DataplaneMode",
     "KernelFlows",
+    "Residue",
     "StackTrans",
     "StartError",
     "check_privileges",
     "clean_leftovers",
+    "previous_run",
 ]
 
 log = logging.getLogger("dime.stacktrans")
@@ -159,16 +161,34 @@ class StackTrans:
 
     # -- lifecycle --------------------------------------------------------------------
 
-    async def start(self, local_addresses: set[IPAddress]) -> None:
-        """Install everything; on any failure, remove what was installed and raise."""
+    async def start(
+        self,
+        local_addresses: set[IPAddress],
+        *,
+        hosts: Iterable[HostSnapshot] = (),
+        previous: Residue | None = None,
+    ) -> None:
+        """Install everything; on any failure, remove what was installed and raise.
+
+        ``hosts``: what IHMP already knows (a restored engine's table), so flows
+        adopted now are translated at once. ``previous``: the record of a run that
+        did not stop cleanly here: its kernel state is taken over, not torn down
+        (its nft tables are replaced in one batch that already holds this run's
+        elements, its ghosts are kept while needed, identical queue rules stay).
+        """
         check_privileges()
         try:
-            await self._start(local_addresses)
+            await self._start(local_addresses, hosts, previous)
         except BaseException:
             await self.stop()
             raise
 
-    async def _start(self, local_addresses: set[IPAddress]) -> None:
+    async def _start(
+        self,
+        local_addresses: set[IPAddress],
+        hosts: Iterable[HostSnapshot],
+        previous: Residue | None,
+    ) -> None:
         try:
             self.nft = Nft()
         except NftError as exc:
@@ -184,21 +204,21 @@ class StackTrans:
         loop = asyncio.get_running_loop()
         # New flows' elements are batched for up to 5 ms (one libnftables call for a
         # burst of new flows); a flow that needs rewriting at once flushes at once.
+        # Until install() the kernel maps only collect what the Dataplane decides.
         self.kernel = NftTable(
             self.nft, fast_path=fast, queue=queue, defer=lambda fn: loop.call_later(0.005, fn)
         )
-        try:
-            self.kernel.install()
-        except NftError as exc:
-            raise StartError(f"cannot install the nft table inet dime: {exc}") from exc
-        self.residue.nft_table = True
-        self._record()
-        if queue is None:
-            self._install_xt_rules(fast)
-        log.info("queue rules: %s", "nft queue" if queue else "iptables NFQUEUE target")
         self.dataplane = Dataplane(self.kernel, self._hid_for)
         self.dataplane.set_local_addresses(local_addresses)
+        for host in hosts:
+            self.dataplane.host_changed(HostChanged(ChangeKind.CREATED, host.hid, None, host))
+        if previous is not None:
+            log.info("taking over what an earlier dime left here")
+            # Its ghosts are ours now: removed only once no flow needs them.
+            self.ghosts = Ghosts.from_state(previous.ghosts, on_record=self._record)
         self.path = UserspacePath(self.dataplane, self.clock)
+        # The queues listen before the snapshot of existing flows is taken, so that
+        # a flow that starts meanwhile is seen one way or the other.
         for num, handler in (
             (self.config.queue_out, self.path.outbound),
             (self.config.queue_in, self.path.inbound),
@@ -214,12 +234,25 @@ class StackTrans:
             flows = await asyncio.to_thread(existing)
             n = self.dataplane.adopt(flows, self.clock())
             log.info("adopted %d existing flows", n)
+        self.residue.nft_table = True
+        self._record()  # before the kernel changes: a crash half-way is cleaned up
+        try:
+            self.kernel.install()
+        except NftError as exc:
+            raise StartError(f"cannot install the nft table inet dime: {exc}") from exc
+        if queue is None:
+            self._install_xt_rules(fast, previous.xt_rules if previous else None)
+        elif previous is not None and previous.xt_rules is not None:
+            await residue.remove(Residue(xt_rules=previous.xt_rules), self.nft)
+        log.info("queue rules: %s", "nft queue" if queue else "iptables NFQUEUE target")
         if self.kernel_flows.alive is not None:
             self._tasks.append(asyncio.create_task(self._sweeper()))
         self._follow_up()
         log.info("StackTrans up: dataplane %s", self.mode.value)
 
-    def _install_xt_rules(self, fast: bool) -> None:
+    def _install_xt_rules(self, fast: bool, previous: dict[str, Any] | None) -> None:
+        """The iptables queue rules; a predecessor's identical ones are kept as they
+        are (no moment without them), different ones replaced."""
         assert self.nft is not None
         self.rules = XtQueueRules(
             self.config.queue_out,
@@ -227,8 +260,16 @@ class StackTrans:
             self.config.ihmp_port,
             every_packet=not fast,
         )
+        if previous is not None:
+            created = list(previous.get("created_tables", []))
+            self.rules.created_tables = created
+            if previous == self._rules_json():
+                self.residue.xt_rules = previous
+                self._record()
+                return
+            XtQueueRules(0, 0, 0, every_packet=False, created_tables=created).remove(self.nft)
         # Recorded before installing: a crash half-way must still be cleaned up.
-        self.residue.xt_rules = {"created_tables": [], **self._rules_json()}
+        self.residue.xt_rules = self._rules_json()
         self._record()
         try:
             self.rules.install(self.nft)
@@ -237,8 +278,12 @@ class StackTrans:
         self.residue.xt_rules = self._rules_json()
         self._record()
 
-    async def stop(self) -> None:
-        """Remove everything this run installed. Safe to call more than once."""
+    async def stop(self, *, keep: bool = False) -> None:
+        """Remove everything this run installed. Safe to call more than once.
+
+        ``keep``: stop serving but leave the kernel as it is, and the record of it
+        (with the control plane's state), for a successor to take over: the kernel
+        goes on translating the flows it knows meanwhile."""
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -253,6 +298,9 @@ class StackTrans:
         for pending in (self._reconcile_task, self._prompt_task):
             if pending is not None:
                 await asyncio.gather(pending, return_exceptions=True)
+        if keep:
+            self._record()
+            return
         await residue.remove(self.residue, self.nft, self.ghosts)
         self._record()
         self.record.discard()
@@ -263,11 +311,18 @@ class StackTrans:
             "created_tables": list(self.rules.created_tables),
             "queues": [self.config.queue_out, self.config.queue_in],
             "port": self.config.ihmp_port,
+            "every_packet": self.rules.every_packet,
         }
 
     def _record(self) -> None:
         self.residue.ghosts = self.ghosts.state()
         self.record.save(self.residue)
+
+    def save_control(self, state: dict[str, Any]) -> None:
+        """Keep the control plane's state (IHMP's :meth:`~ihmp.engine.IhmpEngine.save`)
+        in the record, so a successor after a crash can resume it."""
+        self.residue.control = state
+        self._record()
 
     # -- inputs -----------------------------------------------------------------------
 
@@ -312,9 +367,6 @@ class StackTrans:
         return handle
 
     # -- queries ----------------------------------------------------------------------
-
-    def is_ghost(self, addr: IPAddress) -> bool:
-        return addr in self.ghosts.addresses
 
     def flows(self) -> list[dict[str, Any]]:
         """The socket table, as ``dime status`` shows it."""
@@ -374,6 +426,8 @@ class StackTrans:
         await self.ghosts.reconcile(
             self.dataplane.ghosts_needed(), self.dataplane.translated_remotes()
         )
+        if self.kernel is not None and self.kernel.installed:
+            self.kernel.set_ghosts(self.ghosts.addresses)
 
     def _prompt_soon(self, hids: set[int]) -> None:
         if self.kernel_flows.prompt is None:
@@ -436,6 +490,11 @@ class StackTrans:
                 if gone:
                     log.info("%d flows ended", len(gone))
                 self._follow_up()
+
+
+def previous_run(directory: Path) -> Residue | None:
+    """The record a run that did not stop cleanly left in ``directory``, if any."""
+    return Record(directory).load()
 
 
 async def clean_leftovers(directory: Path) -> bool:

@@ -36,9 +36,13 @@ class Host:
         signed: bool = True,
         config: EngineConfig | None = None,
         trust: TrustStore | None = None,
+        key: Ed25519PrivateKey | None = None,
     ) -> None:
         self.name = name
-        self.key = Ed25519PrivateKey.generate() if signed else None
+        self.seed = seed
+        self.config = config
+        self.trust = trust
+        self.key = key or (Ed25519PrivateKey.generate() if signed else None)
         keys = LocalKeys()
         if self.key is not None:
             keys.set_local_key(self.key, "*")
@@ -52,6 +56,24 @@ class Host:
         )
         self.table = self.engine.table
         self.events: list[ev.Event] = []
+
+    def restarted(self, net: Net) -> Host:
+        """This host's daemon killed and started again: a new engine (a later replay
+        counter, as the wall clock gives), the same key, resuming from what the old
+        one saved. It replaces this host in ``net``."""
+        saved = self.engine.save(net.now)
+        new = Host(
+            self.name,
+            [],
+            seed=self.seed + 1000,
+            config=self.config,
+            trust=self.trust,
+            key=self.key,
+            signed=self.key is not None,
+        )
+        new.engine.restore(saved, net.now)
+        net.hosts[net.hosts.index(self)] = new
+        return new
 
     def drain_events(self) -> None:
         while (e := self.engine.next_event()) is not None:

@@ -91,7 +91,7 @@ def nothing_may_start(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     monkeypatch.setattr(dime.daemon.Daemon, "__init__", refuse("create the daemon"))
     monkeypatch.setattr(dime.daemon.Daemon, "run", refuse("run the daemon"))
     monkeypatch.setattr(control, "bind", refuse("take the control socket"))
-    monkeypatch.setattr(dime.daemon, "clean_leftovers", refuse("clean a residue"))
+    monkeypatch.setattr(dime.daemon, "previous_run", refuse("look for a previous run"))
     return reached
 
 

@@ -37,7 +37,10 @@ class FakeNft:
 def dataplane(nft: FakeNft) -> tuple[Dataplane, HidTable, list[tuple[int, IPAddress]]]:
     """A Dataplane following a HID table, whose new flows create hosts in it."""
     ihmp = IhmpDouble()
-    tr = ihmp.attach(NftTable(nft, fast_path=True))  # type: ignore[arg-type]
+    kernel = NftTable(nft, fast_path=True)  # type: ignore[arg-type]
+    kernel.install()
+    nft.batches.clear()
+    tr = ihmp.attach(kernel)
     return tr, ihmp.table, ihmp.new_hids
 
 

@@ -346,7 +346,8 @@ def test_hello_unanswered_marks_legacy_and_holds_down() -> None:
 
 def test_retransmission_backs_off_exponentially_with_a_cap() -> None:
     net = Net()
-    a = net.add(Host("A", [A1 + "/24"], seed=1, config=EngineConfig(max_attempts=7)))
+    cfg = EngineConfig(max_attempts=7, max_rto=4.0)
+    a = net.add(Host("A", [A1 + "/24"], seed=1, config=cfg))
     a.connect(B1, 0)
     net.run(60)
     times = [s.at for s in net.sent_to(B1)]
@@ -573,3 +574,201 @@ def test_a_send_that_failed_locally_is_retried_soon_and_not_counted() -> None:
     net.run(1)
     assert [decode(s.datagram.data).type for s in net.log[-2:]] == [T.HANDOFF, T.ACK]
     assert b.entry_for("192.0.2.77").active == [A("192.0.2.77")]
+
+
+# -- everyday mobility: ghosts, going back, HELLO collisions, loss --------------------
+
+
+def test_a_datagram_to_an_address_we_left_is_refused_and_changes_nothing() -> None:
+    """After a move the old address lives on as a ghost for the flows: no locator."""
+    net = Net()
+    a, b = established(net)
+    a.engine.handoff(ip_interface(A1 + "/24"), ip_interface("192.0.2.77/24"), net.now)
+    net.run(5)
+    before = a.table.snapshot()
+    # B's late retransmission of something, to A's old address (now a ghost).
+    probe = b.engine
+    hello = encode_hello_from(b, host_id=B1, src=B1)
+    a.engine.receive_datagram(hello, A(B1), A(A1), net.now)
+    assert a.engine.counters.messages_rejected["not_a_locator"] == 1
+    assert a.engine.datagrams_to_send(net.now) == []  # nothing is sent from the ghost
+    assert a.table.snapshot() == before
+    assert probe is b.engine
+
+
+def encode_hello_from(host: Host, *, host_id: str, src: str) -> bytes:
+    """A HELLO as ``host`` would sign it (counter far ahead, so never a replay)."""
+    from ihmp.wire import Message
+
+    msg = Message(
+        type=T.HELLO,
+        seq=1,
+        host_id=A(host_id),
+        counter=10**15,
+        advertised=(A(src),),
+        src_addr=A(src),
+        public_key=public_key_bytes(host.key),  # type: ignore[arg-type]
+    )
+    return encode(msg, host.key)
+
+
+def test_a_hello_for_a_flow_of_a_ghost_address_goes_from_a_real_one() -> None:
+    """A restarted daemon adopts a flow whose local end is a ghost: it must not say
+    HELLO from it."""
+    net = Net()
+    a, b = pair(net, a_addrs=["192.0.2.77/24"])
+    hid = a.engine.flow_started(A(B1), A(A1), 0)  # A1: the flow's identifier, a ghost
+    net.run(2)
+    hello = next(s for s in net.log if decode(s.datagram.data).type is T.HELLO)
+    assert hello.datagram.src == A("192.0.2.77")
+    assert a.table.get(hid).state is HidState.ESTABLISHED  # type: ignore[arg-type]
+    assert A(A1) not in b.table.lookup(A("192.0.2.77")).addresses()  # type: ignore[union-attr]
+
+
+def test_going_back_to_an_address_we_had_before() -> None:
+    """home -> office -> home: the old address becomes the locator again."""
+    net = Net()
+    a, b = established(net)
+    office = "192.0.2.77"
+    for old, new in [(A1, office), (office, A1), (A1, office), (office, A1)]:
+        a.engine.handoff(ip_interface(old + "/24"), ip_interface(new + "/24"), net.now)
+        net.run(5)
+        eb = b.entry_for(new)
+        assert eb.active == [A(new)] and eb.addresses() == {A(new)}
+        assert a.entry_for(B1).local == [A(new)]
+        assert_symmetric(a, new, b, B1)
+    assert_events_mirror_table(a)
+    assert_events_mirror_table(b)
+
+
+def test_simultaneous_hellos_make_one_exchange() -> None:
+    """Both ends see the flow's first packet and say HELLO: the tie-break keeps one."""
+    net = Net()
+    a, b = pair(net)
+    net.hold = True
+    a.connect(B1, 0)
+    b.connect(A1, 0)
+    net.flush()
+    held = list(net.held)
+    net.held.clear()
+    net.hold = False
+    for host, dgram in held:  # the two HELLOs cross in the network
+        net.deliver(host, dgram)
+    net.run(30)
+    hellos = [s for s in net.log if decode(s.datagram.data).type is T.HELLO]
+    assert len(hellos) == 2  # the two crossing ones; nobody retransmits
+    for host in (a, b):
+        assert not host.engine.counters.messages_rejected
+        assert all(e.state is HidState.ESTABLISHED for e in host.table)
+    assert_symmetric(a, A1, b, B1)
+
+
+def test_an_unanswered_hello_never_demotes_a_peer_that_answered() -> None:
+    """B's HELLO crossed A's and is lost; A moves before B retransmits it: B's HELLO
+    goes unanswered, yet A is established and must stay so."""
+    net = Net()
+    a, b = pair(net)
+    net.hold = True
+    a.connect(B1, 0)
+    b.connect(A1, 0)
+    net.flush()
+    from_a = [(h, d) for h, d in net.held if h is a]
+    net.held.clear()
+    net.hold = False
+    for host, dgram in from_a:  # B's HELLO is lost
+        net.deliver(host, dgram)
+    net.flush()  # B's ACK: A's exchange is done, B's HELLO is still pending
+    assert a.entry_for(B1).state is HidState.ESTABLISHED
+    a.engine.handoff(ip_interface(A1 + "/24"), ip_interface("192.0.2.77/24"), net.now)
+    net.run(60)
+    entry = b.entry_for("192.0.2.77")
+    assert entry.state is HidState.ESTABLISHED
+    assert b.events_of(ev.PeerLegacy) == []
+    assert_symmetric(a, "192.0.2.77", b, B1)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_five_handoffs_under_thirty_percent_loss_all_converge(seed: int) -> None:
+    """Default timers: every handoff converges although 30 % of datagrams are lost."""
+    net = Net(loss=0.3, seed=seed)
+    a, b = pair(net)
+    a.connect(B1, 0)
+    net.run(60)
+    assert b.entry_for(A1).state is HidState.ESTABLISHED
+    addrs = [A1, "192.0.2.77"]
+    for i in range(5):
+        old, new = addrs[i % 2], addrs[(i + 1) % 2]
+        a.engine.handoff(ip_interface(old + "/24"), ip_interface(new + "/24"), net.now)
+        net.run(EngineConfig().exchange_deadline)
+        assert b.entry_for(new).active[0] == A(new)
+        assert b.entry_for(new).addresses() == {A(new)}
+        assert_symmetric(a, new, b, B1)
+    assert b.events_of(ev.PeerLost) == [] and b.events_of(ev.PeerLegacy) == []
+
+
+# -- a restarted daemon resumes -------------------------------------------------------
+
+
+def test_save_and_restore_round_trip_the_state() -> None:
+    net = Net()
+    a, _b = established(net)
+    a.engine.address_added(ip_interface("203.0.113.5/24"), net.now)
+    net.run(5)
+    saved = a.engine.save(net.now)
+    a2 = a.restarted(net)
+    assert a2.table.snapshot() == a.table.snapshot()
+    assert sorted(map(str, a2.engine.local_addresses)) == sorted(map(str, a.engine.local_addresses))
+    assert a2.engine.save(net.now)["hosts"] == saved["hosts"]
+    # Every host came back as a HostChanged event, so StackTrans learns them all.
+    assert_events_mirror_table(a2)
+
+
+def test_restored_state_refuses_what_it_cannot_use() -> None:
+    net = Net()
+    a, _b = established(net)
+    saved = a.engine.save(net.now)
+    fresh = Host("A", [], seed=9, key=a.key)
+    for broken in ({**saved, "version": 99}, {**saved, "hosts": [{"hid": "x"}]}, {}):
+        with pytest.raises(ValueError):
+            fresh.engine.restore(broken, net.now)
+        assert len(fresh.table) == 0
+
+
+@pytest.mark.parametrize("who", ["a", "b"])
+def test_a_restarted_engine_resumes_with_its_peer(who: str) -> None:
+    """kill -9 after a handoff, start again: the peer keeps its state, the restarted
+    side re-synchronises with a HELLO from a real address; replays stay refused."""
+    net = Net()
+    a, b = established(net)
+    a.engine.handoff(ip_interface(A1 + "/24"), ip_interface("192.0.2.77/24"), net.now)
+    net.run(5)
+    old_handoff = next(s.datagram for s in net.log if decode(s.datagram.data).type is T.HANDOFF)
+    if who == "a":
+        a = a.restarted(net)
+        a.engine.resume(net.now)
+    else:
+        b = b.restarted(net)
+        b.engine.resume(net.now)
+    net.run(5)
+    assert_symmetric(a, "192.0.2.77", b, B1)
+    assert b.entry_for("192.0.2.77").addresses() == {A("192.0.2.77")}
+    hellos = [s for s in net.log if decode(s.datagram.data).type is T.HELLO]
+    assert hellos[-1].delivered and hellos[-1].datagram.src in (A("192.0.2.77"), A(B1))
+    # A capture of the old HANDOFF, replayed at B after the restart: refused.
+    before = b.table.snapshot()
+    b.engine.receive_datagram(old_handoff.data, old_handoff.src, old_handoff.dst, net.now)
+    assert b.engine.counters.messages_rejected.get("replay") == 1
+    assert b.table.snapshot() == before
+
+
+def test_a_handoff_while_the_daemon_was_down_is_caught_up() -> None:
+    net = Net()
+    a, b = established(net)
+    a = a.restarted(net)  # still believes it is at A1
+    # What the monitor reports when it finds A1 gone and a new address:
+    a.engine.handoff(ip_interface(A1 + "/24"), ip_interface("192.0.2.77/24"), net.now)
+    a.engine.resume(net.now)
+    net.run(5)
+    assert b.entry_for("192.0.2.77").addresses() == {A("192.0.2.77")}
+    assert len(b.table) == 1  # the same HID: no second entry for the new address
+    assert_symmetric(a, "192.0.2.77", b, B1)

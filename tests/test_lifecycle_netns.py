@@ -422,7 +422,7 @@ def test_kill_9_then_down_cleans_up(bed: Bed) -> None:
     assert one_line(res.stdout) == "dime is not running here"
 
 
-def test_kill_9_then_up_cleans_up_first(bed: Bed) -> None:
+def test_kill_9_then_up_takes_over_and_down_cleans_up(bed: Bed) -> None:
     a = bed.a
     before = settled_state(a.ns)
     d, _ = bed.up(a)
@@ -430,7 +430,7 @@ def test_kill_9_then_up_cleans_up_first(bed: Bed) -> None:
     d.proc.wait(timeout=10)
     assert kernel_state(a.ns) != before
     d2, _ = bed.up(a)
-    assert "removed what an earlier dime left behind here" in d2.log_text()
+    assert "taking over what an earlier dime left here" in d2.log_text()
     assert bed.dime(a, "down").returncode == 0
     assert bed.wait_exit(d2) == 0
     after = kernel_state(a.ns)
