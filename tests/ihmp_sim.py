@@ -3,6 +3,10 @@
 Reachability model: public addresses (see ihmp.reachability) reach each other;
 a private address reaches another private address only within the same *site*;
 a private address reaches a public one only through a NAT given in ``nat``.
+
+A host's ``current_addresses``, ``next_timer``, ``handle_timer`` and ``drain_events``
+are what the network asks of it; tests/stack_sim.py's hosts add their data plane
+and address monitor there.
 """
 
 from __future__ import annotations
@@ -76,8 +80,20 @@ class Host:
         return new
 
     def drain_events(self) -> None:
+        """Collect the engine's events. The network calls it before it takes a host's
+        datagrams, as the daemon's pump handles events before sending."""
         while (e := self.engine.next_event()) is not None:
             self.events.append(e)
+
+    def current_addresses(self) -> list[IPAddress]:
+        """The addresses the host has now: those it can send from and be reached at."""
+        return self.engine.local_addresses
+
+    def next_timer(self) -> float | None:
+        return self.engine.get_timer()
+
+    def handle_timer(self, now: float) -> None:
+        self.engine.handle_timer(now)
 
     def events_of(self, kind: type) -> list[ev.Event]:
         self.drain_events()
@@ -133,7 +149,7 @@ class Net:
 
     def owner(self, addr: IPAddress) -> tuple[Host, IPAddress] | None:
         for host in self.hosts:
-            if addr in host.engine.local_addresses:
+            if addr in host.current_addresses():
                 return host, addr
         for private, public in self.nat.items():
             if public == addr:
@@ -158,7 +174,7 @@ class Net:
 
     def deliver(self, sender: Host, dgram: Datagram) -> None:
         ok, seen = self.reaches(dgram.src, dgram.dst)
-        if dgram.src not in sender.engine.local_addresses:
+        if dgram.src not in sender.current_addresses():
             ok = False  # an address the host no longer has cannot send
         target = self.owner(dgram.dst) if ok else None
         lost = self.loss > 0 and self.rng.random() < self.loss
@@ -170,7 +186,10 @@ class Net:
 
     def flush(self) -> None:
         for _ in range(1000):
-            batch = [(h, d) for h in self.hosts for d in h.engine.datagrams_to_send(self.now)]
+            batch: list[tuple[Host, Datagram]] = []
+            for h in self.hosts:
+                h.drain_events()  # events first, then datagrams: the daemon's pump order
+                batch += [(h, d) for d in h.engine.datagrams_to_send(self.now)]
             if not batch:
                 return
             if self.hold:
@@ -189,14 +208,14 @@ class Net:
         end = self.now + duration
         self.flush()
         while True:
-            timers = [t for h in self.hosts if (t := h.engine.get_timer()) is not None]
+            timers = [t for h in self.hosts if (t := h.next_timer()) is not None]
             if not timers or min(timers) > end:
                 break
             self.now = max(self.now, min(timers))
             for host in self.hosts:
-                timer = host.engine.get_timer()
+                timer = host.next_timer()
                 if timer is not None and timer <= self.now:
-                    host.engine.handle_timer(self.now)
+                    host.handle_timer(self.now)
             self.flush()
         self.now = end
         for host in self.hosts:
