@@ -42,7 +42,7 @@ import random
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
-from ipaddress import ip_address, ip_interface
+from ipaddress import ip_interface
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -177,9 +177,6 @@ class IhmpEngine:
         self._local: dict[IPAddress, IPInterface] = {i.ip: i for i in local_addresses}
         self._peers: dict[int, Peer] = {}
         self._windows: dict[bytes | int, ReplayWindow] = {}
-        # Addresses peers withdrew, still accepted as their Host ID: messages sent
-        # before the peer learned we applied the withdrawal still name them.
-        self._retired: dict[IPAddress, int] = {}
         self._out: list[Datagram] = []
         self._timers: Timers[TimerKey] = Timers()
 
@@ -223,7 +220,7 @@ class IhmpEngine:
     def save(self, now: float) -> dict[str, Any]:
         """Everything a successor needs to resume (:meth:`restore`), as JSON-able data:
         the HID table, each peer's sequence state, what we told it and withdrew, our
-        addresses, the replay windows' high-water marks and the retired Host IDs.
+        addresses and the replay windows' high-water marks.
         Messages in flight are not kept: :meth:`resume` re-synchronises instead."""
         peers = {str(hid): peer.to_json(now) for hid, peer in self._peers.items()}
         return {
@@ -232,7 +229,6 @@ class IhmpEngine:
             "hosts": [h.to_json() for h in self.table.snapshot()],
             "peers": peers,
             "windows": {_window_name(w): win.highest for w, win in self._windows.items()},
-            "retired": {str(a): hid for a, hid in self._retired.items()},
         }
 
     def restore(self, saved: dict[str, Any], now: float) -> None:
@@ -251,7 +247,6 @@ class IhmpEngine:
                 for hid, p in saved["peers"].items()
             }
             windows = {_window_key(w): int(h) for w, h in saved["windows"].items()}
-            retired = {ip_address(a): int(hid) for a, hid in saved["retired"].items()}
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ValueError(f"saved IHMP state unusable: {exc!r}") from exc
         self._local = {i.ip: i for i in local}
@@ -261,7 +256,6 @@ class IhmpEngine:
             self._peers[host.hid] = peers.get(host.hid) or self._peer(host.hid)
         for wid, highest in windows.items():
             self._windows[wid] = ReplayWindow.restored(highest)
-        self._retired = {a: hid for a, hid in retired.items() if hid in self.table}
 
     def resume(self, now: float) -> None:
         """After :meth:`restore` and the address events since: say HELLO again to
@@ -617,8 +611,7 @@ class IhmpEngine:
             if self._newest_about(peer, old, msg.seq):
                 applied = True
                 if self.table.lookup(old) is entry:
-                    self.table.remove_address(entry.hid, old, reason=reason)
-                    self._retired[old] = entry.hid
+                    self.table.remove_address(entry.hid, old, retire=True, reason=reason)
         new = msg.new_addr
         if new is not None and self._newest_about(peer, new, msg.seq):
             applied = True
@@ -923,18 +916,12 @@ class IhmpEngine:
             self._timers.cancel((RETRANSMIT, hid, seq))
         self._timers.cancel((GRACE, hid, 0))
         self._windows.pop(hid, None)
-        for addr in [a for a, owner in self._retired.items() if owner == hid]:
-            del self._retired[addr]
         self.table.remove(hid, reason="no path left")
         self._events.append(ev.PeerLost(hid, addresses))
 
     def _resolve(self, host_id: IPAddress) -> HostEntry | None:
         """The HID a Host ID names: a current address, or one its host withdrew."""
-        entry = self.table.lookup(host_id)
-        if entry is not None:
-            return entry
-        hid = self._retired.get(host_id)
-        return self.table.get(hid) if hid is not None and hid in self.table else None
+        return self.table.lookup(host_id) or self.table.lookup_retired(host_id)
 
     # == message construction and transmission ========================================
 

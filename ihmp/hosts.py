@@ -9,6 +9,12 @@ keeps three address sets, as in Fig. 3(b) of the DIME paper:
 * **local**: this host's addresses the peer can reach. It mirrors the peer's own
   active set for this host, and IHMP picks its Host ID field from it.
 
+Beyond the paper, each entry also keeps the peer's **retired** addresses: those it
+withdrew (a HANDOFF's old addresses, ADDR_DOWN). They are no longer used to reach
+it, but the peer may still name one as its Host ID, and its packets may still come
+from one until it learns that we applied the withdrawal (a packet in flight, or
+sent before our ACK reached it): they still identify the host.
+
 The IHMP engine owns the table and is its only writer. Every change goes through an
 explicit operation (``add_active``, ``mark_unreachable``, ``remove_local``,
 ``transition``, ...). Each operation that changes something hands one
@@ -20,9 +26,10 @@ nothing emits nothing.
 Invariants (checked by the tests):
 
 * an address of a remote host is in at most one entry, and in at most one of its
-  ``active``/``unreachable`` sets;
+  ``active``/``unreachable``/``retired`` sets; an address that becomes active or
+  unreachable for any host is no longer retired anywhere;
 * :meth:`HidTable.lookup` finds an entry from any of its active or unreachable
-  addresses in O(1).
+  addresses in O(1), :meth:`HidTable.lookup_retired` from a retired one.
 """
 
 from __future__ import annotations
@@ -72,6 +79,7 @@ class HostEntry:
     local: list[IPAddress] = field(default_factory=list)
     key: bytes | None = None
     state: HidState = HidState.HELLO_PENDING
+    retired: set[IPAddress] = field(default_factory=set)
 
     @property
     def locator(self) -> IPAddress | None:
@@ -91,6 +99,7 @@ class HostEntry:
             local=tuple(self.local),
             key=self.key,
             state=self.state,
+            retired=frozenset(self.retired),
         )
 
 
@@ -104,6 +113,7 @@ class HostSnapshot:
     local: tuple[IPAddress, ...]
     key: bytes | None
     state: HidState
+    retired: frozenset[IPAddress] = frozenset()
 
     @property
     def locator(self) -> IPAddress | None:
@@ -111,6 +121,10 @@ class HostSnapshot:
 
     def addresses(self) -> set[IPAddress]:
         return set(self.active) | self.unreachable
+
+    def sources(self) -> frozenset[IPAddress]:
+        """Every address its packets may come from: active, unreachable and retired."""
+        return frozenset(self.active) | self.unreachable | self.retired
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -120,6 +134,7 @@ class HostSnapshot:
             "local": [str(a) for a in self.local],
             "key": self.key.hex() if self.key is not None else None,
             "state": self.state.value,
+            "retired": [str(a) for a in sorted(self.retired, key=addr_key)],
         }
 
     @classmethod
@@ -133,6 +148,7 @@ class HostSnapshot:
             local=tuple(ip_address(a) for a in data["local"]),
             key=bytes.fromhex(key) if key is not None else None,
             state=HidState(data["state"]),
+            retired=frozenset(ip_address(a) for a in data.get("retired", [])),
         )
 
 
@@ -162,6 +178,7 @@ class HidTable:
     def __init__(self, sink: Sink | None = None) -> None:
         self._entries: dict[int, HostEntry] = {}
         self._by_addr: dict[IPAddress, int] = {}
+        self._by_retired: dict[IPAddress, int] = {}
         self._next_hid = 1
         self._sink: Sink = sink if sink is not None else (lambda change: None)
 
@@ -185,6 +202,11 @@ class HidTable:
         hid = self._by_addr.get(addr)
         return None if hid is None else self._entries[hid]
 
+    def lookup_retired(self, addr: IPAddress) -> HostEntry | None:
+        """The entry that retired ``addr`` (see the module doc), O(1)."""
+        hid = self._by_retired.get(addr)
+        return None if hid is None else self._entries[hid]
+
     def snapshot(self) -> list[HostSnapshot]:
         return [e.snapshot() for e in self._entries.values()]
 
@@ -198,6 +220,8 @@ class HidTable:
             self._check_free(addr, None)
         reason = trigger.value
         entry = HostEntry(hid=self._next_hid, active=addrs, state=INITIAL[trigger])
+        for addr in addrs:
+            self._unretire(addr, entry.hid)
         self._next_hid += 1
         self._entries[entry.hid] = entry
         for addr in addrs:
@@ -222,10 +246,13 @@ class HidTable:
             local=list(host.local),
             key=host.key,
             state=host.state,
+            retired={a for a in host.retired if a not in self._by_retired},
         )
         self._entries[entry.hid] = entry
         for addr in entry.addresses():
             self._by_addr[addr] = entry.hid
+        for addr in entry.retired:
+            self._by_retired[addr] = entry.hid
         self._next_hid = max(self._next_hid, entry.hid + 1)
         self._sink(HostChanged(ChangeKind.CREATED, entry.hid, None, entry.snapshot(), reason))
         return entry
@@ -237,6 +264,8 @@ class HidTable:
             return
         for addr in entry.addresses():
             self._by_addr.pop(addr, None)
+        for addr in entry.retired:
+            self._by_retired.pop(addr, None)
         self._sink(HostChanged(ChangeKind.REMOVED, hid, entry.snapshot(), None, reason))
 
     def add_active(
@@ -260,6 +289,7 @@ class HidTable:
             else:
                 entry.active.append(addr)
             self._by_addr[addr] = hid
+            self._unretire(addr, hid)
         return True
 
     def mark_unreachable(self, hid: int, addr: IPAddress, *, reason: str = "") -> bool:
@@ -273,10 +303,14 @@ class HidTable:
                 entry.active.remove(addr)
             entry.unreachable.add(addr)
             self._by_addr[addr] = hid
+            self._unretire(addr, hid)
         return True
 
-    def remove_address(self, hid: int, addr: IPAddress, *, reason: str = "") -> bool:
-        """The remote host no longer owns ``addr``: drop it from both remote sets."""
+    def remove_address(
+        self, hid: int, addr: IPAddress, *, retire: bool = False, reason: str = ""
+    ) -> bool:
+        """The remote host no longer owns ``addr``: drop it from both remote sets;
+        with ``retire``, the host itself withdrew it: keep it as retired."""
         entry = self._entries[hid]
         if addr not in entry.active and addr not in entry.unreachable:
             return False
@@ -285,6 +319,9 @@ class HidTable:
                 entry.active.remove(addr)
             entry.unreachable.discard(addr)
             self._by_addr.pop(addr, None)
+            if retire:
+                entry.retired.add(addr)
+                self._by_retired[addr] = hid
         return True
 
     def add_local(
@@ -339,6 +376,21 @@ class HidTable:
         return True
 
     # -- helpers -------------------------------------------------------------------
+
+    def _unretire(self, addr: IPAddress, hid: int) -> None:
+        """``addr`` is in use again (by ``hid``): no host has it as a retired address.
+
+        Called inside ``hid``'s own update; another host's is a change of its own.
+        """
+        owner = self._by_retired.pop(addr, None)
+        if owner is None:
+            return
+        other = self._entries[owner]
+        if owner == hid:
+            other.retired.discard(addr)
+            return
+        with self._updating(other, f"address taken by HID {hid}"):
+            other.retired.discard(addr)
 
     def _check_free(self, addr: IPAddress, hid: int | None) -> None:
         owner = self._by_addr.get(addr)

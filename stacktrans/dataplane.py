@@ -100,7 +100,7 @@ class Dataplane:
         return self._translations.get(hid)
 
     def host_of(self, locator: IPAddress) -> int | None:
-        """The HID whose host has ``locator`` (active or unreachable), if any."""
+        """The HID whose host's packets may come from ``locator``, if any."""
         return self._by_locator.get(locator)
 
     def ghosts_needed(self) -> set[IPAddress]:
@@ -128,12 +128,12 @@ class Dataplane:
     def _learn(self, host: HostSnapshot) -> None:
         self._forget(host.hid)
         self._hosts[host.hid] = host
-        for addr in host.active + tuple(host.unreachable):
+        for addr in host.sources():
             self._by_locator[addr] = host.hid
 
     def _forget(self, hid: int) -> None:
         host = self._hosts.pop(hid, None)
-        for addr in host.active + tuple(host.unreachable) if host else ():
+        for addr in host.sources() if host else ():
             if self._by_locator.get(addr) == hid:
                 del self._by_locator[addr]
 
@@ -149,6 +149,8 @@ class Dataplane:
         if entry is not None:
             entry.last_seen = now
             return entry
+        if key in self._dead:
+            return None  # its host is gone: the kernel rejects it, nothing brings it back
         if not (usable(key.remote) and usable(key.local)) or key.remote == key.local:
             return None
         hid = self._hid_for(key.remote, key.local, now)

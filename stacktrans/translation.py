@@ -22,7 +22,8 @@ class HidTranslation:
     remote: dict[IPAddress, IPAddress] = field(default_factory=dict)
     # (local identifier, remote identifier) -> the local locator to send from instead.
     local: dict[tuple[IPAddress, IPAddress], IPAddress] = field(default_factory=dict)
-    # Every address of the remote host: inbound packets from them belong to this HID.
+    # Every address the remote host's packets may come from (its retired ones too:
+    # packets in flight across its handoff): they belong to this HID.
     locators: frozenset[IPAddress] = frozenset()
 
     def outbound(self, lid: IPAddress, rid: IPAddress) -> tuple[IPAddress | None, IPAddress | None]:
@@ -46,7 +47,7 @@ def compute(
     this host, or the peer never verified it). Legacy and NAT-forced hosts are
     never rewritten: there is nobody to agree the addresses with.
     """
-    locators = frozenset(entry.active) | frozenset(entry.unreachable)
+    locators = entry.sources()
     if entry.state in (HidState.LEGACY, HidState.NAT_FORCED):
         return HidTranslation(entry.hid, locators=locators)
     remote: dict[IPAddress, IPAddress] = {}

@@ -233,6 +233,7 @@ class FakeKernel:
         self._hids: dict[int, HidTranslation] = {}
         self.nft_text = NftText()
         self._nft = NftTable(self.nft_text, fast_path=fast_path, defer=lambda fn: None)
+        self._nft.installed = True  # its tables exist: only element commands concern us
 
     @property
     def maps(self) -> Maps:

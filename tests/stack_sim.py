@@ -96,6 +96,14 @@ class Node:
         """Whether a packet to ``addr`` is delivered here."""
         return addr in self.links
 
+    def can_send_from(self, src: IPAddress) -> bool:
+        """Whether a packet with source ``src`` leaves: from an address of a link, or
+        from another local address (a ghost on lo) when a link of its family gives
+        it a route, as Linux does (no source check on output)."""
+        if src in self.links:
+            return True
+        return self.is_local(src) and any(a.version == src.version for a in self.links)
+
     def egress(self, pkt: Pkt) -> Pkt | None:
         """What the kernel makes of a packet a socket sends; None: rejected."""
         return pkt
@@ -163,9 +171,7 @@ class StackHost(Host, Node):
         self.routes: dict[IPAddress, IPAddress] = {}  # identifier -> locator
         self.effects: list[tuple[float, Effects]] = []
         self.address_events: list[AddressEvent] = []  # what the monitor reported
-        self.detector = HandoffDetector(
-            handoff_window, self.is_ghost, self.links.values(), soft_immediate=True
-        )
+        self.detector = HandoffDetector(handoff_window, self.links.values(), soft_immediate=True)
         self.drain_events()
 
     # -- the daemon's pump and StackTrans' follow-up -----------------------------------
@@ -401,7 +407,7 @@ class StackNet(Net):
         wire = trace.wire = sender.egress(pkt)
         if wire is None:
             trace.outcome = "rejected"
-        elif wire.src not in sender.links:
+        elif not sender.can_send_from(wire.src):
             trace.outcome = "no-source"
         else:
             ok, seen = self.reaches(wire.src, wire.dst)

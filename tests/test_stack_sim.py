@@ -129,7 +129,7 @@ def test_hard_handoff_of_the_mh(mode: str, plan: Plan, gap: float, proto: int) -
     assert ch.entry_for(str(m2)).active == [m2]
     assert mh.entry_for(str(c1)).local == [m2]
     assert_maps(mh, maps_of(h_mh, [flow.key], locators=[c1], lloc={(m1, c1): m2}))
-    assert_maps(ch, maps_of(h_ch, [flow.server_key], locators=[m2], rloc={m1: m2}))
+    assert_maps(ch, maps_of(h_ch, [flow.server_key], locators=[m2, m1], rloc={m1: m2}))
     assert [e.key for e in ch.dataplane.sockets] == [flow.server_key]  # identifiers kept
     assert mh.ghosts == {m1} and ch.ghosts == set()
     assert ch.routes == {m1: m2} and mh.routes == {}
@@ -167,7 +167,7 @@ def test_soft_handoff_of_the_mh(mode: str) -> None:
     assert mh.address_events == [Added(m2_if), Removed(m1_if)]
     assert ch.entry_for(str(m2)).active == [m2]
     assert_maps(mh, maps_of(h_mh, [flow.key], locators=[c1], lloc={(m1, c1): m2}))
-    assert_maps(ch, maps_of(h_ch, [flow.server_key], locators=[m2], rloc={m1: m2}))
+    assert_maps(ch, maps_of(h_ch, [flow.server_key], locators=[m2, m1], rloc={m1: m2}))
     assert mh.ghosts == {m1}
     # The ADDR_UP moved nothing; the removal of m1 moved both ends.
     assert mh.moved() == [(moved_at, {h_mh})]
@@ -189,12 +189,12 @@ def test_flow_opened_by_the_ch_then_the_mh_moves(mode: str, plan: Plan, proto: i
     net.run(5)
     net.exchange(flow, "after")
     assert_maps(mh, maps_of(h_mh, [flow.server_key], locators=[c1], lloc={(m1, c1): m2}))
-    assert_maps(ch, maps_of(h_ch, [flow.key], locators=[m2], rloc={m1: m2}))
+    assert_maps(ch, maps_of(h_ch, [flow.key], locators=[m2, m1], rloc={m1: m2}))
     assert mh.ghosts == {m1} and ch.routes == {m1: m2}
     assert mh.moved() == [(moved_at, {h_mh})] and ch.moved() == [(moved_at, {h_ch})]
     net.close(flow)
     assert_maps(mh, maps_of(h_mh, [], locators=[c1]))
-    assert_maps(ch, maps_of(h_ch, [], locators=[m2]))
+    assert_maps(ch, maps_of(h_ch, [], locators=[m2, m1]))
     assert mh.ghosts == set() and ch.routes == {}
     net.assert_clean()
     no_rejections(ch, mh)
@@ -213,7 +213,7 @@ def test_two_identifiers_of_one_host(mode: str) -> None:
     net.exchange(s1, "s1")
     net.exchange(s2, "s2")
     assert {e.hid for e in ch.dataplane.sockets} == {h_ch}
-    assert_maps(ch, maps_of(h_ch, [s1.key, s2.key], locators=[m2], rloc={m1: m2}))
+    assert_maps(ch, maps_of(h_ch, [s1.key, s2.key], locators=[m2, m1], rloc={m1: m2}))
     assert_maps(
         mh, maps_of(h_mh, [s1.server_key, s2.server_key], locators=[c1], lloc={(m1, c1): m2})
     )
@@ -221,13 +221,6 @@ def test_two_identifiers_of_one_host(mode: str) -> None:
     no_rejections(ch, mh)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="dime/daemon.py gives the address monitor ignore=_is_ghost: m1 coming back "
-    "while its ghost is on lo is never reported, so IHMP and StackTrans never learn it; "
-    "the CH keeps sending to m2, and when the window ends m2's removal leaves the "
-    "engine with no address at all (the peer is dropped after the grace period)",
-)
 def test_the_mh_returns_to_its_first_address(mode: str) -> None:
     """m1 -> m2 -> m1: back home, the identifier is the locator again, nothing is
     rewritten any more and the ghost of m1 leaves lo."""
@@ -245,7 +238,8 @@ def test_the_mh_returns_to_its_first_address(mode: str) -> None:
     assert ch.entry_for(str(m1)).active == [m1]
     assert mh.entry_for(str(c1)).local == [m1]
     assert_maps(mh, maps_of(h_mh, [flow.key], locators=[c1]))
-    assert_maps(ch, maps_of(h_ch, [flow.server_key], locators=[m1]))
+    # m2, withdrawn, still identifies the MH (a packet in flight from it).
+    assert_maps(ch, maps_of(h_ch, [flow.server_key], locators=[m1, b.m2]))
     assert mh.ghosts == set() and ch.routes == {}
     assert mh.moved() == [(away, {h_mh}), (back, {h_mh})]
     assert ch.moved() == [(away, {h_ch}), (back, {h_ch})]
@@ -266,7 +260,7 @@ def test_flow_adopted_at_dime_up_survives_a_handoff(mode: str) -> None:
     net.run(5)
     net.exchange(flow, "after")
     assert_maps(mh, maps_of(h_mh, [flow.key], locators=[c1], lloc={(m1, c1): m2}))
-    assert_maps(ch, maps_of(h_ch, [flow.server_key], locators=[m2], rloc={m1: m2}))
+    assert_maps(ch, maps_of(h_ch, [flow.server_key], locators=[m2, m1], rloc={m1: m2}))
     if mode == "nft":
         assert mh.queued == ch.queued == 0  # the kernel maps did it all
     adopted = mh.dataplane.sockets.get(flow.key)
@@ -309,11 +303,11 @@ def both_move(mode: str) -> StackNet:
     assert ch.entry_for(str(m2)).local == [c2]
     assert_maps(
         mh,
-        maps_of(h_mh, [flow.key], locators=[c2], rloc={c1: c2}, lloc={(m1, c1): m2}),
+        maps_of(h_mh, [flow.key], locators=[c2, c1], rloc={c1: c2}, lloc={(m1, c1): m2}),
     )
     assert_maps(
         ch,
-        maps_of(h_ch, [flow.server_key], locators=[m2], rloc={m1: m2}, lloc={(c1, m1): c2}),
+        maps_of(h_ch, [flow.server_key], locators=[m2, m1], rloc={m1: m2}, lloc={(c1, m1): c2}),
     )
     assert mh.ghosts == {m1} and ch.ghosts == {c1}
     assert mh.routes == {c1: c2} and ch.routes == {m1: m2}
@@ -322,6 +316,38 @@ def both_move(mode: str) -> StackNet:
     net.assert_clean(flow)
     no_rejections(ch, mh)
     return net
+
+
+def test_packets_from_the_old_address_in_flight_across_a_handoff(mode: str) -> None:
+    """Both move: the MH, then the CH. Until the MH's ACK of the CH's HANDOFF arrives,
+    the CH's packets still leave from its old address (now a ghost): the MH, which has
+    already applied the HANDOFF, must restore them for the flow's socket, not answer
+    them with a reset (seen on the real kernel: tests/test_e2e_netns.py)."""
+    b = bed(mode)
+    net, ch, mh, m1, c1, c2 = b.net, b.ch, b.mh, b.m1, b.c1, b.c2
+    flow = net.connect(mh, ch, TCP, m1, 40000, c1, 5001)
+    established(b, flow)
+    b.hard_handoff(mh, V4.m1, V4.m2, gap=0)
+    net.run(2)
+    net.exchange(flow, "MH moved")
+    net.hold = True  # IHMP datagrams wait in the network
+    b.hard_handoff(ch, V4.c1, V4.c2, gap=0)
+    handoff = [(h, d) for h, d in net.held if h is ch]
+    net.held.clear()
+    for host, dgram in handoff:
+        net.deliver(host, dgram)  # the MH applies it; its ACK is held
+    net.flush()
+    assert mh.entry_for(str(c2)).addresses() == {c2}
+    trace = net.send(flow, from_client=False)
+    assert trace.wire is not None and trace.wire.src == c1  # still the ghost
+    assert trace.outcome == "delivered" and trace.socket == flow.key
+    net.hold = False
+    for host, dgram in net.held:
+        net.deliver(host, dgram)
+    net.held.clear()
+    net.run(2)
+    net.exchange(flow, "after the ACK")
+    net.assert_clean(flow)
 
 
 def test_both_modes_put_the_same_packets_on_the_wire() -> None:
@@ -366,14 +392,15 @@ def test_peer_without_dime_is_never_rewritten(mode: str) -> None:
     assert_maps(ch, maps_of(hid, [flow.key], locators=[m1]))
 
     # Nobody to agree a rewrite with: when the CH moves, its flow keeps its identifier
-    # on the wire (and dies), and no IHMP message goes to the MH.
+    # on the wire (the ghost is still a local address, so it leaves; the answers to it
+    # are lost: the flow dies), and no IHMP message goes to the MH.
     net.detach(ch, V4.c1.host_cidr())
     net.attach(ch, V4.c2.host_cidr())
     net.run(5)
     assert net.sent_to(str(m1)) == hellos
     assert_maps(ch, maps_of(hid, [flow.key], locators=[m1]))
     assert ch.ghosts == {c1}
-    assert net.send(flow).outcome == "no-source"
+    assert net.send(flow).outcome == "delivered"
     assert net.send(flow, from_client=False).outcome == "lost"
     assert ch.moved() == []
     net.assert_clean(flow)
@@ -411,16 +438,7 @@ def test_peer_lost_for_good_fails_its_flows(mode: str, proto: int) -> None:
     b.net.assert_clean(flow)
 
 
-REVIVES = pytest.mark.xfail(
-    strict=True,
-    reason="nfqueue mode: UserspacePath hands the unknown flow to Dataplane.flow_seen, "
-    "which does not look at its dead flows: the flow is learned again and IHMP "
-    "re-creates the lost host (HELLOs from an address the host no longer has, "
-    "then legacy for legacy_hold_down)",
-)
-
-
-@pytest.mark.parametrize("mode", ["nft", pytest.param("nfqueue", marks=REVIVES)])
+@pytest.mark.parametrize("mode", ["nft", "nfqueue"])
 @pytest.mark.parametrize("proto", [TCP, UDP], ids=["tcp", "udp"])
 def test_next_packet_of_a_dead_flow_changes_nothing(mode: str, proto: int) -> None:
     """The rejected packet neither brings the flow back nor the host it lost; the
@@ -453,7 +471,7 @@ def test_strict_mode_with_keys_configured_beforehand(mode: str) -> None:
     b.hard_handoff(mh, V4.m1, V4.m2, gap=0.5)
     net.run(5)
     net.exchange(flow, "after")
-    assert_maps(ch, maps_of(h_ch, [flow.server_key], locators=[m2], rloc={m1: m2}))
+    assert_maps(ch, maps_of(h_ch, [flow.server_key], locators=[m2, m1], rloc={m1: m2}))
     assert_maps(mh, maps_of(h_mh, [flow.key], locators=[c1], lloc={(m1, c1): m2}))
     net.assert_clean(flow)
     no_rejections(ch, mh)

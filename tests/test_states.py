@@ -43,3 +43,21 @@ def test_the_table_changes_state_only_through_transitions() -> None:
         (ChangeKind.CREATED, "HELLO sent"),
         (ChangeKind.STATE, "ACK of HELLO"),
     ]
+
+
+def test_a_retired_address_taken_by_another_host_leaves_the_first() -> None:
+    changes: list[HostChanged] = []
+    table = HidTable(changes.append)
+    old, new = A("192.0.2.1"), A("192.0.2.2")
+    first = table.create([old], Trigger.HELLO_SENT)
+    table.add_active(first.hid, new, prefer=True)
+    table.remove_address(first.hid, old, retire=True)
+    assert table.lookup(old) is None and table.lookup_retired(old) is first
+    assert changes[-1].after is not None and changes[-1].after.sources() == {old, new}
+    # Another host is at that address now (a flow to it, say).
+    second = table.create([old], Trigger.HELLO_SENT)
+    assert table.lookup(old) is second and table.lookup_retired(old) is None
+    assert first.retired == set()
+    # The first host's change came out as an event too, before the second's creation.
+    assert [c.kind for c in changes[-2:]] == [ChangeKind.UPDATED, ChangeKind.CREATED]
+    assert changes[-2].after is not None and changes[-2].after.retired == frozenset()
