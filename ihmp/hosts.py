@@ -90,6 +90,19 @@ class HostEntry:
         """Every remote address of this host (active and unreachable)."""
         return set(self.active) | self.unreachable
 
+    @classmethod
+    def of(cls, snapshot: HostSnapshot) -> HostEntry:
+        """A mutable entry holding what ``snapshot`` holds."""
+        return cls(
+            hid=snapshot.hid,
+            active=list(snapshot.active),
+            unreachable=set(snapshot.unreachable),
+            local=list(snapshot.local),
+            key=snapshot.key,
+            state=snapshot.state,
+            retired=set(snapshot.retired),
+        )
+
     def snapshot(self) -> HostSnapshot:
         """An immutable copy, safe to hand to StackTrans and the status output."""
         return HostSnapshot(
@@ -239,15 +252,8 @@ class HidTable:
             raise HidTableError(f"HID {host.hid} exists")
         for addr in host.addresses():
             self._check_free(addr, None)
-        entry = HostEntry(
-            hid=host.hid,
-            active=list(host.active),
-            unreachable=set(host.unreachable),
-            local=list(host.local),
-            key=host.key,
-            state=host.state,
-            retired={a for a in host.retired if a not in self._by_retired},
-        )
+        entry = HostEntry.of(host)
+        entry.retired -= set(self._by_retired)  # another host's since
         self._entries[entry.hid] = entry
         for addr in entry.addresses():
             self._by_addr[addr] = entry.hid

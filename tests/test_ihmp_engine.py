@@ -16,7 +16,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from ihmp import events as ev
-from ihmp.engine import MAX_LOCAL_RETRIES, EngineConfig, seq_newer
+from ihmp.engine import MAX_LOCAL_RETRIES, Datagram, EngineConfig, seq_newer
 from ihmp.hosts import HidState
 from ihmp.keys import TrustStore
 from ihmp.wire import Flags, MessageType, NatMapping, decode, encode, public_key_bytes, verify
@@ -641,9 +641,8 @@ def test_going_back_to_an_address_we_had_before() -> None:
     assert_events_mirror_table(b)
 
 
-def test_simultaneous_hellos_make_one_exchange() -> None:
-    """Both ends see the flow's first packet and say HELLO: the tie-break keeps one."""
-    net = Net()
+def crossing_hellos(net: Net) -> tuple[Host, Host, list[tuple[Host, Datagram]]]:
+    """A and B both say HELLO before either hears the other's: the two HELLOs, held."""
     a, b = pair(net)
     net.hold = True
     a.connect(B1, 0)
@@ -652,6 +651,13 @@ def test_simultaneous_hellos_make_one_exchange() -> None:
     held = list(net.held)
     net.held.clear()
     net.hold = False
+    return a, b, held
+
+
+def test_simultaneous_hellos_make_one_exchange() -> None:
+    """Both ends see the flow's first packet and say HELLO: the tie-break keeps one."""
+    net = Net()
+    a, b, held = crossing_hellos(net)
     for host, dgram in held:  # the two HELLOs cross in the network
         net.deliver(host, dgram)
     net.run(30)
@@ -667,14 +673,8 @@ def test_an_unanswered_hello_never_demotes_a_peer_that_answered() -> None:
     """B's HELLO crossed A's and is lost; A moves before B retransmits it: B's HELLO
     goes unanswered, yet A is established and must stay so."""
     net = Net()
-    a, b = pair(net)
-    net.hold = True
-    a.connect(B1, 0)
-    b.connect(A1, 0)
-    net.flush()
-    from_a = [(h, d) for h, d in net.held if h is a]
-    net.held.clear()
-    net.hold = False
+    a, b, held = crossing_hellos(net)
+    from_a = [(h, d) for h, d in held if h is a]
     for host, dgram in from_a:  # B's HELLO is lost
         net.deliver(host, dgram)
     net.flush()  # B's ACK: A's exchange is done, B's HELLO is still pending
