@@ -1,0 +1,366 @@
+"""A mobile host's everyday life, on the real kernel: `dime up` in the MH and the CH
+of the Fig. 7 testbed, traffic both ways, and what a laptop does all day.
+
+* the same two networks again and again (home -> office -> home: the MH gets back
+  an address it had, whose ghost is still on lo), with hard and with soft handoffs;
+* the daemon killed (`kill -9`) and started again, on either host, and a handoff
+  while it is down;
+* a control path that loses 30 % of IHMP datagrams (nft `numgen` on the router);
+* the address the MH left, given to another host on the same link: no ARP fight.
+
+Each scenario carries a paced TCP transfer each way (SHA-256 checked, no reset
+anywhere) and a UDP request/response stream that must be answered after the last
+move. Stall times (no data at a receiver around a move) are printed (``-s``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from subprocess import Popen
+from typing import Any
+
+import pytest
+
+from testbed.fig7 import V4, Fig7, Subnet
+from testbed.netns import Namespace, topology
+from testbed.runner import Dime
+from tests.netns_util import (
+    XFER,
+    add_rst_counter,
+    check_transfer,
+    py,
+    result,
+    rst_count,
+    tcp_transfer,
+    wait_for,
+)
+
+pytestmark = pytest.mark.netns
+
+RATE = 4.0  # Mbit/s each way: light on the CPUs, enough to see every stall
+SLOT = 0.1  # s: the receivers' timeline resolution
+
+
+@dataclass
+class Traffic:
+    """A TCP transfer each way and a UDP request/response stream MH -> CH."""
+
+    up: tuple[Popen[bytes], Popen[bytes]]  # (server at the CH, client at the MH)
+    down: tuple[Popen[bytes], Popen[bytes]]  # (server at the MH, client at the CH)
+    udp: tuple[Popen[bytes], Popen[bytes]]  # (echo at the CH, client at the MH)
+    nbytes: int
+    started: float = field(default_factory=time.time)
+
+
+@dataclass
+class Bed:
+    fig: Fig7
+    tmp: Path
+    daemons: dict[str, Dime] = field(default_factory=dict)
+    moves: list[tuple[float, str]] = field(default_factory=list)  # (wall clock, what)
+
+    @property
+    def ch(self) -> Namespace:
+        return self.fig.ch
+
+    @property
+    def mh(self) -> Namespace:
+        return self.fig.mh
+
+    def dime(self, name: str) -> Dime:
+        if name not in self.daemons:
+            self.daemons[name] = Dime.in_dir(getattr(self.fig, name), self.tmp, name)
+        return self.daemons[name]
+
+    def up(self, *names: str) -> None:
+        for name in names:
+            self.dime(name).up("-v")
+
+    def logs(self) -> str:
+        return "\n".join(d.log_tail(60) for d in self.daemons.values())
+
+    # -- moves ---------------------------------------------------------------------------
+
+    def hard(self, old: tuple[str, Subnet], new: tuple[str, Subnet], gap: float = 0.5) -> None:
+        """The MH loses ``old`` (address and link); ``gap`` s later it is on ``new``."""
+        self.fig.detach(self.mh, *old)
+        time.sleep(gap)
+        self.fig.attach(self.mh, *new)
+        self.moves.append((time.time(), f"hard {old[1].host} -> {new[1].host}"))
+
+    def soft(self, old: tuple[str, Subnet], new: tuple[str, Subnet], overlap: float) -> None:
+        """The MH gets ``new``; ``overlap`` s later it leaves ``old``."""
+        self.fig.attach(self.mh, *new)
+        time.sleep(overlap)
+        self.fig.detach(self.mh, *old)
+        self.moves.append((time.time(), f"soft {old[1].host} -> {new[1].host}"))
+
+    def wait_handed_off(self, old: str, new: str, timeout: float = 40) -> float:
+        """Until the CH has the MH at ``new`` only (seconds waited)."""
+        start = time.monotonic()
+        self.dime("ch").wait_status(
+            lambda st: any(h["active"] == [new] for h in st["hids"]),
+            timeout=timeout,
+            what=f"the MH at {new} only (it left {old})",
+        )
+        return time.monotonic() - start
+
+    # -- traffic -------------------------------------------------------------------------
+
+    def traffic(self, seconds: float) -> Traffic:
+        """Traffic for about ``seconds`` (the transfers end when their bytes are out)."""
+        p = self.fig.plan
+        nbytes = int(RATE * 1e6 / 8 * seconds)
+        up = tcp_transfer(self.mh, self.ch, p.c1.host, nbytes, RATE, port=5001, timeout=90)
+        down = tcp_transfer(self.ch, self.mh, p.m1.host, nbytes, RATE, port=5002, timeout=90)
+        echo = py(self.ch, XFER, "udp-echo", "--bind", p.c1.host, "--port", "5300",
+                  "--duration", str(seconds + 30))  # fmt: skip
+        wait_for(echo, "listening", 10)
+        client = py(self.mh, XFER, "udp-client", "--connect", p.c1.host, "--port", "5300",
+                    "--duration", str(seconds), "--interval", "0.05")  # fmt: skip
+        wait_for(client, "ready", 10)
+        return Traffic(up, down, (echo, client), nbytes)
+
+    def check(self, t: Traffic) -> dict[str, list[float]]:
+        """Every byte intact both ways, no reset, UDP answered after the last move;
+        the stalls of each direction around each move."""
+        namespaces = (self.ch, self.mh)
+        up = result(t.up[0], 120)  # the CH's receiving side (its timeline)
+        down = result(t.down[0], 120)
+        for name, (server, client), got in (("up", t.up, up), ("down", t.down, down)):
+            sent = result(client, 120)
+            assert sent["error"] is None, f"{name} sender: {sent['error']}\n{self.logs()}"
+            assert got["error"] is None, f"{name} receiver: {got['error']}\n{self.logs()}"
+            assert got["bytes"] == sent["bytes"] == t.nbytes, name
+            assert got["sha256"] == sent["sha256"], name
+            assert server.returncode == 0
+        for ns in namespaces:
+            assert rst_count(ns) == 0, f"TCP reset seen in {ns.name}\n{self.logs()}"
+        echo, client = t.udp
+        udp = result(client, 120)
+        result(echo, 120)
+        last_move = max((w for w, _ in self.moves), default=t.started) - t.started
+        late = [r for r in udp["reply_times"] if r > last_move + 2]
+        assert late, f"no UDP reply 2 s after the last move\n{self.logs()}"
+        return {"up": stalls(up, self.moves), "down": stalls(down, self.moves)}
+
+    def down_all(self) -> None:
+        for d in self.daemons.values():
+            d.down().check()
+
+
+def stalls(received: dict[str, Any], moves: list[tuple[float, str]]) -> list[float]:
+    """For each move, how long the receiver got nothing around it (s, 0.1 s slots)."""
+    timeline: list[int] = received["timeline"]
+    start: float = received["start"]
+    out = []
+    for when, _ in moves:
+        at = int((when - start) / SLOT)
+        if not 0 <= at < len(timeline):
+            continue
+        before = at
+        while before > 0 and timeline[before] == 0:
+            before -= 1
+        after = at
+        while after < len(timeline) and timeline[after] == 0:
+            after += 1
+        out.append(round(max(after - before - 1, 0) * SLOT, 1))
+    return out
+
+
+@contextlib.contextmanager
+def bed(tmp_path: Path, tag: str) -> Iterator[Bed]:
+    with topology(tag) as topo:
+        fig = Fig7.build(topo, V4)
+        for ns in (fig.ch, fig.mh):
+            add_rst_counter(ns)
+        b = Bed(fig, tmp_path)
+        try:
+            yield b
+        except BaseException:
+            print(b.logs())
+            raise
+        finally:
+            for d in b.daemons.values():
+                d.stop()
+
+
+def report(name: str, b: Bed, s: dict[str, list[float]]) -> None:
+    print(f"\n{name}: stalls per move (s), MH->CH {s['up']}, CH->MH {s['down']}")
+    for (when, what), up in zip(b.moves, s["up"], strict=False):
+        print(f"  {time.strftime('%H:%M:%S', time.localtime(when))} {what}: {up} s")
+
+
+M1, M2 = ("m1", V4.m1), ("m2", V4.m2)
+
+
+def test_ten_hard_handoffs_between_the_same_two_networks(tmp_path: Path) -> None:
+    """home -> office -> home ...: every return is to an address whose ghost is on lo."""
+    with bed(tmp_path, "hard10") as b:
+        b.up("ch", "mh")
+        t = b.traffic(30)
+        time.sleep(1)
+        here, there = M1, M2
+        for _ in range(10):
+            b.hard(here, there)
+            b.wait_handed_off(here[1].host, there[1].host)
+            time.sleep(0.5)
+            here, there = there, here
+        s = b.check(t)
+        report("ten hard handoffs", b, s)
+        # Back at m1 (ten moves): m1 is a locator again, nothing is rewritten.
+        st = b.dime("mh").status()
+        assert st["local_addresses"] == [V4.m1.host]
+        assert st["ghosts"] == []
+        b.down_all()
+
+
+def test_ten_soft_handoffs_between_the_same_two_networks(tmp_path: Path) -> None:
+    with bed(tmp_path, "soft10") as b:
+        b.up("ch", "mh")
+        t = b.traffic(30)
+        time.sleep(1)
+        here, there = M1, M2
+        for _ in range(10):
+            b.soft(here, there, overlap=0.5)
+            b.wait_handed_off(here[1].host, there[1].host)
+            time.sleep(0.5)
+            here, there = there, here
+        s = b.check(t)
+        report("ten soft handoffs", b, s)
+        b.down_all()
+
+
+def kill(d: Dime) -> None:
+    assert d.proc is not None
+    d.proc.kill()
+    d.proc.wait(timeout=10)
+
+
+@pytest.mark.parametrize("who", ["mh", "ch", "mh-moves-while-down"])
+def test_a_daemon_killed_and_started_again_resumes(tmp_path: Path, who: str) -> None:
+    """`kill -9` after a handoff (of the MH or of the CH), then `dime up` again: the
+    flows go on. Or the MH moves while its daemon is down: it catches up."""
+    with bed(tmp_path, f"restart{len(who)}") as b:
+        b.up("ch", "mh")
+        t = b.traffic(16)
+        time.sleep(1)
+        b.hard(M1, M2)
+        b.wait_handed_off(V4.m1.host, V4.m2.host)
+        victim = "ch" if who == "ch" else "mh"
+        kill(b.dime(victim))
+        if who == "mh-moves-while-down":
+            time.sleep(0.5)
+            b.hard(M2, M1)  # back home while no daemon runs on the MH
+        time.sleep(1)
+        b.dime(victim).up("-v")
+        log = b.dime(victim).log_text()
+        assert "taking over what an earlier dime left here" in log
+        assert "resuming 1 peers of the previous daemon" in log
+        if who == "mh-moves-while-down":
+            b.wait_handed_off(V4.m2.host, V4.m1.host)
+        time.sleep(2)
+        s = b.check(t)
+        report(f"restart ({who})", b, s)
+        # One HID each side: the restarted end kept its peer, nobody made a second one.
+        for name in ("ch", "mh"):
+            hids = b.dime(name).status()["hids"]
+            assert len(hids) == 1 and hids[0]["state"] == "established", hids
+        b.down_all()
+
+
+LOSSY = """
+table inet lossy {
+  counter dropped { }
+  chain fwd {
+    type filter hook forward priority 0; policy accept;
+    udp dport 4731 numgen random mod 100 < 30 counter name dropped drop
+    udp sport 4731 numgen random mod 100 < 30 counter name dropped drop
+  }
+}
+"""
+
+
+def test_handoffs_converge_with_thirty_percent_of_ihmp_lost(tmp_path: Path) -> None:
+    """The router drops 30 % of IHMP datagrams (both ways); the data path is fine.
+    Five handoffs, twice over (fresh daemons each time): every one converges."""
+    for run in range(2):
+        with bed(tmp_path / f"run{run}", f"loss{run}") as b:
+            b.fig.r.sh(f"nft -f - <<'EOF'\n{LOSSY}\nEOF")
+            b.up("ch", "mh")
+            t = b.traffic(40)
+            time.sleep(1)
+            here, there = M1, M2
+            waited = []
+            for _ in range(5):
+                b.hard(here, there)
+                waited.append(round(b.wait_handed_off(here[1].host, there[1].host, 60), 1))
+                time.sleep(0.5)
+                here, there = there, here
+            s = b.check(t)
+            listing = b.fig.r.run("nft", "-j", "list", "counter", "inet", "lossy", "dropped")
+            dropped = json.loads(listing)["nftables"][1]["counter"]["packets"]
+            print(f"\nrun {run}: {dropped} IHMP datagrams dropped; the CH had the new "
+                  f"address after {waited} s")  # fmt: skip
+            report(f"30 % IHMP loss, run {run}", b, s)
+            assert dropped > 0
+            b.down_all()
+
+
+def test_the_address_the_mh_left_is_not_fought_over(tmp_path: Path) -> None:
+    """The MH is renumbered on its link (DHCP gives it another address) while a flow
+    is bound to the old one (a ghost now); another host gets the old address. The
+    router's ARP for it must reach only the new owner: its pings go there, and the
+    MH answers no ARP for it (a count on the MH)."""
+    with topology("arp") as topo:
+        r, mh, other = topo.add_ns("r"), topo.add_ns("mh"), topo.add_ns("other")
+        topo.link(mh, "eth0", r, "p1")
+        topo.link(other, "eth0", r, "p2")
+        topo.bridge(r, "lan", ["p1", "p2"])
+        r.addr_add("lan", "198.51.100.254/24")
+        mh.addr_add("eth0", "198.51.100.2/24")
+        mh.ip("route", "add", "default", "via", "198.51.100.254")
+        ch = topo.add_ns("ch")
+        topo.link(ch, "eth0", r, "c1")
+        r.addr_add("c1", "192.0.2.126/25")
+        ch.addr_add("eth0", "192.0.2.1/25")
+        ch.ip("route", "add", "default", "via", "192.0.2.126")
+        r.run("sysctl", "-qw", "net.ipv4.ip_forward=1")
+        # ARP replies for the old address that leave the MH (after dime's own rules).
+        mh.sh("nft -f - <<'EOF'\ntable arp count { chain o {\n"
+              "  type filter hook output priority 10;\n"
+              "  arp operation reply arp saddr ip 198.51.100.2 counter } }\nEOF")  # fmt: skip
+        daemons = [Dime.in_dir(ns, tmp_path, name) for ns, name in ((ch, "ch"), (mh, "mh"))]
+        try:
+            for d in daemons:
+                d.up("-v")
+            server, client = tcp_transfer(mh, ch, "192.0.2.1", 4_000_000, RATE, timeout=60)
+            time.sleep(1)
+            # Renumbered on the same link: the new address first, then the old goes.
+            mh.addr_add("eth0", "198.51.100.3/24")
+            mh.addr_del("eth0", "198.51.100.2/24")
+            mh.ip("route", "replace", "default", "via", "198.51.100.254")
+            daemons[0].wait_status(lambda st: any(h["active"] == ["198.51.100.3"]
+                                                  for h in st["hids"]), timeout=20)  # fmt: skip
+            assert "198.51.100.2" in mh.run("ip", "-o", "addr", "show", "dev", "lo")
+            # The old address goes to another host on the same link.
+            other.addr_add("eth0", "198.51.100.2/24")
+            r.run("ip", "neigh", "flush", "dev", "lan")
+            pings = r.run("ping", "-c", "5", "-i", "0.2", "-W", "1", "198.51.100.2", check=False)
+            assert " 0% packet loss" in pings, pings
+            other_mac = other.run("cat", "/sys/class/net/eth0/address").strip()
+            neigh = r.run("ip", "neigh", "show", "198.51.100.2", "dev", "lan")
+            assert other_mac in neigh, (neigh, other_mac)
+            replies = mh.run("nft", "list", "table", "arp", "count")
+            assert "packets 0 bytes 0" in replies, replies
+            check_transfer((ch, mh), server, client, 4_000_000)
+            for d in daemons:
+                d.down().check()
+        finally:
+            for d in daemons:
+                d.stop()
