@@ -9,8 +9,12 @@ and the MH, and sends a paced TCP stream MH -> CH. At a third of the transfer th
 loses its address (and link); ``--gap`` seconds later it comes up on the other
 subnet with a new address. The demo prints the rate arriving at the CH as it goes,
 the daemons' IHMP events, and a verdict: did the connection survive, are the bytes
-intact (SHA-256), how long was the receiver without data after the new address came
-up, what was the goodput. Exit status 0 when everything held, 1 otherwise.
+intact (SHA-256), what was the handoff gap (from the new address up to the first
+100 ms with data at the CH, as :mod:`testbed.handoff_gap` defines it for the goodput
+experiment too), what was the goodput. Exit status 0 when everything held, 1 otherwise.
+
+The daemons run through :mod:`testbed.runner`, which also checks that ``dime down``
+left no rules, queues or ghost addresses behind.
 
 Nothing runs in the machine's own namespace: both daemons run inside the demo's
 namespaces, and every namespace is deleted on exit, also on errors and Ctrl-C.
@@ -37,14 +41,15 @@ from pathlib import Path
 from typing import Any
 
 from testbed.fig7 import V4, V6, Fig7, Plan
+from testbed.handoff_gap import Gap, RxSampler, handoff_gap
 from testbed.netns import CommandError, Namespace, topology
 from testbed.netns import read_line as pipe_line
+from testbed.runner import Dime, DimeError, Status, down_all, stop_all, up_all
 
 ROOT = Path(__file__).resolve().parent.parent
 XFER = str(ROOT / "testbed" / "xfer.py")
 PORT = 5001
 TICK = 0.2  # s between two live rate lines
-READY_TIMEOUT = 20.0
 BAR_WIDTH = 30
 
 # Counts TCP resets sent and received by a host (its own table, in the demo's
@@ -63,17 +68,6 @@ class DemoError(RuntimeError):
     """The demo cannot go on; the message says why (with log lines where useful)."""
 
 
-def dime_command() -> list[str]:
-    """The ``dime`` of this Python environment (the venv's), else the one on PATH."""
-    here = Path(sys.executable).with_name("dime")
-    if here.exists():
-        return [str(here)]
-    found = shutil.which("dime")
-    if found:
-        return [found]
-    return [sys.executable, "-m", "dime.cli"]
-
-
 def say(text: str = "") -> None:
     print(text, flush=True)
 
@@ -82,68 +76,16 @@ def say(text: str = "") -> None:
 
 
 @dataclass
-class Daemon:
-    """``dime up`` running inside one namespace, logging to a file."""
+class LogFollower:
+    """The complete lines a daemon's log gained since the last call."""
 
-    name: str
-    ns: Namespace
-    state_dir: Path
-    log: Path
-    dime: list[str]
-    proc: subprocess.Popen[bytes] | None = None
+    path: Path
     _offset: int = 0
     _partial: str = ""
 
-    def cmd(self, *args: str) -> list[str]:
-        return ["env", f"DIME_STATE_DIR={self.state_dir}", *self.dime, *args]
-
-    def start(self, dataplane: str) -> None:
-        with self.log.open("wb") as out:
-            self.proc = self.ns.popen(
-                *self.cmd("up", "-v", "--dataplane", dataplane),
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # Ctrl-C is the demo's to handle, not the daemon's
-            )
-
-    def status(self) -> dict[str, Any] | None:
-        """``dime status --json``, or None while the daemon does not answer."""
+    def new_lines(self) -> list[str]:
         try:
-            out = self.ns.run(*self.cmd("status", "--json"), check=False, timeout=10)
-        except subprocess.TimeoutExpired:
-            return None
-        if not out.lstrip().startswith("{"):
-            return None
-        return dict(json.loads(out))
-
-    def wait_ready(self, deadline: float) -> dict[str, Any]:
-        assert self.proc is not None
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise DemoError(
-                    f"dime up in the {self.name} exited with status {self.proc.returncode}:\n"
-                    + self.tail()
-                )
-            st = self.status()
-            if st is not None:
-                return st
-            time.sleep(0.1)
-        raise DemoError(
-            f"dime up in the {self.name} not ready after {READY_TIMEOUT:.0f} s:\n" + self.tail()
-        )
-
-    def tail(self, n: int = 25) -> str:
-        try:
-            lines = self.log.read_text(errors="replace").splitlines()[-n:]
-        except OSError:
-            lines = []
-        return "\n".join(f"    {self.name}| {line}" for line in lines) or "    (empty log)"
-
-    def new_log_lines(self) -> list[str]:
-        """Complete lines the daemon logged since the last call."""
-        try:
-            with self.log.open("rb") as f:
+            with self.path.open("rb") as f:
                 f.seek(self._offset)
                 data = f.read()
         except OSError:
@@ -152,22 +94,6 @@ class Daemon:
         text = self._partial + data.decode(errors="replace")
         *lines, self._partial = text.split("\n")
         return lines
-
-    def down(self, timeout: float = 30) -> tuple[bool, str]:
-        """``dime down`` in the namespace; (stopped, what it said)."""
-        if self.proc is None:
-            return True, "not started"
-        try:
-            out = self.ns.run(*self.cmd("down"), check=False, timeout=timeout + 5).strip()
-        except subprocess.TimeoutExpired:
-            out = "dime down timed out"
-        try:
-            code = self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            return False, f"{out}; the daemon did not exit, killed"
-        return code == 0, f"{out} (exit status {code})"
 
 
 # IHMP and HID table lines from the daemons' logs worth showing live.
@@ -197,17 +123,22 @@ def log_event(line: str) -> tuple[float, str] | None:
 
 @dataclass
 class Handoff:
-    """The MH's hard handoff and what the daemons said about it, filled in by a thread."""
+    """The MH's hard handoff and what the daemons said about it, filled in by a thread.
+
+    Instants are kept in both clocks: the wall clock orders them with the daemons'
+    log lines, the monotonic one with the CH's received-bytes samples."""
 
     fig: Fig7
     gap: float
-    ch: Daemon
-    mh: Daemon
+    ch: Dime
+    mh: Dime
     down_at: float | None = None  # wall clock: old address gone
     up_at: float | None = None  # wall clock: new address and default route configured
+    down_mono: float | None = None  # the same two instants, monotonic
+    up_mono: float | None = None
     ch_switched_at: float | None = None  # wall clock: the CH's HID has the new address
-    ch_status: dict[str, Any] | None = None
-    mh_status: dict[str, Any] | None = None
+    ch_status: Status | None = None
+    mh_status: Status | None = None
     error: str | None = None
     notes: list[tuple[float, str]] = field(default_factory=list)  # (wall clock, text)
     done: threading.Event = field(default_factory=threading.Event)
@@ -216,22 +147,22 @@ class Handoff:
         p = self.fig.plan
         try:
             self.fig.detach(self.fig.mh, "m1", p.m1)
-            self.down_at = time.time()
+            self.down_at, self.down_mono = time.time(), time.monotonic()
             self.notes.append((self.down_at, f"MH: {p.m1.host} and its link m1 gone"))
             if self.gap:
                 time.sleep(self.gap)
             self.fig.attach(self.fig.mh, "m2", p.m2)
-            self.up_at = time.time()
+            self.up_at, self.up_mono = time.time(), time.monotonic()
             self.notes.append((self.up_at, f"MH: {p.m2.host} up on m2, default route via it"))
             deadline = time.monotonic() + 20
             while time.monotonic() < deadline:
-                st = self.ch.status()
+                st = self.ch.try_status(timeout=10)
                 if st and any(p.m2.host in h["active"] for h in st["hids"]):
                     self.ch_switched_at = time.time()
                     self.ch_status = st
                     break
                 time.sleep(0.2)
-            self.mh_status = self.mh.status()
+            self.mh_status = self.mh.try_status(timeout=10)
         except (CommandError, OSError, ValueError, subprocess.TimeoutExpired) as exc:
             self.error = f"{type(exc).__name__}: {exc}"
         finally:
@@ -281,13 +212,6 @@ def xfer_result(proc: subprocess.Popen[bytes], timeout: float) -> dict[str, Any]
     if not lines:
         return {"error": f"no result (stderr: {err.decode(errors='replace')[-500:].strip()})"}
     return dict(json.loads(lines[-1]))
-
-
-def rx_bytes(ns: Namespace, dev: str) -> int | None:
-    try:
-        return int(ns.run("cat", f"/sys/class/net/{dev}/statistics/rx_bytes", timeout=5))
-    except (CommandError, ValueError, subprocess.TimeoutExpired):
-        return None
 
 
 def rst_count(ns: Namespace) -> int:
@@ -341,11 +265,13 @@ class Demo:
         self.fig = fig
         self.plan: Plan = fig.plan
         self.tmp = tmp
-        dime = dime_command()
-        self.ch = Daemon("CH", fig.ch, tmp / "ch-state", tmp / "dime-ch.log", dime)
-        self.mh = Daemon("MH", fig.mh, tmp / "mh-state", tmp / "dime-mh.log", dime)
+        self.ch = Dime(fig.ch, tmp / "ch-state", tmp / "dime-ch.log", "CH")
+        self.mh = Dime(fig.mh, tmp / "mh-state", tmp / "dime-mh.log", "MH")
+        self.logs = {d.name: LogFollower(d.log) for d in (self.ch, self.mh)}
         self.outcome = Outcome()
         self.t0 = 0.0  # wall clock: the transfer's start
+        self.t0_mono = 0.0  # the same, monotonic (the received-bytes samples' clock)
+        self.sampler: RxSampler | None = None  # the CH's received bytes
         self._notes_shown = 0
         self._last_event: dict[str, str] = {}
 
@@ -357,7 +283,7 @@ class Demo:
         of the time it happened (the daemons' log time stamps)."""
         events: list[tuple[float, str]] = []
         for d in (self.ch, self.mh):
-            for line in d.new_log_lines():
+            for line in self.logs[d.name].new_lines():
                 ev = log_event(line)
                 if ev is None or self._last_event.get(d.name) == ev[1]:
                     continue  # e.g. one event reported twice by the engine
@@ -378,12 +304,10 @@ class Demo:
         )
         for ns in (self.fig.ch, self.fig.mh):
             ns.sh(f"nft -f - <<'EOF'\n{RST_COUNTER}\nEOF")
-        for d in (self.ch, self.mh):
-            d.start(self.args.dataplane)
-        deadline = time.monotonic() + READY_TIMEOUT
-        for d in (self.ch, self.mh):
-            st = d.wait_ready(deadline)
-            d.new_log_lines()  # start-up lines: in the log file, not on screen
+        daemons = [self.ch, self.mh]
+        for d, st in zip(daemons, up_all(daemons, "-v", "--dataplane", self.args.dataplane),
+                         strict=True):  # fmt: skip
+            self.logs[d.name].new_lines()  # start-up lines: in the log file, not on screen
             say(
                 f"dime up in the {d.name}: pid {st['pid']}, dataplane {st['dataplane']}, "
                 f"IHMP port {st['port']}, local {' '.join(st['local_addresses'])}"
@@ -400,7 +324,10 @@ class Demo:
             "--timeout", str(timeout),
         )  # fmt: skip
         wait_for(server, "listening", 10)
-        self.t0 = time.time()
+        # Read through the server's /proc entry: it is in the CH's namespace now.
+        self.sampler = sampler = RxSampler(server.pid, "c1")
+        sampler.start()
+        self.t0, self.t0_mono = time.time(), time.monotonic()
         client = xfer(
             self.fig.mh, "tcp-client", "--connect", p.c1.host, "--port", str(PORT),
             "--bytes", str(nbytes), "--rate", str(a.rate), "--timeout", str(timeout),
@@ -416,16 +343,13 @@ class Demo:
         thread = threading.Thread(target=handoff.run, name="handoff", daemon=True)
         handoff_at = time.monotonic() + a.duration / 3
         deadline = time.monotonic() + a.duration + a.gap + timeout + 30
-        last = rx_bytes(self.fig.ch, "c1")
         last_t = time.monotonic()
         while client.poll() is None or server.poll() is None:
             time.sleep(max(0.0, last_t + TICK - time.monotonic()))
-            now_bytes, now = rx_bytes(self.fig.ch, "c1"), time.monotonic()
+            now = last_t = time.monotonic()
             self.show_events(handoff)
-            if now_bytes is not None and last is not None:
-                rate = mbit(now_bytes - last, now - last_t)
-                say(f"  {self.stamp()}  {rate:6.1f} Mbit/s  {bar(rate, a.rate)}")
-            last, last_t = now_bytes, now
+            rate = sampler.rate_bps(TICK) / 1e6
+            say(f"  {self.stamp()}  {rate:6.1f} Mbit/s  {bar(rate, a.rate)}")
             if not thread.is_alive() and not handoff.done.is_set() and now >= handoff_at:
                 thread.start()
             if now > deadline:
@@ -437,14 +361,15 @@ class Demo:
             thread.join(timeout=30)
         self.show_events(handoff)
         sent, got = xfer_result(client, 10), xfer_result(server, 10)
+        sampler.stop()
         self.report_handoff(handoff)
         self.judge(sent, got, handoff, nbytes)
         self.stop_daemons()
         ok = self.print_verdict()
         if not ok:
             say("\nThe daemons' last log lines:")
-            say(self.ch.tail(40))
-            say(self.mh.tail(40))
+            say(self.ch.log_tail(40))
+            say(self.mh.log_tail(40))
         return ok
 
     def report_handoff(self, h: Handoff) -> None:
@@ -504,9 +429,8 @@ class Demo:
             ok=same,
         )
         timeline: list[int] = list(got.get("timeline") or [])
-        start = float(got.get("start") or 0)
-        if h.up_at is not None and h.down_at is not None and timeline:
-            o.add("handoff gap", *self.gap_text(timeline, start, h.down_at, h.up_at))
+        if h.up_mono is not None and h.down_mono is not None:
+            o.add("handoff gap", *self.gap_text(h, timeline, float(got.get("start") or 0)))
         secs = float(sent.get("seconds") or len(timeline) / 10)
         if got.get("bytes"):
             o.add(
@@ -516,61 +440,46 @@ class Demo:
                 " (the sender catches up after the gap)",
             )
 
-    @staticmethod
-    def gap_text(
-        timeline: list[int], start: float, down_at: float, up_at: float
-    ) -> tuple[str, str]:
-        """From the new address's configuration to the first 100 ms slot with data again.
+    def gap(self, h: Handoff) -> Gap:
+        """The handoff gap (:mod:`testbed.handoff_gap`) in the CH's received bytes."""
+        assert self.sampler is not None and h.up_mono is not None and h.down_mono is not None
+        samples = self.sampler.samples
+        end = samples[-1][0] if samples else h.up_mono
+        return handoff_gap(samples, h.up_mono, start=self.t0_mono, first_event=h.down_mono, end=end)
 
-        The receiver's timeline counts bytes per 100 ms since the connection. The stall
-        is the first empty slot from the old address's removal on; data is back at the
-        first non-empty slot after it.
-        """
-        no_addr = f"the MH had no address for {(up_at - down_at) * 1000:.0f} ms"
-        first = max(int((down_at - start) * 10), 0)
+    def gap_text(self, h: Handoff, timeline: list[int], start: float) -> tuple[str, str]:
+        """The gap and, for context, how long the receiving socket got no byte at all
+        (its timeline: bytes per 100 ms since ``start``, wall clock) and how long the MH
+        had no address."""
+        assert h.up_at is not None and h.down_at is not None
+        gap = self.gap(h).seconds
+        value = "never" if gap is None else f"{gap * 1000:.0f} ms"
+        first = max(int((h.down_at - start) * 10), 0)
         stall = next((i for i in range(first, len(timeline)) if timeline[i] == 0), None)
-        if stall is None or start + stall * 0.1 > up_at + 5:
-            return "0 ms", f"no 100 ms slot without data at the CH; {no_addr}"
-        back = next((i for i in range(stall, len(timeline)) if timeline[i] > 0), None)
-        if back is None:
-            return "∞", "data never came back"
-        gap_ms = (start + back * 0.1 - up_at) * 1000
-        return (
-            f"{gap_ms:.0f} ms" if gap_ms >= 0 else "< 100 ms",
-            "from the new address up to the first 100 ms with data at the CH\n"
-            f"the CH received nothing for {(back - stall) * 100} ms; {no_addr}",
+        back = next((i for i in range(stall or 0, len(timeline)) if timeline[i] > 0), None)
+        if stall is None:
+            silent = "no 100 ms without data at the CH"
+        elif back is None:
+            silent = "no data at the CH after the handoff"
+        else:
+            silent = f"the CH received nothing for {(back - stall) * 100} ms"
+        return value, (
+            "from the new address up to the middle of the first 100 ms with data at the CH\n"
+            "(at least half the rate before the handoff)\n"
+            f"{silent}; the MH had no address for {(h.up_at - h.down_at) * 1000:.0f} ms"
         )
 
     def stop_daemons(self) -> None:
-        stopped = []
-        for d in (self.ch, self.mh):
-            ok, text = d.down()
-            left = self.leftovers(d)
-            if left:
-                ok, text = False, f"{text}; left behind: {left}"
-            stopped.append((d.name, ok, text))
-            d.proc = None
-        all_ok = all(ok for _, ok, _ in stopped)
+        stopped = down_all([self.ch, self.mh])
+        all_ok = all(st.ok for st in stopped)
         self.outcome.add(
             "daemons stopped",
             "yes" if all_ok else "NO",
             "dime down in CH and MH; no dime rules, queues or ghost addresses left"
             if all_ok
-            else "; ".join(f"{n}: {t}" for n, ok, t in stopped if not ok),
+            else "; ".join(f"{st.name}: {st.describe()}" for st in stopped if not st.ok),
             ok=all_ok,
         )
-
-    @staticmethod
-    def leftovers(d: Daemon) -> str:
-        found = []
-        if "table inet dime" in d.ns.run("nft", "list", "tables", check=False):
-            found.append("nft table inet dime")
-        rules = d.ns.run("iptables-save", check=False) + d.ns.run("ip6tables-save", check=False)
-        if "DIME_" in rules:
-            found.append("iptables DIME_* chains")
-        if len(d.ns.run("ip", "-o", "addr", "show", "dev", "lo").splitlines()) > 2:
-            found.append("an address on lo")
-        return ", ".join(found)
 
     def print_verdict(self) -> bool:
         o = self.outcome
@@ -586,10 +495,9 @@ class Demo:
 
     def abort_cleanup(self) -> None:
         """After an error or Ctrl-C: stop whatever daemon still runs, quietly."""
-        for d in (self.ch, self.mh):
-            if d.proc is not None:
-                d.down(timeout=15)
-                d.proc = None
+        if self.sampler is not None:
+            self.sampler.stop()
+        stop_all([self.ch, self.mh])
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -645,7 +553,7 @@ def main(argv: list[str] | None = None) -> int:
         print("\ninterrupted: daemons stopped, namespaces removed", file=sys.stderr)
         interrupted = True
         return 130
-    except (DemoError, CommandError, subprocess.TimeoutExpired) as exc:
+    except (DemoError, DimeError, CommandError, subprocess.TimeoutExpired) as exc:
         print(f"\ndemo failed: {exc}", file=sys.stderr)
         return 1
     finally:

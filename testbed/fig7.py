@@ -24,6 +24,7 @@ As a command, for trying dime by hand (``ip netns exec fig7-mh dime up`` ...)::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import subprocess
 import sys
@@ -133,6 +134,24 @@ class Fig7:
         if gap:
             time.sleep(gap)
         self.attach(self.ch, "c2", self.plan.c2)
+
+
+Move = tuple[str, Subnet, str, Subnet]  # (from dev, from subnet, to dev, to subnet)
+
+
+def moves(plan: Plan, count: int) -> list[Move]:
+    """``count`` hard handoffs of the MH back and forth between m1 and m2, each to a
+    fresh IPv4 address (so that no peer can mistake a move for a return)."""
+    out = []
+    cur_dev, cur = "m1", plan.m1
+    for j in range(count):
+        to_dev = "m2" if cur_dev == "m1" else "m1"
+        base: Subnet = getattr(plan, to_dev)
+        host = base.host.rsplit(".", 1)
+        to = dataclasses.replace(base, host=f"{host[0]}.{int(host[1]) + 1 + j // 2}")
+        out.append((cur_dev, cur, to_dev, to))
+        cur_dev, cur = to_dev, to
+    return out
 
 
 # -- as a command ------------------------------------------------------------------------

@@ -68,6 +68,23 @@ def read_line(pipe: IO[bytes], timeout: float) -> tuple[str | None, bytes]:
     return None, buf
 
 
+def read_reply(proc: subprocess.Popen[str], timeout: float, what: str) -> str:
+    """One line from a helper's text stdout within ``timeout`` seconds; RuntimeError
+    (naming ``what`` it was asked) if it ends or stays silent."""
+    assert proc.stdout is not None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([proc.stdout], [], [], 1.0)
+        if ready:
+            line = proc.stdout.readline()
+            if line:
+                return line
+            break
+        if proc.poll() is not None:
+            break
+    raise RuntimeError(f"{proc.args!r} did not answer {what!r}")
+
+
 @dataclass
 class Namespace:
     name: str
@@ -87,7 +104,8 @@ class Namespace:
         return subprocess.Popen(self.argv(*cmd), **kwargs)
 
     def ip(self, *args: str, check: bool = True) -> str:
-        return self.run("ip", *args, check=check)
+        # `ip -n` enters the namespace itself: one exec fewer than `ip netns exec`.
+        return _run(["ip", "-n", self.name, *args], check=check)
 
     def addr_add(self, dev: str, cidr: str, *extra: str) -> None:
         # nodad: IPv6 addresses are usable at once, as a test wants.

@@ -13,6 +13,7 @@ from typing import Any
 
 from testbed.netns import Namespace
 from testbed.netns import read_line as netns_read_line
+from testbed.runner import kernel_state as kernel_state  # re-exported for the tests
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -111,21 +112,6 @@ def add_rst_counter(ns: Namespace) -> None:
 def rst_count(ns: Namespace) -> int:
     out = json.loads(ns.run("nft", "-j", "list", "counters", "table", "inet", "dmtest"))
     return sum(item["counter"]["packets"] for item in out["nftables"] if "counter" in item)
-
-
-def kernel_state(ns: Namespace) -> tuple[str, str, str, str]:
-    """Ruleset, addresses, routes and legacy-visible iptables rules, for residue checks."""
-    return (
-        ns.run("nft", "list", "ruleset"),
-        ns.run("ip", "-o", "addr", "show"),
-        ns.run("ip", "route", "show", "table", "all"),
-        _no_comments(ns.run("iptables-save") + ns.run("ip6tables-save")),
-    )
-
-
-def _no_comments(text: str) -> str:
-    # iptables-save stamps the time in comment lines.
-    return "\n".join(line for line in text.splitlines() if not line.startswith("#"))
 
 
 XFER = str(ROOT / "testbed" / "xfer.py")

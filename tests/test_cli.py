@@ -21,9 +21,9 @@ import pytest
 from click.testing import CliRunner, Result
 
 from dime import cli, control, keystore
-from tests.netns_util import ROOT
+from testbed.runner import dime_executable
 
-DIME = str(ROOT / ".venv" / "bin" / "dime")
+DIME = dime_executable()  # this environment's dime (its venv), else the one on PATH
 COMMANDS = ("up", "down", "status", "keygen", "set-local-key", "trust")
 KEY_HEX = bytes(range(32)).hex()
 

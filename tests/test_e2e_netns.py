@@ -5,8 +5,6 @@ testbed, real handoffs, real transfers. Every scenario checks SHA-256 and TCP re
 from __future__ import annotations
 
 import contextlib
-import json
-import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -18,12 +16,11 @@ import pytest
 from testbed.delay import tbf_args
 from testbed.fig7 import V4, V6, Fig7, Plan
 from testbed.netns import Namespace, topology
+from testbed.runner import Dime, any_established, down_all, stop_all, up_all
 from tests.netns_util import (
-    ROOT,
     XFER,
     add_rst_counter,
     check_transfer,
-    kernel_state,
     py,
     result,
     tcp_transfer,
@@ -32,86 +29,50 @@ from tests.netns_util import (
 
 pytestmark = pytest.mark.netns
 
-DIME = str(ROOT / ".venv" / "bin" / "dime")
-
-
-@dataclass
-class Daemon:
-    ns: Namespace
-    proc: Popen[bytes]
-    log: Path
-
-    def status(self) -> dict[str, object]:
-        return dict(json.loads(self.ns.run(DIME, "status", "--json")))
-
-    def log_tail(self) -> str:
-        return "\n".join(self.log.read_text().splitlines()[-40:])
-
 
 @dataclass
 class Bed:
+    """The Fig. 7 testbed and dime (``testbed.runner``) in its CH and MH."""
+
     fig: Fig7
     tmp: Path
-    daemons: dict[str, Daemon] = field(default_factory=dict)
-    before: dict[str, tuple[str, str, str, str]] = field(default_factory=dict)
+    daemons: dict[str, Dime] = field(default_factory=dict)
 
     @property
     def plan(self) -> Plan:
         return self.fig.plan
 
+    def dime(self, name: str) -> Dime:
+        """dime in host ``name`` ("ch", "mh"): keys of this test's hosts live in its
+        tmp dir, not in /var/lib/dime."""
+        ns = getattr(self.fig, name)
+        return Dime(ns, self.tmp / name, self.tmp / f"dime-{name}.log", name)
+
     def up(self, *names: str, args: tuple[str, ...] = ()) -> None:
-        for name in names:
-            ns = getattr(self.fig, name)
-            self.before.setdefault(name, kernel_state(ns))
-            log = self.tmp / f"dime-{name}.log"
-            proc = ns.popen(
-                *self.env(name),
-                DIME,
-                "up",
-                "-v",
-                *args,
-                stdout=log.open("w"),
-                stderr=subprocess.STDOUT,
-            )
-            self.daemons[name] = Daemon(ns, proc, log)
-        for name in names:
-            self._wait_ready(self.daemons[name])
+        started = [self.dime(name) for name in names]
+        up_all(started, "-v", *args)
+        self.daemons.update((d.name, d) for d in started)
 
-    def env(self, name: str) -> tuple[str, ...]:
-        """Keys of this test's hosts live in its tmp dir, not in /var/lib/dime."""
-        return ("env", f"DIME_STATE_DIR={self.tmp / name}")
+    def cli(self, name: str, *args: str) -> str:
+        """A one-shot dime command in host ``name``; its output (it must succeed)."""
+        res = self.dime(name).cli(*args)
+        assert res.returncode == 0, f"dime {' '.join(args)}: {res.stderr}"
+        return res.stdout
 
-    def dime(self, name: str, *args: str) -> str:
-        return str(getattr(self.fig, name).run(*self.env(name), DIME, *args))
-
-    def _wait_ready(self, d: Daemon) -> None:
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            if d.proc.poll() is not None:
-                raise AssertionError(f"dime up exited {d.proc.returncode}:\n{d.log_tail()}")
-            if d.ns.run(DIME, "status", "--json", check=False).startswith("{"):
-                return
-            time.sleep(0.1)
-        raise AssertionError(f"dime up not ready:\n{d.log_tail()}")
+    def wait_established(self) -> None:
+        """Both daemons have finished a HELLO exchange with a peer."""
+        for d in self.daemons.values():
+            d.wait_status(any_established, timeout=15)
 
     def down(self) -> None:
-        for name, d in self.daemons.items():
-            out = d.ns.run(DIME, "down", check=False)
-            try:
-                assert d.proc.wait(timeout=20) == 0, f"{name}: {out}\n{d.log_tail()}"
-            finally:
-                if d.proc.poll() is None:
-                    d.proc.kill()
-        for name, d in self.daemons.items():
-            now = kernel_state(d.ns)
-            assert now[0] == self.before[name][0], f"{name}: nft ruleset differs after dime down"
-            assert now[3] == self.before[name][3], f"{name}: iptables rules differ after dime down"
-            lo = d.ns.run("ip", "-o", "addr", "show", "dev", "lo").splitlines()
-            assert len(lo) == 2, f"{name}: ghost address left on lo: {lo}"
+        """dime down everywhere: exit status 0, and nothing left behind."""
+        for stopped in down_all(list(self.daemons.values())):
+            assert stopped.code == 0, f"{stopped.name}: {stopped.output}\n{stopped.log_tail}"
+            assert not stopped.residue, f"{stopped.name}: {stopped.residue}"
         self.daemons.clear()
 
     def logs(self) -> str:
-        return "\n\n".join(f"== {n}\n{d.log_tail()}" for n, d in self.daemons.items())
+        return "\n\n".join(f"== {n}\n{d.log_tail(40)}" for n, d in self.daemons.items())
 
 
 @contextlib.contextmanager
@@ -127,10 +88,7 @@ def bed(tmp_path: Path, plan: Plan = V4, tag: str = "e2e") -> Iterator[Bed]:
             print(b.logs())
             raise
         finally:
-            for d in b.daemons.values():
-                d.ns.run(DIME, "down", check=False)
-                if d.proc.poll() is None:
-                    d.proc.kill()
+            stop_all(list(b.daemons.values()))
 
 
 def tcp(
@@ -150,17 +108,6 @@ def hid_of(status: dict[str, object], addr: str) -> dict[str, object]:
     raise AssertionError(f"no HID with active {addr}: {status['hids']}")
 
 
-def wait_status(d: Daemon, pred, timeout: float = 15) -> dict[str, object]:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while True:
-        st = d.status()
-        if pred(st):
-            return st
-        if time.monotonic() > deadline:
-            raise AssertionError(f"status never matched: {json.dumps(st)[:2000]}")
-        time.sleep(0.1)
-
-
 # -- scenarios --------------------------------------------------------------------------
 
 
@@ -171,16 +118,14 @@ def test_hard_handoff_mh(tmp_path: Path, gap: float) -> None:
         b.up("ch", "mh")
         nbytes = 12_000_000
         server, client = tcp(b.fig.mh, b.fig.ch, p.c1.host, nbytes, rate=20)
-        time.sleep(1)
+        b.wait_established()
         # During the transfer, both sides list the flow and the peer.
-        st = wait_status(
-            b.daemons["ch"], lambda s: any(h["state"] == "established" for h in s["hids"])
-        )
+        st = b.daemons["ch"].wait_status(any_established)
         assert hid_of(st, p.m1.host)["key"] is not None
         assert [s["remote"].rsplit(":", 1)[0] for s in st["sockets"]] == [p.m1.host]
         assert st["sockets"][0]["local"] == f"{p.c1.host}:5001"
         b.fig.hard_handoff_mh(gap)
-        st = wait_status(b.daemons["ch"], lambda s: p.m2.host in str(s["hids"]))
+        st = b.daemons["ch"].wait_status(lambda s: p.m2.host in str(s["hids"]))
         assert hid_of(st, p.m2.host)["active"] == [p.m2.host]
         assert st["sockets"][0]["remote"].startswith(p.m1.host)  # identifier unchanged
         mh = b.daemons["mh"].status()
@@ -207,7 +152,7 @@ def test_hard_handoff_bulk_sender_is_prompted_to_retransmit(tmp_path: Path) -> N
         b.up("ch", "mh")
         nbytes = 16_000_000  # ~6.5 s at 20 Mbit/s
         server, client = tcp(b.fig.mh, b.fig.ch, p.c1.host, nbytes, rate=0)
-        time.sleep(1)
+        b.wait_established()  # the transfer runs and the peers know each other
         b.fig.hard_handoff_mh(4.0)
         check(b, server, client, nbytes)
         counters = b.daemons["mh"].status()["counters"]
@@ -221,9 +166,9 @@ def test_soft_handoff_mh(tmp_path: Path) -> None:
         b.up("ch", "mh")
         nbytes = 10_000_000
         server, client = tcp(b.fig.mh, b.fig.ch, p.c1.host, nbytes, rate=20)
-        time.sleep(1)
+        b.wait_established()  # the transfer runs and the peers know each other
         b.fig.soft_handoff_mh(overlap=1.0)
-        wait_status(b.daemons["ch"], lambda s: hid_of(s, p.m2.host)["active"] == [p.m2.host])
+        b.daemons["ch"].wait_status(lambda s: hid_of(s, p.m2.host)["active"] == [p.m2.host])
         check(b, server, client, nbytes)
         b.down()
 
@@ -234,7 +179,7 @@ def test_ch_initiated_connection_then_mh_moves(tmp_path: Path) -> None:
         b.up("ch", "mh")
         nbytes = 10_000_000
         server, client = tcp(b.fig.ch, b.fig.mh, p.m1.host, nbytes, rate=20)
-        time.sleep(1)
+        b.wait_established()  # the transfer runs and the peers know each other
         b.fig.hard_handoff_mh(0.5)
         check(b, server, client, nbytes)
         b.down()
@@ -279,7 +224,7 @@ def test_connection_opened_before_dime_up(tmp_path: Path) -> None:
         server, client = tcp(b.fig.mh, b.fig.ch, p.c1.host, nbytes, rate=20)
         time.sleep(0.5)
         b.up("ch", "mh")  # adopts the running connection, says HELLO for it
-        wait_status(b.daemons["mh"], lambda s: any(h["state"] == "established" for h in s["hids"]))
+        b.daemons["mh"].wait_status(any_established)
         b.fig.hard_handoff_mh(0.5)
         check(b, server, client, nbytes)
         b.down()
@@ -291,12 +236,12 @@ def test_both_hosts_move_one_after_the_other(tmp_path: Path) -> None:
         b.up("ch", "mh")
         nbytes = 16_000_000
         server, client = tcp(b.fig.mh, b.fig.ch, p.c1.host, nbytes, rate=20)
-        time.sleep(1)
+        b.wait_established()  # the transfer runs and the peers know each other
         b.fig.hard_handoff_mh(0.5)
-        wait_status(b.daemons["ch"], lambda s: p.m2.host in str(s["hids"]))
+        b.daemons["ch"].wait_status(lambda s: p.m2.host in str(s["hids"]))
         time.sleep(1)
         b.fig.hard_handoff_ch(0.5)
-        wait_status(b.daemons["mh"], lambda s: p.c2.host in str(s["hids"]))
+        b.daemons["mh"].wait_status(lambda s: p.c2.host in str(s["hids"]))
         check(b, server, client, nbytes)
         mh = b.daemons["mh"].status()
         assert hid_of(mh, p.c2.host)["local"] == [p.m2.host]
@@ -309,9 +254,9 @@ def test_ipv6_hard_handoff(tmp_path: Path) -> None:
         b.up("ch", "mh")
         nbytes = 10_000_000
         server, client = tcp(b.fig.mh, b.fig.ch, p.c1.host, nbytes, rate=20)
-        time.sleep(1)
+        b.wait_established()  # the transfer runs and the peers know each other
         b.fig.hard_handoff_mh(0.5)
-        wait_status(b.daemons["ch"], lambda s: p.m2.host in str(s["hids"]))
+        b.daemons["ch"].wait_status(lambda s: p.m2.host in str(s["hids"]))
         check(b, server, client, nbytes)
         b.down()
 
@@ -323,7 +268,7 @@ def test_nfqueue_dataplane_hard_handoff(tmp_path: Path) -> None:
         assert b.daemons["ch"].status()["dataplane"] == "nfqueue"
         nbytes = 6_000_000
         server, client = tcp(b.fig.mh, b.fig.ch, p.c1.host, nbytes, rate=16)
-        time.sleep(1)
+        b.wait_established()  # the transfer runs and the peers know each other
         b.fig.hard_handoff_mh(0.5)
         check(b, server, client, nbytes)
         b.down()
@@ -377,12 +322,12 @@ def test_peer_lost_fails_its_sockets_instead_of_hanging(tmp_path: Path) -> None:
         wait_for(server, "listening", 10)
         client = py(b.fig.mh, "-c", BLOCKED_CLIENT, p.c1.host)
         wait_for(client, "ready", 10)
-        wait_status(b.daemons["mh"], lambda s: any(h["state"] == "established" for h in s["hids"]))
+        b.daemons["mh"].wait_status(any_established)
         b.fig.detach(b.fig.mh, "m1", p.m1)  # gone, and nothing new comes up
         out = result(client, 60)
         server.kill()
         assert out["error"] in ("ConnectionAbortedError", "ConnectionResetError"), out
-        st = wait_status(b.daemons["mh"], lambda s: not s["hids"] and not s["sockets"])
+        st = b.daemons["mh"].wait_status(lambda s: not s["hids"] and not s["sockets"])
         assert st["ghosts"] == []
         b.down()
 
@@ -390,18 +335,16 @@ def test_peer_lost_fails_its_sockets_instead_of_hanging(tmp_path: Path) -> None:
 def test_strict_mode_with_keys_configured_beforehand(tmp_path: Path) -> None:
     with bed(tmp_path, tag="e2es") as b:
         p = b.plan
-        key = {name: b.dime(name, "keygen").strip() for name in ("ch", "mh")}
-        b.dime("ch", "trust", key["mh"], "--addr", p.m1.host)
-        b.dime("mh", "trust", key["ch"], "--addr", p.c1.host)
+        key = {name: b.cli(name, "keygen").strip() for name in ("ch", "mh")}
+        b.cli("ch", "trust", key["mh"], "--addr", p.m1.host)
+        b.cli("mh", "trust", key["ch"], "--addr", p.c1.host)
         b.up("ch", "mh", args=("--strict",))
         nbytes = 8_000_000
         server, client = tcp(b.fig.mh, b.fig.ch, p.c1.host, nbytes, rate=20)
-        st = wait_status(
-            b.daemons["ch"], lambda s: any(h["state"] == "established" for h in s["hids"])
-        )
+        st = b.daemons["ch"].wait_status(any_established)
         assert hid_of(st, p.m1.host)["key"] == key["mh"]
         b.fig.hard_handoff_mh(0.5)
-        wait_status(b.daemons["ch"], lambda s: p.m2.host in str(s["hids"]))
+        b.daemons["ch"].wait_status(lambda s: p.m2.host in str(s["hids"]))
         check(b, server, client, nbytes)
         b.down()
 
@@ -414,7 +357,7 @@ def test_strict_mode_refuses_an_unknown_key(tmp_path: Path) -> None:
         nbytes = 2_000_000
         server, client = tcp(b.fig.mh, b.fig.ch, p.c1.host, nbytes, rate=0)
         check(b, server, client, nbytes)  # data is never held hostage by IHMP
-        st = wait_status(b.daemons["ch"], lambda s: s["counters"]["messages_rejected"])
+        st = b.daemons["ch"].wait_status(lambda s: s["counters"]["messages_rejected"])
         assert st["counters"]["messages_rejected"].get("untrusted", 0) >= 1
         assert hid_of(st, p.m1.host)["key"] is None
         b.down()

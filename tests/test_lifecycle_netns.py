@@ -25,7 +25,8 @@ import pytest
 
 from dime import keystore
 from testbed.netns import Namespace, Topology, topology
-from tests.netns_util import ROOT, kernel_state, read_line
+from testbed.runner import Dime, dime_executable, kernel_state, stop_all
+from tests.netns_util import read_line
 
 pytestmark = [
     pytest.mark.netns,
@@ -33,8 +34,6 @@ pytestmark = [
     pytest.mark.timeout(180),
 ]
 
-DIME = str(ROOT / ".venv" / "bin" / "dime")
-VENV_PY = str(ROOT / ".venv" / "bin" / "python")
 STATE_ROOT = Path("/var/lib/dime")
 RUN_ROOT = Path("/run/dime")
 IHMP_PORT = 4731
@@ -112,20 +111,12 @@ class Host:
         return RUN_ROOT / self.netns_id
 
 
-@dataclass
-class Daemon:
-    host: Host
-    proc: subprocess.Popen[bytes]
-    log: Path
-
-    def log_text(self) -> str:
-        return self.log.read_text(errors="replace") if self.log.exists() else ""
-
-    def host_key(self) -> str:
-        for line in self.log_text().splitlines():
-            if " dime: host key " in line:
-                return line.rsplit(" ", 1)[1]
-        raise AssertionError(f"no host key in the log:\n{self.log_text()}")
+def host_key(d: Dime) -> str:
+    """The host key a daemon announced in its log."""
+    for line in d.log_text().splitlines():
+        if " dime: host key " in line:
+            return line.rsplit(" ", 1)[1]
+    raise AssertionError(f"no host key in the log:\n{d.log_text()}")
 
 
 @dataclass
@@ -134,41 +125,27 @@ class Bed:
     tmp: Path
     a: Host
     b: Host
-    daemons: list[Daemon] = field(default_factory=list)
+    daemons: list[Dime] = field(default_factory=list)
 
-    def env(self, host: Host, state: bool) -> dict[str, str]:
-        """The environment of a dime command: a tmp state dir unless ``state`` is False."""
-        env = {k: v for k, v in os.environ.items() if k not in ("DIME_STATE_DIR", "NOTIFY_SOCKET")}
-        if state:
-            env["DIME_STATE_DIR"] = str(self.tmp / f"state-{host.inode}")
-        return env
+    def dime_of(self, host: Host, state: bool = True) -> Dime:
+        """dime (``testbed.runner``) in ``host``'s namespace: a tmp state dir, or with
+        ``state`` False no DIME_STATE_DIR (dime's own per-namespace default)."""
+        return Dime(
+            host.ns,
+            self.tmp / f"state-{host.inode}" if state else None,
+            self.tmp / f"dime-{host.ns.name}-{len(self.daemons)}.log",
+        )
 
     def dime(
         self, host: Host, *args: str, state: bool = True, timeout: float = 30
     ) -> subprocess.CompletedProcess[str]:
         """A one-shot dime command in ``host``'s namespace."""
-        return subprocess.run(
-            host.ns.argv(DIME, *args),
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            env=self.env(host, state),
-        )
+        return self.dime_of(host, state).cli(*args, timeout=timeout)
 
-    def start(self, host: Host, *args: str, state: bool = True) -> Daemon:
+    def start(self, host: Host, *args: str, state: bool = True) -> Dime:
         """``dime up -v`` in ``host``'s namespace, not waiting for it."""
-        log = self.tmp / f"dime-{host.ns.name}-{len(self.daemons)}.log"
-        with log.open("wb") as out:
-            proc = host.ns.popen(
-                DIME,
-                "up",
-                "-v",
-                *args,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env=self.env(host, state),
-            )
-        d = Daemon(host, proc, log)
+        d = self.dime_of(host, state)
+        d.start("-v", *args)
         self.daemons.append(d)
         return d
 
@@ -179,40 +156,17 @@ class Bed:
         assert isinstance(parsed, dict)
         return parsed
 
-    def wait_ready(self, d: Daemon) -> dict[str, Any]:
-        deadline = time.monotonic() + READY_TIMEOUT
-        while time.monotonic() < deadline:
-            if d.proc.poll() is not None:
-                raise AssertionError(f"dime up exited {d.proc.returncode}:\n{d.log_text()}")
-            res = self.dime(d.host, "status", "--json")
-            if res.returncode == 0 and res.stdout.startswith("{"):
-                return dict(json.loads(res.stdout))
-            time.sleep(0.1)
-        raise AssertionError(f"dime up not ready within {READY_TIMEOUT} s:\n{d.log_text()}")
+    def wait_ready(self, d: Dime) -> dict[str, Any]:
+        return d.wait_ready(READY_TIMEOUT)
 
-    def up(self, host: Host, *args: str, state: bool = True) -> tuple[Daemon, dict[str, Any]]:
+    def up(self, host: Host, *args: str, state: bool = True) -> tuple[Dime, dict[str, Any]]:
         d = self.start(host, *args, state=state)
         return d, self.wait_ready(d)
 
-    def wait_exit(self, d: Daemon) -> int:
-        try:
-            return d.proc.wait(timeout=STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            raise AssertionError(
-                f"dime did not stop within {STOP_TIMEOUT} s:\n{d.log_text()}"
-            ) from None
-
-    def stop_all(self) -> None:
-        for d in self.daemons:
-            if d.proc.poll() is None:
-                subprocess.run(
-                    d.host.ns.argv(DIME, "down"), capture_output=True, timeout=40, check=False
-                )
-                try:
-                    d.proc.wait(timeout=STOP_TIMEOUT)
-                except subprocess.TimeoutExpired:
-                    d.proc.kill()
-                    d.proc.wait(timeout=10)
+    def wait_exit(self, d: Dime) -> int:
+        code = d.wait_exit(STOP_TIMEOUT)
+        assert code is not None, f"dime did not stop within {STOP_TIMEOUT} s:\n{d.log_text()}"
+        return code
 
 
 @pytest.fixture
@@ -239,7 +193,7 @@ def bed(tmp_path: Path) -> Iterator[Bed]:
         finally:
             for d in bd.daemons:  # shown by pytest only when the test failed
                 print(f"== {d.log}\n{d.log_text()[-4000:]}")
-            bd.stop_all()
+            stop_all(bd.daemons)
             for h in (a, b):
                 for p in (h.default_state_dir, h.run_dir):
                     if p not in existed and p.exists():
@@ -275,7 +229,7 @@ def test_up_status_down_restores_the_kernel_state(bed: Bed) -> None:
     assert (a.run_dir / "residue.json").exists()
     # the host key was generated in the state dir given by DIME_STATE_DIR
     key_file = bed.tmp / f"state-{a.inode}" / keystore.HOST_KEY
-    assert keystore.public_hex(keystore.load(key_file)) == d.host_key()
+    assert keystore.public_hex(keystore.load(key_file)) == host_key(d)
 
     res = bed.dime(a, "down")
     assert res.returncode == 0, res.stderr
@@ -335,7 +289,7 @@ def test_two_namespaces_two_daemons_without_flags(bed: Bed) -> None:
     assert set(b.addrs) <= set(st_b["local_addresses"])
     assert not set(b.addrs) & set(st_a["local_addresses"])
 
-    key_a, key_b = da.host_key(), db.host_key()
+    key_a, key_b = host_key(da), host_key(db)
     assert key_a != key_b
     for host, key in ((a, key_a), (b, key_b)):
         path = host.default_state_dir / keystore.HOST_KEY
@@ -518,11 +472,11 @@ def _as_nobody(bed: Bed, host: Host) -> list[str] | None:
     probe = "import os, dime.cli; print(os.geteuid())"
     for prefix in candidates:
         res = subprocess.run(
-            host.ns.argv(*prefix, VENV_PY, "-c", probe),
+            host.ns.argv(*prefix, sys.executable, "-c", probe),
             capture_output=True,
             text=True,
             timeout=30,
-            env=bed.env(host, True),
+            env=bed.dime_of(host).env(),
         )
         if res.returncode == 0 and res.stdout.strip() == "65534":
             return prefix
@@ -538,11 +492,11 @@ def test_up_as_non_root_is_refused(bed: Bed) -> None:
     state_existed = a.default_state_dir.exists()
     for env_state in (True, False):
         res = subprocess.run(
-            a.ns.argv(*prefix, DIME, "up", "-v"),
+            a.ns.argv(*prefix, dime_executable(), "up", "-v"),
             capture_output=True,
             text=True,
             timeout=30,
-            env=bed.env(a, env_state),
+            env=bed.dime_of(a, env_state).env(),
         )
         assert res.returncode != 0
         line = one_line(res.stderr)

@@ -1,4 +1,7 @@
-"""Shared parts of the experiments: results files, live progress, dime in a namespace.
+"""Shared parts of the experiments: results files, live progress, plots, statistics.
+
+dime itself runs through :mod:`testbed.runner`; traffic helpers are in
+:mod:`testbed.iperf3`, :mod:`testbed.flows` and :mod:`testbed.capture`.
 
 Every experiment writes ``<out>/<name>.json``::
 
@@ -15,21 +18,13 @@ import datetime
 import json
 import os
 import platform
-import select
 import shlex
-import subprocess
 import sys
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from testbed.netns import Namespace
-
 ROOT = Path(__file__).resolve().parent.parent.parent
-DIME = str(ROOT / ".venv" / "bin" / "dime")
 PYTHON = sys.executable
 DEFAULT_OUT = ROOT / "testbed" / "results"
 
@@ -150,142 +145,6 @@ def median(xs: list[float]) -> float:
         return 0.0
     mid = len(s) // 2
     return s[mid] if len(s) % 2 else (s[mid - 1] + s[mid]) / 2
-
-
-# -- dime in a namespace -----------------------------------------------------------------
-
-
-@dataclass
-class DimeProc:
-    ns: Namespace
-    proc: subprocess.Popen[bytes]
-    log: Path
-    state: Path
-
-    def status(self) -> dict[str, Any]:
-        return dict(json.loads(self.ns.run(DIME, "status", "--json")))
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.ns.run(DIME, "down", check=False, timeout=60)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-    def log_tail(self, n: int = 30) -> str:
-        try:
-            return "\n".join(self.log.read_text().splitlines()[-n:])
-        except OSError:
-            return ""
-
-
-def start_dime(ns: Namespace, tmp: Path, name: str, *args: str, config: str = "") -> DimeProc:
-    """``dime up`` in ``ns`` (keys and logs in ``tmp``), ready when this returns."""
-    state = tmp / f"state-{name}"
-    log = tmp / f"dime-{name}.log"
-    argv = ["env", f"DIME_STATE_DIR={state}", DIME, "up", *args]
-    if config:
-        cfg = tmp / f"dime-{name}.toml"
-        cfg.write_text(config)
-        argv += ["--config", str(cfg)]
-    proc = ns.popen(*argv, stdout=log.open("w"), stderr=subprocess.STDOUT)
-    d = DimeProc(ns, proc, log, state)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"dime up failed in {ns.name}:\n{d.log_tail()}")
-        if ns.run(DIME, "status", "--json", check=False).startswith("{"):
-            return d
-        time.sleep(0.1)
-    d.stop()
-    raise RuntimeError(f"dime up not ready in {ns.name}:\n{d.log_tail()}")
-
-
-@contextmanager
-def dime_on(
-    *hosts: tuple[Namespace, str], tmp: Path, args: tuple[str, ...] = (), config: str = ""
-) -> Iterator[list[DimeProc]]:
-    procs: list[DimeProc] = []
-    try:
-        for ns, name in hosts:
-            procs.append(start_dime(ns, tmp, name, *args, config=config))
-        yield procs
-    finally:
-        for d in procs:
-            d.stop()
-
-
-# -- iperf3 -------------------------------------------------------------------------------
-
-
-def iperf3_server(ns: Namespace, port: int = 5201) -> subprocess.Popen[bytes]:
-    proc = ns.popen(
-        "iperf3", "-s", "-1", "-p", str(port), "-J", stdout=subprocess.PIPE, stderr=subprocess.PIPE
-    )
-    time.sleep(0.3)  # iperf3 has no readiness signal; it binds at once
-    return proc
-
-
-def iperf3_client(
-    ns: Namespace, server: str, *args: str, port: int = 5201, prefix: tuple[str, ...] = ()
-) -> subprocess.Popen[bytes]:
-    return ns.popen(
-        *prefix,
-        "iperf3",
-        "-c",
-        server,
-        "-p",
-        str(port),
-        "-J",
-        *args,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-
-
-def iperf3_json(proc: subprocess.Popen[bytes], timeout: float) -> dict[str, Any]:
-    out, err = proc.communicate(timeout=timeout)
-    try:
-        return dict(json.loads(out))
-    except ValueError:
-        return {"error": f"iperf3 printed no JSON: {err.decode()[-500:]}"}
-
-
-def goodput_bps(report: dict[str, Any]) -> float:
-    """Receiver-side goodput of an iperf3 TCP report (bits/s)."""
-    end = report.get("end", {})
-    rx = end.get("sum_received") or end.get("sum") or {}
-    return float(rx.get("bits_per_second", 0.0))
-
-
-def ping_rtt_ms(ns: Namespace, addr: str, count: int = 5) -> float:
-    """Mean RTT to ``addr`` by ping (what the experiment actually had)."""
-    out = ns.run("ping", "-c", str(count), "-i", "0.2", "-q", addr, check=False, timeout=30)
-    for line in out.splitlines():
-        if "min/avg/max" in line:
-            return float(line.split("=")[1].split("/")[1])
-    return float("nan")
-
-
-# -- helper processes and reports ------------------------------------------------------
-
-
-def read_reply(proc: subprocess.Popen[str], timeout: float, what: str) -> str:
-    """One line from a helper's stdout, within ``timeout`` seconds."""
-    assert proc.stdout is not None
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([proc.stdout], [], [], 1.0)
-        if ready:
-            line = proc.stdout.readline()
-            if line:
-                return line
-            break
-        if proc.poll() is not None:
-            break
-    raise RuntimeError(f"{proc.args!r} did not answer {what!r}")
 
 
 def plot_path(out: Path, md_dir: Path, name: str) -> str:

@@ -18,16 +18,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from testbed.experiments.common import (
-    PYTHON,
-    RunContext,
-    dime_on,
-    median,
-    progress,
-    write_result,
-)
+from testbed.experiments.common import PYTHON, RunContext, median, progress, write_result
 from testbed.fig7 import V4, Fig7
 from testbed.netns import Namespace, topology
+from testbed.runner import Dime, running
 
 NAME = "firstpacket"
 TITLE = "First-packet cost (new flows through the daemon)"
@@ -75,8 +69,8 @@ def _case(ctx: RunContext, mode: str | None, n: int, seconds: float) -> dict[str
         _sysctl_ports(fig.mh)
         if mode is None:
             return _measure(fig, n, seconds)
-        hosts = ((fig.ch, "ch"), (fig.mh, "mh"))
-        with dime_on(*hosts, tmp=ctx.tmp, args=("--dataplane", mode)):
+        hosts = [Dime.in_dir(fig.ch, ctx.tmp, "ch"), Dime.in_dir(fig.mh, ctx.tmp, "mh")]
+        with running(hosts, "--dataplane", mode):
             return _measure(fig, n, seconds)
 
 
@@ -87,8 +81,8 @@ def _sysctl_ports(ns: Namespace) -> None:
 
 
 def run(ctx: RunContext) -> Path:
-    n = 50 if ctx.smoke else 500
-    seconds = 1.0 if ctx.smoke else 5.0
+    n = 5 if ctx.smoke else 500
+    seconds = 0.2 if ctx.smoke else 5.0
     cases: dict[str, dict[str, Any]] = {}
     for label, mode in (("no dime", None), ("dime nft", "nft"), ("dime nfqueue", "nfqueue")):
         progress(f"first packet: {label}")

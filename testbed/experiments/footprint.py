@@ -20,44 +20,36 @@ from pathlib import Path
 from typing import Any
 
 from testbed.experiments.common import (
-    DIME,
     PYTHON,
     ROOT,
     UNSHAPED,
     RunContext,
-    dime_on,
     machine_line,
     median,
     plot_path,
     progress,
     progress_done,
     pyplot,
-    read_reply,
     save_figure,
     smoke_note,
     write_result,
 )
-from testbed.experiments.scalability import (
-    SEED_LPORT,
-    Flows,
-    ProcCpu,
-    cpu_meter,
-    established,
-    sink,
-    status,
-    wait_status,
-)
 from testbed.fig7 import V4, Fig7
-from testbed.netns import topology
+from testbed.flows import SEED_LPORT, Flows, sink
+from testbed.netns import read_reply, topology
+from testbed.procstat import ProcCpu, cpu_meter
+from testbed.runner import Dime, established, running
 
 NAME = "footprint"
 TITLE = "Footprint: daemon memory, CPU and start-up time"
 
 MODES = ("nft", "nfqueue")
 FLOWS = 10_000
-SMOKE_FLOWS = 100
+SMOKE_FLOWS = 10
 WINDOW_S = 10.0
-SMOKE_WINDOW_S = 2.0
+SMOKE_WINDOW_S = 0.2
+SETTLE_S = 2.0  # after the peer is established, before the idle window
+SMOKE_SETTLE_S = 0.2
 STARTS = 5
 PAPER = "no memory, CPU or start-up figures; the paper's point is that DIME runs on a Pi B+"
 
@@ -101,11 +93,14 @@ def startup_times(ctx: RunContext, mode: str) -> dict[str, Any]:
         for i in range(starts):
             progress(f"{NAME}: {mode}: start-up {i + 1}/{starts}")
             log = ctx.tmp / f"dime-fp-start-{mode}-{i}.log"
-            argv = ["env", f"DIME_STATE_DIR={state}", DIME, "up", "--dataplane", mode]
+            # The runner's dime and environment, but not its readiness wait: each poll
+            # of `dime status` takes a fifth of a second; the helper asks the control
+            # socket every 5 ms, from inside the namespace.
+            dime = Dime(fig.mh, state, log)
             helper = fig.mh.popen(
-                PYTHON, "-c", STARTUP, str(ROOT), str(log), *argv,
+                PYTHON, "-c", STARTUP, str(ROOT), str(log), dime.exe, "up", "--dataplane", mode,
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                stderr=subprocess.DEVNULL, text=True,
+                stderr=subprocess.DEVNULL, text=True, env=dime.env(),
             )  # fmt: skip
             try:
                 times.append(json.loads(read_reply(helper, 90, "start-up"))["ready_s"])
@@ -136,25 +131,24 @@ def usage(ctx: RunContext, mode: str) -> dict[str, Any]:
         fig = Fig7.build(topo, V4)
         p = fig.plan
         sink(fig.ch)
-        with dime_on(
-            (fig.ch, f"fp-{mode}-ch"), (fig.mh, f"fp-{mode}-mh"),
-            tmp=ctx.tmp, args=("--dataplane", mode),
-        ) as (dch, dmh):  # fmt: skip
+        hosts = [Dime.in_dir(fig.ch, ctx.tmp, f"fp-{mode}-ch"),
+                 Dime.in_dir(fig.mh, ctx.tmp, f"fp-{mode}-mh")]  # fmt: skip
+        with running(hosts, "--dataplane", mode) as (dch, dmh):
             seed = Flows(fig.mh, p.c1.host, p.m1.host, lport=SEED_LPORT)
             flows = Flows(fig.mh, p.c1.host, p.m1.host)
             try:
                 seed.open(1)
                 seed.send_new()
-                wait_status(dmh, established(p.c1.host), what="peer established")
-                pid, ch_pid = status(dmh)["pid"], status(dch)["pid"]
-                time.sleep(2.0)
+                dmh.wait_status(established(p.c1.host), what="peer established", tries=3)
+                pid, ch_pid = dmh.pid, dch.pid
+                time.sleep(SMOKE_SETTLE_S if ctx.smoke else SETTLE_S)
                 progress(f"{NAME}: {mode}: idle, {window:g} s")
                 with cpu_meter(pid) as cpu:
                     time.sleep(window)
                 res["idle"] = {
                     "rss_kib": ProcCpu(pid).rss_kib(),
                     "cpu_pct": cpu.get("cpu_pct"),
-                    "entries": len(status(dmh)["sockets"]),
+                    "entries": len(dmh.status(tries=3)["sockets"]),
                     "ch_rss_kib": ProcCpu(ch_pid).rss_kib(),
                 }
                 progress(f"{NAME}: {mode}: learning {nflows} flows")
@@ -166,7 +160,7 @@ def usage(ctx: RunContext, mode: str) -> dict[str, Any]:
                     "seconds": round(time.monotonic() - t0, 2),
                     "cpu_pct": learn.get("cpu_pct"),
                 }
-                entries = len(status(dmh)["sockets"])
+                entries = len(dmh.status(tries=3)["sockets"])
                 progress(f"{NAME}: {mode}: holding {entries} flows, {window:g} s")
                 with cpu_meter(pid) as cpu:
                     time.sleep(window)
@@ -175,7 +169,7 @@ def usage(ctx: RunContext, mode: str) -> dict[str, Any]:
                     "hwm_kib": ProcCpu(pid).hwm_kib(),
                     "cpu_pct": cpu.get("cpu_pct"),
                     "entries": entries,
-                    "entries_after": len(status(dmh)["sockets"]),
+                    "entries_after": len(dmh.status(tries=3)["sockets"]),
                 }
             finally:
                 flows.close()

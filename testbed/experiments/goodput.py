@@ -32,15 +32,11 @@ Measures, per run:
 
 * goodput: the iperf3 **server's** (receiver's) bytes per 100 ms interval, and their
   mean over the transfer (bytes delivered / duration);
-* handoff gap: the CH's received bytes (its interface counter) are sampled every
-  10 ms in the same clock as the events. The reference time is when the new address
+* handoff gap: as :mod:`testbed.handoff_gap` defines it (the one definition the demo
+  uses too), from the CH's received bytes (its interface counter, sampled every
+  10 ms in the same clock as the events). The reference time is when the new address
   was configured (``ip addr add`` returned) for a hard handoff, when the old address
-  was removed for a soft one. Sliding 100 ms windows start every 10 ms from the
-  reference; a window is good when it carried at least half the pre-handoff rate
-  (the mean rate from 1 s to the first event). The gap runs from the reference to
-  the middle of the first good window after the first bad one; 0 if no window
-  starting within 1 s of the reference was bad (no disruption); ``null`` if the flow
-  never recovered before the end of the transfer. See :func:`handoff_gap`.
+  was removed for a soft one.
 * ratio to the ideal: soft = the system's own no-handoff goodput, hard = 2/3 of it.
 """
 
@@ -54,28 +50,27 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from testbed.delay import Emulation, emulate
 from testbed.experiments.common import (
-    DimeProc,
     RunContext,
     machine_line,
     mean,
     median,
-    ping_rtt_ms,
     progress,
     progress_done,
     pyplot,
     save_figure,
-    start_dime,
     write_result,
 )
 from testbed.fig7 import V4, Fig7, Subnet
+from testbed.handoff_gap import SAMPLE, WINDOW, RxSampler, handoff_gap
+from testbed.iperf3 import iperf3_server, ping_rtt_ms
 from testbed.netns import topology
+from testbed.runner import Dime, stop_all, up_all
 
 NAME = "goodput"
 TITLE = "Handoff goodput (Fig. 8) and handoff gap"
@@ -86,22 +81,33 @@ DELAY_MS = 30.0  # one way, per crossing of the router: RTT = 2 x 30 = 60 ms, th
 RATE_MBIT = 20.0  # tbf on the router's egress; the delay line uses 5-10 % of a core at this rate
 ROUTER_DEVS = ["rc1", "rc2", "rm1", "rm2"]
 INTERVAL = 0.1  # iperf3 report interval (s)
-SAMPLE = 0.01  # the CH's rx counter sampling period (s)
-GAP_WINDOW = 0.1  # a window this long must carry half the pre-handoff rate
-DIP_HORIZON = 1.0  # a handoff that disrupts the flow does so within this time (s)
 GOAL_RATIO = 0.97
 GOAL_GAP_EXTRA = 0.050  # gap goal: <= 1 RTT + 50 ms
 
 
 @dataclass(frozen=True)
 class Timing:
+    """A run's schedule (s from the client's first data): the transfer's length, the
+    two handoff events, and how long a transfer that never completes (a dead plain
+    TCP connection) is given past its end before it is stopped."""
+
     duration: float
     ev1: float
     ev2: float
+    grace: float = 2.0
+
+    @property
+    def ping_after(self) -> float:
+        """When the ping under load starts: after slow start, well before the end."""
+        return min(1.5, 0.3 * self.duration)
 
 
 FULL = Timing(15.0, 5.0, 10.0)
-SMOKE = Timing(4.0, 4 / 3, 8 / 3)  # iperf3 -t takes whole seconds
+SMOKE = Timing(1.0, 1 / 3, 2 / 3, grace=0.3)  # iperf3 -t takes whole seconds
+#: Smoke mode runs each path once, not every combination: dime's handoff and reaction,
+#: MPTCP's endpoints, a plain TCP connection that dies with its address, and the ping
+#: under load (no handoff). The other cells of the report say "not run".
+SMOKE_RUNS = (("dime", "hard"), ("mptcp", "soft"), ("tcp", "hard"), ("tcp", "none"))
 
 MPTCP_SETUP = (
     "net.mptcp.enabled=1; ip mptcp limits set subflows 2 add_addr_accepted 2 on both hosts; "
@@ -120,106 +126,6 @@ _LINE = re.compile(r"^\[\s*\d+\]\s+(\d+\.\d+)-(\d+\.\d+)\s+sec")
 
 
 # -- measuring -----------------------------------------------------------------------------
-
-
-class RxSampler(threading.Thread):
-    """The rx bytes of one interface of a namespace every ``SAMPLE`` s (via a process in
-    it: /proc/PID/net/dev shows that process's network namespace)."""
-
-    def __init__(self, pid: int, dev: str) -> None:
-        super().__init__(daemon=True)
-        self.path = Path(f"/proc/{pid}/net/dev")
-        self.dev = dev + ":"
-        self.samples: list[tuple[float, int]] = []
-        self._halt = threading.Event()
-
-    def read(self) -> int | None:
-        try:
-            for line in self.path.read_text().splitlines():
-                if line.strip().startswith(self.dev):
-                    return int(line.split(":", 1)[1].split()[0])
-        except (OSError, ValueError, IndexError):
-            return None
-        return None
-
-    def run(self) -> None:
-        nxt = time.monotonic()
-        while not self._halt.is_set():
-            v = self.read()
-            if v is not None:
-                self.samples.append((time.monotonic(), v))
-            nxt += SAMPLE
-            delay = nxt - time.monotonic()
-            if delay > 0:
-                self._halt.wait(delay)
-            else:
-                nxt = time.monotonic()
-
-    def stop(self) -> None:
-        self._halt.set()
-        self.join(timeout=2)
-
-    def rate_bps(self, span: float = 0.25) -> float:
-        s = self.samples
-        if len(s) < 2:
-            return 0.0
-        t1, b1 = s[-1]
-        i = len(s) - 1
-        while i > 0 and t1 - s[i][0] < span:
-            i -= 1
-        t0, b0 = s[i]
-        return (b1 - b0) * 8 / (t1 - t0) if t1 > t0 else 0.0
-
-
-def bytes_at(samples: list[tuple[float, int]], t: float) -> float:
-    """The cumulative counter at time ``t``, linearly interpolated."""
-    if not samples:
-        return 0.0
-    if t <= samples[0][0]:
-        return float(samples[0][1])
-    lo, hi = 0, len(samples) - 1
-    if t >= samples[hi][0]:
-        return float(samples[hi][1])
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if samples[mid][0] <= t:
-            lo = mid
-        else:
-            hi = mid
-    (ta, ba), (tb, bb) = samples[lo], samples[hi]
-    return ba + (bb - ba) * (t - ta) / (tb - ta)
-
-
-def handoff_gap(
-    samples: list[tuple[float, int]], t0: float, timing: Timing, ref: float
-) -> tuple[float | None, float]:
-    """(gap in s, or None if the flow never recovered; pre-handoff rate in bit/s).
-
-    Windows of ``GAP_WINDOW`` start every ``SAMPLE`` s from ``ref``; a window is good
-    when it carries at least half the pre-handoff rate. If no window starting within
-    ``DIP_HORIZON`` of ``ref`` is bad, nothing was disrupted: 0. Otherwise the gap
-    ends at the middle of the first good window after the first bad one (the middle:
-    a flow that resumes at full rate at t is measured as resuming at t). Data still in
-    flight at ``ref`` may arrive before the dip: the gap counts from ``ref``.
-    """
-    a, b = t0 + min(1.0, 0.4 * timing.ev1), t0 + timing.ev1
-    pre = (bytes_at(samples, b) - bytes_at(samples, a)) / (b - a)
-    need = 0.5 * pre * GAP_WINDOW
-    if need <= 0:
-        return None, 0.0
-    end = t0 + timing.duration
-    steps = int((end - GAP_WINDOW - ref) / SAMPLE) + 1
-    dipped = False
-    for k in range(max(steps, 0)):
-        t = ref + k * SAMPLE
-        good = bytes_at(samples, t + GAP_WINDOW) - bytes_at(samples, t) >= need
-        if not dipped:
-            if good and t - ref >= DIP_HORIZON:
-                return 0.0, pre * 8
-            dipped = not good
-        elif good:
-            return t + GAP_WINDOW / 2 - ref, pre * 8
-    return (None if dipped else 0.0), pre * 8
 
 
 _LOG_TIME = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) ")
@@ -345,28 +251,18 @@ def one_run(
         fig = Fig7.build(topo, V4)
         plan = fig.plan
         em: Emulation | None = None
-        dimes: list[DimeProc] = []
+        dimes: list[Dime] = []
         try:
             em = emulate(fig.r, ROUTER_DEVS, delay_ms, rate_mbit)
             if run.system == "dime":
                 tag = f"{run.system}-{run.handoff}-{run.index}"
-                with ThreadPoolExecutor(2) as pool:
-                    futs = [
-                        pool.submit(start_dime, ns, ctx.tmp, f"{tag}-{n}", "-v")
-                        for ns, n in ((fig.mh, "mh"), (fig.ch, "ch"))
-                    ]
-                    errs = []
-                    for fut in futs:
-                        try:
-                            dimes.append(fut.result())
-                        except Exception as exc:
-                            errs.append(exc)
-                    if errs:
-                        raise errs[0]
+                dimes = [Dime.in_dir(ns, ctx.tmp, f"{tag}-{n}") for ns, n in
+                         ((fig.mh, "mh"), (fig.ch, "ch"))]  # fmt: skip
+                up_all(dimes, "-v")
             elif run.system == "mptcp":
                 _mptcp_setup(fig)
             res["tcp_cc"] = fig.mh.run("sysctl", "-n", "net.ipv4.tcp_congestion_control").strip()
-            res["rtt_ms"] = ping_rtt_ms(fig.mh, plan.c1.host, count=2 if ctx.smoke else 5)
+            res["rtt_ms"] = ping_rtt_ms(fig.mh, plan.c1.host, count=1 if ctx.smoke else 5)
             res.update(_transfer(fig, run, label, prefix, loaded_rtt))
         finally:
             if em is not None:
@@ -376,9 +272,7 @@ def one_run(
                     "error" in res["delay_line"] or res["delay_line"].get("died_early")
                 ):
                     run.notes.append(f"delay line failed: {res['delay_line']}")
-            if dimes:
-                with ThreadPoolExecutor(len(dimes)) as pool:
-                    list(pool.map(DimeProc.stop, dimes))
+            stop_all(dimes)
             if dimes:
                 res["dime_logs"] = [str(d.log) for d in dimes]
                 ref = "new_addr" if run.handoff == "hard" else "old_down"
@@ -397,11 +291,7 @@ def _transfer(
 ) -> dict[str, Any]:
     t = run.timing
     plan = fig.plan
-    server = fig.ch.popen(
-        *prefix, "iperf3", "-s", "-1", "-J", "-i", str(INTERVAL),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-    )  # fmt: skip
-    time.sleep(0.3)  # iperf3 binds at once; it has no readiness signal
+    server = iperf3_server(fig.ch, "-i", str(INTERVAL), prefix=prefix)
     sampler = RxSampler(server.pid, "c1")
     sampler.start()
     client = fig.mh.popen(
@@ -440,12 +330,12 @@ def _transfer(
             _at(t0 + t.ev1, lambda: _detach(fig, run, "m1", m1, 1 if mptcp else None), errors)
             _at(t0 + t.ev2, lambda: _attach(fig, run, "m2", m2, 2 if mptcp else None), errors)
         if loaded_rtt:
-            n = max(int((t.duration - 2.5) / 0.2), 3)
+            n = max(int((t.duration - t.ping_after - 1.0) / 0.2), 3)
             ping = fig.mh.popen(
-                "sh", "-c", f"sleep 1.5; exec ping -c {n} -i 0.2 -q {plan.c1.host}",
+                "sh", "-c", f"sleep {t.ping_after:g}; exec ping -c {n} -i 0.2 -q {plan.c1.host}",
                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
             )  # fmt: skip
-        deadline = t0 + t.duration + 2.0
+        deadline = t0 + t.duration + t.grace
         every = 0.25 if sys.stderr.isatty() else 2.5  # a log file gets fewer lines
         shown = 0.0
         while client.poll() is None and time.monotonic() < deadline:
@@ -462,7 +352,7 @@ def _transfer(
         # The server ends on its own after a complete test; otherwise it is stopped
         # (SIGTERM: it still prints its JSON with the intervals it saw).
         try:
-            sout, _ = server.communicate(timeout=2)
+            sout, _ = server.communicate(timeout=t.grace)
         except subprocess.TimeoutExpired:
             sout, _ = _stop_proc(server)
             run.notes.append("iperf3 server stopped by the harness (test never completed)")
@@ -491,9 +381,12 @@ def _transfer(
         if ref is None:
             out["gap_s"], out["pre_mbps"] = None, None
         else:
-            gap, pre = handoff_gap(sampler.samples, run.events["t0"], t, ref)
-            out["gap_s"] = None if gap is None else round(gap, 3)
-            out["pre_mbps"] = round(pre / 1e6, 3)
+            t0 = run.events["t0"]
+            gap = handoff_gap(
+                sampler.samples, ref, start=t0, first_event=t0 + t.ev1, end=t0 + t.duration
+            )
+            out["gap_s"] = None if gap.seconds is None else round(gap.seconds, 3)
+            out["pre_mbps"] = round(gap.pre_bps / 1e6, 3)
     return out
 
 
@@ -545,37 +438,44 @@ def summarize(runs: list[dict[str, Any]], timing: Timing) -> dict[str, Any]:
         ):
             e = per[handoff]
             e["ideal_mbps"] = round(ideal * factor, 3)
-            e["ratio"] = round(e["goodput_mbps"] / (ideal * factor), 3) if ideal else None
+            e["ratio"] = (
+                round(e["goodput_mbps"] / (ideal * factor), 3) if ideal and e["n"] else None
+            )
         summary[system] = per
     return summary
+
+
+def schedule(ctx: RunContext) -> list[tuple[int, str, str]]:
+    """(run index, system, handoff) in the order they run: every combination ``runs``
+    times, interleaved so that slow drift of the machine hits all alike; in smoke mode
+    only :data:`SMOKE_RUNS`."""
+    if ctx.smoke:
+        return [(0, system, handoff) for system, handoff in SMOKE_RUNS]
+    return [(i, s, h) for i in range(ctx.runs) for s in SYSTEMS for h in HANDOFFS]
 
 
 def run(ctx: RunContext) -> Path:
     timing = SMOKE if ctx.smoke else FULL
     n = ctx.n(ctx.runs)
     runs: list[dict[str, Any]] = []
-    total = len(SYSTEMS) * len(HANDOFFS) * n
-    k = 0
+    plan = schedule(ctx)
     started = time.monotonic()
-    for i in range(n):  # interleaved, so that slow drift of the machine hits all alike
-        for system in SYSTEMS:
-            for handoff in HANDOFFS:
-                k += 1
-                label = f"[{k}/{total}] {system:5s} {handoff:4s} run {i + 1}/{n}"
-                r = Run(system, handoff, i, timing)
-                try:
-                    res = one_run(ctx, r, label, loaded_rtt=(handoff == "none"))
-                except Exception as exc:
-                    res = {"system": system, "handoff": handoff, "run": i, "error": repr(exc)}
-                    progress_done(f"   {label}: failed: {exc!r}")
-                else:
-                    gap = res.get("gap_s")
-                    extra = "" if handoff == "none" else f", gap {_fmt_s(gap)}"
-                    progress_done(
-                        f"   {label}: {res['goodput_mbps']:.2f} Mbit/s"
-                        f"{extra} (RTT {res.get('rtt_ms', float('nan')):.1f} ms)"
-                    )
-                runs.append(res)
+    for k, (i, system, handoff) in enumerate(plan, 1):
+        label = f"[{k}/{len(plan)}] {system:5s} {handoff:4s} run {i + 1}/{n}"
+        r = Run(system, handoff, i, timing)
+        try:
+            res = one_run(ctx, r, label, loaded_rtt=(handoff == "none"))
+        except Exception as exc:
+            res = {"system": system, "handoff": handoff, "run": i, "error": repr(exc)}
+            progress_done(f"   {label}: failed: {exc!r}")
+        else:
+            gap = res.get("gap_s")
+            extra = "" if handoff == "none" else f", gap {_fmt_s(gap)}"
+            progress_done(
+                f"   {label}: {res['goodput_mbps']:.2f} Mbit/s"
+                f"{extra} (RTT {res.get('rtt_ms', float('nan')):.1f} ms)"
+            )
+        runs.append(res)
     summary = summarize(runs, timing)
     rtts = [r["rtt_ms"] for r in runs if isinstance(r.get("rtt_ms"), float)]
     rtts = [x for x in rtts if not math.isnan(x)]
@@ -608,7 +508,7 @@ def run(ctx: RunContext) -> Path:
         "duration_s": timing.duration,
         "events_s": [timing.ev1, timing.ev2],
         "interval_s": INTERVAL,
-        "gap_window_s": GAP_WINDOW,
+        "gap_window_s": WINDOW,
         "gap_sample_s": SAMPLE,
         "tcp_congestion_control": next((r["tcp_cc"] for r in runs if "tcp_cc" in r), None),
         "mptcp": MPTCP_SETUP,
@@ -777,9 +677,9 @@ def report(doc: dict[str, Any], out: Path, md_dir: Path) -> str:
                 goal = f">= {GOAL_RATIO}" if system == "dime" else "-"
                 paper = PAPER[h] if system == "dime" else "-"
             fails = f" ({e['failed']} failed)" if e.get("failed") else ""
+            got = "not run" if not e["n"] + e["failed"] else f"{e['goodput_mbps']:.2f}{fails}"
             lines.append(
-                f"| {LABELS[system]} | {h} | {e['goodput_mbps']:.2f}{fails} | {mm} | {ideal} | "
-                f"{ratio} | {goal} | {paper} |"
+                f"| {LABELS[system]} | {h} | {got} | {mm} | {ideal} | {ratio} | {goal} | {paper} |"
             )
     lines += [
         "",
@@ -790,7 +690,9 @@ def report(doc: dict[str, Any], out: Path, md_dir: Path) -> str:
         "the first sliding 100 ms window, after the flow dipped, that carries at least "
         "half the pre-handoff rate (the CH's received bytes, sampled every "
         f"{cfg['gap_sample_s'] * 1000:g} ms in the clock of the events). 0: no window "
-        "within 1 s of the event fell below half (no disruption). 'never': the flow did "
+        "within 1 s of the event fell below half (no disruption); a flow already without "
+        "data in the 100 ms before the reference (a hard handoff) counts as disrupted "
+        "from it on. 'never': the flow did "
         "not recover before the end of the transfer. This includes TCP's own recovery "
         "(retransmission timer, slow start). Goal: "
         f"<= 1 RTT + 50 ms = {goal_gap * 1000:.0f} ms.",

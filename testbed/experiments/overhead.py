@@ -20,17 +20,14 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from testbed.experiments.common import (
     RunContext,
-    dime_on,
-    iperf3_client,
-    iperf3_json,
     machine_line,
     mean,
-    ping_rtt_ms,
     plot_path,
     progress,
     progress_done,
@@ -39,18 +36,41 @@ from testbed.experiments.common import (
     smoke_note,
     write_result,
 )
-from testbed.experiments.signaling import moves
-from testbed.fig7 import V4, Fig7
+from testbed.fig7 import V4, Fig7, moves
+from testbed.iperf3 import iperf3_client, iperf3_json, iperf3_server, ping_rtt_ms
 from testbed.netns import Namespace, topology
+from testbed.runner import Dime, running
 
 NAME = "overhead"
 TITLE = "Throughput overhead of translation"
 
 CONFIGS = ("none", "nft", "nfqueue")
 SHAPINGS: tuple[int | None, ...] = (None, 100)  # Mbit/s on R's egress to the CH
-BEFORE_S, SETTLE_S, AFTER_S = 3.0, 1.0, 3.0
-SMOKE_TIMES = (1.5, 1.0, 1.5)
-INTERVAL_S = 0.5
+#: Smoke mode: the shaped link only (it runs every line the unshaped one does, and tc).
+SMOKE_SHAPINGS: tuple[int | None, ...] = (100,)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """One run: ``before`` s, the move, ``settle`` s, then ``after`` s; the receiver
+    reports every ``interval`` s, and the first ``skip`` s (slow start) are in neither
+    window. iperf3 -t takes whole seconds: the three add up to one."""
+
+    before: float
+    settle: float
+    after: float
+    interval: float
+    skip: float
+
+    @property
+    def total(self) -> float:
+        return self.before + self.settle + self.after
+
+
+FULL = Schedule(3.0, 1.0, 3.0, 0.5, 0.5)
+# Smoke: one second, with intervals in both windows (TCP may need a retransmission
+# timeout, 200 ms, after the move).
+SMOKE = Schedule(0.5, 0.3, 0.2, 0.1, 0.1)
 TBF = ("burst", "256kbit", "latency", "20ms")
 #: The StackTrans issue's goals, by data plane and link (None: unshaped).
 GOALS = {
@@ -79,28 +99,17 @@ PAPER = (
 )
 
 
-def server(ns: Namespace) -> Any:
-    import subprocess
-
-    proc = ns.popen(
-        "iperf3", "-s", "-1", "-J", "-i", f"{INTERVAL_S:g}",
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-    )  # fmt: skip
-    time.sleep(0.3)
-    return proc
-
-
-def windows(report: dict[str, Any], move_at: float, total: float) -> tuple[float, float]:
+def windows(report: dict[str, Any], sch: Schedule) -> tuple[float, float]:
     """(before, after) receiver throughput in bit/s from the server's intervals."""
     before, after = [], []
     for iv in report.get("intervals", []):
         s = iv.get("sum", {})
         start, end, bps = s.get("start", 0.0), s.get("end", 0.0), s.get("bits_per_second")
-        if bps is None or end - start < INTERVAL_S * 0.5:
+        if bps is None or end - start < sch.interval * 0.5:
             continue
-        if start >= 0.5 and end <= move_at - 0.2:
+        if start >= sch.skip and end <= sch.before - 0.2:
             before.append(bps)
-        elif start >= move_at + SETTLE_S - 0.05 and end <= total + 0.05:
+        elif start >= sch.before + sch.settle - 0.05 and end <= sch.total + 0.05:
             after.append(bps)
     return mean(before), mean(after)
 
@@ -114,33 +123,34 @@ def shaped(r: Namespace, rate: int | None) -> Iterator[None]:
 
 def measure(ctx: RunContext, config: str, rate: int | None) -> dict[str, Any]:
     runs = ctx.n(ctx.runs)
-    b, s, a = SMOKE_TIMES if ctx.smoke else (BEFORE_S, SETTLE_S, AFTER_S)
-    total = b + s + a
+    sch = SMOKE if ctx.smoke else FULL
     label = f"{config}, {'unshaped' if rate is None else f'{rate} Mbit/s'}"
     out: dict[str, Any] = {"runs": []}
     with topology(f"ov{config[:3]}{rate or 0}") as topo:
         fig = Fig7.build(topo, V4)
         hosts = (
-            [] if config == "none" else [(fig.ch, f"ov-{config}-ch"), (fig.mh, f"ov-{config}-mh")]
-        )
-        args = () if config == "none" else ("--dataplane", config)
-        with shaped(fig.r, rate), dime_on(*hosts, tmp=ctx.tmp, args=args) as procs:
-            out["rtt_ms"] = ping_rtt_ms(fig.mh, fig.plan.c1.host)
+            []
+            if config == "none"
+            else [Dime.in_dir(fig.ch, ctx.tmp, f"ov-{config}-ch"),
+                  Dime.in_dir(fig.mh, ctx.tmp, f"ov-{config}-mh")]
+        )  # fmt: skip
+        with shaped(fig.r, rate), running(hosts, "--dataplane", config) as procs:
+            out["rtt_ms"] = ping_rtt_ms(fig.mh, fig.plan.c1.host, count=1 if ctx.smoke else 5)
             plan = moves(fig.plan, runs)
             for i in range(runs):
                 progress(f"{NAME}: {label}: run {i + 1}/{runs}")
-                srv = server(fig.ch)
-                cli = iperf3_client(fig.mh, fig.plan.c1.host, "-t", f"{total:g}")
+                srv = iperf3_server(fig.ch, "-i", f"{sch.interval:g}")
+                cli = iperf3_client(fig.mh, fig.plan.c1.host, "-t", f"{sch.total:g}")
                 t0 = time.monotonic()
                 moved = False
                 if procs:
-                    time.sleep(max(0.0, t0 + b - time.monotonic()))
+                    time.sleep(max(0.0, t0 + sch.before - time.monotonic()))
                     fdev, fsub, tdev, tsub = plan[i]
                     fig.detach(fig.mh, fdev, fsub)
                     fig.attach(fig.mh, tdev, tsub)
                     moved = True
                 try:
-                    crep = iperf3_json(cli, total + 30)
+                    crep = iperf3_json(cli, sch.total + 30)
                     srep = iperf3_json(srv, 15)
                 finally:
                     for p in (cli, srv):
@@ -151,7 +161,7 @@ def measure(ctx: RunContext, config: str, rate: int | None) -> dict[str, Any]:
                 if "error" in crep or "error" in srep:
                     run["error"] = str(crep.get("error") or srep.get("error"))
                 else:
-                    bef, aft = windows(srep, b, total)
+                    bef, aft = windows(srep, sch)
                     run.update(
                         before_bps=bef,
                         after_bps=aft,
@@ -182,7 +192,8 @@ def measure(ctx: RunContext, config: str, rate: int | None) -> dict[str, Any]:
 
 def run(ctx: RunContext) -> Path:
     results: dict[str, Any] = {}
-    for rate in SHAPINGS:
+    shapings = SMOKE_SHAPINGS if ctx.smoke else SHAPINGS
+    for rate in shapings:
         key = "unshaped" if rate is None else f"{rate}mbit"
         results[key] = {c: measure(ctx, c, rate) for c in CONFIGS}
         base = results[key]["none"]
@@ -193,14 +204,17 @@ def run(ctx: RunContext) -> Path:
             for w in ("before", "after"):
                 v = e.get(f"{w}_gbps")
                 e[f"{w}_ratio"] = round(v / ref, 3) if v and ref else None
-    b, s, a = SMOKE_TIMES if ctx.smoke else (BEFORE_S, SETTLE_S, AFTER_S)
+    sch = SMOKE if ctx.smoke else FULL
     config = {
         "configs": list(CONFIGS),
-        "shapings_mbit": list(SHAPINGS),
+        "shapings_mbit": list(shapings),
         "runs": ctx.n(ctx.runs),
-        "windows_s": {"before": [0.5, b - 0.2], "after": [b + s, b + s + a]},
-        "iperf3": "iperf3 TCP, one stream, default congestion control; receiver-side 0.5 s "
-        "intervals",
+        "windows_s": {
+            "before": [sch.skip, sch.before - 0.2],
+            "after": [sch.before + sch.settle, sch.total],
+        },
+        "iperf3": "iperf3 TCP, one stream, default congestion control; receiver-side "
+        f"{sch.interval:g} s intervals",
         "tbf": " ".join(TBF),
         "handoff": "hard, gap 0, in the middle of each run (dime only)",
     }

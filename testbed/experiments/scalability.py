@@ -21,422 +21,68 @@ the move, so to the CH it is simply a flow from the MH's new address. A short ex
 run per point is captured on the router: the wire carries the new locator although
 the MH's socket is bound to the old address.
 
-The helpers at the top (flow holders, packet capture, dime process accounting) are
-shared with the signaling, overhead and footprint experiments.
+The flow holders, the capture and the process accounting live in
+:mod:`testbed.flows`, :mod:`testbed.capture` and :mod:`testbed.procstat`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
-import select
-import signal
-import struct
 import subprocess
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
-from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
 
+from testbed.capture import Capture
 from testbed.experiments.common import (
-    PYTHON,
     UNSHAPED,
-    DimeProc,
     RunContext,
-    dime_on,
-    iperf3_client,
-    iperf3_json,
-    iperf3_server,
     machine_line,
     mean,
     median,
-    ping_rtt_ms,
     plot_path,
     progress,
     progress_done,
     pyplot,
-    read_reply,
     save_figure,
     smoke_note,
     write_result,
 )
 from testbed.fig7 import V4, Fig7
-from testbed.netns import Namespace, topology
+from testbed.flows import SEED_LPORT, SINK_PORTS, Flows, sink
+from testbed.iperf3 import iperf3_client, iperf3_json, iperf3_server, ping_rtt_ms
+from testbed.netns import topology
+from testbed.procstat import ProcCpu, cpu_meter
+from testbed.runner import Dime, established, handed_off, running
 
 NAME = "scalability"
 TITLE = "Socket-table scalability (Fig. 9)"
 
 LEVELS = (0, 1_000, 10_000, 100_000)
-SMOKE_LEVELS = (0, 100)
+#: Smoke mode: one level, the whole path (flows learned, wire check, runs); its ratio is
+#: to itself (a second level would repeat the same path and double the time).
+SMOKE_LEVELS = (10,)
 MODES = ("nft", "nfqueue")
 GOAL_RATIO = 0.95
 RUN_S = 4.0
-SMOKE_RUN_S = 2.0
-SINK_PORTS = (20000, 20999)  # CH ports the background flows go to (dropped there)
-FLOW_LPORT = 10000  # MH ports of the background flows: 10000 + i // 1000
-SEED_LPORT = 9000  # the one flow that establishes the peer and keeps the ghost
+SMOKE_RUN_S = 1.0  # iperf3 -t takes whole seconds
+SMOKE_WIRE_DATAGRAMS = 100
 PAPER = (
     "throughput flat up to ~1,500 entries, then falling almost linearly "
     "(Raspberry Pi B+, Fig. 9; no absolute figures in the text)"
 )
 
 
-# == shared helpers ======================================================================
-
-# One helper process: connected UDP sockets, one flow each, from ``bind`` to ``dst``.
-# Flow i uses local port llo + i // span and remote port rlo + i % span (SO_REUSEADDR
-# lets several connected sockets share a local port), so every flow is distinct.
-HOLDER = r"""
-import resource, socket, sys
-dst, rlo, span, bind, llo, first = sys.argv[1:7]
-rlo, span, llo, first = int(rlo), int(span), int(llo), int(first)
-soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-print("cap", max(hard - 64, 1), flush=True)
-socks = []
-for line in sys.stdin:
-    cmd, *arg = line.split()
-    err = ""
-    if cmd == "grow":
-        try:
-            while len(socks) < int(arg[0]):
-                i = first + len(socks)
-                s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                s.bind((bind, llo + i // span))
-                s.connect((dst, rlo + i % span))
-                socks.append(s)
-        except OSError as exc:
-            err = repr(exc).replace(" ", "_")
-    elif cmd == "send":
-        for s in socks[int(arg[0]):int(arg[1])]:
-            try:
-                s.send(b"dime-bench")
-            except OSError:
-                pass
-    print("ok", len(socks), err, flush=True)
-"""
-
-
-def queue_backlog(ns: Namespace) -> int:
-    """Packets waiting in this namespace's NFQUEUEs (0 when the daemon has caught up)."""
-    try:
-        text = ns.run("cat", "/proc/net/netfilter/nfnetlink_queue", check=False, timeout=10)
-    except subprocess.TimeoutExpired:
-        return 0
-    total = 0
-    for line in text.splitlines():
-        fields = line.split()
-        if len(fields) > 2 and fields[2].isdigit():
-            total += int(fields[2])
-    return total
-
-
-def wait_queues(ns: Namespace, timeout: float = 120.0) -> bool:
-    """Wait until dime has taken every queued packet (bounded)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if queue_backlog(ns) == 0:
-            return True
-        time.sleep(0.05)
-    return False
-
-
-class Flows:
-    """``n`` real UDP flows from ``ns`` (bound to ``bind``) to ``dst``, held open by
-    helper processes (each stays below its RLIMIT_NOFILE hard limit)."""
-
-    def __init__(
-        self,
-        ns: Namespace,
-        dst: str,
-        bind: str,
-        *,
-        lport: int = FLOW_LPORT,
-        ports: tuple[int, int] = SINK_PORTS,
-    ) -> None:
-        self.ns, self.dst, self.bind, self.lport = ns, dst, bind, lport
-        self.rlo, self.span = ports[0], ports[1] - ports[0] + 1
-        self.holders: list[tuple[subprocess.Popen[str], list[int]]] = []  # (proc, [count])
-        self.cap = 0
-        self.sent = 0  # flows [0, sent) have sent their first datagram
-
-    def __len__(self) -> int:
-        return sum(c[0] for _, c in self.holders)
-
-    def _cmd(self, proc: subprocess.Popen[str], line: str, timeout: float = 300) -> str:
-        assert proc.stdin is not None
-        proc.stdin.write(line + "\n")
-        proc.stdin.flush()
-        return read_reply(proc, timeout, line)
-
-    def _spawn(self) -> tuple[subprocess.Popen[str], list[int]]:
-        first = len(self)
-        proc = self.ns.popen(
-            PYTHON,
-            "-c",
-            HOLDER,
-            self.dst,
-            str(self.rlo),
-            str(self.span),
-            self.bind,
-            str(self.lport),
-            str(first),
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            text=True,
-        )
-        line = read_reply(proc, 30, "start").split()
-        if len(line) != 2 or line[0] != "cap":
-            raise RuntimeError(f"flow holder failed to start: {line!r}")
-        self.cap = int(line[1])
-        h = (proc, [0])
-        self.holders.append(h)
-        return h
-
-    def open(self, n: int) -> None:
-        """Open sockets until there are ``n`` (no traffic yet)."""
-        while len(self) < n:
-            h = self.holders[-1] if self.holders and self.holders[-1][1][0] < self.cap else None
-            if h is None:
-                h = self._spawn()
-            k = min(n - len(self), self.cap - h[1][0])
-            reply = self._cmd(h[0], f"grow {h[1][0] + k}").split()
-            h[1][0] = int(reply[1])
-            if len(reply) > 2:
-                raise RuntimeError(f"opening flow sockets failed: {reply[2]}")
-
-    def send(self, start: int, stop: int, *, chunk: int = 2000, drain: bool = True) -> None:
-        """One datagram on flows [start, stop), ``chunk`` at a time, each chunk taken by
-        dime (its queues empty) before the next: its NFQUEUE holds 8192 packets."""
-        base = 0
-        for proc, count in self.holders:
-            lo, hi = max(start - base, 0), min(stop - base, count[0])
-            for a in range(lo, hi, chunk):
-                self._cmd(proc, f"send {a} {min(a + chunk, hi)}")
-                if drain:
-                    wait_queues(self.ns)
-            base += count[0]
-
-    def send_new(self, **kw: Any) -> None:
-        self.send(self.sent, len(self), **kw)
-        self.sent = len(self)
-
-    def refresh(self, **kw: Any) -> None:
-        self.send(0, len(self), **kw)
-
-    def close(self) -> None:
-        for proc, _ in self.holders:
-            with contextlib.suppress(OSError, ValueError):
-                assert proc.stdin is not None
-                proc.stdin.close()
-        for proc, _ in self.holders:
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        self.holders.clear()
-
-
-def sink(ns: Namespace, ports: tuple[int, int] = SINK_PORTS) -> None:
-    """Drop UDP to ``ports`` in ``ns`` before anything else sees it (dime, conntrack)."""
-    ns.run(
-        "nft",
-        "add table inet dmbench; "
-        "add chain inet dmbench pre { type filter hook prerouting priority -400; }; "
-        f"add rule inet dmbench pre udp dport {ports[0]}-{ports[1]} drop",
-    )
-
-
-def status(d: DimeProc, tries: int = 3) -> dict[str, Any]:
-    """``dime status --json``, retried: with 100k flows it is a big answer."""
-    for i in range(tries):
-        try:
-            return d.status()
-        except Exception:
-            if i == tries - 1:
-                raise
-            time.sleep(1)
-    raise AssertionError("unreachable")
-
-
-def wait_status(d: DimeProc, pred: Any, timeout: float = 20.0, what: str = "") -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while True:
-        st = status(d)
-        if pred(st):
-            return st
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{d.ns.name}: dime never reached: {what}\n{d.log_tail()}")
-        time.sleep(0.2)
-
-
-def established(addr: str) -> Any:
-    return lambda st: any(h["state"] == "established" and addr in h["active"] for h in st["hids"])
-
-
-def handed_off(old: str, new: str) -> Any:
-    """The CH's view once it has applied the MH's HANDOFF."""
-    return lambda st: any(new in h["active"] and old not in h["active"] for h in st["hids"])
-
-
-@dataclass
-class ProcCpu:
-    """utime+stime and RSS of a process, from /proc."""
-
-    pid: int
-
-    def ticks(self) -> int:
-        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15)
-
-    def rss_kib(self) -> int:
-        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-        return 0
-
-    def hwm_kib(self) -> int:
-        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-        return 0
-
-
-HZ = os.sysconf("SC_CLK_TCK")
-
-
-@contextlib.contextmanager
-def cpu_meter(pid: int) -> Iterator[dict[str, float]]:
-    """Yields a dict filled on exit with ``cpu_pct`` (of one core) over the block."""
-    p = ProcCpu(pid)
-    out: dict[str, float] = {}
-    t0, c0 = time.monotonic(), p.ticks()
-    try:
-        yield out
-    finally:
-        with contextlib.suppress(OSError):
-            dt = time.monotonic() - t0
-            out["cpu_pct"] = round(100.0 * (p.ticks() - c0) / HZ / dt, 1) if dt > 0 else 0.0
-            out["seconds"] = round(dt, 2)
-
-
-# -- packet capture -----------------------------------------------------------------------
-
-
-@dataclass
-class Packet:
-    t: float
-    src: str
-    dst: str
-    proto: int
-    sport: int
-    dport: int
-    payload: bytes
-
-
-@dataclass
-class Capture:
-    """tcpdump in ``ns`` on ``dev``, to a pcap file; packets parsed after ``stop``."""
-
-    ns: Namespace
-    dev: str
-    bpf: str
-    path: Path
-    proc: subprocess.Popen[bytes] | None = None
-    packets: list[Packet] = field(default_factory=list)
-
-    def start(self, timeout: float = 10.0) -> None:
-        self.proc = self.ns.popen(
-            "tcpdump", "-i", self.dev, "-nn", "-U", "-s", "256", "-w", str(self.path),
-            *self.bpf.split(),
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        )  # fmt: skip
-        assert self.proc.stderr is not None
-        deadline = time.monotonic() + timeout
-        buf = b""
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([self.proc.stderr], [], [], 0.2)
-            if ready:
-                chunk = os.read(self.proc.stderr.fileno(), 4096)
-                if not chunk:
-                    break
-                buf += chunk
-                if b"listening on" in buf:
-                    return
-            elif self.proc.poll() is not None:
-                break
-        self.stop()
-        raise RuntimeError(f"tcpdump did not start in {self.ns.name}: {buf.decode()[-300:]}")
-
-    def stop(self) -> list[Packet]:
-        if self.proc is not None:
-            if self.proc.poll() is None:
-                self.proc.send_signal(signal.SIGINT)
-                try:
-                    self.proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    self.proc.kill()
-                    self.proc.wait()
-            self.proc = None
-            self.packets = read_pcap(self.path) if self.path.exists() else []
-        return self.packets
-
-
-def read_pcap(path: Path) -> list[Packet]:
-    """IPv4 UDP/TCP packets of a classic pcap file (Ethernet or Linux cooked)."""
-    data = path.read_bytes()
-    if len(data) < 24:
-        return []
-    magic = data[:4]
-    endian = "<" if magic in (b"\xd4\xc3\xb2\xa1", b"\x4d\x3c\xb2\xa1") else ">"
-    nano = magic in (b"\x4d\x3c\xb2\xa1", b"\xa1\xb2\x3c\x4d")
-    linktype = struct.unpack(endian + "I", data[20:24])[0]
-    l2 = {1: 14, 113: 16, 276: 20}.get(linktype)
-    if l2 is None:
-        raise ValueError(f"pcap link type {linktype} not handled")
-    out, off = [], 24
-    while off + 16 <= len(data):
-        sec, frac, incl, _ = struct.unpack(endian + "IIII", data[off : off + 16])
-        frame = data[off + 16 : off + 16 + incl]
-        off += 16 + incl
-        ethertype = {1: frame[12:14], 113: frame[14:16], 276: frame[0:2]}[linktype]
-        if ethertype != b"\x08\x00" or len(frame) < l2 + 20:
-            continue
-        ip = frame[l2:]
-        ihl = (ip[0] & 0x0F) * 4
-        proto = ip[9]
-        if proto not in (6, 17) or len(ip) < ihl + 4:
-            continue
-        sport, dport = struct.unpack("!HH", ip[ihl : ihl + 4])
-        l4 = 8 if proto == 17 else ((ip[ihl + 12] >> 4) * 4 if len(ip) > ihl + 12 else 20)
-        out.append(
-            Packet(
-                sec + frac / (1e9 if nano else 1e6),
-                str(IPv4Address(ip[12:16])),
-                str(IPv4Address(ip[16:20])),
-                proto,
-                sport,
-                dport,
-                bytes(ip[ihl + l4 :]),
-            )
-        )
-    return out
-
-
 # == the experiment =======================================================================
 
 
-def udp_run(fig: Fig7, seconds: float, bind: str, rate: str = "0") -> dict[str, Any]:
-    """One iperf3 UDP run MH -> CH from ``bind``; receiver-side figures."""
+def udp_run(
+    fig: Fig7, seconds: float, bind: str, rate: str = "0", datagrams: int = 0
+) -> dict[str, Any]:
+    """One iperf3 UDP run MH -> CH from ``bind`` for ``seconds`` (or, if given, for
+    ``datagrams`` datagrams); receiver-side figures."""
     server = iperf3_server(fig.ch)
-    client = iperf3_client(
-        fig.mh, fig.plan.c1.host, "-u", "-b", rate, "-t", f"{seconds:g}", "-B", bind
-    )
+    length = ("-k", str(datagrams)) if datagrams else ("-t", f"{seconds:g}")
+    client = iperf3_client(fig.mh, fig.plan.c1.host, "-u", "-b", rate, *length, "-B", bind)
     try:
         rep = iperf3_json(client, seconds + 30)
         srv = iperf3_json(server, 15)
@@ -460,12 +106,13 @@ def udp_run(fig: Fig7, seconds: float, bind: str, rate: str = "0") -> dict[str, 
     }
 
 
-def wire_check(fig: Fig7, tmp: Path, bind: str, d: DimeProc) -> dict[str, Any]:
-    """A short, slow run captured on R's CH-side link: which source the wire carries."""
+def wire_check(fig: Fig7, tmp: Path, bind: str, smoke: bool) -> dict[str, Any]:
+    """A short, slow run captured on R's CH-side link: which source the wire carries
+    (in smoke mode a few datagrams: iperf3 -t takes whole seconds)."""
     cap = Capture(fig.r, "rc1", "udp and dst port 5201", tmp / "scal-wire.pcap")
     cap.start()
     try:
-        run = udp_run(fig, 1.0, bind, rate="20M")
+        run = udp_run(fig, 1.0, bind, rate="20M", datagrams=SMOKE_WIRE_DATAGRAMS if smoke else 0)
     finally:
         pkts = cap.stop()
     srcs: dict[str, int] = {}
@@ -474,10 +121,10 @@ def wire_check(fig: Fig7, tmp: Path, bind: str, d: DimeProc) -> dict[str, Any]:
     return {"bound": bind, "wire_sources": srcs, "ch_sees": run.get("ch_sees")}
 
 
-def build(flows: Flows, n: int, d: DimeProc) -> dict[str, Any]:
+def build(flows: Flows, n: int, d: Dime) -> dict[str, Any]:
     """Grow the MH's table to ``n`` other entries; returns how it went."""
     t0 = time.monotonic()
-    before = len(status(d)["sockets"])
+    before = len(d.status(tries=3)["sockets"])
     new = n - len(flows)
     if new <= 0:
         return {"build_s": 0.0, "learn_rate_per_s": None}
@@ -485,7 +132,7 @@ def build(flows: Flows, n: int, d: DimeProc) -> dict[str, Any]:
     t1 = time.monotonic()
     flows.send_new()
     t2 = time.monotonic()
-    st = status(d)
+    st = d.status(tries=3)
     return {
         "build_s": round(time.monotonic() - t0, 1),
         "learn_s": round(t2 - t1, 2),
@@ -494,9 +141,9 @@ def build(flows: Flows, n: int, d: DimeProc) -> dict[str, Any]:
     }
 
 
-def ensure(flows: Flows, n: int, d: DimeProc, mode: str, extra: int) -> int:
+def ensure(flows: Flows, n: int, d: Dime, mode: str, extra: int) -> int:
     """Make sure the table holds >= n + extra entries; refresh to re-learn lost ones."""
-    count = len(status(d)["sockets"])
+    count = len(d.status(tries=3)["sockets"])
     tries = 0
     while count < n + extra and tries < 3:
         tries += 1
@@ -506,7 +153,7 @@ def ensure(flows: Flows, n: int, d: DimeProc, mode: str, extra: int) -> int:
             progress(f"{NAME} {mode}: {count} entries < {n}: waiting out conntrack, refresh")
             time.sleep(32)
         flows.refresh()
-        count = len(status(d)["sockets"])
+        count = len(d.status(tries=3)["sockets"])
     return count
 
 
@@ -519,30 +166,31 @@ def measure_mode(ctx: RunContext, mode: str, levels: tuple[int, ...]) -> dict[st
         p = fig.plan
         old, new = p.m1.host, p.m2.host
         sink(fig.ch)
-        with dime_on(
-            (fig.ch, f"sc-{mode}-ch"), (fig.mh, f"sc-{mode}-mh"),
-            tmp=ctx.tmp, args=("--dataplane", mode),
-        ) as (dch, dmh):  # fmt: skip
+        hosts = [Dime.in_dir(fig.ch, ctx.tmp, f"sc-{mode}-ch"),
+                 Dime.in_dir(fig.mh, ctx.tmp, f"sc-{mode}-mh")]  # fmt: skip
+        with running(hosts, "--dataplane", mode) as (dch, dmh):
             seed = Flows(fig.mh, p.c1.host, old, lport=SEED_LPORT)
             flows = Flows(fig.mh, p.c1.host, old)
             try:
                 progress(f"{NAME} {mode}: establishing the peer, handoff m1 -> m2")
                 seed.open(1)
                 seed.send_new()
-                wait_status(dmh, established(p.c1.host), what="peer established")
+                dmh.wait_status(established(p.c1.host), what="peer established", tries=3)
                 fig.hard_handoff_mh(0.0)
-                wait_status(dch, handed_off(old, new), what="handoff applied at the CH")
-                wait_status(dmh, lambda st: old in st["ghosts"], what="old address kept as ghost")
-                res["rtt_ms"] = ping_rtt_ms(fig.mh, p.c1.host)
-                res["pid"] = status(dmh)["pid"]
+                dch.wait_status(handed_off(old, new), what="handoff applied at the CH", tries=3)
+                dmh.wait_status(
+                    lambda st: old in st["ghosts"], what="old address kept as ghost", tries=3
+                )
+                res["rtt_ms"] = ping_rtt_ms(fig.mh, p.c1.host, count=1 if ctx.smoke else 5)
+                res["pid"] = dmh.pid
                 for n in levels:
                     progress(f"{NAME} {mode}: building {n} entries")
                     b = build(flows, n, dmh)
                     level: dict[str, Any] = {"n": n, **b}
                     seed.refresh()
                     level["entries_before"] = ensure(flows, n, dmh, mode, extra=1)
-                    level["wire"] = wire_check(fig, ctx.tmp, old, dmh)
-                    c0 = status(dmh)["counters"]
+                    level["wire"] = wire_check(fig, ctx.tmp, old, ctx.smoke)
+                    c0 = dmh.status(tries=3)["counters"]
                     samples: list[dict[str, Any]] = []
                     last_refresh = time.monotonic()
                     cpus: list[float] = []
@@ -558,7 +206,7 @@ def measure_mode(ctx: RunContext, mode: str, levels: tuple[int, ...]) -> dict[st
                             samples.append(udp_run(fig, secs, old))
                         cpus.append(cpu.get("cpu_pct", 0.0))
                     level["daemon_cpu_pct"] = round(mean(cpus), 1) if cpus else None
-                    st = status(dmh)
+                    st = dmh.status(tries=3)
                     level["entries_after"] = len(st["sockets"])
                     level["user_space_translated"] = st["counters"].get(
                         "packets_translated_in_user_space", 0
@@ -582,7 +230,7 @@ def measure_mode(ctx: RunContext, mode: str, levels: tuple[int, ...]) -> dict[st
                         f"{level['rx_gbps']} Gbit/s received, daemon "
                         f"{level['daemon_cpu_pct']} % CPU"
                     )
-                res["ghosts"] = status(dmh)["ghosts"]
+                res["ghosts"] = dmh.status(tries=3)["ghosts"]
             finally:
                 flows.close()
                 seed.close()

@@ -21,20 +21,16 @@ router (192.0.2.0/25, router 192.0.2.126) instead of the single CH link.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import json
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from testbed.capture import Capture
 from testbed.experiments.common import (
-    DIME,
     PYTHON,
     UNSHAPED,
-    DimeProc,
     RunContext,
     machine_line,
     mean,
@@ -42,26 +38,27 @@ from testbed.experiments.common import (
     progress,
     progress_done,
     pyplot,
-    read_reply,
     save_figure,
     smoke_note,
     write_result,
 )
-from testbed.experiments.scalability import (
-    Capture,
-)
-from testbed.fig7 import V4, Fig7, Subnet
-from testbed.netns import Namespace, Topology, topology
+from testbed.fig7 import V4, Fig7, Move, Subnet, moves
+from testbed.netns import Namespace, Topology, read_reply, topology
+from testbed.runner import Dime, running, statuses
 
 NAME = "signaling"
 TITLE = "Scale-free signaling: IHMP messages per handoff"
 
 CONNECTIONS = (1, 100, 1000)
 PEERS = (1, 10, 50)
-SMOKE_CONNECTIONS = (1, 2)
-SMOKE_PEERS = (1, 2)
+# Smoke mode: one configuration of each series (their first rows are the same one).
+SMOKE_CONNECTIONS = (2,)
+SMOKE_PEERS = (2,)
 HANDOFFS = 3  # per configuration (1 in smoke mode)
-WINDOW_S = 3.0
+WINDOW_S = 3.0  # counted from each handoff on
+SMOKE_WINDOW_S = 0.5
+SETTLE_S = 1.0  # after the HELLOs, before the first handoff
+SMOKE_SETTLE_S = 0.2
 GOAL_PER_PEER = 2
 ECHO_PORT = 7000
 IHMP_PORT = 4731
@@ -199,112 +196,11 @@ def build_star(topo: Topology, k: int) -> Star:
     return Star(topo, fig, peers, addrs)
 
 
-def start_many(
-    hosts: list[tuple[Namespace, str]], tmp: Path, args: tuple[str, ...] = (), batch: int = 10
-) -> list[DimeProc]:
-    """``dime up`` in many namespaces, ``batch`` at a time; ready when this returns.
-
-    Readiness is the daemon's own "dime up:" log line (cheaper than polling
-    ``dime status`` in 50 namespaces)."""
-    procs: list[DimeProc] = []
-    try:
-        for i in range(0, len(hosts), batch):
-            group = []
-            for ns, name in hosts[i : i + batch]:
-                state, log = tmp / f"state-{name}", tmp / f"dime-{name}.log"
-                argv = ["env", f"DIME_STATE_DIR={state}", DIME, "up", "-v", *args]
-                proc = ns.popen(*argv, stdout=log.open("w"), stderr=subprocess.STDOUT)
-                d = DimeProc(ns, proc, log, state)
-                procs.append(d)
-                group.append(d)
-            deadline = time.monotonic() + 60
-            for d in group:
-                while True:
-                    if d.proc.poll() is not None:
-                        raise RuntimeError(f"dime up failed in {d.ns.name}:\n{d.log_tail()}")
-                    with contextlib.suppress(OSError):
-                        if "dime up:" in d.log.read_text():
-                            break
-                    if time.monotonic() > deadline:
-                        raise RuntimeError(f"dime up not ready in {d.ns.name}:\n{d.log_tail()}")
-                    time.sleep(0.05)
-            progress(f"{NAME}: {len(procs)}/{len(hosts)} daemons up")
-    except BaseException:
-        stop_many(procs)
-        raise
-    return procs
-
-
-def stop_many(procs: list[DimeProc]) -> None:
-    """``dime down`` everywhere at once, then wait (bounded), then kill what is left."""
-    downs = [
-        d.ns.popen(DIME, "down", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        for d in procs
-        if d.proc.poll() is None
-    ]
-    for p in downs:
-        try:
-            p.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
-    for d in procs:
-        try:
-            d.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            d.proc.kill()
-            d.proc.wait()
-
-
-@contextlib.contextmanager
-def many_dime(
-    hosts: list[tuple[Namespace, str]], tmp: Path, args: tuple[str, ...] = ()
-) -> Iterator[list[DimeProc]]:
-    procs = start_many(hosts, tmp, args)
-    try:
-        yield procs
-    finally:
-        stop_many(procs)
-
-
-def statuses(procs: list[DimeProc], timeout: float = 60) -> list[dict[str, Any]]:
-    """``dime status --json`` of many daemons, in parallel."""
-    running = [
-        d.ns.popen(DIME, "status", "--json", stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-        for d in procs
-    ]
-    out = []
-    for p in running:
-        try:
-            data, _ = p.communicate(timeout=timeout)
-            out.append(dict(json.loads(data)))
-        except (subprocess.TimeoutExpired, ValueError):
-            p.kill()
-            p.wait()
-            out.append({})
-    return out
-
-
 def sent(st: dict[str, Any]) -> int:
     return int(st.get("counters", {}).get("messages_sent", 0))
 
 
 # -- one configuration ---------------------------------------------------------------------
-
-
-def moves(plan: Any, count: int) -> list[tuple[str, Subnet, str, Subnet]]:
-    """``count`` hard handoffs back and forth between m1 and m2, each to a fresh
-    address: (from dev, from subnet, to dev, to subnet)."""
-    out = []
-    cur_dev, cur = "m1", plan.m1
-    for j in range(count):
-        to_dev = "m2" if cur_dev == "m1" else "m1"
-        base: Subnet = getattr(plan, to_dev)
-        host = base.host.rsplit(".", 1)
-        to = dataclasses.replace(base, host=f"{host[0]}.{int(host[1]) + 1 + j // 2}")
-        out.append((cur_dev, cur, to_dev, to))
-        cur_dev, cur = to_dev, to
-    return out
 
 
 def run_config(ctx: RunContext, k: int, per: int, handoffs: int) -> dict[str, Any]:
@@ -315,12 +211,12 @@ def run_config(ctx: RunContext, k: int, per: int, handoffs: int) -> dict[str, An
         progress(f"{NAME}: {label}: building")
         star = build_star(topo, k)
         fig, mh = star.fig, star.fig.mh
-        hosts = [(mh, f"sg-{k}-{per}-mh")] + [
-            (p, f"sg-{k}-{per}-p{i}") for i, p in enumerate(star.peers)
+        hosts = [Dime.in_dir(mh, ctx.tmp, f"sg-{k}-{per}-mh")] + [
+            Dime.in_dir(p, ctx.tmp, f"sg-{k}-{per}-p{i}") for i, p in enumerate(star.peers)
         ]
         servers: list[subprocess.Popen[str]] = []
         client: subprocess.Popen[str] | None = None
-        with many_dime(hosts, ctx.tmp) as procs:
+        with running(hosts, "-v") as procs:
             dmh, dpeers = procs[0], procs[1:]
             try:
                 for p in star.peers:
@@ -343,17 +239,14 @@ def run_config(ctx: RunContext, k: int, per: int, handoffs: int) -> dict[str, An
                 res["connections"] = int(ready[1])
                 res["open_s"] = round(time.monotonic() - t_open, 2)
                 # Every correspondent known and its HELLO exchange over.
-                deadline = time.monotonic() + 60
-                while True:
-                    st = statuses([dmh])[0]
-                    est = [h for h in st.get("hids", []) if h["state"] == "established"]
-                    if len(est) >= k:
-                        break
-                    if time.monotonic() > deadline:
-                        raise RuntimeError(f"MH has {len(est)} of {k} peers established")
-                    time.sleep(0.3)
+                st = dmh.wait_status(
+                    lambda s: sum(h["state"] == "established" for h in s["hids"]) >= k,
+                    timeout=60,
+                    what=f"{k} peers established",
+                )
                 res["mh_socket_entries"] = len(st["sockets"])
-                time.sleep(1.0)  # let stray ACK retransmissions of the HELLOs settle
+                # Stray ACK retransmissions of the HELLOs must not fall in a window.
+                time.sleep(SMOKE_SETTLE_S if ctx.smoke else SETTLE_S)
                 for j, (fdev, fsub, tdev, tsub) in enumerate(moves(fig.plan, handoffs)):
                     progress(f"{NAME}: {label}: handoff {j + 1}/{handoffs}")
                     res["handoffs"].append(
@@ -389,10 +282,10 @@ def run_config(ctx: RunContext, k: int, per: int, handoffs: int) -> dict[str, An
 def one_handoff(
     ctx: RunContext,
     star: Star,
-    dmh: DimeProc,
-    dpeers: list[DimeProc],
+    dmh: Dime,
+    dpeers: list[Dime],
     client: subprocess.Popen[str],
-    move: tuple[str, Subnet, str, Subnet],
+    move: Move,
 ) -> dict[str, Any]:
     fig = star.fig
     fdev, fsub, tdev, tsub = move
@@ -403,7 +296,7 @@ def one_handoff(
     try:
         fig.detach(fig.mh, fdev, fsub)
         fig.attach(fig.mh, tdev, tsub)
-        time.sleep(max(0.0, t0 + WINDOW_S - time.monotonic()))
+        time.sleep(max(0.0, t0 + window(ctx) - time.monotonic()))
     finally:
         pkts = cap.stop()
     after = statuses([dmh, *dpeers])
@@ -442,6 +335,10 @@ def one_handoff(
     }
 
 
+def window(ctx: RunContext) -> float:
+    return SMOKE_WINDOW_S if ctx.smoke else WINDOW_S
+
+
 def run(ctx: RunContext) -> Path:
     conns = SMOKE_CONNECTIONS if ctx.smoke else CONNECTIONS
     peers = SMOKE_PEERS if ctx.smoke else PEERS
@@ -456,7 +353,7 @@ def run(ctx: RunContext) -> Path:
         "connections": list(conns),
         "peers": list(peers),
         "handoffs_per_config": handoffs,
-        "window_s": WINDOW_S,
+        "window_s": window(ctx),
         "handoff": "hard, gap 0: old address deleted and link down, new link up with a "
         "fresh address at once (dime's handoff window is 1 s)",
         "capture": "tcpdump on the router's correspondent-side bridge, udp port 4731",
