@@ -215,10 +215,12 @@ class Daemon:
             log.exception("IHMP datagram from %s crashed the engine; dropped", src)
         self._pump()
 
-    def _hid_for(self, remote: IPAddress, local: IPAddress, now: float) -> int | None:
+    def _hid_for(
+        self, remote: IPAddress, local: IPAddress, now: float, adopted: bool
+    ) -> int | None:
         """StackTrans saw a new flow local -> remote: the engine names its host."""
         assert self.engine is not None
-        hid = self.engine.flow_started(remote, local, now)
+        hid = self.engine.flow_started(remote, local, now, adopted)
         # Called from inside the packet path: the HELLO and the host's creation go
         # out once this packet has its verdict.
         self._pump_soon()

@@ -313,17 +313,23 @@ class IhmpEngine:
 
     # == inputs: StackTrans ===========================================================
 
-    def flow_started(self, remote: IPAddress, local: IPAddress, now: float) -> int | None:
+    def flow_started(
+        self, remote: IPAddress, local: IPAddress, now: float, adopted: bool = False
+    ) -> int | None:
         """A new flow ``local`` -> ``remote`` (identifiers): the HID of its host.
 
         An address no host owns yet makes a new host, and the engine says HELLO to it
         from ``local``; so does a new flow to a legacy host whose hold-down is over.
-        Returns None for addresses that are never translated (loopback, multicast,
-        unspecified).
+        ``adopted``: the flow existed before this daemon (a restart resumed), so an
+        address a host withdrew still names it; a really new flow to such an address
+        goes to whoever has it now, a new host. Returns None for addresses that are
+        never translated (loopback, multicast, unspecified).
         """
         if not (usable(remote) and usable(local)) or remote == local:
             return None
         entry = self.table.lookup(remote)
+        if entry is None and adopted:
+            entry = self.table.lookup_retired(remote)
         if entry is None:
             entry = self.table.create([remote], Trigger.HELLO_SENT)
             self._start_hello(entry.hid, now, local)

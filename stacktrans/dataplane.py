@@ -28,16 +28,18 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from ihmp.addr import IPAddress, usable
-from ihmp.hosts import ChangeKind, HidState, HostChanged, HostSnapshot
+from ihmp.hosts import ChangeKind, HostChanged, HostSnapshot
 from stacktrans.socket_table import UDP, FlowKey, SocketEntry, SocketTable
 from stacktrans.translation import HidTranslation, compute
 
 log = logging.getLogger("dime.stacktrans")
 
-#: ``hid_for(remote, local, now)``: the HID of the host a new flow local -> remote
-#: goes to (IHMP creates it and says HELLO if it is new), or None to leave the flow
-#: alone. :meth:`ihmp.engine.IhmpEngine.flow_started` is the real one.
-HidFor = Callable[[IPAddress, IPAddress, float], "int | None"]
+#: ``hid_for(remote, local, now, adopted)``: the HID of the host a new flow local ->
+#: remote goes to (IHMP creates it and says HELLO if it is new), or None to leave the
+#: flow alone. ``adopted``: the flow existed before this run (a restart), so an
+#: address its host withdrew still names that host.
+#: :meth:`ihmp.engine.IhmpEngine.flow_started` is the real one.
+HidFor = Callable[[IPAddress, IPAddress, float, bool], "int | None"]
 
 
 class KernelMaps(Protocol):
@@ -139,8 +141,9 @@ class Dataplane:
 
     # -- inputs: flows ----------------------------------------------------------------
 
-    def flow_seen(self, key: FlowKey, now: float) -> SocketEntry | None:
+    def flow_seen(self, key: FlowKey, now: float, adopted: bool = False) -> SocketEntry | None:
         """The first packet of ``key`` (either direction): record it, and its HID.
+        ``adopted``: the flow existed before this run (see ``HidFor``).
 
         Returns the flow's entry, or None for traffic dime leaves alone. Never
         waits for IHMP: a new host only *prompts* a HELLO.
@@ -153,31 +156,28 @@ class Dataplane:
             return None  # its host is gone: the kernel rejects it, nothing brings it back
         if not (usable(key.remote) and usable(key.local)) or key.remote == key.local:
             return None
-        hid = self._hid_for(key.remote, key.local, now)
+        hid = self._hid_for(key.remote, key.local, now, adopted)
         if hid is None:
             return None
-        if hid not in self._hosts:
-            # A host IHMP created just now: its HostChanged event is on its way.
-            self._learn(HostSnapshot(hid, (key.remote,), frozenset(), (), None,
-                                     HidState.HELLO_PENDING))  # fmt: skip
         entry = self.sockets.add(key, hid, now)
         if entry is None:
             log.warning("flow %s collides with another flow of HID %d; not translated", key, hid)
             return None
         log.debug("flow %s -> HID %d", key, hid)
         self.kernel.add_flows([entry])
+        # A host IHMP created just now is not known here until its HostChanged event
+        # comes: until then its flows are identities, nothing to rewrite.
         self._refresh(hid)
-        tr = self._translations.get(hid)
-        if tr is not None and (
-            tr.outbound(key.local, key.remote) != (None, None)
-            or key.remote not in self._hosts[hid].active
-        ):
-            self.kernel.flush()  # its packets need rewriting from the start
+        tr, host = self._translations.get(hid), self._hosts.get(hid)
+        if tr is not None and host is not None:
+            rewritten = tr.outbound(key.local, key.remote) != (None, None)
+            if rewritten or key.remote not in host.active:
+                self.kernel.flush()  # its packets need rewriting from the start
         return entry
 
     def adopt(self, keys: Iterable[FlowKey], now: float) -> int:
         """Take over flows that existed before we started. Returns how many."""
-        return sum(1 for key in keys if self.flow_seen(key, now) is not None)
+        return sum(1 for key in keys if self.flow_seen(key, now, adopted=True) is not None)
 
     def sweep(
         self,

@@ -266,13 +266,19 @@ class NftTable:
         atomic batch: a stale copy (a predecessor that crashed) is replaced without
         a moment in which its flows go untranslated."""
         replace = "".join(f"add table {f} {TABLE}\ndelete table {f} {TABLE}\n" for f in FAMILIES)
-        self.nft.run(
-            replace
-            + ruleset(fast_path=self.fast_path, queue=self.queue)
-            + "\n".join(self._pending)
-        )
-        self._pending.clear()
+        tables = replace + ruleset(fast_path=self.fast_path, queue=self.queue)
+        try:
+            self.nft.run(tables + "\n".join(self._pending))
+            self._pending.clear()
+        except NftError as exc:
+            if not self._pending:
+                raise
+            # Some element was refused: the tables alone, then the elements one by one
+            # (flush), so that one bad element costs nothing else.
+            log.warning("nft refused the elements with the tables (%s); adding them apart", exc)
+            self.nft.run(tables)
         self.installed = True
+        self.flush()
 
     def uninstall(self) -> None:
         for family in FAMILIES:

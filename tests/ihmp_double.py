@@ -25,7 +25,7 @@ class IhmpDouble:
         self.dataplane = Dataplane(kernel, self.hid_for)
         return self.dataplane
 
-    def hid_for(self, remote: IPAddress, local: IPAddress, now: float) -> int:
+    def hid_for(self, remote: IPAddress, local: IPAddress, now: float, adopted: bool) -> int:
         host = self.table.lookup(remote)
         if host is None:
             host = self.table.create([remote], Trigger.HELLO_SENT)

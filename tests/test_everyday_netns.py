@@ -62,7 +62,8 @@ class Bed:
     fig: Fig7
     tmp: Path
     daemons: dict[str, Dime] = field(default_factory=dict)
-    moves: list[tuple[float, str]] = field(default_factory=list)  # (wall clock, what)
+    #: (wall clock when the MH lost its old address, when it had the new one, what)
+    moves: list[tuple[float, float, str]] = field(default_factory=list)
 
     @property
     def ch(self) -> Namespace:
@@ -88,17 +89,19 @@ class Bed:
 
     def hard(self, old: tuple[str, Subnet], new: tuple[str, Subnet], gap: float = 0.5) -> None:
         """The MH loses ``old`` (address and link); ``gap`` s later it is on ``new``."""
+        lost = time.time()
         self.fig.detach(self.mh, *old)
         time.sleep(gap)
         self.fig.attach(self.mh, *new)
-        self.moves.append((time.time(), f"hard {old[1].host} -> {new[1].host}"))
+        self.moves.append((lost, time.time(), f"hard {old[1].host} -> {new[1].host}"))
 
     def soft(self, old: tuple[str, Subnet], new: tuple[str, Subnet], overlap: float) -> None:
         """The MH gets ``new``; ``overlap`` s later it leaves ``old``."""
         self.fig.attach(self.mh, *new)
         time.sleep(overlap)
+        lost = time.time()
         self.fig.detach(self.mh, *old)
-        self.moves.append((time.time(), f"soft {old[1].host} -> {new[1].host}"))
+        self.moves.append((lost, time.time(), f"soft {old[1].host} -> {new[1].host}"))
 
     def wait_handed_off(self, old: str, new: str, timeout: float = 40) -> float:
         """Until the CH has the MH at ``new`` only (seconds waited)."""
@@ -143,8 +146,9 @@ class Bed:
             assert rst_count(ns) == 0, f"TCP reset seen in {ns.name}\n{self.logs()}"
         echo, client = t.udp
         udp = result(client, 120)
-        result(echo, 120)
-        last_move = max((w for w, _ in self.moves), default=t.started) - t.started
+        echo.terminate()
+        echo.wait(10)
+        last_move = max((w for _, w, _ in self.moves), default=t.started) - t.started
         late = [r for r in udp["reply_times"] if r > last_move + 2]
         assert late, f"no UDP reply 2 s after the last move\n{self.logs()}"
         return {"up": stalls(up, self.moves), "down": stalls(down, self.moves)}
@@ -154,22 +158,21 @@ class Bed:
             d.down().check()
 
 
-def stalls(received: dict[str, Any], moves: list[tuple[float, str]]) -> list[float]:
-    """For each move, how long the receiver got nothing around it (s, 0.1 s slots)."""
+def stalls(received: dict[str, Any], moves: list[tuple[float, float, str]]) -> list[float]:
+    """For each move, the longest time the receiver got nothing, from when the old
+    address went until the next move (at most 5 s on), in 0.1 s slots."""
     timeline: list[int] = received["timeline"]
     start: float = received["start"]
     out = []
-    for when, _ in moves:
-        at = int((when - start) / SLOT)
-        if not 0 <= at < len(timeline):
-            continue
-        before = at
-        while before > 0 and timeline[before] == 0:
-            before -= 1
-        after = at
-        while after < len(timeline) and timeline[after] == 0:
-            after += 1
-        out.append(round(max(after - before - 1, 0) * SLOT, 1))
+    ends = [lost for lost, _, _ in moves[1:]] + [float("inf")]
+    for (lost, _, _), nxt in zip(moves, ends, strict=True):
+        a = max(int((lost - start) / SLOT), 0)
+        b = min(int((min(nxt, lost + 5) - start) / SLOT), len(timeline))
+        longest = run = 0
+        for slot in timeline[a:b]:
+            run = run + 1 if slot == 0 else 0
+            longest = max(longest, run)
+        out.append(round(longest * SLOT, 1))
     return out
 
 
@@ -192,8 +195,8 @@ def bed(tmp_path: Path, tag: str) -> Iterator[Bed]:
 
 def report(name: str, b: Bed, s: dict[str, list[float]]) -> None:
     print(f"\n{name}: stalls per move (s), MH->CH {s['up']}, CH->MH {s['down']}")
-    for (when, what), up in zip(b.moves, s["up"], strict=False):
-        print(f"  {time.strftime('%H:%M:%S', time.localtime(when))} {what}: {up} s")
+    for (_, when, what), up, down in zip(b.moves, s["up"], s["down"], strict=False):
+        print(f"  {time.strftime('%H:%M:%S', time.localtime(when))} {what}: {up} / {down} s")
 
 
 M1, M2 = ("m1", V4.m1), ("m2", V4.m2)
@@ -203,7 +206,7 @@ def test_ten_hard_handoffs_between_the_same_two_networks(tmp_path: Path) -> None
     """home -> office -> home ...: every return is to an address whose ghost is on lo."""
     with bed(tmp_path, "hard10") as b:
         b.up("ch", "mh")
-        t = b.traffic(30)
+        t = b.traffic(18)
         time.sleep(1)
         here, there = M1, M2
         for _ in range(10):
@@ -223,7 +226,7 @@ def test_ten_hard_handoffs_between_the_same_two_networks(tmp_path: Path) -> None
 def test_ten_soft_handoffs_between_the_same_two_networks(tmp_path: Path) -> None:
     with bed(tmp_path, "soft10") as b:
         b.up("ch", "mh")
-        t = b.traffic(30)
+        t = b.traffic(18)
         time.sleep(1)
         here, there = M1, M2
         for _ in range(10):
@@ -258,7 +261,9 @@ def test_a_daemon_killed_and_started_again_resumes(tmp_path: Path, who: str) -> 
             time.sleep(0.5)
             b.hard(M2, M1)  # back home while no daemon runs on the MH
         time.sleep(1)
+        before = b.dime(victim).before  # what there was before dime ran at all
         b.dime(victim).up("-v")
+        b.dime(victim).before = before
         log = b.dime(victim).log_text()
         assert "taking over what an earlier dime left here" in log
         assert "resuming 1 peers of the previous daemon" in log
@@ -277,7 +282,7 @@ def test_a_daemon_killed_and_started_again_resumes(tmp_path: Path, who: str) -> 
 LOSSY = """
 table inet lossy {
   counter dropped { }
-  chain fwd {
+  chain lose {
     type filter hook forward priority 0; policy accept;
     udp dport 4731 numgen random mod 100 < 30 counter name dropped drop
     udp sport 4731 numgen random mod 100 < 30 counter name dropped drop
@@ -312,6 +317,16 @@ def test_handoffs_converge_with_thirty_percent_of_ihmp_lost(tmp_path: Path) -> N
             b.down_all()
 
 
+ARP_REPLIES = """
+table arp count {
+  chain o {
+    type filter hook output priority 10;
+    arp operation reply arp saddr ip 198.51.100.2 counter
+  }
+}
+"""
+
+
 def test_the_address_the_mh_left_is_not_fought_over(tmp_path: Path) -> None:
     """The MH is renumbered on its link (DHCP gives it another address) while a flow
     is bound to the old one (a ghost now); another host gets the old address. The
@@ -331,19 +346,20 @@ def test_the_address_the_mh_left_is_not_fought_over(tmp_path: Path) -> None:
         ch.addr_add("eth0", "192.0.2.1/25")
         ch.ip("route", "add", "default", "via", "192.0.2.126")
         r.run("sysctl", "-qw", "net.ipv4.ip_forward=1")
+        for ns in (ch, mh):
+            add_rst_counter(ns)
         # ARP replies for the old address that leave the MH (after dime's own rules).
-        mh.sh("nft -f - <<'EOF'\ntable arp count { chain o {\n"
-              "  type filter hook output priority 10;\n"
-              "  arp operation reply arp saddr ip 198.51.100.2 counter } }\nEOF")  # fmt: skip
+        mh.sh(f"nft -f - <<'EOF'\n{ARP_REPLIES}\nEOF")
         daemons = [Dime.in_dir(ns, tmp_path, name) for ns, name in ((ch, "ch"), (mh, "mh"))]
         try:
             for d in daemons:
                 d.up("-v")
             server, client = tcp_transfer(mh, ch, "192.0.2.1", 4_000_000, RATE, timeout=60)
             time.sleep(1)
-            # Renumbered on the same link: the new address first, then the old goes.
-            mh.addr_add("eth0", "198.51.100.3/24")
+            # Renumbered on the same link (a new DHCP lease): the old address goes, the
+            # new one comes.
             mh.addr_del("eth0", "198.51.100.2/24")
+            mh.addr_add("eth0", "198.51.100.3/24")
             mh.ip("route", "replace", "default", "via", "198.51.100.254")
             daemons[0].wait_status(lambda st: any(h["active"] == ["198.51.100.3"]
                                                   for h in st["hids"]), timeout=20)  # fmt: skip
