@@ -13,7 +13,7 @@ from ihmp.addr import IPAddress
 from ihmp.hosts import HidTable
 from ihmp.states import Trigger
 from stacktrans.dataplane import Dataplane
-from stacktrans.nft import NftTable
+from stacktrans.nft import NftError, NftTable
 from stacktrans.service import SWEEP_DUTY, sweep_delay
 from stacktrans.socket_table import TCP, UDP, FlowKey
 from stacktrans.translation import HidTranslation
@@ -36,12 +36,15 @@ class FakeNft:
 
 def dataplane(nft: FakeNft) -> tuple[Dataplane, HidTable, list[tuple[int, IPAddress]]]:
     """A Dataplane following a HID table, whose new flows create hosts in it."""
-    ihmp = IhmpDouble()
     kernel = NftTable(nft, fast_path=True)  # type: ignore[arg-type]
     kernel.install()
     nft.batches.clear()
-    tr = ihmp.attach(kernel)
-    return tr, ihmp.table, ihmp.new_hids
+    return dataplane_over(kernel)
+
+
+def dataplane_over(kernel: NftTable) -> tuple[Dataplane, HidTable, list[tuple[int, IPAddress]]]:
+    ihmp = IhmpDouble()
+    return ihmp.attach(kernel), ihmp.table, ihmp.new_hids
 
 
 def make(n_flows: int = 3) -> tuple[Dataplane, HidTable, FakeNft, list[tuple[int, IPAddress]]]:
@@ -136,3 +139,31 @@ def test_removed_hid_fails_its_flows() -> None:
 def test_a_costly_sweep_waits_longer_before_the_next() -> None:
     assert sweep_delay(2.0, 0.01) == 2.0  # cheap: the configured interval
     assert sweep_delay(2.0, 1.5) == 1.5 * SWEEP_DUTY  # 1.5 s of work: 1/20 of a core
+
+
+class RefusingNft(FakeNft):
+    """Refuses any batch holding ``bad`` (an element the kernel would not take)."""
+
+    def __init__(self, bad: str) -> None:
+        super().__init__()
+        self.bad = bad
+
+    def run(self, commands: str) -> str:
+        if self.bad in commands:
+            raise NftError(f"refused: {self.bad}")
+        return super().run(commands)
+
+
+def test_install_with_a_refused_element_installs_the_rest() -> None:
+    """A takeover's first batch holds the tables and every element at once; one bad
+    element must not keep dime from starting, nor cost the other elements."""
+    nft = RefusingNft("203.0.113.9")
+    kernel = NftTable(nft, fast_path=True)  # type: ignore[arg-type]
+    tr, _, _ = dataplane_over(kernel)
+    tr.set_local_addresses({LOCAL})
+    tr.flow_seen(FlowKey(TCP, LOCAL, 40000, PEER, 80), now=0.0)
+    tr.flow_seen(FlowKey(TCP, LOCAL, 40001, A("203.0.113.9"), 80), now=0.0)
+    kernel.install()
+    assert kernel.installed
+    assert any("table inet dime" in b for b in nft.batches)  # the tables alone
+    assert any(f"{PEER}" in b and "flows4" in b for b in nft.batches)  # the good flow
