@@ -402,6 +402,7 @@ class IhmpEngine:
         addr = iface.ip
         if self._local.pop(addr, None) is None:
             return
+        self._rehome_hellos(addr, now)
         for entry in self._signaled():
             if not self._lose_local(entry, addr):
                 continue
@@ -419,6 +420,7 @@ class IhmpEngine:
         """This host lost ``old`` and gained ``new`` (III-B4)."""
         self._local.pop(old.ip, None)
         self._local[new.ip] = new
+        self._rehome_hellos(old.ip, now)
         for entry in self._signaled():
             self._lose_local(entry, old.ip)
             self._peers[entry.hid].withdrawn.pop(new.ip, None)
@@ -552,7 +554,8 @@ class IhmpEngine:
             if pending is None and msg.seq in peer.cancelled_hellos:
                 peer.cancelled_hellos.discard(msg.seq)
                 self._commit(msg, entry.hid, window, pin)
-                return  # the ACK of a HELLO that lost a tie-break: nothing to do
+                peer.acked_us = True  # it verified our HELLO: it has our key
+                return  # the ACK of a HELLO that lost a tie-break: nothing else
             if pending is None:
                 raise _Reject(RejectReason.UNEXPECTED_ACK, f"no message {msg.seq} outstanding")
         self._commit(msg, entry.hid, window, pin)
@@ -717,6 +720,7 @@ class IhmpEngine:
         peer = self._peers[hid]
         mtype = pending.msg.type
         reason = f"ACK of {mtype.name}"
+        peer.acked_us = True  # it verified a message of ours: it knows our key
         if mtype is T.HELLO:
             self._hello_acked(entry, pending, ack)
         elif mtype is T.PATH_PROBE:
@@ -795,8 +799,41 @@ class IhmpEngine:
 
     # == sending address events =======================================================
 
+    def _introduce(self, entry: HostEntry, new: IPAddress | None, now: float) -> None:
+        """Before an address event: a peer that never acknowledged anything of ours
+        may not know our key (our ACK of its HELLO was lost, and our own HELLO gave
+        way to its own), and would refuse the event. A HELLO first tells it our key
+        and our addresses: from an address it already reaches us at (so that it
+        changes nothing else), else from ``new``; under a Host ID it knows."""
+        peer = self._peers[entry.hid]
+        src = next((a for a in entry.local if a in self._local), new)
+        if peer.acked_us or src is None or src not in self._local or entry.locator is None:
+            return
+        if self.local_keys.key_for(src) is None or self._hello_pending(peer):
+            return
+        self._send_hello(entry, src, self._host_id(entry, src), now)
+
+    def _rehome_hellos(self, lost: IPAddress, now: float) -> None:
+        """HELLOs of ours sent from ``lost`` cannot be answered there (nor go on from
+        it: no IHMP from an address we left): say them again from one we have."""
+        for hid, peer in list(self._peers.items()):
+            stranded = [s for s, p in peer.pending.items() if p.msg.type is T.HELLO
+                        and p.src == lost]  # fmt: skip
+            if not stranded:
+                continue
+            for seq in stranded:
+                self._untrack(peer, seq)
+            entry = self.table.get(hid)
+            if entry.state is HidState.HELLO_PENDING:
+                self._start_hello(hid, now)
+            elif entry.locator is not None:
+                _, src, _ = best_path([entry.locator], list(self._local))
+                if src is not None:
+                    self._send_hello(entry, src, self._host_id(entry, src), now)
+
     def _send_addr_up(self, entry: HostEntry, new: IPAddress, now: float) -> None:
         peer = self._peers[entry.hid]
+        self._introduce(entry, new, now)
         reach, _, remote = best_path(self._remotes(entry), [new])
         peer.announced.add(new)
         if remote is not None and reach is not Reach.UNREACHABLE:
@@ -811,6 +848,7 @@ class IhmpEngine:
     def _send_addr_down(self, entry: HostEntry, now: float) -> None:
         peer = self._peers[entry.hid]
         assert entry.locator is not None
+        self._introduce(entry, entry.local[0], now)
         self._supersede(peer)
         reachable = any(peer.withdrawn.values())
         mtype = T.ADDR_DOWN if reachable else T.ADDR_DOWN_UNREACHABLE
@@ -826,6 +864,7 @@ class IhmpEngine:
             self._send_addr_up(entry, new, now)
             return
         self._supersede(peer)
+        self._introduce(entry, new, now)
         peer.announced.add(new)
         # OU: the peer could not reach us at any of the old addresses (III-B4).
         flags = Flags.NONE if any(peer.withdrawn[a] for a in olds) else Flags.OU

@@ -53,6 +53,7 @@ class Peer:
     withdrawn: dict[IPAddress, bool] = field(default_factory=dict)  # lost -> was reachable
     legacy_until: float | None = None
     answered: bool = False  # the peer sent us anything we accepted, ever
+    acked_us: bool = False  # the peer acknowledged a message of ours: it has our key
     cancelled_hellos: set[int] = field(default_factory=set)  # lost a HELLO tie-break
     nat_supported: bool = False
     nat_entries: list[NatMapping] = field(default_factory=list)
@@ -67,6 +68,7 @@ class Peer:
             "withdrawn": {str(a): r for a, r in self.withdrawn.items()},
             "legacy_for": max(self.legacy_until - now, 0.0) if self.legacy_until else None,
             "answered": self.answered,
+            "acked_us": self.acked_us,
             "nat_supported": self.nat_supported,
         }
 
@@ -83,5 +85,6 @@ class Peer:
             withdrawn={ip_address(a): bool(r) for a, r in data.get("withdrawn", {}).items()},
             legacy_until=now + float(legacy_for) if legacy_for is not None else None,
             answered=bool(data.get("answered")),
+            acked_us=bool(data.get("acked_us")),
             nat_supported=bool(data.get("nat_supported")),
         )

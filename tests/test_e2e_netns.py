@@ -18,7 +18,6 @@ from testbed.fig7 import V4, V6, Fig7, Plan
 from testbed.netns import Namespace, topology
 from testbed.runner import Dime, any_established, down_all, stop_all, up_all
 from tests.netns_util import (
-    XFER,
     add_rst_counter,
     check_transfer,
     py,
@@ -111,7 +110,7 @@ def hid_of(status: dict[str, object], addr: str) -> dict[str, object]:
 # -- scenarios --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("gap", [0.0, 2.0], ids=["gap0", "gap2s"])
+@pytest.mark.parametrize("gap", [2.0], ids=["gap2s"])
 def test_hard_handoff_mh(tmp_path: Path, gap: float) -> None:
     with bed(tmp_path) as b:
         p = b.plan
@@ -157,63 +156,6 @@ def test_hard_handoff_bulk_sender_is_prompted_to_retransmit(tmp_path: Path) -> N
         check(b, server, client, nbytes)
         counters = b.daemons["mh"].status()["counters"]
         assert counters["tcp_flows_prompted"] == 1, b.logs()
-        b.down()
-
-
-def test_soft_handoff_mh(tmp_path: Path) -> None:
-    with bed(tmp_path) as b:
-        p = b.plan
-        b.up("ch", "mh")
-        nbytes = 10_000_000
-        server, client = tcp(b.fig.mh, b.fig.ch, p.c1.host, nbytes, rate=20)
-        b.wait_established()  # the transfer runs and the peers know each other
-        b.fig.soft_handoff_mh(overlap=1.0)
-        b.daemons["ch"].wait_status(lambda s: hid_of(s, p.m2.host)["active"] == [p.m2.host])
-        check(b, server, client, nbytes)
-        b.down()
-
-
-def test_ch_initiated_connection_then_mh_moves(tmp_path: Path) -> None:
-    with bed(tmp_path) as b:
-        p = b.plan
-        b.up("ch", "mh")
-        nbytes = 10_000_000
-        server, client = tcp(b.fig.ch, b.fig.mh, p.m1.host, nbytes, rate=20)
-        b.wait_established()  # the transfer runs and the peers know each other
-        b.fig.hard_handoff_mh(0.5)
-        check(b, server, client, nbytes)
-        b.down()
-
-
-def test_udp_request_response_across_handoff(tmp_path: Path) -> None:
-    with bed(tmp_path) as b:
-        p = b.plan
-        b.up("ch", "mh")
-        echo = py(
-            b.fig.ch, XFER, "udp-echo", "--bind", p.c1.host, "--port", "5300", "--duration", "9"
-        )
-        wait_for(echo, "listening", 10)
-        client = py(
-            b.fig.mh,
-            XFER,
-            "udp-client",
-            "--connect",
-            p.c1.host,
-            "--port",
-            "5300",
-            "--duration",
-            "7",
-            "--interval",
-            "0.05",
-        )
-        wait_for(client, "ready", 10)
-        time.sleep(2)
-        b.fig.hard_handoff_mh(0.5)
-        out = result(client, 30)
-        result(echo, 30)
-        assert out["error"] is None
-        late = [t for t in out["reply_times"] if t > 4.5]
-        assert len(late) > 30, f"only {len(late)} replies in the last 2.5 s\n{b.logs()}"
         b.down()
 
 
@@ -271,18 +213,6 @@ def test_nfqueue_dataplane_hard_handoff(tmp_path: Path) -> None:
         b.wait_established()  # the transfer runs and the peers know each other
         b.fig.hard_handoff_mh(0.5)
         check(b, server, client, nbytes)
-        b.down()
-
-
-def test_peer_without_dime_is_untouched(tmp_path: Path) -> None:
-    with bed(tmp_path) as b:
-        p = b.plan
-        b.up("ch")  # the MH runs no dime
-        nbytes = 6_000_000
-        server, client = tcp(b.fig.ch, b.fig.mh, p.m1.host, nbytes, rate=0)
-        check(b, server, client, nbytes)
-        st = b.daemons["ch"].status()
-        assert hid_of(st, p.m1.host)["state"] in ("hello-pending", "legacy")
         b.down()
 
 
@@ -349,15 +279,3 @@ def test_strict_mode_with_keys_configured_beforehand(tmp_path: Path) -> None:
         b.down()
 
 
-def test_strict_mode_refuses_an_unknown_key(tmp_path: Path) -> None:
-    with bed(tmp_path, tag="e2eu") as b:
-        p = b.plan
-        b.up("ch", args=("--strict",))  # trusts nobody
-        b.up("mh")
-        nbytes = 2_000_000
-        server, client = tcp(b.fig.mh, b.fig.ch, p.c1.host, nbytes, rate=0)
-        check(b, server, client, nbytes)  # data is never held hostage by IHMP
-        st = b.daemons["ch"].wait_status(lambda s: s["counters"]["messages_rejected"])
-        assert st["counters"]["messages_rejected"].get("untrusted", 0) >= 1
-        assert hid_of(st, p.m1.host)["key"] is None
-        b.down()

@@ -251,7 +251,7 @@ def test_a_daemon_killed_and_started_again_resumes(tmp_path: Path, who: str) -> 
     flows go on. Or the MH moves while its daemon is down: it catches up."""
     with bed(tmp_path, f"restart{len(who)}") as b:
         b.up("ch", "mh")
-        t = b.traffic(16)
+        t = b.traffic(12)
         time.sleep(1)
         b.hard(M1, M2)
         b.wait_handed_off(V4.m1.host, V4.m2.host)
@@ -293,12 +293,12 @@ table inet lossy {
 
 def test_handoffs_converge_with_thirty_percent_of_ihmp_lost(tmp_path: Path) -> None:
     """The router drops 30 % of IHMP datagrams (both ways); the data path is fine.
-    Five handoffs, twice over (fresh daemons each time): every one converges."""
-    for run in range(2):
+    Five handoffs, three times over (fresh daemons each time): every one converges."""
+    for run in range(3):
         with bed(tmp_path / f"run{run}", f"loss{run}") as b:
             b.fig.r.sh(f"nft -f - <<'EOF'\n{LOSSY}\nEOF")
             b.up("ch", "mh")
-            t = b.traffic(40)
+            t = b.traffic(12)
             time.sleep(1)
             here, there = M1, M2
             waited = []

@@ -31,6 +31,8 @@ ROOT = Path(__file__).resolve().parent.parent
 pytestmark = [
     pytest.mark.netns,
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces)"),
+    # One worker runs them all (pytest-xdist): the module's fixture starts the six runs.
+    pytest.mark.xdist_group("experiments_smoke"),
 ]
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

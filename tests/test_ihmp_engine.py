@@ -772,3 +772,45 @@ def test_a_handoff_while_the_daemon_was_down_is_caught_up() -> None:
     assert b.entry_for("192.0.2.77").addresses() == {A("192.0.2.77")}
     assert len(b.table) == 1  # the same HID: no second entry for the new address
     assert_symmetric(a, "192.0.2.77", b, B1)
+
+
+def test_a_peer_that_never_heard_our_key_is_told_it_before_an_address_event() -> None:
+    """Seen with 30 % loss on the real kernel: HELLOs cross, A's wins, B drops its own;
+    B's HELLO and B's ACK of A's HELLO are both lost, then B moves (A's HELLO keeps
+    going to B's old address). A never learned B's key, so it would refuse B's
+    HANDOFF for ever: B says HELLO first, and A takes both."""
+    net = Net()
+    a, b, held = crossing_hellos(net)
+    for host, dgram in held:
+        if host is a:
+            net.deliver(host, dgram)  # B gets A's HELLO; A never gets B's
+    net.hold = True
+    net.flush()  # B's ACK of it ...
+    net.held.clear()  # ... is lost
+    net.hold = False
+    assert b.entry_for(A1).state is HidState.ESTABLISHED
+    assert a.entry_for(B1).key is None  # A has no key for B
+    b.engine.handoff(ip_interface(B1 + "/24"), ip_interface("203.0.113.7/24"), net.now)
+    net.run(60)
+    entry = a.entry_for("203.0.113.7")
+    assert entry.state is HidState.ESTABLISHED and entry.key is not None
+    assert entry.addresses() == {A("203.0.113.7")}
+    assert a.engine.counters.messages_rejected.get("bad_signature", 0) == 0
+    assert_symmetric(a, A1, b, "203.0.113.7")
+
+
+def test_a_hello_from_an_address_we_lost_is_said_again_from_the_new_one() -> None:
+    net = Net()
+    a, b = pair(net)
+    net.hold = True
+    a.connect(B1, 0)
+    net.flush()
+    net.held.clear()  # the first HELLO is lost
+    net.hold = False
+    a.engine.handoff(ip_interface(A1 + "/24"), ip_interface("192.0.2.77/24"), net.now)
+    net.run(10)
+    # (The lost first HELLO never reached the network log.)
+    hellos = [s for s in net.log if decode(s.datagram.data).type is T.HELLO]
+    assert {s.datagram.src for s in hellos} == {A("192.0.2.77")}  # never the old one
+    assert b.entry_for("192.0.2.77").state is HidState.ESTABLISHED
+    assert_symmetric(a, "192.0.2.77", b, B1)
