@@ -127,9 +127,10 @@ def test_hard_handoff_mh(tmp_path: Path, gap: float) -> None:
         st = b.daemons["ch"].wait_status(lambda s: p.m2.host in str(s["hids"]))
         assert hid_of(st, p.m2.host)["active"] == [p.m2.host]
         assert st["sockets"][0]["remote"].startswith(p.m1.host)  # identifier unchanged
-        mh = b.daemons["mh"].status()
-        assert mh["ghosts"] == [p.m1.host]
+        # (From the log: the flow may be over by the time a status is asked for.)
+        assert f"ghost address {p.m1.host} kept on lo" in b.daemons["mh"].log_text()
         check(b, server, client, nbytes)
+        mh = b.daemons["mh"].status()
         assert mh["counters"]["messages_rejected"] == {}
         if gap:
             # Paced, nothing in flight when the address went: new data could not
