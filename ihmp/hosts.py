@@ -37,7 +37,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from ipaddress import ip_address
 from typing import Any
 
@@ -93,27 +93,26 @@ class HostEntry:
     @classmethod
     def of(cls, snapshot: HostSnapshot) -> HostEntry:
         """A mutable entry holding what ``snapshot`` holds."""
-        return cls(
-            hid=snapshot.hid,
-            active=list(snapshot.active),
-            unreachable=set(snapshot.unreachable),
-            local=list(snapshot.local),
-            key=snapshot.key,
-            state=snapshot.state,
-            retired=set(snapshot.retired),
-        )
+        return cls(**_convert(snapshot, _MUTABLE))
 
     def snapshot(self) -> HostSnapshot:
         """An immutable copy, safe to hand to StackTrans and the status output."""
-        return HostSnapshot(
-            hid=self.hid,
-            active=tuple(self.active),
-            unreachable=frozenset(self.unreachable),
-            local=tuple(self.local),
-            key=self.key,
-            state=self.state,
-            retired=frozenset(self.retired),
-        )
+        return HostSnapshot(**_convert(self, _FROZEN))
+
+
+#: How the address sets of an entry and a snapshot convert into each other.
+_MUTABLE: dict[str, Callable[[Any], Any]] = {
+    "active": list, "unreachable": set, "local": list, "retired": set
+}  # fmt: skip
+_FROZEN: dict[str, Callable[[Any], Any]] = {
+    "active": tuple, "unreachable": frozenset, "local": tuple, "retired": frozenset
+}  # fmt: skip
+
+
+def _convert(obj: HostEntry | HostSnapshot, kinds: dict[str, Callable[[Any], Any]]) -> Any:
+    return {
+        f.name: kinds.get(f.name, lambda v: v)(getattr(obj, f.name)) for f in fields(HostEntry)
+    }
 
 
 @dataclass(frozen=True)

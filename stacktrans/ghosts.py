@@ -17,9 +17,10 @@ add is recorded, so a later run (``dime down`` after a crash) can remove it.
 from __future__ import annotations
 
 import logging
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from ipaddress import ip_address
+from ipaddress import IPv4Address, ip_address
 from typing import Any
 
 from ihmp.addr import IPAddress
@@ -69,6 +70,15 @@ class Ghosts:
                 if rid not in self.routes:
                     await self._route_add(ipr, rid, loc)
         self.on_record()
+
+    async def link_senders(self, ghosts: set[IPAddress]) -> dict[int, IPv4Address]:
+        """ifindex -> an IPv4 address of that link (not ``lo``, not a ghost): what an
+        ARP packet that would name a ghost as its sender names instead."""
+        from pyroute2 import AsyncIPRoute
+
+        async with AsyncIPRoute() as ipr:
+            lo = (await ipr.link_lookup(ifname="lo"))[0]
+            return await _link_addresses(ipr, lo, ghosts)
 
     async def clear(self) -> None:
         await self.reconcile(set(), {})
@@ -130,6 +140,23 @@ class Ghosts:
         c.addresses = {ip_address(a) for a in state.get("ghosts", [])}
         c.routes = {ip_address(a): None for a in state.get("routes", [])}
         return c
+
+
+async def _link_addresses(ipr: Any, lo: int, ghosts: set[IPAddress]) -> dict[int, IPv4Address]:
+    """ifindex -> the first IPv4 address of each link but ``lo`` (ghosts left out)."""
+    out: dict[int, IPv4Address] = {}
+    try:
+        for msg in await _collect(await ipr.addr("dump", family=socket.AF_INET)):
+            index = msg.get("index")
+            raw = msg.get_attr("IFA_LOCAL") or msg.get_attr("IFA_ADDRESS")
+            if index == lo or index in out or raw is None:
+                continue
+            addr = IPv4Address(raw)
+            if addr not in ghosts:
+                out[index] = addr
+    except Exception as exc:  # the ARP sender rewrite is a nicety, never fatal
+        log.warning("cannot list link addresses: %s", exc)
+    return out
 
 
 def _same(have: IPAddress | None, want: IPAddress | None) -> bool:

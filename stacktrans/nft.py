@@ -215,19 +215,24 @@ def ruleset(*, fast_path: bool, queue: QueueSpec | None = None) -> str:
 #: A ghost (an address this host left, kept on ``lo`` for its flows) must not be
 #: claimed on any link: a host that is given the address next would find us
 #: answering for it. Linux answers ARP for any local address on any link
-#: (``arp_ignore`` 0), and may name one as the sender of its own requests
-#: (``arp_announce`` 0); these rules stop both, for ghosts only. (IPv6 neighbour
-#: discovery answers only for addresses of the receiving link: a ghost on ``lo``
-#: is never claimed there.)
+#: (``arp_ignore`` 0), and names the source of the packet that needs the neighbour
+#: as the sender of its request (``arp_announce`` 0): a ghost, for a packet of a flow
+#: not rewritten yet. These rules stop both, for ghosts only: requests for a ghost
+#: are not answered, and a request naming one names an address of its link instead
+#: (``sender``). Dropping such requests instead would stall the link's neighbour
+#: resolution (the kernel asks again for the newest queued packet, which may again
+#: come from the ghost), IHMP included. (IPv6 neighbour discovery answers only for
+#: addresses of the receiving link: a ghost on ``lo`` is never claimed there.)
 GHOST_ARP = f"""table arp {TABLE} {{
   set ghosts {{ type ipv4_addr; }}
+  map sender {{ type iface_index : ipv4_addr; }}
   chain in {{
     type filter hook input priority 0; policy accept;
     arp operation request arp daddr ip @ghosts drop
   }}
   chain out {{
     type filter hook output priority 0; policy accept;
-    arp saddr ip @ghosts drop
+    arp saddr ip @ghosts arp saddr ip set meta oif map @sender
   }}
 }}
 """
@@ -257,6 +262,7 @@ class NftTable:
         self.queue = queue
         self._hids: dict[int, HidTranslation] = {}
         self._ghosts: set[IPAddress] = set()
+        self._senders: dict[int, IPAddress] = {}
         self._defer = defer
         self._pending: list[str] = []
         self.installed = False
@@ -290,12 +296,15 @@ class NftTable:
 
     # -- ghosts -----------------------------------------------------------------------
 
-    def set_ghosts(self, ghosts: set[IPAddress]) -> None:
-        """The ghost addresses no link may see us claim (IPv4: ARP)."""
+    def set_ghosts(self, ghosts: set[IPAddress], senders: dict[int, IPAddress]) -> None:
+        """The ghost addresses no link may see us claim (IPv4: ARP), and for each
+        link (ifindex) the address its ARP names instead."""
         v4: set[IPAddress] = {a for a in ghosts if a.version == 4}
         cmds = [f"delete element arp {TABLE} ghosts {{ {a} }}" for a in self._ghosts - v4]
         cmds += [f"add element arp {TABLE} ghosts {{ {a} }}" for a in v4 - self._ghosts]
         self._ghosts = v4
+        cmds += _map_diff(lambda k: f"arp {TABLE} sender", self._senders, senders)
+        self._senders = dict(senders)
         self._apply(cmds)
         self.flush()
 
@@ -356,11 +365,11 @@ class NftTable:
         new_remote = new.remote if new else {}
         new_local = new.local if new else {}
         new_locs = new.locators if new else frozenset()
-        cmds += _map_diff("rloc", old_remote, new_remote, lambda rid: str(rid))
-        cmds += _map_diff("lloc", old_local, new_local, lambda k: f"{k[0]} . {k[1]}")
+        cmds += _map_diff(_per_family("rloc"), old_remote, new_remote)
+        cmds += _map_diff(_per_family("lloc"), old_local, new_local, lambda k: f"{k[0]} . {k[1]}")
         hid_old = {a: hid for a in old_locs}
         hid_new = {a: hid for a in new_locs}
-        cmds += _map_diff("hid", hid_old, hid_new, lambda a: str(a))
+        cmds += _map_diff(_per_family("hid"), hid_old, hid_new)
         self._apply(cmds)
         if new is None:
             self._hids.pop(hid, None)
@@ -405,22 +414,34 @@ class NftTable:
                     log.warning("nft refused %r: %s", cmd, one)
 
 
-def _map_diff(name: str, old: dict[Any, Any], new: dict[Any, Any], key_text: Any) -> list[str]:
-    """Commands turning map ``name`` (per family) from ``old`` into ``new``.
+def _map_diff(
+    target: Callable[[Any], str],
+    old: dict[Any, Any],
+    new: dict[Any, Any],
+    key_text: Callable[[Any], str] = str,
+) -> list[str]:
+    """Commands turning a map from ``old`` into ``new``; ``target(key)`` names the map
+    a key lives in (e.g. ``inet dime rloc4``).
 
     An existing key can't be re-added with another value, so changes are a delete
     and an add in the same batch; deletes of keys we never added would abort it.
     """
-    cmds = []
-    for k, v in old.items():
-        if new.get(k) != v:
-            cmds.append(f"delete element inet {TABLE} {name}{_fam(_first(k))} {{ {key_text(k)} }}")
-    for k, v in new.items():
-        if old.get(k) != v:
-            cmds.append(
-                f"add element inet {TABLE} {name}{_fam(_first(k))} {{ {key_text(k)} : {v} }}"
-            )
+    cmds = [
+        f"delete element {target(k)} {{ {key_text(k)} }}"
+        for k, v in old.items()
+        if new.get(k) != v
+    ]
+    cmds += [
+        f"add element {target(k)} {{ {key_text(k)} : {v} }}"
+        for k, v in new.items()
+        if old.get(k) != v
+    ]
     return cmds
+
+
+def _per_family(name: str) -> Callable[[Any], str]:
+    """The map of our inet table for a key's IP version: ``name4`` or ``name6``."""
+    return lambda key: f"inet {TABLE} {name}{_fam(_first(key))}"
 
 
 def _first(key: Any) -> IPAddress:

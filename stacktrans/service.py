@@ -423,11 +423,16 @@ class StackTrans:
         self._reconcile_pending = False
         if self.dataplane is None:
             return
-        await self.ghosts.reconcile(
-            self.dataplane.ghosts_needed(), self.dataplane.translated_remotes()
-        )
-        if self.kernel is not None and self.kernel.installed:
-            self.kernel.set_ghosts(self.ghosts.addresses)
+        want = self.dataplane.ghosts_needed()
+        kernel = self.kernel if self.kernel is not None and self.kernel.installed else None
+        if kernel is not None:
+            # The ARP rules know a ghost before it is on lo: no packet from it may
+            # make the kernel name it in an ARP request (nft.GHOST_ARP).
+            senders = await self.ghosts.link_senders(want | self.ghosts.addresses)
+            kernel.set_ghosts(want | self.ghosts.addresses, dict(senders))
+        await self.ghosts.reconcile(want, self.dataplane.translated_remotes())
+        if kernel is not None:
+            kernel.set_ghosts(self.ghosts.addresses, dict(senders))
 
     def _prompt_soon(self, hids: set[int]) -> None:
         if self.kernel_flows.prompt is None:
