@@ -132,23 +132,35 @@ TCP_ADOPT_STATES = frozenset(
     }
 )
 
-# sock_diag filters on a bit mask of states. A connected UDP socket reports ESTABLISHED,
-# but we decide on its remote end instead.
-_TCP_MASK = sum(1 << s for s in TCP_ADOPT_STATES)
+#: TCP states in which a flow dime translates is still alive: those worth adopting,
+#: and TIME_WAIT. A socket in TIME_WAIT still answers the peer's retransmitted FIN
+#: (its last ACK may have been lost in a handoff): without the translation that FIN
+#: would come from an unknown locator and draw a reset.
+TCP_LIVE_STATES = TCP_ADOPT_STATES | {TcpState.TIME_WAIT}
+
 ALL_STATES = 0xFFFFFFFF
 
 
-def _dump_states(proto: int) -> int:
-    # sock_diag filters TCP by state for us; UDP states mean little, ask for all.
-    return _TCP_MASK if proto == TCP else ALL_STATES
+def _dump_states(proto: int, states: frozenset[int]) -> int:
+    # sock_diag filters TCP by state for us (a bit mask of states); UDP states mean
+    # little (a connected socket reports ESTABLISHED): ask for all, decide on the
+    # remote end instead.
+    return sum(1 << s for s in states) if proto == TCP else ALL_STATES
 
 
 def endpoint_flow(
-    proto: int, state: int, local: IPAddress, lport: int, remote: IPAddress, rport: int
+    proto: int,
+    state: int,
+    local: IPAddress,
+    lport: int,
+    remote: IPAddress,
+    rport: int,
+    states: frozenset[int] = TCP_ADOPT_STATES,
 ) -> Flow | None:
     """The flow of a socket with these fields; None if it is not one worth translating
-    (see :func:`existing_flows`' contract). A sweep asks this of 100k sockets."""
-    if proto == TCP and state not in TCP_ADOPT_STATES:
+    (see :func:`existing_flows`' contract; a TCP socket must be in one of ``states``).
+    A sweep asks this of 100k sockets."""
+    if proto == TCP and state not in states:
         return None
     local, remote = unmap(local), unmap(remote)
     if remote.is_unspecified or rport == 0 or local.is_unspecified:
@@ -218,9 +230,11 @@ class DiagSocketInfo:
     rport: int
     tcp_info: TcpProgress | None = None  # only where asked for, and only TCP has it
 
-    def flow(self, proto: int) -> Flow | None:
+    def flow(self, proto: int, states: frozenset[int] = TCP_ADOPT_STATES) -> Flow | None:
         """:func:`endpoint_flow` of this socket."""
-        return endpoint_flow(proto, self.state, self.local, self.lport, self.remote, self.rport)
+        return endpoint_flow(
+            proto, self.state, self.local, self.lport, self.remote, self.rport, states
+        )
 
 
 class SockDiag:
@@ -482,7 +496,7 @@ def _listed(diag: SockDiag | None, family: int, proto: int) -> list[Flow]:
     sockets: list[DiagSocketInfo] = []
     if diag is not None:
         try:
-            sockets = diag.dump(family, proto, _dump_states(proto))
+            sockets = diag.dump(family, proto, _dump_states(proto, TCP_ADOPT_STATES))
         except OSError as exc:
             log.warning("sock_diag dump of family %d proto %d: %r", family, proto, exc)
     if sockets:
@@ -531,8 +545,11 @@ def _proc_table(family: int, proto: int) -> list[str]:
         return []
 
 
-def proc_flows(family: int, proto: int) -> list[Flow]:
-    """The flows of ``/proc/thread-self/net/{tcp,udp}{,6}``, filtered like sock_diag's.
+def proc_flows(
+    family: int, proto: int, states: frozenset[int] = TCP_ADOPT_STATES
+) -> list[Flow]:
+    """The flows of ``/proc/thread-self/net/{tcp,udp}{,6}``, filtered like sock_diag's
+    (TCP: in ``states``).
 
     The fallback of :func:`existing_flows`; an unreadable file gives no flows.
     """
@@ -550,6 +567,7 @@ def proc_flows(family: int, proto: int) -> list[Flow]:
                 int(lport, 16),
                 proc_address(raddr),
                 int(rport, 16),
+                states,
             )
         except (TypeError, ValueError) as exc:
             log.debug("skipping /proc line %r: %s", line, exc)
@@ -560,9 +578,12 @@ def proc_flows(family: int, proto: int) -> list[Flow]:
 
 
 def proc_sockets() -> set[Flow]:
-    """Every flow of the /proc tables: the sweep's fallback for sock_diag."""
+    """Every live flow of the /proc tables: the sweep's fallback for sock_diag."""
     return {
-        flow for family in FAMILIES for proto in PROTOCOLS for flow in proc_flows(family, proto)
+        flow
+        for family in FAMILIES
+        for proto in PROTOCOLS
+        for flow in proc_flows(family, proto, TCP_LIVE_STATES)
     }
 
 
@@ -597,8 +618,8 @@ def kernel_sockets() -> tuple[set[Flow], set[Binding]]:
         with SockDiag() as diag:
             for family in FAMILIES:
                 for proto in PROTOCOLS:
-                    for s in diag.dump(family, proto, _dump_states(proto)):
-                        flow = s.flow(proto)
+                    for s in diag.dump(family, proto, _dump_states(proto, TCP_LIVE_STATES)):
+                        flow = s.flow(proto, TCP_LIVE_STATES)
                         if flow is not None:
                             flows.add(flow)
                         if proto == UDP:

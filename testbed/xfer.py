@@ -9,7 +9,7 @@ Run inside a namespace; every mode prints one JSON object on stdout when done.
       (timeline: bytes sent per 100 ms)
   xfer udp-echo --bind ADDR --port P --duration S
   xfer udp-client --connect ADDR --port P --duration S [--interval S]
-      {"sent", "received", "last_reply_at", "replies_after": {...}}
+      (stops early on SIGTERM) {"sent", "received", "reply_times", "send_errors", "error"}
 
 The client's ``ready`` line on stderr (when connected) lets a test start the
 handoff mid-transfer.
@@ -21,8 +21,10 @@ import argparse
 import hashlib
 import json
 import random
+import signal
 import socket
 import sys
+import threading
 import time
 
 
@@ -136,6 +138,10 @@ def udp_echo(bind: str, port: int, duration: float) -> dict[str, object]:
 
 
 def udp_client(connect: str, port: int, duration: float, interval: float) -> dict[str, object]:
+    """Requests every ``interval`` for ``duration`` seconds, or until SIGTERM (then
+    the result is printed all the same)."""
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
     sock = socket.socket(_family(connect), socket.SOCK_DGRAM)
     sock.connect((connect, port))
     sock.settimeout(interval)
@@ -144,7 +150,7 @@ def udp_client(connect: str, port: int, duration: float, interval: float) -> dic
     sent = received = 0
     reply_times: list[float] = []
     send_errors = 0  # e.g. "network unreachable" while a host has no address at all
-    while time.monotonic() - start < duration:
+    while time.monotonic() - start < duration and not stop.is_set():
         try:
             sock.send(sent.to_bytes(4, "big"))
             sent += 1

@@ -134,10 +134,10 @@ class Bed:
         echo = py(self.ch, XFER, "udp-echo", "--bind", p.c1.host, "--port", "5300",
                   "--duration", str(seconds + 30))  # fmt: skip
         wait_for(echo, "listening", 10)
-        # The UDP stream outlasts the transfers: it must be answered after the last
-        # move, however long the moves take (under loss, say).
+        # The UDP stream runs until check() stops it, after the last move (however
+        # long the moves take: under loss, say).
         client = py(self.mh, XFER, "udp-client", "--connect", p.c1.host, "--port", "5300",
-                    "--duration", str(seconds + 8), "--interval", "0.05")  # fmt: skip
+                    "--duration", str(seconds + 120), "--interval", "0.05")  # fmt: skip
         wait_for(client, "ready", 10)
         return Traffic(up, down, (echo, client), nbytes)
 
@@ -157,11 +157,13 @@ class Bed:
         for ns in namespaces:
             assert rst_count(ns) == 0, f"TCP reset seen in {ns.name}\n{self.logs()}"
         echo, client = t.udp
-        udp = result(client, 120)
+        last_move = max((w for _, w, _ in self.moves), default=t.started)
+        time.sleep(max(last_move + 3 - time.time(), 0))
+        client.terminate()
+        udp = result(client, 30)
         echo.terminate()
         echo.wait(10)
-        last_move = max((w for _, w, _ in self.moves), default=t.started) - t.started
-        late = [r for r in udp["reply_times"] if r > last_move + 2]
+        late = [r for r in udp["reply_times"] if r > last_move - t.started + 2]
         assert late, f"no UDP reply 2 s after the last move\n{self.logs()}"
         return {"up": stalls(up, self.moves), "down": stalls(down, self.moves)}
 
