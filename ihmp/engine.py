@@ -337,8 +337,15 @@ class IhmpEngine:
             self._start_hello(entry.hid, now, local)
         return entry.hid
 
-    def _start_hello(self, hid: int, now: float, local: IPAddress | None = None) -> bool:
-        """Say HELLO to ``hid`` from ``local`` (None: the best address we have).
+    def _start_hello(
+        self,
+        hid: int,
+        now: float,
+        local: IPAddress | None = None,
+        host_id: IPAddress | None = None,
+    ) -> bool:
+        """Say HELLO to ``hid`` from ``local`` (None: the best address we have), under
+        ``host_id`` (None: ``local``).
 
         Returns False when nothing is sent: the peer is in its legacy hold-down,
         already established, or has no usable path.
@@ -358,7 +365,7 @@ class IhmpEngine:
         if local is None:
             return False
         self.table.transition(hid, Trigger.HELLO_SENT)
-        self._send_hello(entry, local, local, now)
+        self._send_hello(entry, local, host_id or local, now)
         return True
 
     def _send_hello(
@@ -524,6 +531,7 @@ class IhmpEngine:
         else:
             self._events.append(ev.PeerEstablished(hid, key_pinned=entry.key is not None))
             self._probe_unreachable(entry, now)
+            self._withdraw_leftovers(entry, now)
 
     def _hello_collision(self, peer: Peer, theirs: Message) -> None:
         """Both ends said HELLO at once: exactly one exchange goes on.
@@ -722,7 +730,7 @@ class IhmpEngine:
         reason = f"ACK of {mtype.name}"
         peer.acked_us = True  # it verified a message of ours: it knows our key
         if mtype is T.HELLO:
-            self._hello_acked(entry, pending, ack)
+            self._hello_acked(entry, pending, ack, now)
         elif mtype is T.PATH_PROBE:
             self._claim(entry, pending.dst, active=True)
             self._add_local(hid, pending.src, reason=reason)
@@ -752,7 +760,7 @@ class IhmpEngine:
             ev.ExchangeCompleted(hid, mtype, pending.msg.seq, now - pending.first_sent)
         )
 
-    def _hello_acked(self, entry: HostEntry, pending: Pending, ack: Message) -> None:
+    def _hello_acked(self, entry: HostEntry, pending: Pending, ack: Message, now: float) -> None:
         hid = entry.hid
         self._add_local(hid, pending.src, reason="ACK of HELLO")
         for addr in ack.advertised:
@@ -764,6 +772,18 @@ class IhmpEngine:
         self._peers[hid].legacy_until = None
         if not nat_forced:
             self._events.append(ev.PeerEstablished(hid, key_pinned=entry.key is not None))
+            self._withdraw_leftovers(entry, now)
+
+    def _withdraw_leftovers(self, entry: HostEntry, now: float) -> None:
+        """Addresses we lost while our HELLO to this peer was still unanswered (it was
+        said again from a new address) may be in its table: now that it is
+        established, withdraw them, unless a withdrawal is already on its way."""
+        peer = self._peers[entry.hid]
+        if not peer.withdrawn or entry.locator is None or not entry.local:
+            return
+        if any(p.msg.type in _WITHDRAWING for p in peer.pending.values()):
+            return
+        self._send_addr_down(entry, now)
 
     def _failed(self, pending: Pending, now: float) -> None:
         hid = pending.hid
@@ -821,11 +841,15 @@ class IhmpEngine:
                         and p.src == lost]  # fmt: skip
             if not stranded:
                 continue
+            host_id = peer.pending[stranded[0]].msg.host_id
             for seq in stranded:
                 self._untrack(peer, seq)
             entry = self.table.get(hid)
+            peer.withdrawn.setdefault(lost, False)  # the peer may have it (_withdraw_leftovers)
             if entry.state is HidState.HELLO_PENDING:
-                self._start_hello(hid, now)
+                # Under the Host ID it had: the peer may know us by it already (from
+                # our flow's first packet, or the lost HELLO), and must find one HID.
+                self._start_hello(hid, now, host_id=host_id)
             elif entry.locator is not None:
                 _, src, _ = best_path([entry.locator], list(self._local))
                 if src is not None:

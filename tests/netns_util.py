@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from testbed.netns import Namespace
+from testbed.fig7 import V4, Fig7, Plan
+from testbed.netns import Namespace, topology
 from testbed.netns import read_line as netns_read_line
+from testbed.runner import Dime, stop_all
 from testbed.runner import kernel_state as kernel_state  # re-exported for the tests
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -163,3 +167,27 @@ def check_transfer(
     assert got["sha256"] == sent["sha256"]
     for ns in namespaces:
         assert rst_count(ns) == 0, f"TCP reset seen in {ns.name}\n{context}"
+
+
+@contextlib.contextmanager
+def fig7_testbed(tag: str, plan: Plan = V4) -> Iterator[Fig7]:
+    """The Fig. 7 testbed, TCP resets counted in the CH and the MH; removed after."""
+    with topology(tag) as topo:
+        fig = Fig7.build(topo, plan)
+        for ns in (fig.ch, fig.mh):
+            add_rst_counter(ns)
+        yield fig
+
+
+@contextlib.contextmanager
+def daemons_stopped(
+    daemons: Callable[[], Iterable[Dime]], logs: Callable[[], str]
+) -> Iterator[None]:
+    """Print the daemons' logs if the block fails; stop every daemon after it."""
+    try:
+        yield
+    except BaseException:
+        print(logs())
+        raise
+    finally:
+        stop_all(list(daemons()))

@@ -15,11 +15,12 @@ import pytest
 
 from testbed.delay import tbf_args
 from testbed.fig7 import V4, V6, Fig7, Plan
-from testbed.netns import Namespace, topology
-from testbed.runner import Dime, any_established, down_all, stop_all, up_all
+from testbed.netns import Namespace
+from testbed.runner import Dime, any_established, down_all, up_all
 from tests.netns_util import (
-    add_rst_counter,
     check_transfer,
+    daemons_stopped,
+    fig7_testbed,
     py,
     result,
     tcp_transfer,
@@ -76,18 +77,10 @@ class Bed:
 
 @contextlib.contextmanager
 def bed(tmp_path: Path, plan: Plan = V4, tag: str = "e2e") -> Iterator[Bed]:
-    with topology(tag) as topo:
-        fig = Fig7.build(topo, plan)
-        for ns in (fig.ch, fig.mh):
-            add_rst_counter(ns)
+    with fig7_testbed(tag, plan) as fig:
         b = Bed(fig, tmp_path)
-        try:
+        with daemons_stopped(b.daemons.values, b.logs):
             yield b
-        except BaseException:
-            print(b.logs())
-            raise
-        finally:
-            stop_all(list(b.daemons.values()))
 
 
 def tcp(

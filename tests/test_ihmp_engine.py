@@ -814,3 +814,25 @@ def test_a_hello_from_an_address_we_lost_is_said_again_from_the_new_one() -> Non
     assert {s.datagram.src for s in hellos} == {A("192.0.2.77")}  # never the old one
     assert b.entry_for("192.0.2.77").state is HidState.ESTABLISHED
     assert_symmetric(a, "192.0.2.77", b, B1)
+
+
+def test_a_hello_said_again_from_a_new_address_keeps_its_host_id() -> None:
+    """Seen with loss on the real kernel: both HELLOs lost, then the MH moves. Its
+    HELLO, said again from the new address, must name the old one (the peer made
+    a HID for it from the flow's first packet): one HID at the peer, not two."""
+    net = Net()
+    a, b = pair(net)
+    net.hold = True
+    a.connect(B1, 0)
+    b.connect(A1, 0)  # B has a HID for A1 (the flow's first packet)
+    net.flush()
+    net.held.clear()  # both HELLOs lost
+    net.hold = False
+    a.engine.handoff(ip_interface(A1 + "/24"), ip_interface("192.0.2.77/24"), net.now)
+    net.run(30)
+    assert len(b.table) == 1
+    entry = b.entry_for("192.0.2.77")
+    assert entry.state is HidState.ESTABLISHED and entry.key is not None
+    # ... and A1, which A left before the two knew each other, is withdrawn there.
+    assert entry.addresses() == {A("192.0.2.77")}
+    assert_symmetric(a, "192.0.2.77", b, B1)

@@ -714,13 +714,13 @@ def exercise(packet: bytes) -> None:
 
 
 @given(st.binary(max_size=200))
-@settings(max_examples=2000, deadline=None)
+@settings(max_examples=800, deadline=None)
 def test_garbage_only_raises_rewrite_error(packet: bytes) -> None:
     exercise(packet)
 
 
 @given(st.sampled_from(CORPUS), st.data())
-@settings(max_examples=2000, deadline=None)
+@settings(max_examples=800, deadline=None)
 def test_mutated_packets_only_raise_rewrite_error(seed: bytes, data: st.DataObject) -> None:
     packet = bytearray(seed[: data.draw(st.integers(0, len(seed)))])
     for _ in range(data.draw(st.integers(0, 4))):

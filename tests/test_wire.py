@@ -412,7 +412,7 @@ def header_shaped(draw: st.DrawFn) -> bytes:
     return header + body
 
 
-@settings(max_examples=10_000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=3_000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.binary(max_size=300) | header_shaped())
 def test_fuzz_random_bytes(data: bytes) -> None:
     _decode_or_refuse(data)
