@@ -32,7 +32,7 @@ pytestmark = [
     pytest.mark.netns,
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces)"),
     # One worker runs them all (pytest-xdist): the module's fixture starts the six runs.
-    pytest.mark.xdist_group("experiments_smoke"),
+    pytest.mark.xdist_group(name="experiments_smoke"),
 ]
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -64,8 +64,12 @@ def runs(out: Path) -> Iterator[dict[str, subprocess.Popen[bytes]]]:
     yield procs
     for proc in procs.values():
         if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+            proc.terminate()  # it stops its daemons and removes its namespaces
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
 
 def _numbers(value: Any) -> list[float]:

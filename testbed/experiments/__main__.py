@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -39,6 +40,9 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown experiment(s): {', '.join(unknown)}")
     if os.geteuid() != 0:
         p.error("must run as root (it creates network namespaces)")
+    # SIGTERM unwinds like Ctrl-C: every experiment's cleanup runs (its daemons are
+    # stopped, its namespaces removed) instead of leaving them behind.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     sweep_stale()
     out = a.out or (Path(tempfile.mkdtemp(prefix="dime-smoke-")) if a.smoke else DEFAULT_OUT)
     failed = []
