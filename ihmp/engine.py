@@ -325,7 +325,7 @@ class IhmpEngine:
         goes to whoever has it now, a new host. Returns None for addresses that are
         never translated (loopback, multicast, unspecified).
         """
-        if not (usable(remote) and usable(local)) or remote == local:
+        if not (usable(remote) and usable(local)) or remote == local or remote in self._local:
             return None
         entry = self.table.lookup(remote)
         if entry is None and adopted:

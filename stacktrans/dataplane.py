@@ -156,6 +156,8 @@ class Dataplane:
             return None  # its host is gone: the kernel rejects it, nothing brings it back
         if not (usable(key.remote) and usable(key.local)) or key.remote == key.local:
             return None
+        if key.remote in self.local_addresses or self.sockets.is_local_identifier(key.remote):
+            return None  # to this host itself (our own prompts, say): nothing to translate
         hid = self._hid_for(key.remote, key.local, now, adopted)
         if hid is None:
             return None

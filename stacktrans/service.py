@@ -451,6 +451,9 @@ class StackTrans:
             hids, self._stalled_hids = self._stalled_hids, set()
             if self.kernel is not None:
                 self.kernel.flush()  # the new locators must be in the kernel first
+            # ... and the ghosts on lo: a prompt is addressed to the flow's local
+            # identifier, which must be local again, or it would leave the host.
+            await self.settle()
             flows = [
                 FlowSeq(e.key, e.isn, e.peer_isn)
                 for hid in hids

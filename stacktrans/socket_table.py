@@ -146,6 +146,10 @@ class SocketTable:
     def remove_hid(self, hid: int) -> list[SocketEntry]:
         return [e for e in (self.remove(k) for k in list(self._by_hid.get(hid, {}))) if e]
 
+    def is_local_identifier(self, addr: IPAddress) -> bool:
+        """Whether some flow is bound to ``addr`` on this host."""
+        return addr in self._lids
+
     def local_identifiers(self) -> set[IPAddress]:
         """Every local address some flow is bound to."""
         return set(self._lids)

@@ -652,3 +652,17 @@ def test_random_bytes_never_raise(data: bytes) -> None:
         node, _, _ = moved_node(net, UDP, "both")
         for result in (node.path.outbound(data), node.path.inbound(data)):
             assert result is None or isinstance(result, bytes)
+
+
+def test_a_packet_this_host_sends_itself_is_no_flow(net: Net) -> None:
+    """dime's own prompts (rto_revert) are addressed to a flow's local identifier, as
+    from the peer; before the identifier is back on lo as a ghost they may pass the
+    output hook. Neither they nor anything else to this host's own addresses may make
+    a flow, or a host for the address (it would be told HELLO)."""
+    node = Node(net)
+    node.path.outbound(pkt(net, TCP, net.l_old, net.p_old, 40000, 80, "S"))  # a live flow
+    node.tr.set_local_addresses({net.l_new})  # we moved: l_old is only an identifier
+    flows, hids = len(node.tr.sockets), list(node.new_hids)
+    assert node.path.outbound(pkt(net, TCP, net.p_old, net.l_old, 80, 40000, "A")) is None
+    assert node.path.outbound(pkt(net, UDP, net.p_old, net.l_new, 53, 5353)) is None
+    assert len(node.tr.sockets) == flows and node.new_hids == hids
