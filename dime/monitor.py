@@ -475,4 +475,3 @@ class AddressMonitor:
             async for msg in await ipr.addr("dump"):
                 _apply(table, msg)
         return table
-

@@ -368,9 +368,7 @@ class IhmpEngine:
         self._send_hello(entry, local, host_id or local, now)
         return True
 
-    def _send_hello(
-        self, entry: HostEntry, src: IPAddress, host_id: IPAddress, now: float
-    ) -> None:
+    def _send_hello(self, entry: HostEntry, src: IPAddress, host_id: IPAddress, now: float) -> None:
         assert entry.locator is not None
         peer = self._peers[entry.hid]
         advertised = self._advertised(first=src)
@@ -1147,4 +1145,3 @@ class IhmpEngine:
         stamped = replace(msg, counter=self._counter, signature=None)
         self._out.append(Datagram(encode(stamped, key), src, dst, dst_port))
         self.counters.messages_sent += 1
-

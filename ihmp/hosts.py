@@ -110,9 +110,7 @@ _FROZEN: dict[str, Callable[[Any], Any]] = {
 
 
 def _convert(obj: HostEntry | HostSnapshot, kinds: dict[str, Callable[[Any], Any]]) -> Any:
-    return {
-        f.name: kinds.get(f.name, lambda v: v)(getattr(obj, f.name)) for f in fields(HostEntry)
-    }
+    return {f.name: kinds.get(f.name, lambda v: v)(getattr(obj, f.name)) for f in fields(HostEntry)}
 
 
 @dataclass(frozen=True)
@@ -283,16 +281,11 @@ class HidTable:
         """
         entry = self._entries[hid]
         self._check_free(addr, hid)
-        if addr in entry.active and (not prefer or entry.active[0] == addr):
+        if _placed(entry.active, addr, prefer):
             return False
         with self._updating(entry, reason):
             entry.unreachable.discard(addr)
-            if addr in entry.active:
-                entry.active.remove(addr)
-            if prefer:
-                entry.active.insert(0, addr)
-            else:
-                entry.active.append(addr)
+            _place(entry.active, addr, prefer)
             self._by_addr[addr] = hid
             self._unretire(addr, hid)
         return True
@@ -334,15 +327,10 @@ class HidTable:
     ) -> bool:
         """Record that the remote host can reach this host at ``addr``."""
         entry = self._entries[hid]
-        if addr in entry.local and (not prefer or entry.local[0] == addr):
+        if _placed(entry.local, addr, prefer):
             return False
         with self._updating(entry, reason):
-            if addr in entry.local:
-                entry.local.remove(addr)
-            if prefer:
-                entry.local.insert(0, addr)
-            else:
-                entry.local.append(addr)
+            _place(entry.local, addr, prefer)
         return True
 
     def remove_local(self, hid: int, addr: IPAddress, *, reason: str = "") -> bool:
@@ -410,3 +398,18 @@ class HidTable:
         after = entry.snapshot()
         if after != before:
             self._sink(HostChanged(ChangeKind.UPDATED, entry.hid, before, after, reason))
+
+
+def _placed(addrs: list[IPAddress], addr: IPAddress, prefer: bool) -> bool:
+    """Whether ``addr`` is in ``addrs`` already, first if ``prefer``."""
+    return addr in addrs and (not prefer or addrs[0] == addr)
+
+
+def _place(addrs: list[IPAddress], addr: IPAddress, prefer: bool) -> None:
+    """Put ``addr`` in ``addrs`` once: first if ``prefer``, else where it was or last."""
+    if prefer:
+        if addr in addrs:
+            addrs.remove(addr)
+        addrs.insert(0, addr)
+    elif addr not in addrs:
+        addrs.append(addr)

@@ -545,9 +545,7 @@ def _proc_table(family: int, proto: int) -> list[str]:
         return []
 
 
-def proc_flows(
-    family: int, proto: int, states: frozenset[int] = TCP_ADOPT_STATES
-) -> list[Flow]:
+def proc_flows(family: int, proto: int, states: frozenset[int] = TCP_ADOPT_STATES) -> list[Flow]:
     """The flows of ``/proc/thread-self/net/{tcp,udp}{,6}``, filtered like sock_diag's
     (TCP: in ``states``).
 

@@ -427,9 +427,7 @@ def _map_diff(
     and an add in the same batch; deletes of keys we never added would abort it.
     """
     cmds = [
-        f"delete element {target(k)} {{ {key_text(k)} }}"
-        for k, v in old.items()
-        if new.get(k) != v
+        f"delete element {target(k)} {{ {key_text(k)} }}" for k, v in old.items() if new.get(k) != v
     ]
     cmds += [
         f"add element {target(k)} {{ {key_text(k)} : {v} }}"

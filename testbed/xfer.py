@@ -4,9 +4,11 @@ Run inside a namespace; every mode prints one JSON object on stdout when done.
 
   xfer tcp-server --bind ADDR --port P
       accept one connection, read to EOF: {"bytes", "sha256", "error"}
-  xfer tcp-client --connect ADDR --port P --bytes N [--rate MBIT] [--bind ADDR]
+  xfer tcp-client --connect ADDR --port P --bytes N [--rate MBIT] [--bind ADDR] [--hold-open]
       send N deterministic pseudo-random bytes: {"bytes", "sha256", "error", "timeline"}
-      (timeline: bytes sent per 100 ms)
+      (timeline: bytes sent per 100 ms); with --hold-open, close only once stdin
+      closes (a test's moves are over: a late duplicate a move delayed, arriving
+      after a normal close, would rightly draw a reset and look like a failure)
   xfer udp-echo --bind ADDR --port P --duration S
   xfer udp-client --connect ADDR --port P --duration S [--interval S]
       (stops early on SIGTERM) {"sent", "received", "reply_times", "send_errors", "error"}
@@ -71,7 +73,13 @@ def tcp_server(bind: str, port: int, timeout: float) -> dict[str, object]:
 
 
 def tcp_client(
-    connect: str, port: int, nbytes: int, rate_mbit: float, bind: str | None, timeout: float
+    connect: str,
+    port: int,
+    nbytes: int,
+    rate_mbit: float,
+    bind: str | None,
+    timeout: float,
+    hold_open: bool = False,
 ) -> dict[str, object]:
     sock = socket.socket(_family(connect), socket.SOCK_STREAM)
     if bind:
@@ -102,6 +110,8 @@ def tcp_client(
                 ahead = sent * 8 / (rate_mbit * 1e6) - elapsed
                 if ahead > 0:
                     time.sleep(ahead)
+        if hold_open:
+            sys.stdin.buffer.read()
         sock.shutdown(socket.SHUT_WR)
         while sock.recv(4096):  # wait for the server's close: every byte was read
             pass
@@ -186,11 +196,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--duration", type=float, default=5.0)
     p.add_argument("--interval", type=float, default=0.05)
     p.add_argument("--timeout", type=float, default=60.0)
+    p.add_argument("--hold-open", action="store_true")
     a = p.parse_args(argv)
     if a.mode == "tcp-server":
         out = tcp_server(a.bind, a.port, a.timeout)
     elif a.mode == "tcp-client":
-        out = tcp_client(a.connect, a.port, a.bytes, a.rate, a.bind, a.timeout)
+        out = tcp_client(a.connect, a.port, a.bytes, a.rate, a.bind, a.timeout, a.hold_open)
     elif a.mode == "udp-echo":
         out = udp_echo(a.bind, a.port, a.duration)
     else:

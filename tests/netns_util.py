@@ -129,8 +129,10 @@ def tcp_transfer(
     rate: float,
     port: int = 5001,
     timeout: float = 60,
+    hold_open: bool = False,
 ) -> tuple[subprocess.Popen[bytes], subprocess.Popen[bytes]]:
-    """A paced testbed.xfer TCP transfer sender -> receiver, connected when this returns."""
+    """A paced testbed.xfer TCP transfer sender -> receiver, connected when this returns.
+    ``hold_open``: the sender closes only once its stdin is closed (``result`` does)."""
     server = py(receiver, XFER, "tcp-server", "--bind", server_addr, "--port", str(port))
     wait_for(server, "listening", 10)
     client = py(
@@ -147,6 +149,7 @@ def tcp_transfer(
         str(rate),
         "--timeout",
         str(timeout),
+        *(["--hold-open"] if hold_open else []),
     )
     wait_for(client, "ready", 10)
     return server, client
@@ -167,6 +170,21 @@ def check_transfer(
     assert got["sha256"] == sent["sha256"]
     for ns in namespaces:
         assert rst_count(ns) == 0, f"TCP reset seen in {ns.name}\n{context}"
+
+
+@dataclass
+class OnFig7:
+    """A test's view of the Fig. 7 testbed: its CH and its mobile host MH."""
+
+    fig: Fig7
+
+    @property
+    def ch(self) -> Namespace:
+        return self.fig.ch
+
+    @property
+    def mh(self) -> Namespace:
+        return self.fig.mh
 
 
 @contextlib.contextmanager

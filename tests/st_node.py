@@ -43,9 +43,7 @@ class Node:
     def lookup(self, addr: IPAddress) -> HostSnapshot | None:
         return next((h for h in self.hosts.values() if addr in h.active), None)
 
-    def hid_for(
-        self, remote: IPAddress, local: IPAddress, now: float, adopted: bool
-    ) -> int | None:
+    def hid_for(self, remote: IPAddress, local: IPAddress, now: float, adopted: bool) -> int | None:
         """What the engine's flow_started does, without the HELLO."""
         host = self.lookup(remote)
         if host is not None:

@@ -271,5 +271,3 @@ def test_strict_mode_with_keys_configured_beforehand(tmp_path: Path) -> None:
         b.daemons["ch"].wait_status(lambda s: p.m2.host in str(s["hids"]))
         check(b, server, client, nbytes)
         b.down()
-
-

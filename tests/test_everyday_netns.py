@@ -26,11 +26,12 @@ from typing import Any
 
 import pytest
 
-from testbed.fig7 import V4, Fig7, Subnet
+from testbed.fig7 import V4, Subnet
 from testbed.netns import Namespace, topology
 from testbed.runner import Dime
 from tests.netns_util import (
     XFER,
+    OnFig7,
     add_rst_counter,
     check_transfer,
     daemons_stopped,
@@ -60,21 +61,12 @@ class Traffic:
 
 
 @dataclass
-class Bed:
-    fig: Fig7
+class Bed(OnFig7):
     tmp: Path
     daemons: dict[str, Dime] = field(default_factory=dict)
     _before: int = 0  # _ch_saw(the new address) when the last move began
     #: (wall clock when the MH lost its old address, when it had the new one, what)
     moves: list[tuple[float, float, str]] = field(default_factory=list)
-
-    @property
-    def ch(self) -> Namespace:
-        return self.fig.ch
-
-    @property
-    def mh(self) -> Namespace:
-        return self.fig.mh
 
     def dime(self, name: str) -> Dime:
         if name not in self.daemons:
@@ -128,11 +120,13 @@ class Bed:
     # -- traffic -------------------------------------------------------------------------
 
     def traffic(self, seconds: float) -> Traffic:
-        """Traffic for about ``seconds`` (the transfers end when their bytes are out)."""
+        """Traffic for about ``seconds`` (then the TCP connections idle until check())."""
         p = self.fig.plan
         nbytes = int(RATE * 1e6 / 8 * seconds)
-        up = tcp_transfer(self.mh, self.ch, p.c1.host, nbytes, RATE, port=5001, timeout=90)
-        down = tcp_transfer(self.ch, self.mh, p.m1.host, nbytes, RATE, port=5002, timeout=90)
+        # Both connections stay open until check(): every move happens to a live
+        # connection, and none closes while a move may still deliver late duplicates.
+        up = tcp_transfer(self.mh, self.ch, p.c1.host, nbytes, RATE, 5001, 90, hold_open=True)
+        down = tcp_transfer(self.ch, self.mh, p.m1.host, nbytes, RATE, 5002, 90, hold_open=True)
         echo = py(self.ch, XFER, "udp-echo", "--bind", p.c1.host, "--port", "5300",
                   "--duration", str(seconds + 30))  # fmt: skip
         wait_for(echo, "listening", 10)
@@ -147,10 +141,14 @@ class Bed:
         """Every byte intact both ways, no reset, UDP answered after the last move;
         the stalls of each direction around each move."""
         namespaces = (self.ch, self.mh)
+        last_move = max((w for _, w, _ in self.moves), default=t.started)
+        time.sleep(max(last_move + 3 - time.time(), 0))
+        # The moves are over: the senders may close (result() closes their stdin).
+        sent_up, sent_down = result(t.up[1], 120), result(t.down[1], 120)
         up = result(t.up[0], 120)  # the CH's receiving side (its timeline)
         down = result(t.down[0], 120)
-        for name, (server, client), got in (("up", t.up, up), ("down", t.down, down)):
-            sent = result(client, 120)
+        for name, (server, _), sent, got in (("up", t.up, sent_up, up),
+                                             ("down", t.down, sent_down, down)):  # fmt: skip
             assert sent["error"] is None, f"{name} sender: {sent['error']}\n{self.logs()}"
             assert got["error"] is None, f"{name} receiver: {got['error']}\n{self.logs()}"
             assert got["bytes"] == sent["bytes"] == t.nbytes, name
@@ -159,8 +157,6 @@ class Bed:
         for ns in namespaces:
             assert rst_count(ns) == 0, f"TCP reset seen in {ns.name}\n{self.logs()}"
         echo, client = t.udp
-        last_move = max((w for _, w, _ in self.moves), default=t.started)
-        time.sleep(max(last_move + 3 - time.time(), 0))
         client.terminate()
         udp = result(client, 30)
         echo.terminate()

@@ -339,9 +339,7 @@ def test_hello_unanswered_marks_legacy_and_holds_down() -> None:
     # Hold-down over: the next new flow tries again.
     assert a.engine.flow_started(A(B1), A(A1), net.now) == hid
     assert a.table.get(hid).state is HidState.HELLO_PENDING
-    assert [decode(d.data).type for d in a.engine.datagrams_to_send(net.now)] == [
-        MessageType.HELLO
-    ]
+    assert [decode(d.data).type for d in a.engine.datagrams_to_send(net.now)] == [MessageType.HELLO]
 
 
 def test_retransmission_backs_off_exponentially_with_a_cap() -> None:

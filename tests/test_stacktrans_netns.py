@@ -18,9 +18,11 @@ from subprocess import Popen
 import pytest
 
 from testbed.fig7 import V4, V6, Fig7, Plan
-from testbed.netns import Namespace, Topology, topology
+from testbed.netns import Topology, topology
+from testbed.runner import KernelState
 from tests.netns_util import (
     XFER,
+    OnFig7,
     StNode,
     add_rst_counter,
     kernel_state,
@@ -33,19 +35,10 @@ from tests.netns_util import check_transfer as check
 
 pytestmark = pytest.mark.netns
 
+
 @dataclass
-class Pair:
+class Pair(OnFig7):
     """The Fig. 7 testbed seen as a pair: the CH and the mobile host MH."""
-
-    fig: Fig7
-
-    @property
-    def ch(self) -> Namespace:
-        return self.fig.ch
-
-    @property
-    def mh(self) -> Namespace:
-        return self.fig.mh
 
     @property
     def plan(self) -> Plan:
@@ -82,7 +75,7 @@ def start_nodes(pair: Pair, mode: str) -> tuple[StNode, StNode]:
     return StNode.start(pair.ch, mode, [p.c1.host]), StNode.start(pair.mh, mode, [p.m1.host])
 
 
-def assert_no_residue(pair: Pair, before: dict[str, tuple[str, str, str, str]]) -> None:
+def assert_no_residue(pair: Pair, before: dict[str, KernelState]) -> None:
     for ns in (pair.ch, pair.mh):
         now = kernel_state(ns)
         assert now[0] == before[ns.name][0], "nft ruleset differs after stop"
