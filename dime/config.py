@@ -18,7 +18,7 @@
     [ihmp]                      # protocol timing
     initial_rto = 0.5           # s, first retransmission timeout
     max_rto = 2.0               # s, backoff cap
-    max_attempts = 6            # HELLO transmissions before a peer counts as legacy
+    max_attempts = 10           # HELLO transmissions before a peer counts as legacy
     probe_attempts = 3          # for probes of potentially reachable paths
     exchange_deadline = 30.0    # s, how long an address event is retransmitted
     legacy_hold_down = 300.0    # s, no HELLO to a peer that never answered

@@ -12,6 +12,7 @@ and address monitor there.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from ipaddress import ip_address, ip_interface
 
@@ -137,6 +138,7 @@ class Net:
     log: list[Sent] = field(default_factory=list)
     hold: bool = False  # queue instead of delivering (tests reorder by hand)
     held: list[tuple[Host, Datagram]] = field(default_factory=list)
+    drop: Callable[[Datagram], bool] | None = None  # datagrams it picks are lost
 
     def __post_init__(self) -> None:
         self.rng = random.Random(self.seed)
@@ -178,6 +180,7 @@ class Net:
             ok = False  # an address the host no longer has cannot send
         target = self.owner(dgram.dst) if ok else None
         lost = self.loss > 0 and self.rng.random() < self.loss
+        lost = lost or (self.drop is not None and self.drop(dgram))
         self.log.append(Sent(self.now, dgram, target is not None and not lost, seen))
         if target is None or lost:
             return

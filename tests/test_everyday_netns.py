@@ -137,9 +137,9 @@ class Bed(OnFig7):
         wait_for(client, "ready", 10)
         return Traffic(up, down, (echo, client), nbytes)
 
-    def check(self, t: Traffic) -> dict[str, list[float]]:
+    def check(self, t: Traffic) -> dict[str, list[float | None]]:
         """Every byte intact both ways, no reset, UDP answered after the last move;
-        the stalls of each direction around each move."""
+        the stalls of each direction around each move, and when data came again."""
         namespaces = (self.ch, self.mh)
         last_move = max((w for _, w, _ in self.moves), default=t.started)
         time.sleep(max(last_move + 3 - time.time(), 0))
@@ -163,28 +163,51 @@ class Bed(OnFig7):
         echo.wait(10)
         late = [r for r in udp["reply_times"] if r > last_move - t.started + 2]
         assert late, f"no UDP reply 2 s after the last move\n{self.logs()}"
-        return {"up": stalls(up, self.moves), "down": stalls(down, self.moves)}
+        return {
+            "up": stalls(up, self.moves),
+            "down": stalls(down, self.moves),
+            "up after": resumed(up, self.moves),
+            "down after": resumed(down, self.moves),
+        }
 
     def down_all(self) -> None:
         for d in self.daemons.values():
             d.down().check()
 
 
-def stalls(received: dict[str, Any], moves: list[tuple[float, float, str]]) -> list[float]:
+def stalls(received: dict[str, Any], moves: list[tuple[float, float, str]]) -> list[float | None]:
     """For each move, the longest time the receiver got nothing, from when the old
-    address went until the next move (at most 5 s on), in 0.1 s slots."""
+    address went until the next move (at most 5 s on), in 0.1 s slots; None for a
+    move after the last byte arrived (nothing was left to stall)."""
     timeline: list[int] = received["timeline"]
     start: float = received["start"]
-    out = []
+    out: list[float | None] = []
     ends = [lost for lost, _, _ in moves[1:]] + [float("inf")]
     for (lost, _, _), nxt in zip(moves, ends, strict=True):
         a = max(int((lost - start) / SLOT), 0)
         b = min(int((min(nxt, lost + 5) - start) / SLOT), len(timeline))
+        if a >= len(timeline):
+            out.append(None)
+            continue
         longest = run = 0
         for slot in timeline[a:b]:
             run = run + 1 if slot == 0 else 0
             longest = max(longest, run)
         out.append(round(longest * SLOT, 1))
+    return out
+
+
+def resumed(received: dict[str, Any], moves: list[tuple[float, float, str]]) -> list[float | None]:
+    """For each move, from when the MH had its new address to the first 0.1 s slot
+    with data at the receiver (the demo's handoff gap, without its rate threshold);
+    None for a move after the last byte arrived."""
+    timeline: list[int] = received["timeline"]
+    start: float = received["start"]
+    out: list[float | None] = []
+    for _, got, _ in moves:
+        a = max(int((got - start) / SLOT), 0)
+        first = next((i for i in range(a, len(timeline)) if timeline[i]), None)
+        out.append(None if first is None else round(max(start + (first + 0.5) * SLOT - got, 0), 2))
     return out
 
 
@@ -196,10 +219,17 @@ def bed(tmp_path: Path, tag: str) -> Iterator[Bed]:
             yield b
 
 
-def report(name: str, b: Bed, s: dict[str, list[float]]) -> None:
-    print(f"\n{name}: stalls per move (s), MH->CH {s['up']}, CH->MH {s['down']}")
-    for (_, when, what), up, down in zip(b.moves, s["up"], s["down"], strict=False):
-        print(f"  {time.strftime('%H:%M:%S', time.localtime(when))} {what}: {up} / {down} s")
+def report(name: str, b: Bed, s: dict[str, list[float | None]]) -> None:
+    def fmt(v: float | None) -> str:
+        return "-" if v is None else f"{v}"  # "-": the data was all in before the move
+
+    up, down, up2, down2 = ([fmt(v) for v in s[k]] for k in s)
+    print(f"\n{name}: stalls per move (s), MH->CH [{' '.join(up)}], CH->MH [{' '.join(down)}]"
+          f"; data again after the new address MH->CH [{' '.join(up2)}], "
+          f"CH->MH [{' '.join(down2)}]")  # fmt: skip
+    for (_, when, what), u, d, u2, d2 in zip(b.moves, up, down, up2, down2, strict=True):
+        print(f"  {time.strftime('%H:%M:%S', time.localtime(when))} {what}: "
+              f"stall {u} / {d} s, data again {u2} / {d2} s after the new address")  # fmt: skip
 
 
 M1, M2 = ("m1", V4.m1), ("m2", V4.m2)

@@ -685,6 +685,24 @@ def test_an_unanswered_hello_never_demotes_a_peer_that_answered() -> None:
     assert_symmetric(a, "192.0.2.77", b, B1)
 
 
+def test_the_winning_hello_follows_the_other_end_when_it_moved() -> None:
+    """Seen with loss on the real kernel: both first HELLOs lost; B (the higher Host
+    ID, which gives way) moves and says its HELLO again from the new address; A
+    answers each copy, and every ACK is lost. A's own HELLO, which won the
+    tie-break, must now go where B is: otherwise B never hears from A and takes it
+    for legacy."""
+    net = Net()
+    a, b, _ = crossing_hellos(net)  # both lost
+    net.drop = lambda d: d.src == A(A1) and decode(d.data).type is T.ACK
+    b.engine.handoff(ip_interface(B1 + "/24"), ip_interface("203.0.113.7/24"), net.now)
+    net.run(60)
+    assert b.events_of(ev.PeerLegacy) == []
+    assert b.entry_for(A1).state is HidState.ESTABLISHED
+    assert a.entry_for("203.0.113.7").state is HidState.ESTABLISHED
+    from_a = [s for s in net.log if s.datagram.src == A(A1)]
+    assert any(s.delivered and decode(s.datagram.data).type is T.HELLO for s in from_a)
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_five_handoffs_under_thirty_percent_loss_all_converge(seed: int) -> None:
     """Default timers: every handoff converges although 30 % of datagrams are lost."""
