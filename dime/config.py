@@ -15,7 +15,7 @@
     queue_in = 4732
     adopt_existing = true       # take over connections opened before dime started
 
-    [ihmp]                      # protocol timing
+    [ihmp]                      # protocol timing and flood limits
     initial_rto = 0.5           # s, first retransmission timeout
     max_rto = 2.0               # s, backoff cap
     max_attempts = 10           # HELLO transmissions before a peer counts as legacy
@@ -23,6 +23,13 @@
     exchange_deadline = 30.0    # s, how long an address event is retransmitted
     legacy_hold_down = 300.0    # s, no HELLO to a peer that never answered
     path_loss_grace = 30.0      # s, a peer with no path left is kept this long
+    max_peers = 4096            # hosts in the HID table; the least recently used idle one
+                                # goes to make room (hosts with flows never do)
+    max_half_open = 256         # of them, hosts whose first HELLO is unanswered
+    max_challenges = 8          # addresses of one peer being validated at once
+    unverified_rate = 5.0       # datagrams/s taken from a source no peer was verified at
+    unverified_burst = 20.0
+    cookie_rate = 500.0         # HELLO cookies sent per second, all sources together
 
     [[local_key]]               # the paper's set_local_key; more specific wins
     file = "/etc/dime/lab.key"

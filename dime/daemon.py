@@ -65,6 +65,7 @@ class Daemon:
         self._stop = asyncio.Event()
         self._timer: asyncio.TimerHandle | None = None
         self._pump_scheduled = False
+        self._drops_logged: tuple[dict[str, int], float] = ({}, 0.0)
         self._keep = False  # stop without removing anything: a successor takes over
         self._tasks: list[asyncio.Task[Any]] = []
         self.started_at = time.time()
@@ -113,6 +114,7 @@ class Daemon:
             local_keys=keyring.local,
             trust=keyring.trust,
             local_addresses=addresses,
+            in_use=self._carries_flows,
         )
         previous = previous_run(run_dir())
         resumed = previous is not None and self._resume_engine(previous)
@@ -200,6 +202,9 @@ class Daemon:
         assert self.loop is not None
         return self.loop.time()
 
+    def _carries_flows(self, hid: int) -> bool:
+        return self.service is not None and self.service.carries_flows(hid)
+
     def _mode(self) -> str:
         return self.service.mode.value if self.service is not None else "-"
 
@@ -274,6 +279,7 @@ class Daemon:
             self._on_event(event)
         if changed:
             self._save()  # before anything that acts on it leaves this host
+        self._log_drops()
         if self.service is not None:
             # The kernel rewrites what the engine just decided before any datagram
             # (an ACK of a HANDOFF, say) tells the peer it may use it.
@@ -289,6 +295,18 @@ class Daemon:
         if deadline is not None and self._timer is None:
             assert self.loop is not None
             self._timer = self.loop.call_at(deadline, self._on_timer)
+
+    def _log_drops(self) -> None:
+        """What the engine refused without an event (a flood's worth), summed up in
+        one line at most every 10 s: logging each would be the flood's own."""
+        assert self.engine is not None
+        dropped = self.engine.counters.dropped
+        last, at = self._drops_logged
+        now = self._now()
+        if dropped != last and now - at >= 10.0:
+            news = {k: n - last.get(k, 0) for k, n in dropped.items() if n != last.get(k, 0)}
+            log.warning("IHMP datagrams refused since the last report: %s", news)
+            self._drops_logged = (dict(dropped), now)
 
     def _on_event(self, event: ev.Event) -> None:
         if isinstance(event, ev.HostChanged):

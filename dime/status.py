@@ -31,6 +31,7 @@ def build(
         "hids": _hids(engine),
         "sockets": service.flows() if service is not None else [],
         "counters": _counters(engine, service),
+        "limits": _limits(engine),
     }
 
 
@@ -50,6 +51,15 @@ def _hids(engine: IhmpEngine | None) -> list[dict[str, Any]]:
     ]
 
 
+def _limits(engine: IhmpEngine | None) -> dict[str, float]:
+    """The flood limits in force (``[ihmp]`` in the config); each has a counter."""
+    if engine is None:
+        return {}
+    c = engine.config
+    names = ("max_peers", "max_half_open", "max_challenges", "unverified_rate", "cookie_rate")
+    return {name: getattr(c, name) for name in names}
+
+
 def _counters(engine: IhmpEngine | None, service: StackTrans | None) -> dict[str, Any]:
     counters: dict[str, Any] = {
         "messages_sent": 0,
@@ -63,6 +73,14 @@ def _counters(engine: IhmpEngine | None, service: StackTrans | None) -> dict[str
             "messages_received": c.messages_received,
             "messages_rejected": dict(c.messages_rejected),
             "retransmissions": c.retransmissions,
+            # What an attacker can make us spend, and what we refused (issue: security).
+            "dropped": dict(c.dropped),
+            "cookies_sent": c.cookies_sent,
+            "challenges_sent": c.challenges_sent,
+            "addresses_validated": c.addresses_validated,
+            "peers_evicted": c.peers_evicted,
+            "peers": len(engine.table),
+            "peers_half_open": engine.half_open(),
         }
     counters["packets_translated_in_user_space"] = 0
     if service is not None:

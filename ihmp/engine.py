@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import random
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from ipaddress import ip_interface
 from typing import Any
@@ -49,15 +49,18 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from ihmp import events as ev
 from ihmp.addr import IPAddress, IPInterface, addr_key, usable
-from ihmp.events import RejectReason
+from ihmp.cookie import CookieJar
+from ihmp.events import DropReason, RejectReason
 from ihmp.hosts import HidState, HidTable, HidTableError, HostEntry, HostSnapshot
 from ihmp.keys import LocalKeys, TrustStore
 from ihmp.peer import Peer, Pending
+from ihmp.ratelimit import PerSource, TokenBucket
 from ihmp.reachability import Reach, advertisable, best_path, classify
 from ihmp.replay import ReplayWindow
 from ihmp.states import Trigger
 from ihmp.timers import Timers
 from ihmp.wire import (
+    NONCE_LEN,
     Flags,
     Message,
     MessageType,
@@ -83,6 +86,7 @@ _EVENT_TYPES = frozenset(
 _WITHDRAWING = frozenset({T.ADDR_DOWN, T.ADDR_DOWN_UNREACHABLE, T.HANDOFF, T.HANDOFF_UNREACHABLE})
 _MAX_KEY_WINDOWS = 4096
 MAX_LOCAL_RETRIES = 10  # quick retries after a send failed locally (about 100 ms)
+MAX_COOKIE_TRIES = 3  # times one HELLO of ours is said again with a fresh cookie
 
 
 @dataclass
@@ -102,6 +106,13 @@ class EngineConfig:
     legacy_hold_down: float = 300.0  # after a HELLO went unanswered
     path_loss_grace: float = 30.0  # how long a peer with no path is kept
     strict: bool = False  # accept only keys configured a priori
+    # Limits against floods; each has a counter in `dime status`.
+    max_peers: int = 4096  # HID table entries; the least recently used idle one goes first
+    max_half_open: int = 256  # of them, hosts whose first HELLO is still unanswered
+    max_challenges: int = 8  # addresses of one peer being validated at once
+    unverified_rate: float = 5.0  # datagrams/s taken from a source no peer was verified at
+    unverified_burst: float = 20.0
+    cookie_rate: float = 500.0  # HELLO cookies sent per second, to all sources together
 
 
 @dataclass(frozen=True)
@@ -120,6 +131,11 @@ class Counters:
     messages_received: int = 0
     retransmissions: int = 0
     messages_rejected: dict[str, int] = field(default_factory=dict)
+    dropped: dict[str, int] = field(default_factory=dict)  # DropReason value -> count
+    cookies_sent: int = 0
+    challenges_sent: int = 0  # path challenges (PATH_PROBE), retransmissions not counted
+    addresses_validated: int = 0  # challenges answered with their nonce
+    peers_evicted: int = 0
 
 
 SAVE_VERSION = 1
@@ -166,8 +182,12 @@ class IhmpEngine:
         local_keys: LocalKeys | None = None,
         trust: TrustStore | None = None,
         local_addresses: Iterable[IPInterface] = (),
+        in_use: Callable[[int], bool] | None = None,
     ) -> None:
-        """``counter_start`` must grow across restarts: pass the wall clock in µs."""
+        """``counter_start`` must grow across restarts: pass the wall clock in µs.
+        ``rng`` makes nonces and the cookie secret: unpredictable in a daemon
+        (``random.SystemRandom``). ``in_use(hid)``: whether the host carries flows now;
+        such a host is never evicted to make room."""
         self._events: deque[ev.Event] = deque()
         self.table = HidTable(self._events.append)
         self.config = config or EngineConfig()
@@ -181,6 +201,14 @@ class IhmpEngine:
         self._windows: dict[bytes | int, ReplayWindow] = {}
         self._out: list[Datagram] = []
         self._timers: Timers[TimerKey] = Timers()
+        self._in_use = in_use or (lambda hid: False)
+        self._cookies = CookieJar(rng.getrandbits(256).to_bytes(32, "big"))
+        cfg = self.config
+        self._unverified = PerSource(cfg.unverified_rate, cfg.unverified_burst)
+        self._cookie_budget = TokenBucket(cfg.cookie_rate, cfg.cookie_rate)
+        # The source and size of the datagram being handled: answers to it may not
+        # be larger while the source is unverified.
+        self._request: tuple[IPAddress, int] | None = None
 
     # == outputs ======================================================================
 
@@ -205,13 +233,19 @@ class IhmpEngine:
         """This host's addresses as the engine knows them, with their prefixes."""
         return list(self._local.values())
 
+    def half_open(self) -> int:
+        """Hosts we said HELLO to that have not answered yet."""
+        return sum(e.state is HidState.HELLO_PENDING for e in self.table)
+
     def peer_info(self, hid: int) -> dict[str, object]:
         """Protocol facts about a peer for status output."""
         peer = self._peers.get(hid)
         if peer is None:
             return {}
+        challenges = [p.dst for p in peer.pending.values() if p.msg.type is T.PATH_PROBE]
         return {
             "pending": len(peer.pending),
+            "validating": sorted({str(a) for a in challenges}),
             "withdrawn": [str(a) for a in peer.withdrawn],
             "nat_supported": peer.nat_supported,
             "nat_entries": len(peer.nat_entries),
@@ -333,10 +367,15 @@ class IhmpEngine:
         if entry is None and adopted:
             entry = self.table.lookup_retired(remote)
         if entry is None:
+            if not self._make_room(now, half_open=True):
+                return None
             entry = self.table.create([remote], Trigger.HELLO_SENT)
+            self._peer(entry.hid).last_used = now
             self._start_hello(entry.hid, now, local)
         elif entry.state is HidState.LEGACY:
             self._start_hello(entry.hid, now, local)
+        if entry.hid in self._peers:
+            self._peers[entry.hid].last_used = now
         return entry.hid
 
     def _start_hello(
@@ -472,16 +511,24 @@ class IhmpEngine:
             # it as a locator, and applying would take it as one the peer reaches.
             self._reject(src, RejectReason.NOT_A_LOCATOR, f"{dst} is no address of ours")
             return
+        if self._verified(src) is None and not self._unverified.take(src, now):
+            self._drop(DropReason.RATE_LIMITED)
+            return
+        self._request = (src, len(data))
         try:
             msg = decode(data)
             if msg.type is T.HELLO:
                 self._on_hello(msg, src, dst, src_port, now)
+            elif msg.type is T.ACK and msg.cookie is not None:
+                self._on_cookie(msg, src, now)
             else:
                 self._on_message(msg, src, dst, src_port, now)
         except WireError as exc:
             self._reject(src, RejectReason.MALFORMED, str(exc))
         except _Reject as rej:
             self._reject(src, rej.reason, rej.detail)
+        finally:
+            self._request = None
 
     # == receiving ====================================================================
 
@@ -489,9 +536,14 @@ class IhmpEngine:
         self, msg: Message, src: IPAddress, dst: IPAddress, port: int | None, now: float
     ) -> None:
         entry = self._resolve(msg.host_id) or self.table.lookup(src)
-        pin = self._authenticate(msg, entry, src)
-        window = self._check_replay(msg, entry, pin)
+        if (entry is None or src not in entry.active) and not self._cookie_ok(
+            msg, src, dst, port, now
+        ):
+            return  # answered with a cookie (or not at all), and nothing kept
+        pin, window = self._admit(msg, entry, src)
         nat = msg.src_addr != src
+        if entry is None and not self._make_room(now, half_open=False):
+            return
         # Every check passed: from here on the message is applied.
         trigger = Trigger.HELLO_RECEIVED_THROUGH_NAT if nat else Trigger.HELLO_RECEIVED
         if entry is None:
@@ -500,7 +552,7 @@ class IhmpEngine:
             self._claim(entry, src, active=True, prefer=True)
             self.table.transition(entry.hid, trigger)
         hid = entry.hid
-        self._commit(msg, hid, window, pin)
+        self._commit(msg, hid, window, pin, now)
         peer = self._peer(hid)
         peer.addr_seq.clear()  # a HELLO starts the peer's sequence afresh
         self._note_flags(msg, peer)
@@ -532,6 +584,44 @@ class IhmpEngine:
             self._events.append(ev.PeerEstablished(hid, key_pinned=entry.key is not None))
             self._probe_unreachable(entry, now)
             self._withdraw_leftovers(entry, now)
+
+    def _cookie_ok(
+        self, msg: Message, src: IPAddress, dst: IPAddress, port: int | None, now: float
+    ) -> bool:
+        """Whether a HELLO from a source no peer was verified at shows, with a cookie,
+        that its sender receives there. If not, the sender gets a cookie to say HELLO
+        again with (no larger than its HELLO, and within the cookie rate)."""
+        if msg.cookie is not None:
+            if self._cookies.valid(msg.cookie, src, port, dst, now):
+                return True
+            self._drop(DropReason.BAD_COOKIE)
+        if not self._cookie_budget.take(now):
+            self._drop(DropReason.COOKIE_RATE)
+            return False
+        cookie = self._cookies.make(src, port, dst, now)
+        # Unsigned, counter 0: the HELLO's sender cannot check it, and needs not to.
+        reply = Message(type=T.ACK, seq=msg.seq, host_id=dst, cookie=cookie)
+        if self._answer(encode(reply), dst, src, port):
+            self.counters.cookies_sent += 1
+        return False
+
+    def _on_cookie(self, msg: Message, src: IPAddress, now: float) -> None:
+        """A cookie for a HELLO of ours: say it again, with the cookie, at once."""
+        entry = self.table.lookup(src)
+        peer = self._peers.get(entry.hid) if entry is not None else None
+        pending = peer.pending.get(msg.seq) if peer is not None else None
+        if (
+            pending is None
+            or pending.msg.type is not T.HELLO
+            or pending.dst != src
+            or pending.cookie_tries >= MAX_COOKIE_TRIES
+        ):
+            self._drop(DropReason.STRAY_COOKIE)
+            return
+        pending.cookie_tries += 1
+        pending.msg = replace(pending.msg, cookie=msg.cookie)
+        self._transmit(pending.msg, pending.src, pending.dst, pending.dst_port)
+        self._arm(pending, now + pending.rto)
 
     def _hello_collision(
         self,
@@ -569,52 +659,67 @@ class IhmpEngine:
         entry = self._resolve(msg.host_id)
         if entry is None:
             raise _Reject(RejectReason.UNKNOWN_HOST_ID, f"no HID for Host ID {msg.host_id}")
-        pin = self._authenticate(msg, entry, src)
-        window = self._check_replay(msg, entry, pin)
+        pin, window = self._admit(msg, entry, src)
         pending = None
         peer = self._peer(entry.hid)
         if msg.type is T.ACK:
             pending = peer.pending.get(msg.seq)
+            challenge = pending.msg.nonce if pending is not None else None
+            if challenge is not None and msg.nonce != challenge:
+                raise _Reject(RejectReason.BAD_NONCE, f"ACK {msg.seq} lacks the nonce")
             if pending is None and msg.seq in peer.cancelled_hellos:
                 peer.cancelled_hellos.discard(msg.seq)
-                self._commit(msg, entry.hid, window, pin)
+                self._commit(msg, entry.hid, window, pin, now)
                 peer.acked_us = True  # it verified our HELLO: it has our key
                 return  # the ACK of a HELLO that lost a tie-break: nothing else
             if pending is None:
                 raise _Reject(RejectReason.UNEXPECTED_ACK, f"no message {msg.seq} outstanding")
-        self._commit(msg, entry.hid, window, pin)
+        self._commit(msg, entry.hid, window, pin, now)
         self._note_flags(msg, peer)
         if pending is not None:
             self._untrack(peer, msg.seq)
             self._completed(pending, msg, now)
         elif msg.type is T.PATH_PROBE:
-            self._on_path_probe(msg, entry, src, dst, port)
+            self._on_path_probe(msg, entry, src, dst, port, now)
         elif msg.type is T.NAT_ENTRY:
             assert msg.nat_mapping is not None
             peer.nat_entries.append(msg.nat_mapping)
             self._events.append(ev.NatEntryReceived(entry.hid, msg.nat_mapping))
             self._send_ack(entry.hid, msg, src, dst, port)
         else:
-            self._on_address_event(msg, entry, src, dst, port)
+            self._on_address_event(msg, entry, src, dst, port, now)
 
     def _on_path_probe(
-        self, msg: Message, entry: HostEntry, src: IPAddress, dst: IPAddress, port: int | None
+        self,
+        msg: Message,
+        entry: HostEntry,
+        src: IPAddress,
+        dst: IPAddress,
+        port: int | None,
+        now: float,
     ) -> None:
         nat = msg.src_addr != src
-        # The probe proves the path src -> dst works (III-B1, step 4), unless a newer
-        # message of the peer's withdrew src meanwhile.
+        # The probe shows the path src -> dst works (III-B1, step 4), unless a newer
+        # message of the peer's withdrew src meanwhile. That the peer is at src, its
+        # source says, which anyone can write: we challenge src ourselves.
         if not nat and self._newest_about(self._peer(entry.hid), src, msg.seq):
-            self._claim(entry, src, active=True)
             self._add_local(entry.hid, dst, reason="PATH_PROBE received")
-        self._ack_applied(entry.hid, msg, src, dst, port, nat=nat, applied=True)
+            self._validate(entry, src, prefer=False, via=dst, now=now)
+        self._ack_applied(entry.hid, msg, src, dst, port, nat=nat, applied=True, nonce=msg.nonce)
 
     def _on_address_event(
-        self, msg: Message, entry: HostEntry, src: IPAddress, dst: IPAddress, port: int | None
+        self,
+        msg: Message,
+        entry: HostEntry,
+        src: IPAddress,
+        dst: IPAddress,
+        port: int | None,
+        now: float,
     ) -> None:
         # ADDR_UP and HANDOFF are sent from the new address: a different source
         # means a NAT rewrote it, and IHMP cannot move flows into a NAT (III-D).
         nat = msg.type in (T.ADDR_UP, T.HANDOFF) and msg.new_addr != src
-        applied = self._apply_address_event(msg, entry, dst, nat)
+        applied = self._apply_address_event(msg, entry, dst, nat, now)
         self._ack_applied(entry.hid, msg, src, dst, port, nat=nat, applied=applied)
 
     def _ack_applied(
@@ -627,14 +732,16 @@ class IhmpEngine:
         *,
         nat: bool,
         applied: bool,
+        nonce: bytes | None = None,
     ) -> None:
         """ACK a peer's message (ND and the observed source if a NAT was in the way)."""
         flags = Flags.ND if nat else Flags.NONE
-        self._send_ack(hid, msg, src, dst, port, flags=flags, observed_addr=src if nat else None)
+        observed = src if nat else None
+        self._send_ack(hid, msg, src, dst, port, flags=flags, observed_addr=observed, nonce=nonce)
         self._events.append(ev.MessageApplied(hid, msg.type, msg.seq, stale=not applied))
 
     def _apply_address_event(
-        self, msg: Message, entry: HostEntry, dst: IPAddress, nat: bool
+        self, msg: Message, entry: HostEntry, dst: IPAddress, nat: bool, now: float
     ) -> bool:
         """Apply the parts of ``msg`` no newer message has overtaken; say if any was."""
         peer = self._peer(entry.hid)
@@ -648,12 +755,13 @@ class IhmpEngine:
         new = msg.new_addr
         if new is not None and self._newest_about(peer, new, msg.seq):
             applied = True
-            reachable = msg.type in (T.ADDR_UP, T.HANDOFF) and not nat
-            self._claim(entry, new, active=reachable, prefer=msg.type is T.HANDOFF)
-            if reachable:
+            prefer = msg.type is T.HANDOFF
+            if msg.type in (T.ADDR_UP, T.HANDOFF) and not nat:
                 # The peer reached us at dst from its new address: dst works for it.
-                prefer = msg.type is T.HANDOFF
                 self._add_local(entry.hid, dst, prefer=prefer, reason=reason)
+                self._validate(entry, new, prefer=prefer, via=dst, now=now)
+            else:
+                self._claim(entry, new, active=False)
         return applied
 
     @staticmethod
@@ -670,6 +778,18 @@ class IhmpEngine:
         return True
 
     # == authentication and replay ====================================================
+
+    def _admit(
+        self, msg: Message, entry: HostEntry | None, src: IPAddress
+    ) -> tuple[bytes | None, bytes | int | None]:
+        """Authenticate ``msg`` and check it is no replay: the key to pin (if any) and
+        its replay window. Cheap checks first: a replayed message of a peer whose key
+        is bound costs no signature check. Raises _Reject; changes nothing."""
+        if entry is not None and entry.key is not None:
+            window = self._check_replay(msg, entry, None)
+            return self._authenticate(msg, entry, src), window
+        pin = self._authenticate(msg, entry, src)
+        return pin, self._check_replay(msg, entry, pin)
 
     def _authenticate(self, msg: Message, entry: HostEntry | None, src: IPAddress) -> bytes | None:
         """Check the signature; return a key to pin, if the message binds a new one.
@@ -713,7 +833,9 @@ class IhmpEngine:
             raise _Reject(RejectReason.REPLAY, f"counter {msg.counter} already seen or too old")
         return wid
 
-    def _commit(self, msg: Message, hid: int, wid: bytes | int | None, pin: bytes | None) -> None:
+    def _commit(
+        self, msg: Message, hid: int, wid: bytes | int | None, pin: bytes | None, now: float
+    ) -> None:
         """Record the accepted message's counter and pin its key."""
         if wid is None:
             wid = hid
@@ -723,7 +845,9 @@ class IhmpEngine:
                 self._windows.pop(next(iter(self._windows)))
             window = self._windows[wid] = ReplayWindow()
         window.accept(msg.counter)
-        self._peer(hid).answered = True
+        peer = self._peer(hid)
+        peer.answered = True
+        peer.last_used = now
         if pin is not None:
             self.table.bind_key(hid, pin, reason="key pinned")
 
@@ -748,9 +872,7 @@ class IhmpEngine:
         if mtype is T.HELLO:
             self._hello_acked(entry, pending, ack, now)
         elif mtype is T.PATH_PROBE:
-            self._claim(entry, pending.dst, active=True)
-            self._add_local(hid, pending.src, reason=reason)
-            self._events.append(ev.AddressVerified(hid, pending.src, pending.dst))
+            self._challenge_answered(entry, pending, reason)
         elif (
             mtype in (T.ADDR_UP, T.HANDOFF)
             and not ack.flags & Flags.ND
@@ -761,7 +883,7 @@ class IhmpEngine:
             self._add_local(hid, new, prefer=mtype is T.HANDOFF, reason=reason)
             locator = entry.locator
             prefer = locator is None or classify(locator, new) is Reach.UNREACHABLE
-            self._claim(entry, pending.dst, active=True, prefer=prefer)
+            self._validate(entry, pending.dst, prefer=prefer, via=new, now=now)
             self._events.append(ev.AddressVerified(hid, new, pending.dst))
         if mtype in _WITHDRAWING:
             for old in pending.msg.old_addrs:
@@ -775,6 +897,18 @@ class IhmpEngine:
         self._events.append(
             ev.ExchangeCompleted(hid, mtype, pending.msg.seq, now - pending.first_sent)
         )
+
+    def _challenge_answered(self, entry: HostEntry, pending: Pending, reason: str) -> None:
+        """The peer echoed the nonce we sent to ``pending.dst``: it receives there.
+
+        Unless it withdrew the address meanwhile, the address is the peer's to use,
+        taken from another host if need be (the nonce proves this one has it now)."""
+        if self.table.lookup_retired(pending.dst) is entry:
+            return
+        self._claim(entry, pending.dst, active=True, prefer=pending.prefer)
+        self._add_local(entry.hid, pending.src, reason=reason)
+        self.counters.addresses_validated += 1
+        self._events.append(ev.AddressVerified(entry.hid, pending.src, pending.dst))
 
     def _hello_acked(self, entry: HostEntry, pending: Pending, ack: Message, now: float) -> None:
         hid = entry.hid
@@ -966,11 +1100,70 @@ class IhmpEngine:
             reach, local, _ = best_path([remote], locals_)
             if local is None or reach is Reach.UNREACHABLE:
                 continue
-            msg = self._message(
-                peer, T.PATH_PROBE, host_id=self._host_id(entry, local), src_addr=local
-            )
-            attempts = self.config.probe_attempts
-            self._send(entry.hid, msg, local, remote, now, track=True, attempts=attempts)
+            if not self._challenging(peer, remote):
+                self._challenge(entry, local, remote, now, attempts=self.config.probe_attempts)
+
+    # == path validation ==============================================================
+
+    def _validate(
+        self, entry: HostEntry, addr: IPAddress, *, prefer: bool, via: IPAddress, now: float
+    ) -> None:
+        """The peer says it is at ``addr`` (a HANDOFF, an ADDR_UP, a probe's source):
+        use it for the peer's data, first if ``prefer``, once a challenge sent *to*
+        ``addr`` comes back answered with its nonce. An address already verified is
+        used at once. Until then it is one the peer's packets may come from, never
+        one ours go to: no flow data at all goes to an unverified address.
+
+        The challenge goes from ``via`` (where the claim reached us), and is
+        retransmitted as long as an address event would be: a lossy control path
+        delays the switch, it must not lose it."""
+        if addr in entry.active:
+            self._claim(entry, addr, active=True, prefer=prefer)
+            return
+        self._claim(entry, addr, active=False)
+        peer = self._peers[entry.hid]
+        ongoing = self._challenging(peer, addr)
+        if ongoing is not None:
+            ongoing.prefer |= prefer
+            return
+        if sum(p.msg.type is T.PATH_PROBE for p in peer.pending.values()) >= (
+            self.config.max_challenges
+        ):
+            self._drop(DropReason.CHALLENGE_CAP)
+            return
+        local: IPAddress | None = via
+        if via not in self._local:
+            _, local, _ = best_path([addr], [a for a in self._local if advertisable(a)])
+        if local is not None:
+            self._challenge(entry, local, addr, now, prefer=prefer)
+
+    @staticmethod
+    def _challenging(peer: Peer, addr: IPAddress) -> Pending | None:
+        """Our challenge to ``addr`` in flight, if any."""
+        for pending in peer.pending.values():
+            if pending.msg.type is T.PATH_PROBE and pending.dst == addr:
+                return pending
+        return None
+
+    def _challenge(
+        self,
+        entry: HostEntry,
+        local: IPAddress,
+        remote: IPAddress,
+        now: float,
+        *,
+        prefer: bool = False,
+        attempts: int | None = None,
+    ) -> None:
+        """PATH_PROBE ``remote`` from ``local`` with a fresh unpredictable nonce."""
+        peer = self._peers[entry.hid]
+        nonce = self._rng.getrandbits(8 * NONCE_LEN).to_bytes(NONCE_LEN, "big")
+        msg = self._message(
+            peer, T.PATH_PROBE, host_id=self._host_id(entry, local), src_addr=local, nonce=nonce
+        )
+        self._send(entry.hid, msg, local, remote, now, track=True, attempts=attempts)
+        peer.pending[msg.seq].prefer = prefer
+        self.counters.challenges_sent += 1
 
     # == local address bookkeeping ====================================================
 
@@ -993,7 +1186,40 @@ class IhmpEngine:
         if (GRACE, hid, 0) not in self._timers:
             self._timers.set((GRACE, hid, 0), now + self.config.path_loss_grace)
 
-    def _drop_peer(self, hid: int) -> None:
+    def _make_room(self, now: float, *, half_open: bool) -> bool:
+        """Room for one more host (``half_open``: one we say HELLO to first). At a cap,
+        the least recently used host that carries no flow goes; False if none may."""
+        if (
+            half_open
+            and self.half_open() >= self.config.max_half_open
+            and not self._evict([e for e in self.table if e.state is HidState.HELLO_PENDING])
+        ):
+            self._drop(DropReason.HALF_OPEN_CAP)
+            return False
+        if len(self.table) >= self.config.max_peers and not self._evict(list(self.table)):
+            self._drop(DropReason.PEER_CAP)
+            return False
+        return True
+
+    def _evict(self, candidates: list[HostEntry]) -> bool:
+        idle = [e for e in candidates if not self._in_use(e.hid)]
+        if not idle:
+            return False
+        oldest = min(idle, key=lambda e: self._peer(e.hid).last_used)
+        self._drop_peer(oldest.hid, reason="evicted to make room")
+        self.counters.peers_evicted += 1
+        return True
+
+    def _verified(self, addr: IPAddress) -> HostEntry | None:
+        """The host verified at ``addr`` (one of its active addresses), if any."""
+        entry = self.table.lookup(addr)
+        return entry if entry is not None and addr in entry.active else None
+
+    def _drop(self, reason: DropReason) -> None:
+        dropped = self.counters.dropped
+        dropped[reason.value] = dropped.get(reason.value, 0) + 1
+
+    def _drop_peer(self, hid: int, reason: str = "no path left") -> None:
         entry = self.table.get(hid)
         addresses = tuple(entry.active) + tuple(sorted(entry.unreachable, key=addr_key))
         peer = self._peers.pop(hid, None)
@@ -1001,7 +1227,7 @@ class IhmpEngine:
             self._timers.cancel((RETRANSMIT, hid, seq))
         self._timers.cancel((GRACE, hid, 0))
         self._windows.pop(hid, None)
-        self.table.remove(hid, reason="no path left")
+        self.table.remove(hid, reason=reason)
         self._events.append(ev.PeerLost(hid, addresses))
 
     def _resolve(self, host_id: IPAddress) -> HostEntry | None:
@@ -1146,7 +1372,23 @@ class IhmpEngine:
     ) -> None:
         """ACK ``msg`` (from ``src`` to our ``dst``) back along the path it came by."""
         ack = Message(type=T.ACK, seq=msg.seq, host_id=dst, flags=flags, **fields)  # type: ignore[arg-type]
-        self._transmit(ack, dst, src, port)
+        self._answer(self._stamp(ack, dst), dst, src, port)
+
+    def _answer(self, data: bytes, src: IPAddress, dst: IPAddress, port: int | None) -> bool:
+        """Queue an answer to the datagram being handled (from ``dst``). To a source no
+        peer was verified at, never more bytes than it sent: no amplification."""
+        request = self._request
+        if (
+            request is not None
+            and request[0] == dst
+            and len(data) > request[1]
+            and self._verified(dst) is None
+        ):
+            self._drop(DropReason.TOO_LARGE)
+            return False
+        self._out.append(Datagram(data, src, dst, port))
+        self.counters.messages_sent += 1
+        return True
 
     def _retransmit(self, pending: Pending, now: float) -> None:
         pending.attempts += 1
@@ -1156,10 +1398,14 @@ class IhmpEngine:
         self._transmit(pending.msg, pending.src, pending.dst, pending.dst_port)
 
     def _transmit(self, msg: Message, src: IPAddress, dst: IPAddress, dst_port: int | None) -> None:
-        # A fresh counter (and signature) every time, retransmissions included: the
-        # receiver's replay window must see each copy as new.
+        self._out.append(Datagram(self._stamp(msg, src), src, dst, dst_port))
+        self.counters.messages_sent += 1
+
+    def _stamp(self, msg: Message, src: IPAddress) -> bytes:
+        """``msg`` encoded with a fresh counter, signed with the key of ``src``.
+
+        A fresh counter (and signature) every time, retransmissions included: the
+        receiver's replay window must see each copy as new."""
         self._counter += 1
         key: Ed25519PrivateKey | None = self.local_keys.key_for(src)
-        stamped = replace(msg, counter=self._counter, signature=None)
-        self._out.append(Datagram(encode(stamped, key), src, dst, dst_port))
-        self.counters.messages_sent += 1
+        return encode(replace(msg, counter=self._counter, signature=None), key)

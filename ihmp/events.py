@@ -17,6 +17,7 @@ from ihmp.wire import MessageType, NatMapping
 
 __all__ = [
     "AddressVerified",
+    "DropReason",
     "Event",
     "ExchangeCompleted",
     "ExchangeFailed",
@@ -42,6 +43,21 @@ class RejectReason(enum.Enum):
     REPLAY = "replay"  # counter already seen or too old
     UNEXPECTED_ACK = "unexpected_ack"  # ACK that matches nothing outstanding
     NOT_A_LOCATOR = "not_a_locator"  # sent to an address that is no locator of ours
+    BAD_NONCE = "bad_nonce"  # the ACK of a path challenge does not echo its nonce
+
+
+class DropReason(enum.Enum):
+    """Why a datagram was not taken in, or an answer not sent, without an event: what
+    a flood brings is counted (``dime status``), not logged one by one."""
+
+    RATE_LIMITED = "rate_limited"  # over its rate, from a source no peer was verified at
+    COOKIE_RATE = "cookie_rate"  # a HELLO that would need a cookie, over the cookie rate
+    BAD_COOKIE = "bad_cookie"  # a HELLO whose cookie is not ours, or too old (a new one goes)
+    STRAY_COOKIE = "stray_cookie"  # a cookie for no HELLO of ours
+    PEER_CAP = "peer_cap"  # a new peer, with the table full of peers in use
+    HALF_OPEN_CAP = "half_open_cap"  # a new HELLO, with too many unanswered ones in use
+    CHALLENGE_CAP = "challenge_cap"  # an address to validate, with too many in flight
+    TOO_LARGE = "too_large"  # an answer to an unverified source larger than its request
 
 
 @dataclass(frozen=True)

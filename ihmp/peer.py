@@ -34,6 +34,8 @@ class Pending:
     rto: float
     attempts: int = 1
     local_failures: int = 0  # sends the host itself could not make (no route yet)
+    prefer: bool = False  # a path challenge: make its address the locator once answered
+    cookie_tries: int = 0  # a HELLO: cookies it was sent again with
 
     def exhausted(self, now: float) -> bool:
         """Whether the retransmission due now should not happen: give up instead."""
@@ -57,6 +59,7 @@ class Peer:
     cancelled_hellos: set[int] = field(default_factory=set)  # lost a HELLO tie-break
     nat_supported: bool = False
     nat_entries: list[NatMapping] = field(default_factory=list)
+    last_used: float = 0.0  # a message taken in from it, or a flow to it: eviction order
 
     def to_json(self, now: float) -> dict[str, Any]:
         """What a successor needs to go on with this peer (messages in flight are
@@ -87,4 +90,5 @@ class Peer:
             answered=bool(data.get("answered")),
             acked_us=bool(data.get("acked_us")),
             nat_supported=bool(data.get("nat_supported")),
+            last_used=now,
         )

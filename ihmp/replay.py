@@ -34,7 +34,9 @@ class ReplayWindow:
     def accept(self, counter: int) -> None:
         """Record ``counter`` as accepted. Call only after :meth:`fresh` said yes."""
         if counter > self.highest:
-            shift = counter - self.highest if self.highest >= 0 else self.size
+            # Capped: bits shifted past the window are gone anyway, and a jump of 2^40
+            # (any peer may send one) must not build a 2^40-bit integer.
+            shift = min(counter - self.highest, self.size) if self.highest >= 0 else self.size
             self._seen = ((self._seen << shift) | 1) & ((1 << self.size) - 1)
             self.highest = counter
         else:

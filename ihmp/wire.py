@@ -28,6 +28,8 @@ SIGNATURE_LEN = 64
 PUBLIC_KEY_LEN = 32
 MAX_ADDRESSES = 32  # per address list; keeps a message well under 1280 bytes
 FIELD_HEAD = struct.Struct("!BH")  # tag, length
+NONCE_LEN = 8  # a path challenge's nonce: unpredictable, echoed by the answer
+COOKIE_LEN = 8  # a HELLO cookie: proves the HELLO's sender receives at its source
 
 
 class MessageType(enum.IntEnum):
@@ -62,6 +64,8 @@ class Tag(enum.IntEnum):
     OBSERVED_ADDR = 5  # one address: the source the ACK's sender saw
     PUBLIC_KEY = 6  # 32 bytes, raw Ed25519
     NAT_MAPPING = 7  # see NatMapping
+    NONCE = 8  # NONCE_LEN bytes: PATH_PROBE's challenge, echoed in its ACK
+    COOKIE = 9  # COOKIE_LEN bytes: in an ACK, "say HELLO again with this"; in a HELLO, that
 
 
 class WireError(ValueError):
@@ -99,6 +103,8 @@ class Message:
     observed_addr: IPAddress | None = None
     public_key: bytes | None = None
     nat_mapping: NatMapping | None = None
+    nonce: bytes | None = None
+    cookie: bytes | None = None
     signature: bytes | None = field(default=None, repr=False)
 
 
@@ -106,7 +112,7 @@ class Message:
 _REQUIRED: dict[MessageType, frozenset[Tag]] = {
     MessageType.HELLO: frozenset({Tag.ADVERTISED, Tag.SRC_ADDR}),
     MessageType.ACK: frozenset(),
-    MessageType.PATH_PROBE: frozenset({Tag.SRC_ADDR}),
+    MessageType.PATH_PROBE: frozenset({Tag.SRC_ADDR, Tag.NONCE}),
     MessageType.ADDR_UP: frozenset({Tag.NEW_ADDR}),
     MessageType.ADDR_UP_UNREACHABLE: frozenset({Tag.NEW_ADDR}),
     MessageType.ADDR_DOWN: frozenset({Tag.OLD_ADDRS}),
@@ -116,8 +122,10 @@ _REQUIRED: dict[MessageType, frozenset[Tag]] = {
     MessageType.NAT_ENTRY: frozenset({Tag.NAT_MAPPING}),
 }
 _OPTIONAL: dict[MessageType, frozenset[Tag]] = {
-    MessageType.HELLO: frozenset({Tag.PUBLIC_KEY}),
-    MessageType.ACK: frozenset({Tag.ADVERTISED, Tag.SRC_ADDR, Tag.OBSERVED_ADDR, Tag.PUBLIC_KEY}),
+    MessageType.HELLO: frozenset({Tag.PUBLIC_KEY, Tag.COOKIE}),
+    MessageType.ACK: frozenset(
+        {Tag.ADVERTISED, Tag.SRC_ADDR, Tag.OBSERVED_ADDR, Tag.PUBLIC_KEY, Tag.NONCE, Tag.COOKIE}
+    ),
 }
 # Flags other than NS and SIG are only meaningful on some types.
 _TYPE_FLAGS: dict[Flags, frozenset[MessageType]] = {
@@ -225,12 +233,23 @@ def _fields_of(msg: Message) -> dict[Tag, bytes]:
     if msg.observed_addr is not None:
         fields[Tag.OBSERVED_ADDR] = encode_address(msg.observed_addr)
     if msg.public_key is not None:
-        if len(msg.public_key) != PUBLIC_KEY_LEN:
-            raise WireError("field", "PUBLIC_KEY must be 32 bytes")
-        fields[Tag.PUBLIC_KEY] = msg.public_key
+        fields[Tag.PUBLIC_KEY] = _check_opaque(Tag.PUBLIC_KEY, msg.public_key)
     if msg.nat_mapping is not None:
         fields[Tag.NAT_MAPPING] = _encode_nat(msg.nat_mapping)
+    for tag, value in ((Tag.NONCE, msg.nonce), (Tag.COOKIE, msg.cookie)):
+        if value is not None:
+            fields[tag] = _check_opaque(tag, value)
     return fields
+
+
+_OPAQUE_LEN = {Tag.PUBLIC_KEY: PUBLIC_KEY_LEN, Tag.NONCE: NONCE_LEN, Tag.COOKIE: COOKIE_LEN}
+
+
+def _check_opaque(tag: Tag, value: bytes) -> bytes:
+    """A fixed-size byte string field, checked for its size."""
+    if len(value) != _OPAQUE_LEN[tag]:
+        raise WireError("field", f"{tag.name} must be {_OPAQUE_LEN[tag]} bytes")
+    return bytes(value)
 
 
 def _check_fields(mtype: MessageType, tags: set[Tag]) -> None:
@@ -264,12 +283,10 @@ def _apply_field(values: dict[str, object], tag: Tag, value: bytes) -> None:
         values["src_addr"] = _decode_single_address(value, tag)
     elif tag is Tag.OBSERVED_ADDR:
         values["observed_addr"] = _decode_single_address(value, tag)
-    elif tag is Tag.PUBLIC_KEY:
-        if len(value) != PUBLIC_KEY_LEN:
-            raise WireError("field", "PUBLIC_KEY must be 32 bytes")
-        values["public_key"] = bytes(value)
-    else:
+    elif tag is Tag.NAT_MAPPING:
         values["nat_mapping"] = _decode_nat(value)
+    else:
+        values[_NAME_OF[tag]] = _check_opaque(tag, value)
 
 
 # -- encode / decode -------------------------------------------------------------------
@@ -379,7 +396,10 @@ _TAG_OF = {
     "observed_addr": Tag.OBSERVED_ADDR,
     "public_key": Tag.PUBLIC_KEY,
     "nat_mapping": Tag.NAT_MAPPING,
+    "nonce": Tag.NONCE,
+    "cookie": Tag.COOKIE,
 }
+_NAME_OF = {tag: name for name, tag in _TAG_OF.items()}
 
 
 # -- signatures ------------------------------------------------------------------------

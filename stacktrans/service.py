@@ -382,6 +382,10 @@ class StackTrans:
             for e in self.dataplane.sockets
         ]
 
+    def carries_flows(self, hid: int) -> bool:
+        """Whether host ``hid`` has flows in the socket table (IHMP never evicts it)."""
+        return self.dataplane is not None and bool(self.dataplane.sockets.flows_of(hid))
+
     def counters(self) -> dict[str, int]:
         return {
             "packets_translated_in_user_space": self.path.translated if self.path else 0,

@@ -79,6 +79,8 @@ _MESSAGE_KEYS = {
     "observed_addr",
     "public_key",
     "nat_mapping",
+    "nonce",
+    "cookie",
     "signature",
 }
 
@@ -128,6 +130,8 @@ def message_from_json(obj: dict[str, Any]) -> Message:
         observed_addr=_addr(obj.get("observed_addr")),
         public_key=_hex(obj.get("public_key")),
         nat_mapping=mapping,
+        nonce=_hex(obj.get("nonce")),
+        cookie=_hex(obj.get("cookie")),
         signature=_hex(obj.get("signature")),
     )
 
@@ -279,13 +283,17 @@ nat_mappings = st.builds(
 # The spec's table (section 3), written out independently of ihmp/wire.py:
 # required fields, optional fields, and the flags allowed besides NS (and SIG).
 SPEC: dict[MessageType, tuple[frozenset[str], frozenset[str], Flags]] = {
-    T.HELLO: (frozenset({"advertised", "src_addr"}), frozenset({"public_key"}), Flags.NF),
+    T.HELLO: (
+        frozenset({"advertised", "src_addr"}),
+        frozenset({"public_key", "cookie"}),
+        Flags.NF,
+    ),
     T.ACK: (
         frozenset(),
-        frozenset({"advertised", "src_addr", "observed_addr", "public_key"}),
+        frozenset({"advertised", "src_addr", "observed_addr", "public_key", "nonce", "cookie"}),
         Flags.ND | Flags.NF,
     ),
-    T.PATH_PROBE: (frozenset({"src_addr"}), frozenset(), Flags.NONE),
+    T.PATH_PROBE: (frozenset({"src_addr", "nonce"}), frozenset(), Flags.NONE),
     T.ADDR_UP: (frozenset({"new_addr"}), frozenset(), Flags.NONE),
     T.ADDR_UP_UNREACHABLE: (frozenset({"new_addr"}), frozenset(), Flags.NONE),
     T.ADDR_DOWN: (frozenset({"old_addrs"}), frozenset(), Flags.NONE),
@@ -302,6 +310,8 @@ ALL_FIELDS = (
     "observed_addr",
     "public_key",
     "nat_mapping",
+    "nonce",
+    "cookie",
 )
 
 
@@ -314,6 +324,8 @@ def _field_strategy(name: str, values: dict[str, Any]) -> st.SearchStrategy[Any]
         return st.binary(min_size=32, max_size=32)
     if name == "nat_mapping":
         return nat_mappings
+    if name in ("nonce", "cookie"):
+        return st.binary(min_size=8, max_size=8)
     return addresses
 
 
@@ -521,20 +533,25 @@ def test_signature_covers_the_sig_flag() -> None:
 
 A = ip_address("192.0.2.1")
 B = ip_address("2001:db8::2")
+N8 = bytes(range(8))
 C = ip_address("10.0.0.3")
 GOOD_NAT = NatMapping(17, ip_address("192.168.1.2"), 5000, A, 40000)
 
 ENCODE_REFUSALS: list[tuple[str, Message, str]] = [
     ("hello-without-src-addr", Message(T.HELLO, 1, A, advertised=(A,)), "field"),
     ("hello-with-empty-advertised", Message(T.HELLO, 1, A, src_addr=A), "field"),
-    ("path-probe-without-src-addr", Message(T.PATH_PROBE, 1, A), "field"),
+    ("path-probe-without-src-addr", Message(T.PATH_PROBE, 1, A, nonce=N8), "field"),
+    ("path-probe-without-nonce", Message(T.PATH_PROBE, 1, A, src_addr=A), "field"),
+    ("short-nonce", Message(T.PATH_PROBE, 1, A, src_addr=A, nonce=bytes(7)), "field"),
+    ("long-cookie", Message(T.ACK, 1, A, cookie=bytes(9)), "field"),
+    ("cookie-on-a-probe", Message(T.PATH_PROBE, 1, A, src_addr=A, nonce=N8, cookie=N8), "field"),
     ("addr-up-without-new-addr", Message(T.ADDR_UP, 1, A), "field"),
     ("addr-down-with-empty-old-addrs", Message(T.ADDR_DOWN, 1, A), "field"),
     ("handoff-without-old-addrs", Message(T.HANDOFF, 1, A, new_addr=B), "field"),
     ("nat-entry-without-mapping", Message(T.NAT_ENTRY, 1, A), "field"),
     (
         "path-probe-with-public-key",
-        Message(T.PATH_PROBE, 1, A, src_addr=A, public_key=bytes(32)),
+        Message(T.PATH_PROBE, 1, A, src_addr=A, nonce=N8, public_key=bytes(32)),
         "field",
     ),
     ("addr-up-with-advertised", Message(T.ADDR_UP, 1, A, new_addr=B, advertised=(C,)), "field"),
@@ -542,7 +559,11 @@ ENCODE_REFUSALS: list[tuple[str, Message, str]] = [
     ("addr-up-with-ou", Message(T.ADDR_UP, 1, A, flags=Flags.OU, new_addr=B), "flags"),
     ("hello-with-nd", Message(T.HELLO, 1, A, flags=Flags.ND, advertised=(A,), src_addr=A), "flags"),
     ("ack-with-ou", Message(T.ACK, 1, A, flags=Flags.OU), "flags"),
-    ("path-probe-with-nf", Message(T.PATH_PROBE, 1, A, flags=Flags.NF, src_addr=A), "flags"),
+    (
+        "path-probe-with-nf",
+        Message(T.PATH_PROBE, 1, A, flags=Flags.NF, src_addr=A, nonce=N8),
+        "flags",
+    ),
     ("unassigned-flag-bit", Message(T.ACK, 1, A, flags=Flags(0x10)), "flags"),
     ("seq-negative", Message(T.ACK, -1, A), "field"),
     ("seq-too-large", Message(T.ACK, 0x10000, A), "field"),
