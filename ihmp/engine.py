@@ -752,6 +752,9 @@ class IhmpEngine:
                 applied = True
                 if self.table.lookup(old) is entry:
                     self.table.remove_address(entry.hid, old, retire=True, reason=reason)
+                challenge = self._challenging(peer, old)
+                if challenge is not None:  # nobody to answer it there any more
+                    self._untrack(peer, challenge.msg.seq)
         new = msg.new_addr
         if new is not None and self._newest_about(peer, new, msg.seq):
             applied = True

@@ -69,6 +69,23 @@ def test_a_handoff_to_an_address_the_peer_does_not_receive_at_is_never_used() ->
     assert_symmetric(a, "192.0.2.77", b, B1)
 
 
+def test_a_withdrawn_address_is_challenged_no_more() -> None:
+    """The peer withdraws the address it claimed: the challenge to it stops at once,
+    not at its deadline (a victim would get them for 30 s)."""
+    net = Net()
+    a, b = established(net)
+    net.drop = lambda d: d.dst == A(VICTIM)
+    a.engine.handoff(ip_interface(A1 + "/24"), ip_interface(VICTIM + "/24"), net.now)
+    net.run(3)
+    net.drop = None
+    moved = net.now
+    a.engine.handoff(ip_interface(VICTIM + "/24"), ip_interface("192.0.2.77/24"), net.now)
+    net.run(40)
+    late = [s for s in net.sent_to(VICTIM) if s.at > moved + 0.1]
+    assert late == []
+    assert b.entry_for("192.0.2.77").active == [A("192.0.2.77")]
+
+
 def test_an_ack_that_does_not_echo_the_nonce_proves_nothing() -> None:
     """The peer knows our sequence numbers and has a valid key: it can sign an ACK
     of our challenge, but not guess the nonce that went to the victim."""
