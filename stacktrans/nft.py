@@ -162,9 +162,31 @@ def _queue_chains(q: QueueSpec) -> list[str]:
     return lines
 
 
-def ruleset(*, fast_path: bool, queue: QueueSpec | None = None) -> str:
+def _untracked_ihmp(port: int) -> list[str]:
+    """IHMP to and from this host bypasses conntrack. A flood of spoofed sources
+    would otherwise leave an entry per source (our rules make conntrack run here):
+    the host's conntrack table filled for everyone, and every sweep of it longer.
+    IHMP needs none: its peers' datagrams are expected unasked (so a stateful
+    firewall must accept the port anyway). Only packets *to* this host: forwarded
+    IHMP (a router running dime) keeps its NAT."""
+    return [
+        "  chain ihmp_in {",
+        "    type filter hook prerouting priority raw; policy accept;",
+        f"    udp dport {port} fib daddr type local notrack",
+        "  }",
+        "  chain ihmp_out {",
+        "    type filter hook output priority raw; policy accept;",
+        f"    udp sport {port} notrack",
+        "  }",
+    ]
+
+
+def ruleset(
+    *, fast_path: bool, queue: QueueSpec | None = None, ihmp_port: int | None = None
+) -> str:
     """The text of our table. Without the fast path only the reject path is there;
-    with ``queue``, the queue rules too (else iptables carries them)."""
+    with ``queue``, the queue rules too (else iptables carries them); with
+    ``ihmp_port``, IHMP bypasses conntrack."""
     lines = [f"table inet {TABLE} {{"]
     for f, t in (("4", "ipv4_addr"), ("6", "ipv6_addr")):
         flow = f"inet_proto . {t} . inet_service . {t} . inet_service"
@@ -208,6 +230,8 @@ def ruleset(*, fast_path: bool, queue: QueueSpec | None = None) -> str:
             ]
     if queue is not None:
         lines += _queue_chains(queue)
+    if ihmp_port is not None:
+        lines += _untracked_ihmp(ihmp_port)
     lines.append("}")
     return "\n".join(lines) + "\n" + GHOST_ARP
 
@@ -252,6 +276,7 @@ class NftTable:
         *,
         fast_path: bool,
         queue: QueueSpec | None = None,
+        ihmp_port: int | None = None,
         defer: Callable[[Callable[[], None]], object] | None = None,
     ) -> None:
         """``defer(fn)``: run ``fn`` a little later (an event-loop timer). With it,
@@ -260,6 +285,7 @@ class NftTable:
         self.nft = nft
         self.fast_path = fast_path
         self.queue = queue
+        self.ihmp_port = ihmp_port
         self._hids: dict[int, HidTranslation] = {}
         self._ghosts: set[IPAddress] = set()
         self._senders: dict[int, IPAddress] = {}
@@ -272,7 +298,9 @@ class NftTable:
         atomic batch: a stale copy (a predecessor that crashed) is replaced without
         a moment in which its flows go untranslated."""
         replace = "".join(f"add table {f} {TABLE}\ndelete table {f} {TABLE}\n" for f in FAMILIES)
-        tables = replace + ruleset(fast_path=self.fast_path, queue=self.queue)
+        tables = replace + ruleset(
+            fast_path=self.fast_path, queue=self.queue, ihmp_port=self.ihmp_port
+        )
         try:
             self.nft.run(tables + "\n".join(self._pending))
             self._pending.clear()

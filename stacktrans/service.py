@@ -206,7 +206,11 @@ class StackTrans:
         # burst of new flows); a flow that needs rewriting at once flushes at once.
         # Until install() the kernel maps only collect what the Dataplane decides.
         self.kernel = NftTable(
-            self.nft, fast_path=fast, queue=queue, defer=lambda fn: loop.call_later(0.005, fn)
+            self.nft,
+            fast_path=fast,
+            queue=queue,
+            ihmp_port=self.config.ihmp_port,
+            defer=lambda fn: loop.call_later(0.005, fn),
         )
         self.dataplane = Dataplane(self.kernel, self._hid_for)
         self.dataplane.set_local_addresses(local_addresses)

@@ -25,7 +25,7 @@ def nft_check(text: str) -> tuple[int, str]:
 @needs_root
 @pytest.mark.parametrize("fast_path", [True, False])
 def test_ruleset_is_accepted_by_nft(fast_path: bool) -> None:
-    code, err = nft_check(ruleset(fast_path=fast_path))
+    code, err = nft_check(ruleset(fast_path=fast_path, ihmp_port=4731))
     assert code == 0, err
 
 
