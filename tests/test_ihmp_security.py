@@ -271,16 +271,8 @@ def test_a_hello_cannot_reclaim_an_address_the_peer_withdrew() -> None:
     a.engine.handoff(ip_interface(A1 + "/24"), ip_interface("192.0.2.77/24"), net.now)
     net.run(5)
     before = b.entry_for("192.0.2.77").snapshot()
-    hello = Message(
-        type=T.HELLO,
-        seq=9,
-        host_id=A(A1),
-        counter=10**17,
-        advertised=(A(A1),),
-        src_addr=A(A1),
-        public_key=public_key_bytes(a.key),  # type: ignore[arg-type]
-    )
-    b.engine.receive_datagram(encode(hello, a.key), A(A1), A(B1), net.now, src_port=4731)
+    hello = _hello(A(A1), a.key, seq=9)
+    b.engine.receive_datagram(hello, A(A1), A(B1), net.now, src_port=4731)
     (answer,) = b.engine.datagrams_to_send(net.now)
     assert answer.dst == A(A1) and decode(answer.data).cookie is not None
     assert b.entry_for("192.0.2.77").snapshot() == before

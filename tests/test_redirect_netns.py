@@ -315,7 +315,11 @@ def test_handoff_to_a_victim_sends_it_no_flow_data(tmp_path: Path) -> None:
                 print(f"UDP CH -> MH: {replies['sent']} sent, {replies['received']} echoed, "
                       f"{len(hostile)} while the MH claimed the victim's address (sent to its "
                       f"identifier), {len(late)} after the move")  # fmt: skip
-                assert late, f"no UDP reply after the move\n{logs()}"
+                if not late:
+                    sockets = {n: d.status()["sockets"] for n, d in daemons.items()}
+                    raise AssertionError(
+                        f"no UDP reply after the move; sockets {sockets}\n{logs()}"
+                    )
                 for ns in (fig.ch, fig.mh):
                     assert rst_count(ns) == 0, f"TCP reset in {ns.name}\n{logs()}"
 
