@@ -83,6 +83,7 @@ class Dataplane:
         self._by_locator: dict[IPAddress, int] = {}
         self._translations: dict[int, HidTranslation] = {}
         self._dead: dict[FlowKey, SocketEntry] = {}
+        self._missing: set[FlowKey] = set()  # flows the last sweep's snapshot lacked
         self._effects = Effects()
 
     # -- outputs ----------------------------------------------------------------------
@@ -192,20 +193,34 @@ class Dataplane:
         and UDP flows idle for more than ``udp_idle`` seconds (when the caller sees
         every packet, so that ``last_seen`` means something).
 
+        A flow goes only when two sweeps in a row found it missing: one snapshot
+        once lacked a busy UDP flow (under a parallel test suite; the kernel walks
+        tables shared by every namespace, resuming at a position, and can skip a
+        live entry while others churn). Two misses a sweep interval apart are a
+        flow that really ended.
+
         ``taken_at`` is when the snapshot ``alive`` began. Flows first seen since
         then are kept whatever it says: a snapshot of 100k sockets takes seconds,
         and a flow born meanwhile may be missing from it. Dropping such a flow
         would be for good in ``nft`` mode, whose packets are no longer "new".
         """
+        missing = {
+            e.key
+            for e in self.sockets
+            if (taken_at is None or e.created < taken_at) and e.key not in alive
+        }
         gone = [
             e
             for e in self.sockets
-            if (taken_at is None or e.created < taken_at)
-            and (
-                e.key not in alive
-                or (udp_idle is not None and e.key.proto == UDP and now - e.last_seen > udp_idle)
+            if (e.key in missing and e.key in self._missing)
+            or (
+                udp_idle is not None
+                and e.key.proto == UDP
+                and (taken_at is None or e.created < taken_at)
+                and now - e.last_seen > udp_idle
             )
         ]
+        self._missing = missing - {e.key for e in gone}
         self._remove_flows(gone)
         dead_gone = [e for k, e in self._dead.items() if k not in alive]
         if dead_gone:

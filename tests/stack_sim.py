@@ -304,9 +304,11 @@ class StackHost(Host, Node):
         self.drain_events()
 
     def sweep(self) -> None:
-        """The liveness sweep: flows whose socket is gone end."""
+        """The liveness sweep, twice: flows whose socket is gone end (a flow goes
+        when two sweeps in a row miss it)."""
         alive = {k for k, s in self.sockets.items() if not s.aborted}
-        self.dataplane.sweep(alive, self.clock())
+        for _ in range(2):
+            self.dataplane.sweep(alive, self.clock())
         self.drain_events()
 
 
