@@ -172,7 +172,20 @@ def format_status(st: dict[str, Any]) -> str:
     lines.append(
         f"IHMP: {c['messages_sent']} sent, {c['messages_received']} received, rejected: {rejected}"
     )
+    if "dropped" in c:
+        lines.append(_defences(c, st.get("limits", {})))
     return "\n".join(lines)
+
+
+def _defences(c: dict[str, Any], limits: dict[str, Any]) -> str:
+    """One line: what the flood limits refused, and where the table stands."""
+    dropped = ", ".join(f"{k} {v}" for k, v in c["dropped"].items()) or "none"
+    return (
+        f"flood limits: refused {dropped}; cookies {c['cookies_sent']}, challenges "
+        f"{c['challenges_sent']} ({c['addresses_validated']} answered); peers {c['peers']}"
+        f"/{limits.get('max_peers', '-')}, half-open {c['peers_half_open']}"
+        f"/{limits.get('max_half_open', '-')}, evicted {c['peers_evicted']}"
+    )
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:

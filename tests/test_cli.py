@@ -390,6 +390,27 @@ def test_format_status_of_an_idle_daemon() -> None:
     assert text.splitlines()[-1] == "IHMP: 0 sent, 0 received, rejected: none"
 
 
+def test_format_status_shows_what_the_flood_limits_refused() -> None:
+    st = {
+        **SAMPLE,
+        "counters": {
+            **SAMPLE["counters"],
+            "dropped": {"cookie_rate": 41748, "rate_limited": 3},
+            "cookies_sent": 5499,
+            "challenges_sent": 4,
+            "addresses_validated": 3,
+            "peers": 2,
+            "peers_half_open": 1,
+            "peers_evicted": 0,
+        },
+        "limits": {"max_peers": 4096, "max_half_open": 256},
+    }
+    assert cli.format_status(st).splitlines()[-1] == (
+        "flood limits: refused cookie_rate 41748, rate_limited 3; cookies 5499, challenges 4 "
+        "(3 answered); peers 2/4096, half-open 1/256, evicted 0"
+    )
+
+
 def test_status_prints_what_the_daemon_answers(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(control, "request", lambda cmd, **kw: SAMPLE if cmd == "status" else {})
     result = invoke("status", "--json")
