@@ -42,6 +42,7 @@ from dime.transport import IhmpTransport
 from ihmp import events as ev
 from ihmp.addr import IPAddress, IPInterface
 from ihmp.engine import IhmpEngine
+from ihmp.hosts import FlowOrigin
 from stacktrans.service import (
     DataplaneConfig,
     DataplaneMode,
@@ -221,11 +222,11 @@ class Daemon:
         self._pump()
 
     def _hid_for(
-        self, remote: IPAddress, local: IPAddress, now: float, adopted: bool
+        self, remote: IPAddress, local: IPAddress, now: float, origin: FlowOrigin
     ) -> int | None:
         """StackTrans saw a new flow local -> remote: the engine names its host."""
         assert self.engine is not None
-        hid = self.engine.flow_started(remote, local, now, adopted)
+        hid = self.engine.flow_started(remote, local, now, origin)
         # Called from inside the packet path: the HELLO and the host's creation go
         # out once this packet has its verdict.
         self._pump_soon()

@@ -51,7 +51,7 @@ from ihmp import events as ev
 from ihmp.addr import IPAddress, IPInterface, addr_key, usable
 from ihmp.cookie import CookieJar
 from ihmp.events import DropReason, RejectReason
-from ihmp.hosts import HidState, HidTable, HidTableError, HostEntry, HostSnapshot
+from ihmp.hosts import FlowOrigin, HidState, HidTable, HidTableError, HostEntry, HostSnapshot
 from ihmp.keys import LocalKeys, TrustStore
 from ihmp.peer import Peer, Pending
 from ihmp.ratelimit import PerSource, TokenBucket
@@ -302,7 +302,8 @@ class IhmpEngine:
             if entry.locator is None:
                 continue
             if entry.state is HidState.HELLO_PENDING:
-                self._start_hello(entry.hid, now)
+                if not self._peers[entry.hid].unproven:
+                    self._start_hello(entry.hid, now)
             elif entry.state is HidState.ESTABLISHED:
                 _, src, _ = best_path([entry.locator], list(self._local))
                 if src is not None and not self._hello_pending(self._peers[entry.hid]):
@@ -350,29 +351,42 @@ class IhmpEngine:
     # == inputs: StackTrans ===========================================================
 
     def flow_started(
-        self, remote: IPAddress, local: IPAddress, now: float, adopted: bool = False
+        self,
+        remote: IPAddress,
+        local: IPAddress,
+        now: float,
+        origin: FlowOrigin = FlowOrigin.OUTBOUND,
     ) -> int | None:
         """A new flow ``local`` -> ``remote`` (identifiers): the HID of its host.
 
         An address no host owns yet makes a new host, and the engine says HELLO to it
         from ``local``; so does a new flow to a legacy host whose hold-down is over.
-        ``adopted``: the flow existed before this daemon (a restart resumed), so an
-        address a host withdrew still names it; a really new flow to such an address
-        goes to whoever has it now, a new host. Returns None for addresses that are
-        never translated (loopback, multicast, unspecified).
+        A flow the remote started (``INBOUND``) makes the host too, but no HELLO: its
+        first packet's source may be spoofed (a SYN flood would turn us into a
+        reflector), and a remote that runs DIME says HELLO itself. ``ADOPTED``: the
+        flow existed before this daemon (a restart resumed), so an address a host
+        withdrew still names it; a really new flow to such an address goes to
+        whoever has it now, a new host. Returns None for addresses that are never
+        translated (loopback, multicast, unspecified), or when the table is full of
+        hosts in use.
         """
         if not (usable(remote) and usable(local)) or remote == local or remote in self._local:
             return None
         entry = self.table.lookup(remote)
-        if entry is None and adopted:
+        if entry is None and origin is FlowOrigin.ADOPTED:
             entry = self.table.lookup_retired(remote)
+        inbound = origin is FlowOrigin.INBOUND
         if entry is None:
             if not self._make_room(now, half_open=True):
                 return None
-            entry = self.table.create([remote], Trigger.HELLO_SENT)
-            self._peer(entry.hid).last_used = now
-            self._start_hello(entry.hid, now, local)
-        elif entry.state is HidState.LEGACY:
+            trigger = Trigger.FLOW_RECEIVED if inbound else Trigger.HELLO_SENT
+            entry = self.table.create([remote], trigger)
+            self._peer(entry.hid).unproven = inbound
+            if not inbound:
+                self._start_hello(entry.hid, now, local)
+        elif not inbound and (entry.state is HidState.LEGACY or self._peer(entry.hid).unproven):
+            # Our own flow to it now: an application chose the address.
+            self._peer(entry.hid).unproven = False
             self._start_hello(entry.hid, now, local)
         if entry.hid in self._peers:
             self._peers[entry.hid].last_used = now
@@ -536,7 +550,7 @@ class IhmpEngine:
         self, msg: Message, src: IPAddress, dst: IPAddress, port: int | None, now: float
     ) -> None:
         entry = self._resolve(msg.host_id) or self.table.lookup(src)
-        if (entry is None or src not in entry.active) and not self._cookie_ok(
+        if (entry is None or self._verified(src) is not entry) and not self._cookie_ok(
             msg, src, dst, port, now
         ):
             return  # answered with a cookie (or not at all), and nothing kept
@@ -554,6 +568,7 @@ class IhmpEngine:
         hid = entry.hid
         self._commit(msg, hid, window, pin, now)
         peer = self._peer(hid)
+        peer.unproven = False  # its source is verified: our answer may go there
         peer.addr_seq.clear()  # a HELLO starts the peer's sequence afresh
         self._note_flags(msg, peer)
         self._hello_collision(peer, msg, src, dst, port)
@@ -923,6 +938,7 @@ class IhmpEngine:
         trigger = Trigger.HELLO_ACKED_NAT_FORCED if nat_forced else Trigger.HELLO_ACKED
         self.table.transition(hid, trigger)
         self._peers[hid].legacy_until = None
+        self._peers[hid].unproven = False
         if not nat_forced:
             self._events.append(ev.PeerEstablished(hid, key_pinned=entry.key is not None))
             self._withdraw_leftovers(entry, now)
@@ -1214,9 +1230,13 @@ class IhmpEngine:
         return True
 
     def _verified(self, addr: IPAddress) -> HostEntry | None:
-        """The host verified at ``addr`` (one of its active addresses), if any."""
+        """The host verified at ``addr``, if any: one of its active addresses, unless
+        all we know of it is a flow it started (whose source anyone can write)."""
         entry = self.table.lookup(addr)
-        return entry if entry is not None and addr in entry.active else None
+        if entry is None or addr not in entry.active:
+            return None
+        peer = self._peers.get(entry.hid)
+        return None if peer is not None and peer.unproven else entry
 
     def _drop(self, reason: DropReason) -> None:
         dropped = self.counters.dropped

@@ -46,6 +46,7 @@ from ihmp.states import INITIAL, HidState, Trigger, next_state
 
 __all__ = [
     "ChangeKind",
+    "FlowOrigin",
     "HidState",
     "HidTable",
     "HidTableError",
@@ -63,6 +64,15 @@ class ChangeKind(enum.Enum):
     STATE = "state"  # state changed
     KEY = "key"  # bound key changed
     REMOVED = "removed"
+
+
+class FlowOrigin(enum.Enum):
+    """How StackTrans came upon a new flow, which may make a new host
+    (:meth:`ihmp.engine.IhmpEngine.flow_started`)."""
+
+    OUTBOUND = "outbound"  # its first packet was ours: an application chose the peer
+    INBOUND = "inbound"  # its first packet came in: its source is only a claim
+    ADOPTED = "adopted"  # it existed before this daemon (a restart resumed)
 
 
 class HidTableError(ValueError):

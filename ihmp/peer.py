@@ -60,6 +60,9 @@ class Peer:
     nat_supported: bool = False
     nat_entries: list[NatMapping] = field(default_factory=list)
     last_used: float = 0.0  # a message taken in from it, or a flow to it: eviction order
+    # Known only from a flow it started (its first packet's source may be spoofed):
+    # not verified until a HELLO exchange, and not said HELLO to.
+    unproven: bool = False
 
     def to_json(self, now: float) -> dict[str, Any]:
         """What a successor needs to go on with this peer (messages in flight are
@@ -73,6 +76,7 @@ class Peer:
             "answered": self.answered,
             "acked_us": self.acked_us,
             "nat_supported": self.nat_supported,
+            "unproven": self.unproven,
         }
 
     @classmethod
@@ -91,4 +95,5 @@ class Peer:
             acked_us=bool(data.get("acked_us")),
             nat_supported=bool(data.get("nat_supported")),
             last_used=now,
+            unproven=bool(data.get("unproven")),
         )

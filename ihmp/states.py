@@ -15,7 +15,7 @@ from typing import Final
 class HidState(enum.Enum):
     """Where IHMP stands with a remote host."""
 
-    HELLO_PENDING = "hello-pending"  # HELLO sent, no ACK yet
+    HELLO_PENDING = "hello-pending"  # HELLO sent (or awaited), no exchange done yet
     ESTABLISHED = "established"  # HELLO/ACK done: the peer runs DIME
     LEGACY = "legacy"  # the peer never answered: it runs no DIME; do not signal it
     NAT_FORCED = "nat-forced"  # behind an IHMP-unaware NAT: one-to-one, no signaling
@@ -25,6 +25,9 @@ class Trigger(enum.Enum):
     """What happened; its value is the reason logged with the change."""
 
     HELLO_SENT = "HELLO sent"
+    # A stranger started a flow to us: its HELLO is awaited (if it runs DIME, its
+    # first packet made it say one); ours would go to an address that may be spoofed.
+    FLOW_RECEIVED = "flow from a new host"
     HELLO_RECEIVED = "HELLO received"
     HELLO_RECEIVED_THROUGH_NAT = "HELLO received through a NAT"
     HELLO_ACKED = "ACK of HELLO"
@@ -70,6 +73,7 @@ TRANSITIONS: Final[dict[HidState, dict[Trigger, HidState]]] = {
 #: The state of a host created by each trigger (a HELLO from a stranger, or our own).
 INITIAL: Final[dict[Trigger, HidState]] = {
     T.HELLO_SENT: S.HELLO_PENDING,
+    T.FLOW_RECEIVED: S.HELLO_PENDING,
     T.HELLO_RECEIVED: S.ESTABLISHED,
     T.HELLO_RECEIVED_THROUGH_NAT: S.NAT_FORCED,
 }

@@ -28,18 +28,19 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from ihmp.addr import IPAddress, usable
-from ihmp.hosts import ChangeKind, HostChanged, HostSnapshot
+from ihmp.hosts import ChangeKind, FlowOrigin, HostChanged, HostSnapshot
 from stacktrans.socket_table import UDP, FlowKey, SocketEntry, SocketTable
 from stacktrans.translation import HidTranslation, compute
 
 log = logging.getLogger("dime.stacktrans")
 
-#: ``hid_for(remote, local, now, adopted)``: the HID of the host a new flow local ->
-#: remote goes to (IHMP creates it and says HELLO if it is new), or None to leave the
-#: flow alone. ``adopted``: the flow existed before this run (a restart), so an
-#: address its host withdrew still names that host.
-#: :meth:`ihmp.engine.IhmpEngine.flow_started` is the real one.
-HidFor = Callable[[IPAddress, IPAddress, float, bool], "int | None"]
+#: ``hid_for(remote, local, now, origin)``: the HID of the host a new flow local ->
+#: remote goes to (IHMP creates it, and says HELLO if it is new and the flow ours),
+#: or None to leave the flow alone. ``origin``: whose first packet it was, or
+#: adopted (the flow existed before this run, a restart: an address its host
+#: withdrew still names that host). :meth:`ihmp.engine.IhmpEngine.flow_started` is
+#: the real one.
+HidFor = Callable[[IPAddress, IPAddress, float, FlowOrigin], "int | None"]
 
 
 class KernelMaps(Protocol):
@@ -142,9 +143,11 @@ class Dataplane:
 
     # -- inputs: flows ----------------------------------------------------------------
 
-    def flow_seen(self, key: FlowKey, now: float, adopted: bool = False) -> SocketEntry | None:
-        """The first packet of ``key`` (either direction): record it, and its HID.
-        ``adopted``: the flow existed before this run (see ``HidFor``).
+    def flow_seen(
+        self, key: FlowKey, now: float, origin: FlowOrigin = FlowOrigin.OUTBOUND
+    ) -> SocketEntry | None:
+        """The first packet of ``key`` (``origin``: its direction, or adopted: the
+        flow existed before this run, see ``HidFor``): record it, and its HID.
 
         Returns the flow's entry, or None for traffic dime leaves alone. Never
         waits for IHMP: a new host only *prompts* a HELLO.
@@ -159,7 +162,7 @@ class Dataplane:
             return None
         if key.remote in self.local_addresses or self.sockets.is_local_identifier(key.remote):
             return None  # to this host itself (our own prompts, say): nothing to translate
-        hid = self._hid_for(key.remote, key.local, now, adopted)
+        hid = self._hid_for(key.remote, key.local, now, origin)
         if hid is None:
             return None
         entry = self.sockets.add(key, hid, now)
@@ -180,7 +183,8 @@ class Dataplane:
 
     def adopt(self, keys: Iterable[FlowKey], now: float) -> int:
         """Take over flows that existed before we started. Returns how many."""
-        return sum(1 for key in keys if self.flow_seen(key, now, adopted=True) is not None)
+        adopted = FlowOrigin.ADOPTED
+        return sum(1 for key in keys if self.flow_seen(key, now, adopted) is not None)
 
     def sweep(
         self,

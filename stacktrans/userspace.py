@@ -19,6 +19,7 @@ from collections.abc import Callable
 from ipaddress import ip_address
 
 from ihmp.addr import IPAddress
+from ihmp.hosts import FlowOrigin
 from stacktrans.dataplane import Dataplane
 from stacktrans.packet import (
     PacketInfo,
@@ -124,7 +125,9 @@ class UserspacePath:
         if entry is None:
             if _starts_flow(info):
                 entry = self.tr.flow_seen(
-                    FlowKey(info.proto, dst, info.dport, src, info.sport), self.clock()
+                    FlowKey(info.proto, dst, info.dport, src, info.sport),
+                    self.clock(),
+                    FlowOrigin.INBOUND,
                 )
                 if entry is not None and info.tcp_flags & TCP_SYN:
                     entry.peer_isn = _seq(data, info)

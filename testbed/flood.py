@@ -66,10 +66,14 @@ XFER = str(ROOT / "testbed" / "xfer.py")
 SPOOF_NET = IPv4Network("10.200.0.0/16")
 #: The attacker's link to the router: router side, attacker side, prefix length.
 ATTACKER_LINK = ("10.201.0.254", "10.201.0.1", 24)
-KINDS = ("signed", "unsigned", "mixed")  # mixed: signed and unsigned in turn
+# mixed: signed and unsigned HELLOs in turn; syn: TCP SYNs to SYN_PORT instead (a new
+# flow from each spoofed source, which must not make the CH say HELLO to it)
+KINDS = ("signed", "unsigned", "mixed", "syn")
+SYN_PORT = 5001
 
 _IP = struct.Struct("!BBHHHBBH4s4s")  # version/IHL, TOS, length, id, frag, TTL, proto, csum
 _UDP = struct.Struct("!HHHH")  # ports, length, checksum
+_TCP = struct.Struct("!HHIIBBHHH")  # ports, seq, ack, offset, flags, window, csum, urgent
 HEADERS = _IP.size + _UDP.size  # 28 bytes of IPv4 + UDP before the IHMP message
 
 
@@ -120,9 +124,26 @@ def ipv4_udp(
     return ip + _UDP.pack(sport, dport, _UDP.size + len(payload), 0) + payload
 
 
+def ipv4_syn(src: IPv4Address, dst: IPv4Address, dport: int, *, sport: int, seq: int) -> bytes:
+    """An IPv4 TCP SYN for a raw socket with ``IP_HDRINCL`` (the TCP checksum is ours
+    to compute: the kernel leaves it alone)."""
+    tcp = bytearray(_TCP.pack(sport, dport, seq, 0, 5 << 4, 0x02, 65535, 0, 0))
+    pseudo = src.packed + dst.packed + struct.pack("!BBH", 0, socket.IPPROTO_TCP, len(tcp))
+    struct.pack_into("!H", tcp, 16, _checksum(pseudo + tcp))
+    ip = _IP.pack(0x45, 0, 20 + len(tcp), 0, 0, 64, socket.IPPROTO_TCP, 0, src.packed, dst.packed)
+    return ip + bytes(tcp)
+
+
+def _checksum(data: bytes) -> int:
+    total: int = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
 @dataclass
 class Flood:
-    """Datagrams built beforehand: one HELLO from each of ``sources`` addresses."""
+    """Datagrams built beforehand: one HELLO (or SYN) from each of ``sources`` addresses."""
 
     packets: list[bytes]
     signed: int
@@ -160,6 +181,11 @@ def build(
     signed = 0
     for i in range(sources):
         src = net.network_address + 1 + i
+        if kind == "syn":
+            sport, seq = rng.randrange(1024, 1 << 16), rng.getrandbits(32)
+            packets.append(ipv4_syn(src, dst, SYN_PORT, sport=sport, seq=seq))
+            sizes.append(_TCP.size)
+            continue
         sign = kind == "signed" or (kind == "mixed" and i % 2 == 0)
         key = Ed25519PrivateKey.generate() if sign else None
         payload = hello(src, seq=rng.randrange(1 << 16), counter=counter0 + i, key=key)

@@ -9,7 +9,7 @@ minus the HELLO: new hosts are recorded in ``new_hids`` instead.
 from __future__ import annotations
 
 from ihmp.addr import IPAddress
-from ihmp.hosts import HidTable, HostChanged
+from ihmp.hosts import FlowOrigin, HidTable, HostChanged
 from ihmp.states import Trigger
 from stacktrans.dataplane import Dataplane, KernelMaps
 
@@ -25,7 +25,7 @@ class IhmpDouble:
         self.dataplane = Dataplane(kernel, self.hid_for)
         return self.dataplane
 
-    def hid_for(self, remote: IPAddress, local: IPAddress, now: float, adopted: bool) -> int:
+    def hid_for(self, remote: IPAddress, local: IPAddress, now: float, origin: FlowOrigin) -> int:
         host = self.table.lookup(remote)
         if host is None:
             host = self.table.create([remote], Trigger.HELLO_SENT)

@@ -22,7 +22,7 @@ from ipaddress import ip_address
 from typing import Any
 
 from ihmp.addr import IPAddress
-from ihmp.hosts import ChangeKind, HidState, HostChanged, HostSnapshot
+from ihmp.hosts import ChangeKind, FlowOrigin, HidState, HostChanged, HostSnapshot
 from stacktrans.kernel_flows import existing_flows
 from stacktrans.service import DataplaneConfig, DataplaneMode, KernelFlows, StackTrans
 
@@ -43,7 +43,9 @@ class Node:
     def lookup(self, addr: IPAddress) -> HostSnapshot | None:
         return next((h for h in self.hosts.values() if addr in h.active), None)
 
-    def hid_for(self, remote: IPAddress, local: IPAddress, now: float, adopted: bool) -> int | None:
+    def hid_for(
+        self, remote: IPAddress, local: IPAddress, now: float, origin: FlowOrigin
+    ) -> int | None:
         """What the engine's flow_started does, without the HELLO."""
         host = self.lookup(remote)
         if host is not None:

@@ -16,7 +16,9 @@ cookie, which is smaller than the HELLO, and must keep nothing. Checked:
   the CH's peer at its new address;
 * no answer of the CH to the spoofed range is larger than the smallest HELLO of
   the flood (nft counters in the router), and there are answers;
-* the drops are counted by reason, and cookies were sent.
+* the drops are counted by reason, and cookies were sent;
+* spoofed TCP SYNs to the CH's open port (a new flow from each source) make the CH
+  send no IHMP at all: no HELLO to a source that may be spoofed.
 
 Speed figures are the benchmark's (``python -m testbed.flood bench``), not this test's.
 """
@@ -51,6 +53,7 @@ pytestmark = [
 
 SOURCES = 6000  # spoofed sources, one HELLO each (signed and unsigned in turn)
 SECONDS = 4.0  # how long the flood lasts
+SYNS = 300  # spoofed TCP SYNs to the CH's open port, after the HELLOs
 MAX_PEERS = 64  # the CH's cap, small: the flood would fill it many times over
 # The CH daemon's RSS may grow by less than this: IHMP keeps at most its bounded
 # per-source rate table (about 1 MiB). (Before dime took IHMP out of conntrack, each
@@ -111,6 +114,20 @@ def test_flood_of_spoofed_hellos_creates_nothing_and_answers_small(tmp_path: Pat
                 at_router = read_counters(fig.r)
                 ct_after = conntrack_count(fig.ch)
 
+                # Then spoofed SYNs to the CH's open port: a new flow from each
+                # source, which the CH's dime must not answer with a HELLO.
+                syns = Flooder.start(attacker, p.c1.host, SYNS, kind="syn", rate=SYNS / 2)
+                try:
+                    syns.ready(timeout=60)
+                    syns.go()
+                    syn_sent = syns.result(timeout=60)
+                finally:
+                    syns.stop()
+                time.sleep(1.0)
+                after_syns = ch.status()["counters"]
+                hellos_for_syns = after_syns["messages_sent"] - after["counters"]["messages_sent"]
+                at_router_syns = read_counters(fig.r)
+
                 check_transfer((fig.ch, fig.mh), server, client, nbytes, logs())
                 c0, c1 = before["counters"], after["counters"]
                 dropped = {
@@ -135,6 +152,12 @@ def test_flood_of_spoofed_hellos_creates_nothing_and_answers_small(tmp_path: Pat
                 )
 
                 assert sent["sent"] == SOURCES, sent
+                # Spoofed SYNs made no IHMP at all (no HELLO to their sources).
+                print(f"SYNs: {syn_sent}; CH IHMP sent meanwhile {hellos_for_syns}, "
+                      f"dropped {after_syns['dropped']}")  # fmt: skip
+                assert syn_sent["sent"] == SYNS, syn_sent
+                assert hellos_for_syns == 0, after_syns
+                assert at_router_syns["larger"]["packets"] == 0, at_router_syns
                 # dime status answered every time during the flood.
                 assert watch.polls, "no status poll ran during the flood"
                 unanswered = [q for q in watch.polls if q.status is None]

@@ -17,7 +17,7 @@ from ihmp import events as ev
 from ihmp.addr import IPAddress
 from ihmp.cookie import COOKIE_PERIOD
 from ihmp.engine import EngineConfig, IhmpEngine
-from ihmp.hosts import HidState
+from ihmp.hosts import FlowOrigin, HidState
 from ihmp.keys import LocalKeys
 from ihmp.replay import ReplayWindow
 from ihmp.wire import Message, MessageType, decode, encode, public_key_bytes
@@ -276,3 +276,33 @@ def test_a_hello_cannot_reclaim_an_address_the_peer_withdrew() -> None:
     (answer,) = b.engine.datagrams_to_send(net.now)
     assert answer.dst == A(A1) and decode(answer.data).cookie is not None
     assert b.entry_for("192.0.2.77").snapshot() == before
+
+
+def test_a_flow_a_stranger_starts_gets_no_hello_and_proves_nothing() -> None:
+    """A SYN from a spoofed source is a new flow to us: answering it with HELLOs
+    (ten, over 17 s) would make dime a reflector. The host is made, nothing is sent,
+    and its address counts as unverified until a HELLO exchange."""
+    eng = _engine()
+    stranger = A("10.7.0.9")
+    hid = eng.flow_started(stranger, A(B1), now=0.0, origin=FlowOrigin.INBOUND)
+    assert hid is not None and eng.table.get(hid).state is HidState.HELLO_PENDING
+    assert eng.datagrams_to_send(0.0) == []
+    eng.handle_timer(60.0)
+    assert eng.datagrams_to_send(60.0) == [] and eng.get_timer() is None
+    # Its HELLO (it runs DIME after all) needs a cookie like anybody's.
+    eng.receive_datagram(_hello(stranger, None), stranger, A(B1), now=61.0, src_port=4731)
+    (answer,) = eng.datagrams_to_send(61.0)
+    assert decode(answer.data).cookie is not None
+    cookie = decode(answer.data).cookie
+    again = replace(decode(_hello(stranger, None)), cookie=cookie)
+    eng.receive_datagram(encode(again), stranger, A(B1), now=61.1, src_port=4731)
+    assert eng.table.get(hid).state is HidState.ESTABLISHED
+
+
+def test_our_own_flow_to_a_stranger_says_hello() -> None:
+    eng = _engine()
+    stranger = A("10.7.0.9")
+    hid = eng.flow_started(stranger, A(B1), now=0.0, origin=FlowOrigin.INBOUND)
+    assert eng.flow_started(stranger, A(B1), now=1.0) == hid  # an application's choice
+    (hello,) = eng.datagrams_to_send(1.0)
+    assert decode(hello.data).type is T.HELLO and hello.dst == stranger

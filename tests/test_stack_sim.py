@@ -486,7 +486,8 @@ def test_strict_mode_refuses_an_unknown_key_but_data_flows(mode: str) -> None:
     net.exchange(flow, "refused")  # data is never held hostage by IHMP
     assert ch.engine.counters.messages_rejected.get("untrusted", 0) >= 1
     entry = ch.entry_for(str(m1))
-    assert entry.key is None and entry.state is HidState.LEGACY
+    # The MH started the flow: the CH awaits its HELLO (refused) and says none.
+    assert entry.key is None and entry.state is HidState.HELLO_PENDING
     assert_maps(ch, maps_of(entry.hid, [flow.server_key], locators=[m1]))
     assert_maps(mh, maps_of(b.hid(mh, c1), [flow.key], locators=[c1]))
     net.assert_clean(flow)
