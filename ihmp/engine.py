@@ -235,7 +235,12 @@ class IhmpEngine:
 
     def half_open(self) -> int:
         """Hosts we said HELLO to that have not answered yet."""
-        return sum(e.state is HidState.HELLO_PENDING for e in self.table)
+        return sum(self._saying_hello(e) for e in self.table)
+
+    def _saying_hello(self, entry: HostEntry) -> bool:
+        # Not a host that started a flow to us: we await its HELLO, at no cost.
+        peer = self._peers.get(entry.hid)
+        return entry.state is HidState.HELLO_PENDING and not (peer and peer.unproven)
 
     def peer_info(self, hid: int) -> dict[str, object]:
         """Protocol facts about a peer for status output."""
@@ -377,7 +382,7 @@ class IhmpEngine:
             entry = self.table.lookup_retired(remote)
         inbound = origin is FlowOrigin.INBOUND
         if entry is None:
-            if not self._make_room(now, half_open=True):
+            if not self._make_room(now, half_open=not inbound):
                 return None
             trigger = Trigger.FLOW_RECEIVED if inbound else Trigger.HELLO_SENT
             entry = self.table.create([remote], trigger)
@@ -1211,7 +1216,7 @@ class IhmpEngine:
         if (
             half_open
             and self.half_open() >= self.config.max_half_open
-            and not self._evict([e for e in self.table if e.state is HidState.HELLO_PENDING])
+            and not self._evict([e for e in self.table if self._saying_hello(e)])
         ):
             self._drop(DropReason.HALF_OPEN_CAP)
             return False

@@ -124,7 +124,8 @@ def test_flood_of_spoofed_hellos_creates_nothing_and_answers_small(tmp_path: Pat
                 finally:
                     syns.stop()
                 time.sleep(1.0)
-                after_syns = ch.status()["counters"]
+                after_syns_status = ch.status()
+                after_syns = after_syns_status["counters"]
                 hellos_for_syns = after_syns["messages_sent"] - after["counters"]["messages_sent"]
                 at_router_syns = read_counters(fig.r)
 
@@ -157,6 +158,9 @@ def test_flood_of_spoofed_hellos_creates_nothing_and_answers_small(tmp_path: Pat
                       f"dropped {after_syns['dropped']}")  # fmt: skip
                 assert syn_sent["sent"] == SYNS, syn_sent
                 assert hellos_for_syns == 0, after_syns
+                # They made hosts, within the cap, and the MH's (with its flow) stayed.
+                assert after_syns["peers"] <= MAX_PEERS, after_syns
+                assert handed_off(p.m1.host, p.m2.host)(after_syns_status), after_syns_status
                 assert at_router_syns["larger"]["packets"] == 0, at_router_syns
                 # dime status answered every time during the flood.
                 assert watch.polls, "no status poll ran during the flood"

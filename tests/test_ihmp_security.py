@@ -287,6 +287,7 @@ def test_a_flow_a_stranger_starts_gets_no_hello_and_proves_nothing() -> None:
     hid = eng.flow_started(stranger, A(B1), now=0.0, origin=FlowOrigin.INBOUND)
     assert hid is not None and eng.table.get(hid).state is HidState.HELLO_PENDING
     assert eng.datagrams_to_send(0.0) == []
+    assert eng.half_open() == 0  # awaiting its HELLO costs nothing: not half-open
     eng.handle_timer(60.0)
     assert eng.datagrams_to_send(60.0) == [] and eng.get_timer() is None
     # Its HELLO (it runs DIME after all) needs a cookie like anybody's.
