@@ -722,8 +722,14 @@ class IhmpEngine:
         # The probe shows the path src -> dst works (III-B1, step 4), unless a newer
         # message of the peer's withdrew src meanwhile. That the peer is at src, its
         # source says, which anyone can write: we challenge src ourselves.
-        if not nat and self._newest_about(self._peer(entry.hid), src, msg.seq):
-            self._add_local(entry.hid, dst, reason="PATH_PROBE received")
+        peer = self._peer(entry.hid)
+        if not nat and self._newest_about(peer, src, msg.seq):
+            # Unless we announced dst ourselves: then the ACK of that says when the
+            # peer sends there (it answers this challenge first), and only then may
+            # our flows move to it (their first packets would draw answers to the
+            # address we left).
+            if not any(p.msg.new_addr == dst for p in peer.pending.values()):
+                self._add_local(entry.hid, dst, reason="PATH_PROBE received")
             self._validate(entry, src, prefer=False, via=dst, now=now)
         self._ack_applied(entry.hid, msg, src, dst, port, nat=nat, applied=True, nonce=msg.nonce)
 
@@ -740,7 +746,29 @@ class IhmpEngine:
         # means a NAT rewrote it, and IHMP cannot move flows into a NAT (III-D).
         nat = msg.type in (T.ADDR_UP, T.HANDOFF) and msg.new_addr != src
         applied = self._apply_address_event(msg, entry, dst, nat, now)
-        self._ack_applied(entry.hid, msg, src, dst, port, nat=nat, applied=applied)
+        challenge = None if nat else self._proving(msg, entry, dst, now)
+        if challenge is None:
+            self._ack_applied(entry.hid, msg, src, dst, port, nat=nat, applied=applied)
+            return
+        # The ACK tells the peer we send to its new address (its TCP retransmits at
+        # once on it): not before we do. It goes when the challenge is answered.
+        challenge.deferred[msg.seq] = (msg, src, dst, port)
+        self._events.append(ev.MessageApplied(entry.hid, msg.type, msg.seq, stale=not applied))
+
+    def _proving(
+        self, msg: Message, entry: HostEntry, dst: IPAddress, now: float
+    ) -> Pending | None:
+        """The challenge to the new address ``msg`` announces, if it is not proven yet:
+        the one in flight, or a new one (a retransmission after one gave up)."""
+        new = msg.new_addr
+        if msg.type not in (T.ADDR_UP, T.HANDOFF) or new is None or new in entry.active:
+            return None
+        peer = self._peers[entry.hid]
+        ongoing = self._challenging(peer, new)
+        if ongoing is None and new in entry.unreachable:
+            self._validate(entry, new, prefer=msg.type is T.HANDOFF, via=dst, now=now)
+            ongoing = self._challenging(peer, new)
+        return ongoing
 
     def _ack_applied(
         self,
@@ -932,6 +960,8 @@ class IhmpEngine:
         self._add_local(entry.hid, pending.src, reason=reason)
         self.counters.addresses_validated += 1
         self._events.append(ev.AddressVerified(entry.hid, pending.src, pending.dst))
+        for msg, src, dst, port in pending.deferred.values():
+            self._send_ack(entry.hid, msg, src, dst, port)
 
     def _hello_acked(self, entry: HostEntry, pending: Pending, ack: Message, now: float) -> None:
         hid = entry.hid

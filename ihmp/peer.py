@@ -35,6 +35,11 @@ class Pending:
     attempts: int = 1
     local_failures: int = 0  # sends the host itself could not make (no route yet)
     prefer: bool = False  # a path challenge: make its address the locator once answered
+    # A path challenge: the peer's messages (seq -> message, source, our address, port)
+    # whose ACK waits for the answer, since that ACK says we now send there.
+    deferred: dict[int, tuple[Message, IPAddress, IPAddress, int | None]] = field(
+        default_factory=dict
+    )
     cookie_tries: int = 0  # a HELLO: cookies it was sent again with
 
     def exhausted(self, now: float) -> bool:

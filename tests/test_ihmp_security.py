@@ -53,8 +53,9 @@ def test_a_handoff_to_an_address_the_peer_does_not_receive_at_is_never_used() ->
     entry = b.table.lookup(A(VICTIM))
     assert entry is not None and entry.active == [] and A(VICTIM) in entry.unreachable
     to_victim = [decode(s.datagram.data) for s in net.sent_to(VICTIM) if s.at >= t0]
-    # What reached the victim's address: ACKs of A's messages, and challenges.
-    assert {m.type for m in to_victim} <= {T.ACK, T.PATH_PROBE}
+    # What reached the victim's address: challenges only (the ACK of the HANDOFF
+    # waits for the answer, which never comes).
+    assert {m.type for m in to_victim} == {T.PATH_PROBE}
     challenges = [m for m in to_victim if m.type is T.PATH_PROBE]
     # One per retransmission timeout, for the exchange deadline (30 s) at most.
     cfg = EngineConfig()
@@ -307,3 +308,25 @@ def test_our_own_flow_to_a_stranger_says_hello() -> None:
     assert eng.flow_started(stranger, A(B1), now=1.0) == hid  # an application's choice
     (hello,) = eng.datagrams_to_send(1.0)
     assert decode(hello.data).type is T.HELLO and hello.dst == stranger
+
+
+def test_the_ack_of_a_handoff_comes_once_the_new_address_is_used() -> None:
+    """The ACK tells the peer we now send to its new address (its TCP retransmits at
+    once on it): it must not come before the challenge is answered, or our answers
+    to those retransmissions go to the old address (seen: a 970 ms gap)."""
+    net = Net()
+    a, b = established(net)
+    t0 = net.now
+    a.engine.handoff(ip_interface(A1 + "/24"), ip_interface("192.0.2.77/24"), net.now)
+    net.run(2)
+    sent = [(s.datagram, decode(s.datagram.data)) for s in net.log if s.at >= t0]
+    handoff = next(m for _, m in sent if m.type is T.HANDOFF)
+    probe = next(m for _, m in sent if m.type is T.PATH_PROBE)
+    order = [(m.type, m.seq) for _, m in sent]
+    assert order.index((T.ACK, probe.seq)) < order.index((T.ACK, handoff.seq))
+    assert b.entry_for("192.0.2.77").active == [A("192.0.2.77")]
+    # Nor does A move its flows on the challenge (their first packets would draw
+    # answers before B sends there): on the ACK.
+    moved = [e for e in a.events if isinstance(e, ev.HostChanged) and e.after is not None
+             and A("192.0.2.77") in e.after.local]  # fmt: skip
+    assert moved and moved[0].reason == "ACK of HANDOFF"
