@@ -728,7 +728,7 @@ class IhmpEngine:
             # peer sends there (it answers this challenge first), and only then may
             # our flows move to it (their first packets would draw answers to the
             # address we left).
-            if not any(p.msg.new_addr == dst for p in peer.pending.values()):
+            if not self._announcing(peer, dst):
                 self._add_local(entry.hid, dst, reason="PATH_PROBE received")
             self._validate(entry, src, prefer=False, via=dst, now=now)
         self._ack_applied(entry.hid, msg, src, dst, port, nat=nat, applied=True, nonce=msg.nonce)
@@ -1129,9 +1129,13 @@ class IhmpEngine:
         return any(p.msg.type is T.HELLO for p in peer.pending.values())
 
     @staticmethod
-    def _announcing(peer: Peer) -> bool:
-        """Whether a message announcing a new address of ours is in flight."""
-        return any(p.msg.new_addr is not None for p in peer.pending.values())
+    def _announcing(peer: Peer, addr: IPAddress | None = None) -> bool:
+        """Whether a message announcing a new address of ours (``addr``, if given) is
+        in flight."""
+        return any(
+            p.msg.new_addr is not None and addr in (None, p.msg.new_addr)
+            for p in peer.pending.values()
+        )
 
     def _supersede(self, peer: Peer) -> None:
         """Drop our in-flight address events that a new withdrawal makes obsolete.

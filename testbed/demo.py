@@ -42,7 +42,7 @@ from typing import Any
 
 from testbed.fig7 import V4, V6, Fig7, Plan
 from testbed.handoff_gap import Gap, RxSampler, handoff_gap
-from testbed.netns import CommandError, Namespace, topology
+from testbed.netns import CommandError, Namespace, add_rst_counter, rst_count, topology
 from testbed.netns import read_line as pipe_line
 from testbed.runner import Dime, DimeError, Status, down_all, stop_all, up_all
 
@@ -52,18 +52,9 @@ PORT = 5001
 TICK = 0.2  # s between two live rate lines
 BAR_WIDTH = 30
 
+
 # Counts TCP resets sent and received by a host (its own table, in the demo's
 # namespaces only; deleted with them).
-RST_COUNTER = """
-table inet dmdemo {
-  counter rst_out { }
-  counter rst_in { }
-  chain o { type filter hook postrouting priority 0; tcp flags rst counter name rst_out; }
-  chain i { type filter hook input priority 0; tcp flags rst counter name rst_in; }
-}
-"""
-
-
 class DemoError(RuntimeError):
     """The demo cannot go on; the message says why (with log lines where useful)."""
 
@@ -214,11 +205,6 @@ def xfer_result(proc: subprocess.Popen[bytes], timeout: float) -> dict[str, Any]
     return dict(json.loads(lines[-1]))
 
 
-def rst_count(ns: Namespace) -> int:
-    out = json.loads(ns.run("nft", "-j", "list", "counters", "table", "inet", "dmdemo"))
-    return sum(item["counter"]["packets"] for item in out["nftables"] if "counter" in item)
-
-
 def bar(rate: float, target: float) -> str:
     n = round(min(rate / target, 1.25) * BAR_WIDTH) if target > 0 else 0
     return "▇" * n
@@ -303,7 +289,7 @@ class Demo:
             f"MH {p.m1.host} on m1 (later {p.m2.host} on m2)"
         )
         for ns in (self.fig.ch, self.fig.mh):
-            ns.sh(f"nft -f - <<'EOF'\n{RST_COUNTER}\nEOF")
+            add_rst_counter(ns)
         daemons = [self.ch, self.mh]
         for d, st in zip(daemons, up_all(daemons, "-v", "--dataplane", self.args.dataplane),
                          strict=True):  # fmt: skip

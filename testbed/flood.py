@@ -53,7 +53,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from ihmp.wire import DEFAULT_PORT, Message, MessageType, encode, public_key_bytes
 from testbed.experiments.common import machine
 from testbed.fig7 import V4, Fig7
-from testbed.netns import Namespace, read_line, topology
+from testbed.netns import Namespace, add_rst_counter, read_line, rst_count, topology
 from testbed.procstat import ProcCpu
 from testbed.runner import Dime, any_established, handed_off, stop_all, up_all
 
@@ -458,20 +458,6 @@ def _xfer_result(proc: subprocess.Popen[bytes], timeout: float) -> dict[str, Any
     return dict(json.loads(lines[-1]))
 
 
-RST_TABLE = """
-table inet dmfloodrst {
-  counter rst { }
-  chain o { type filter hook postrouting priority 0; tcp flags rst counter name rst; }
-  chain i { type filter hook input priority 0; tcp flags rst counter name rst; }
-}
-"""
-
-
-def _rsts(ns: Namespace) -> int:
-    out = json.loads(ns.run("nft", "-j", "list", "counters", "table", "inet", "dmfloodrst"))
-    return sum(item["counter"]["packets"] for item in out["nftables"] if "counter" in item)
-
-
 def longest_stall(received: dict[str, Any], start: float, end: float) -> float | None:
     """The longest run of 100 ms slots without data at the receiver between the wall
     clock times ``start`` and ``end`` (s); None without a timeline there."""
@@ -527,7 +513,7 @@ def run_bench(
         fig = Fig7.build(topo, plan)
         attacker = add_attacker(fig)
         for ns in (fig.ch, fig.mh):
-            ns.sh(f"nft -f - <<'EOF'\n{RST_TABLE}\nEOF")
+            add_rst_counter(ns)
         request_min = smallest_request(kind)
         install_counters(fig.r, ch_addr, SPOOF_NET, HEADERS + request_min)
         cfg = tmp / "dime.toml"
@@ -593,7 +579,7 @@ def run_bench(
             ct_after = conntrack_count(fig.ch)
             counters = read_counters(fig.r)
             sent_x, got_x = _xfer_result(client, 120), _xfer_result(server, 120)
-            rsts = {ns.name: _rsts(ns) for ns in (fig.ch, fig.mh)}
+            rsts = {ns.name: rst_count(ns) for ns in (fig.ch, fig.mh)}
             down = [d.down() for d in (ch, mh)]
         except BaseException:
             for d in (ch, mh):

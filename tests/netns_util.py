@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from testbed.fig7 import V4, Fig7, Plan
-from testbed.netns import Namespace, topology
+from testbed.netns import Namespace, add_rst_counter, rst_count, topology
 from testbed.netns import read_line as netns_read_line
 from testbed.runner import Dime, stop_all
 from testbed.runner import kernel_state as kernel_state  # re-exported for the tests
@@ -97,25 +97,6 @@ class StNode:
             except (AssertionError, BrokenPipeError, subprocess.TimeoutExpired):
                 self.proc.kill()
                 self.proc.wait()
-
-
-RST_COUNTER = """
-table inet dmtest {
-  counter rst_out { }
-  counter rst_in { }
-  chain o { type filter hook postrouting priority 0; tcp flags rst counter name rst_out; }
-  chain i { type filter hook input priority 0; tcp flags rst counter name rst_in; }
-}
-"""
-
-
-def add_rst_counter(ns: Namespace) -> None:
-    ns.sh(f"nft -f - <<'EOF'\n{RST_COUNTER}\nEOF")
-
-
-def rst_count(ns: Namespace) -> int:
-    out = json.loads(ns.run("nft", "-j", "list", "counters", "table", "inet", "dmtest"))
-    return sum(item["counter"]["packets"] for item in out["nftables"] if "counter" in item)
 
 
 XFER = str(ROOT / "testbed" / "xfer.py")
