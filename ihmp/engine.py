@@ -60,8 +60,10 @@ from ihmp.replay import ReplayWindow
 from ihmp.states import Trigger
 from ihmp.timers import Timers
 from ihmp.wire import (
+    KNOCK_MAGIC,
     NONCE_LEN,
     Flags,
+    FlowSpec,
     Message,
     MessageType,
     NatMapping,
@@ -113,6 +115,9 @@ class EngineConfig:
     unverified_rate: float = 5.0  # datagrams/s taken from a source no peer was verified at
     unverified_burst: float = 20.0
     cookie_rate: float = 500.0  # HELLO cookies sent per second, to all sources together
+    # Behind a NAT, a signed probe to each peer with flows this often (seconds; 0:
+    # never), so that the NAT keeps our IHMP mapping and the peer can reach us.
+    nat_keepalive: float = 25.0
 
 
 @dataclass(frozen=True)
@@ -136,6 +141,8 @@ class Counters:
     challenges_sent: int = 0  # path challenges (PATH_PROBE), retransmissions not counted
     addresses_validated: int = 0  # challenges answered with their nonce
     peers_evicted: int = 0
+    keepalives_sent: int = 0
+    flows_bound: int = 0  # knocks taken in: a flow's port on a NAT learned
 
 
 SAVE_VERSION = 1
@@ -146,7 +153,7 @@ RESTART_SEQ_SKIP = 1024
 
 #: Timer keys: (kind, hid, seq). RETRANSMIT is per message of ours awaiting its ACK,
 #: GRACE per peer that lost its last path (seq 0).
-RETRANSMIT, GRACE = "retransmit", "grace"
+RETRANSMIT, GRACE, KEEPALIVE = "retransmit", "grace", "keepalive"
 TimerKey = tuple[str, int, int]
 
 
@@ -209,6 +216,8 @@ class IhmpEngine:
         # The source and size of the datagram being handled: answers to it may not
         # be larger while the source is unverified.
         self._request: tuple[IPAddress, int] | None = None
+        # A peer's own address behind a NAT -> its HID: it names itself by it.
+        self._aliases: dict[IPAddress, int] = {}
 
     # == outputs ======================================================================
 
@@ -254,6 +263,7 @@ class IhmpEngine:
             "withdrawn": [str(a) for a in peer.withdrawn],
             "nat_supported": peer.nat_supported,
             "nat_entries": len(peer.nat_entries),
+            "we_are_observed_as": str(peer.observed) if peer.observed is not None else None,
         }
 
     # == surviving a restart ==========================================================
@@ -321,6 +331,9 @@ class IhmpEngine:
         for kind, hid, seq in self._timers.expired(now):
             if kind == GRACE:
                 self._drop_peer(hid)
+                continue
+            if kind == KEEPALIVE:
+                self._keepalive(hid, now)
                 continue
             peer = self._peers.get(hid)
             pending = peer.pending.get(seq) if peer is not None else None
@@ -393,8 +406,11 @@ class IhmpEngine:
             # Our own flow to it now: an application chose the address.
             self._peer(entry.hid).unproven = False
             self._start_hello(entry.hid, now, local)
-        if entry.hid in self._peers:
-            self._peers[entry.hid].last_used = now
+        peer = self._peers.get(entry.hid)
+        if peer is not None:
+            peer.last_used = now
+            if peer.observed is not None and (KEEPALIVE, entry.hid, 0) not in self._timers:
+                self._arm_keepalive(entry.hid, now)
         return entry.hid
 
     def _start_hello(
@@ -509,6 +525,105 @@ class IhmpEngine:
         )
         self._send(hid, msg, src, entry.locator, now, track=True, flags=Flags.NS)
 
+    # == NAT traversal: knocks ========================================================
+
+    def flow_binding(self, hid: int, flow: FlowSpec, src: IPAddress) -> bytes | None:
+        """The payload of a knock for ``flow`` (as our socket sees it) to ``hid``,
+        sent from our address ``src``: :data:`~ihmp.wire.KNOCK_MAGIC` and a signed
+        FLOW_BIND with a fresh counter. None if ``hid`` is gone."""
+        if hid not in self.table:
+            return None
+        entry = self.table.get(hid)
+        msg = Message(type=T.FLOW_BIND, seq=0, host_id=self._host_id(entry, src), flow=flow)
+        return KNOCK_MAGIC + self._stamp(msg, src)
+
+    def receive_binding(
+        self, data: bytes, src: IPAddress, src_port: int, now: float
+    ) -> tuple[int, FlowSpec] | None:
+        """A knock's payload (what follows :data:`~ihmp.wire.KNOCK_MAGIC`) that came
+        from ``src``:``src_port``: the HID and the flow (as the peer's socket sees
+        it) whose packets the NAT at ``src`` now carries from that port.
+
+        Only a FLOW_BIND signed by the host ``src`` is a verified address of, and
+        never seen before (replay window), binds anything; anything else is counted
+        and reported (MessageRejected) and binds nothing."""
+        self.counters.messages_received += 1
+        try:
+            entry = self._verified(src)
+            if entry is None:
+                raise _Reject(RejectReason.UNVERIFIED_SOURCE, f"knock from {src}:{src_port}")
+            msg = decode(data)
+            if msg.type is not T.FLOW_BIND or msg.flow is None:
+                raise _Reject(RejectReason.MALFORMED, f"a knock carries {msg.type.name}")
+            if self._resolve(msg.host_id) is not entry:
+                raise _Reject(RejectReason.UNKNOWN_HOST_ID, f"knock names {msg.host_id}")
+            pin, window = self._admit(msg, entry, src)
+        except WireError as exc:
+            self._reject(src, RejectReason.MALFORMED, str(exc))
+            return None
+        except _Reject as rej:
+            self._reject(src, rej.reason, rej.detail)
+            return None
+        self._commit(msg, entry.hid, window, pin, now)
+        self.counters.flows_bound += 1
+        return entry.hid, msg.flow
+
+    def _behind_nat(
+        self, entry: HostEntry, public: IPAddress, private: IPAddress, port: int | None
+    ) -> None:
+        """The peer's ``private`` address reaches us through a NAT at ``public``:
+        answer there at ``port``; ``private`` still names the peer (its Host ID)."""
+        peer = self._peers[entry.hid]
+        if port is not None:
+            peer.ports[public] = port
+        self._aliases[private] = entry.hid
+        if self.table.lookup(public) is entry:
+            self.table.set_nat(entry.hid, public, private, reason="behind a NAT")
+
+    def _own_address(self, entry: HostEntry, addr: IPAddress) -> None:
+        """``addr`` reached us untranslated: it is the peer's own, no NAT's."""
+        self._peers[entry.hid].ports.pop(addr, None)
+        if addr in entry.nat:
+            self.table.set_nat(entry.hid, addr, None, reason="no NAT in the way")
+
+    def _observed_through(
+        self, peer: Peer, hid: int, local: IPAddress, ack: Message, now: float, *, knock: bool
+    ) -> None:
+        """The peer's ACK of a message from our ``local`` says whether a NAT was in the
+        way. Through one, the peer answers at the NAT's mapping, which must be kept
+        alive; and (``knock``: our flows moved to ``local``) each flow's packets now
+        get a port of the NAT's choosing, which the peer learns from their knocks."""
+        peer.observed = ack.observed_addr if ack.flags & Flags.ND else None
+        if peer.observed is None:
+            self._timers.cancel((KEEPALIVE, hid, 0))
+            return
+        self._arm_keepalive(hid, now)
+        if knock:
+            self._events.append(ev.FlowsNeedBinding(hid, local))
+
+    def _arm_keepalive(self, hid: int, now: float) -> None:
+        if self.config.nat_keepalive > 0:
+            self._timers.set((KEEPALIVE, hid, 0), now + self.config.nat_keepalive)
+
+    def _keepalive(self, hid: int, now: float) -> None:
+        """Keep our NAT's mapping towards ``hid`` alive while flows need it: a probe
+        (the peer answers; no state either side). Stops when the host carries no
+        flow; a new flow starts it again."""
+        peer = self._peers.get(hid)
+        if peer is None or peer.observed is None or hid not in self.table:
+            return
+        entry = self.table.get(hid)
+        src = next((a for a in entry.local if a in self._local), None)
+        if src is None or entry.locator is None or not self._in_use(hid):
+            return
+        nonce = self._rng.getrandbits(8 * NONCE_LEN).to_bytes(NONCE_LEN, "big")
+        msg = self._message(
+            peer, T.PATH_PROBE, host_id=self._host_id(entry, src), src_addr=src, nonce=nonce
+        )
+        self._send(hid, msg, src, entry.locator, now, track=True, attempts=1)
+        self.counters.keepalives_sent += 1
+        self._arm_keepalive(hid, now)
+
     # == inputs: datagrams ============================================================
 
     def receive_datagram(
@@ -563,8 +678,10 @@ class IhmpEngine:
         nat = msg.src_addr != src
         if entry is None and not self._make_room(now, half_open=False):
             return
-        # Every check passed: from here on the message is applied.
-        trigger = Trigger.HELLO_RECEIVED_THROUGH_NAT if nat else Trigger.HELLO_RECEIVED
+        # Every check passed: from here on the message is applied. Through a NAT too:
+        # the NAT's address (verified by the cookie) is the locator, the host's own
+        # address behind it names the host.
+        trigger = Trigger.HELLO_RECEIVED
         if entry is None:
             entry = self.table.create([src], trigger)
         else:
@@ -578,10 +695,15 @@ class IhmpEngine:
         self._note_flags(msg, peer)
         self._hello_collision(peer, msg, src, dst, port)
         self._add_local(hid, dst, reason="HELLO received")
+        if nat:
+            assert msg.src_addr is not None
+            self._behind_nat(entry, src, msg.src_addr, port)
+        else:
+            self._own_address(entry, src)
         for addr in msg.advertised:
-            if addr != src:
+            if addr != src and addr != msg.src_addr:
                 self._claim(entry, addr, active=False)
-        flags = Flags.ND | Flags.NF if nat else Flags.NONE
+        flags = Flags.ND if nat else Flags.NONE
         advertised = self._advertised(first=dst)
         peer.announced |= set(advertised)
         self._send_ack(
@@ -600,10 +722,10 @@ class IhmpEngine:
         if nat:
             assert msg.src_addr is not None
             self._events.append(ev.NatDetected(hid, msg.src_addr, src))
-        else:
-            self._events.append(ev.PeerEstablished(hid, key_pinned=entry.key is not None))
+        self._events.append(ev.PeerEstablished(hid, key_pinned=entry.key is not None))
+        if not nat:
             self._probe_unreachable(entry, now)
-            self._withdraw_leftovers(entry, now)
+        self._withdraw_leftovers(entry, now)
 
     def _cookie_ok(
         self, msg: Message, src: IPAddress, dst: IPAddress, port: int | None, now: float
@@ -696,6 +818,8 @@ class IhmpEngine:
                 raise _Reject(RejectReason.UNEXPECTED_ACK, f"no message {msg.seq} outstanding")
         self._commit(msg, entry.hid, window, pin, now)
         self._note_flags(msg, peer)
+        if src in entry.nat and port is not None:
+            peer.ports[src] = port  # the NAT gave our peer a new mapping: answer there
         if pending is not None:
             self._untrack(peer, msg.seq)
             self._completed(pending, msg, now)
@@ -743,10 +867,12 @@ class IhmpEngine:
         now: float,
     ) -> None:
         # ADDR_UP and HANDOFF are sent from the new address: a different source
-        # means a NAT rewrote it, and IHMP cannot move flows into a NAT (III-D).
+        # means a NAT rewrote it. Then the NAT's address is the one to reach the peer
+        # at (and to challenge, at the port the NAT chose), and the peer's own
+        # address behind it names the peer (III-D, beyond the paper).
         nat = msg.type in (T.ADDR_UP, T.HANDOFF) and msg.new_addr != src
-        applied = self._apply_address_event(msg, entry, dst, nat, now)
-        challenge = None if nat else self._proving(msg, entry, dst, now)
+        applied = self._apply_address_event(msg, entry, src, dst, port, nat, now)
+        challenge = self._proving(msg, entry, src if nat else msg.new_addr, dst, now)
         if challenge is None:
             self._ack_applied(entry.hid, msg, src, dst, port, nat=nat, applied=applied)
             return
@@ -756,11 +882,11 @@ class IhmpEngine:
         self._events.append(ev.MessageApplied(entry.hid, msg.type, msg.seq, stale=not applied))
 
     def _proving(
-        self, msg: Message, entry: HostEntry, dst: IPAddress, now: float
+        self, msg: Message, entry: HostEntry, new: IPAddress | None, dst: IPAddress, now: float
     ) -> Pending | None:
-        """The challenge to the new address ``msg`` announces, if it is not proven yet:
-        the one in flight, or a new one (a retransmission after one gave up)."""
-        new = msg.new_addr
+        """The challenge to ``new``, the address ``msg`` announces (or the NAT in front
+        of it), if it is not proven yet: the one in flight, or a new one (a
+        retransmission after one gave up)."""
         if msg.type not in (T.ADDR_UP, T.HANDOFF) or new is None or new in entry.active:
             return None
         peer = self._peers[entry.hid]
@@ -789,7 +915,14 @@ class IhmpEngine:
         self._events.append(ev.MessageApplied(hid, msg.type, msg.seq, stale=not applied))
 
     def _apply_address_event(
-        self, msg: Message, entry: HostEntry, dst: IPAddress, nat: bool, now: float
+        self,
+        msg: Message,
+        entry: HostEntry,
+        src: IPAddress,
+        dst: IPAddress,
+        port: int | None,
+        nat: bool,
+        now: float,
     ) -> bool:
         """Apply the parts of ``msg`` no newer message has overtaken; say if any was."""
         peer = self._peer(entry.hid)
@@ -798,19 +931,30 @@ class IhmpEngine:
         for old in msg.old_addrs:
             if self._newest_about(peer, old, msg.seq):
                 applied = True
-                if self.table.lookup(old) is entry:
-                    self.table.remove_address(entry.hid, old, retire=True, reason=reason)
-                challenge = self._challenging(peer, old)
-                if challenge is not None:  # nobody to answer it there any more
-                    self._untrack(peer, challenge.msg.seq)
+                # A NAT in front of the address it left is left too.
+                fronts = [public for public, private in entry.nat.items() if private == old]
+                for gone in [old, *fronts]:
+                    if gone in fronts and gone == src:
+                        continue  # a new address behind the same NAT: it stays
+                    if self.table.lookup(gone) is entry:
+                        self.table.remove_address(entry.hid, gone, retire=True, reason=reason)
+                    challenge = self._challenging(peer, gone)
+                    if challenge is not None:  # nobody to answer it there any more
+                        self._untrack(peer, challenge.msg.seq)
         new = msg.new_addr
         if new is not None and self._newest_about(peer, new, msg.seq):
             applied = True
             prefer = msg.type is T.HANDOFF
-            if msg.type in (T.ADDR_UP, T.HANDOFF) and not nat:
+            if msg.type in (T.ADDR_UP, T.HANDOFF):
                 # The peer reached us at dst from its new address: dst works for it.
                 self._add_local(entry.hid, dst, prefer=prefer, reason=reason)
-                self._validate(entry, new, prefer=prefer, via=dst, now=now)
+                if nat:
+                    self._behind_nat(entry, src, new, port)
+                self._validate(entry, src if nat else new, prefer=prefer, via=dst, now=now)
+                if nat and self.table.lookup(src) is entry:
+                    self.table.set_nat(entry.hid, src, new, reason=reason)
+                elif not nat:
+                    self._own_address(entry, new)
             else:
                 self._claim(entry, new, active=False)
         return applied
@@ -924,14 +1068,11 @@ class IhmpEngine:
             self._hello_acked(entry, pending, ack, now)
         elif mtype is T.PATH_PROBE:
             self._challenge_answered(entry, pending, reason)
-        elif (
-            mtype in (T.ADDR_UP, T.HANDOFF)
-            and not ack.flags & Flags.ND
-            and pending.msg.new_addr in self._local
-        ):
+        elif mtype in (T.ADDR_UP, T.HANDOFF) and pending.msg.new_addr in self._local:
             new = pending.msg.new_addr
             assert new is not None
             self._add_local(hid, new, prefer=mtype is T.HANDOFF, reason=reason)
+            self._observed_through(peer, hid, new, ack, now, knock=mtype is T.HANDOFF)
             locator = entry.locator
             prefer = locator is None or classify(locator, new) is Reach.UNREACHABLE
             self._validate(entry, pending.dst, prefer=prefer, via=new, now=now)
@@ -961,11 +1102,21 @@ class IhmpEngine:
         self.counters.addresses_validated += 1
         self._events.append(ev.AddressVerified(entry.hid, pending.src, pending.dst))
         for msg, src, dst, port in pending.deferred.values():
-            self._send_ack(entry.hid, msg, src, dst, port)
+            nat = msg.new_addr != src
+            self._send_ack(
+                entry.hid,
+                msg,
+                src,
+                dst,
+                port,
+                flags=Flags.ND if nat else Flags.NONE,
+                observed_addr=src if nat else None,
+            )
 
     def _hello_acked(self, entry: HostEntry, pending: Pending, ack: Message, now: float) -> None:
         hid = entry.hid
         self._add_local(hid, pending.src, reason="ACK of HELLO")
+        self._observed_through(self._peers[hid], hid, pending.src, ack, now, knock=False)
         for addr in ack.advertised:
             if addr not in entry.active:
                 self._claim(entry, addr, active=False)
@@ -1289,12 +1440,20 @@ class IhmpEngine:
             self._timers.cancel((RETRANSMIT, hid, seq))
         self._timers.cancel((GRACE, hid, 0))
         self._windows.pop(hid, None)
+        for alias in [a for a, h in self._aliases.items() if h == hid]:
+            del self._aliases[alias]
+        self._timers.cancel((KEEPALIVE, hid, 0))
         self.table.remove(hid, reason=reason)
         self._events.append(ev.PeerLost(hid, addresses))
 
     def _resolve(self, host_id: IPAddress) -> HostEntry | None:
-        """The HID a Host ID names: a current address, or one its host withdrew."""
-        return self.table.lookup(host_id) or self.table.lookup_retired(host_id)
+        """The HID a Host ID names: a current address, one its host withdrew, or the
+        host's own address behind a NAT."""
+        entry = self.table.lookup(host_id) or self.table.lookup_retired(host_id)
+        if entry is None and host_id in self._aliases:
+            hid = self._aliases[host_id]
+            entry = self.table.get(hid) if hid in self.table else None
+        return entry
 
     # == message construction and transmission ========================================
 
@@ -1388,6 +1547,8 @@ class IhmpEngine:
         the exchange deadline; a HELLO gets ``max_attempts``."""
         if flags:
             msg = replace(msg, flags=msg.flags | flags)
+        if dst_port is None:
+            dst_port = self._peers[hid].ports.get(dst)
         self._transmit(msg, src, dst, dst_port)
         if track:
             rto = self.config.initial_rto

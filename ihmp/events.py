@@ -21,6 +21,7 @@ __all__ = [
     "Event",
     "ExchangeCompleted",
     "ExchangeFailed",
+    "FlowsNeedBinding",
     "HostChanged",
     "MessageApplied",
     "MessageRejected",
@@ -44,6 +45,7 @@ class RejectReason(enum.Enum):
     UNEXPECTED_ACK = "unexpected_ack"  # ACK that matches nothing outstanding
     NOT_A_LOCATOR = "not_a_locator"  # sent to an address that is no locator of ours
     BAD_NONCE = "bad_nonce"  # the ACK of a path challenge does not echo its nonce
+    UNVERIFIED_SOURCE = "unverified_source"  # a knock from no verified address of its host
 
 
 class DropReason(enum.Enum):
@@ -143,6 +145,17 @@ class NatEntryReceived:
     mapping: NatMapping
 
 
+@dataclass(frozen=True)
+class FlowsNeedBinding:
+    """This host now reaches ``hid`` from ``local`` through a NAT (its ACK said
+    so): each flow to it must send a knock (a FLOW_BIND inside the flow's own
+    packets, :meth:`ihmp.engine.IhmpEngine.flow_binding`), so that the peer learns
+    the port the NAT gave the flow."""
+
+    hid: int
+    local: IPAddress
+
+
 Event = (
     HostChanged
     | PeerEstablished
@@ -155,4 +168,5 @@ Event = (
     | MessageRejected
     | NatDetected
     | NatEntryReceived
+    | FlowsNeedBinding
 )

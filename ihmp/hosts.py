@@ -90,6 +90,10 @@ class HostEntry:
     key: bytes | None = None
     state: HidState = HidState.HELLO_PENDING
     retired: set[IPAddress] = field(default_factory=set)
+    #: Active addresses that are a NAT's public side, each with the host's own
+    #: address behind it (the source it encoded). Such a locator is per flow: the
+    #: NAT gives each flow a port of its own, learned from the flow's knock.
+    nat: dict[IPAddress, IPAddress] = field(default_factory=dict)
 
     @property
     def locator(self) -> IPAddress | None:
@@ -112,10 +116,11 @@ class HostEntry:
 
 #: How the address sets of an entry and a snapshot convert into each other.
 _MUTABLE: dict[str, Callable[[Any], Any]] = {
-    "active": list, "unreachable": set, "local": list, "retired": set
+    "active": list, "unreachable": set, "local": list, "retired": set, "nat": dict
 }  # fmt: skip
 _FROZEN: dict[str, Callable[[Any], Any]] = {
-    "active": tuple, "unreachable": frozenset, "local": tuple, "retired": frozenset
+    "active": tuple, "unreachable": frozenset, "local": tuple, "retired": frozenset,
+    "nat": lambda d: tuple(sorted(d.items(), key=lambda kv: addr_key(kv[0]))),
 }  # fmt: skip
 
 
@@ -134,10 +139,15 @@ class HostSnapshot:
     key: bytes | None
     state: HidState
     retired: frozenset[IPAddress] = frozenset()
+    nat: tuple[tuple[IPAddress, IPAddress], ...] = ()  # (public side, host's own address)
 
     @property
     def locator(self) -> IPAddress | None:
         return self.active[0] if self.active else None
+
+    def behind(self, addr: IPAddress | None) -> IPAddress | None:
+        """The host's own address behind ``addr``, if ``addr`` is a NAT's public side."""
+        return next((private for public, private in self.nat if public == addr), None)
 
     def addresses(self) -> set[IPAddress]:
         return set(self.active) | self.unreachable
@@ -155,6 +165,7 @@ class HostSnapshot:
             "key": self.key.hex() if self.key is not None else None,
             "state": self.state.value,
             "retired": [str(a) for a in sorted(self.retired, key=addr_key)],
+            "nat": {str(public): str(private) for public, private in self.nat},
         }
 
     @classmethod
@@ -169,6 +180,7 @@ class HostSnapshot:
             key=bytes.fromhex(key) if key is not None else None,
             state=HidState(data["state"]),
             retired=frozenset(ip_address(a) for a in data.get("retired", [])),
+            nat=tuple((ip_address(a), ip_address(b)) for a, b in data.get("nat", {}).items()),
         )
 
 
@@ -327,9 +339,25 @@ class HidTable:
                 entry.active.remove(addr)
             entry.unreachable.discard(addr)
             self._by_addr.pop(addr, None)
+            entry.nat.pop(addr, None)
             if retire:
                 entry.retired.add(addr)
                 self._by_retired[addr] = hid
+        return True
+
+    def set_nat(
+        self, hid: int, public: IPAddress, private: IPAddress | None, *, reason: str = ""
+    ) -> bool:
+        """Record that ``public``, an address of ``hid``, is a NAT in front of the
+        host's own ``private`` address (None: it is the host's own)."""
+        entry = self._entries[hid]
+        if entry.nat.get(public) == private:
+            return False
+        with self._updating(entry, reason):
+            if private is None:
+                del entry.nat[public]
+            else:
+                entry.nat[public] = private
         return True
 
     def add_local(

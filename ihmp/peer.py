@@ -68,6 +68,11 @@ class Peer:
     # Known only from a flow it started (its first packet's source may be spoofed):
     # not verified until a HELLO exchange, and not said HELLO to.
     unproven: bool = False
+    # The peer's IHMP port at each of its addresses, where it is not the default:
+    # a NAT's public side (the NAT chose the port).
+    ports: dict[IPAddress, int] = field(default_factory=dict)
+    # How the peer sees us, if through a NAT: the address its ACK observed.
+    observed: IPAddress | None = None
 
     def to_json(self, now: float) -> dict[str, Any]:
         """What a successor needs to go on with this peer (messages in flight are
@@ -82,6 +87,8 @@ class Peer:
             "acked_us": self.acked_us,
             "nat_supported": self.nat_supported,
             "unproven": self.unproven,
+            "ports": {str(a): p for a, p in self.ports.items()},
+            "observed": str(self.observed) if self.observed is not None else None,
         }
 
     @classmethod
@@ -101,4 +108,6 @@ class Peer:
             nat_supported=bool(data.get("nat_supported")),
             last_used=now,
             unproven=bool(data.get("unproven")),
+            ports={ip_address(a): int(p) for a, p in data.get("ports", {}).items()},
+            observed=ip_address(data["observed"]) if data.get("observed") else None,
         )

@@ -43,6 +43,7 @@ class MessageType(enum.IntEnum):
     HANDOFF = 8
     HANDOFF_UNREACHABLE = 9
     NAT_ENTRY = 10
+    FLOW_BIND = 11  # carried inside a flow's own packets (a knock), never on the IHMP port
 
 
 class Flags(enum.IntFlag):
@@ -66,6 +67,7 @@ class Tag(enum.IntEnum):
     NAT_MAPPING = 7  # see NatMapping
     NONCE = 8  # NONCE_LEN bytes: PATH_PROBE's challenge, echoed in its ACK
     COOKIE = 9  # COOKIE_LEN bytes: in an ACK, "say HELLO again with this"; in a HELLO, that
+    FLOW = 10  # see FlowSpec: one flow, as its sender's socket sees it
 
 
 class WireError(ValueError):
@@ -88,6 +90,22 @@ class NatMapping:
 
 
 @dataclass(frozen=True)
+class FlowSpec:
+    """A flow as the sender of a FLOW_BIND sees it: its own (local) end and the
+    receiver's (remote) end, identifiers both."""
+
+    proto: int  # 6 TCP, 17 UDP
+    local: IPAddress
+    lport: int
+    remote: IPAddress
+    rport: int
+
+
+#: What a knock's transport payload starts with; a FLOW_BIND message follows.
+KNOCK_MAGIC = b"DIMEknk1"
+
+
+@dataclass(frozen=True)
 class Message:
     """One IHMP message. ``counter`` is the sender's replay counter."""
 
@@ -103,6 +121,7 @@ class Message:
     observed_addr: IPAddress | None = None
     public_key: bytes | None = None
     nat_mapping: NatMapping | None = None
+    flow: FlowSpec | None = None
     nonce: bytes | None = None
     cookie: bytes | None = None
     signature: bytes | None = field(default=None, repr=False)
@@ -120,6 +139,7 @@ _REQUIRED: dict[MessageType, frozenset[Tag]] = {
     MessageType.HANDOFF: frozenset({Tag.NEW_ADDR, Tag.OLD_ADDRS}),
     MessageType.HANDOFF_UNREACHABLE: frozenset({Tag.NEW_ADDR, Tag.OLD_ADDRS}),
     MessageType.NAT_ENTRY: frozenset({Tag.NAT_MAPPING}),
+    MessageType.FLOW_BIND: frozenset({Tag.FLOW}),
 }
 _OPTIONAL: dict[MessageType, frozenset[Tag]] = {
     MessageType.HELLO: frozenset({Tag.PUBLIC_KEY, Tag.COOKIE}),
@@ -203,6 +223,21 @@ def _encode_nat(m: NatMapping) -> bytes:
     return head + encode_address(m.internal) + encode_address(m.external)
 
 
+def _encode_flow(f: FlowSpec) -> bytes:
+    for port in (f.lport, f.rport):
+        if not 0 <= port <= 0xFFFF:
+            raise WireError("field", f"FLOW port {port} out of range")
+    if not 0 <= f.proto <= 0xFF:
+        raise WireError("field", f"FLOW protocol {f.proto} out of range")
+    head = _NAT_HEAD.pack(f.proto, f.lport, f.rport)
+    return head + encode_address(f.local) + encode_address(f.remote)
+
+
+def _decode_flow(value: bytes) -> FlowSpec:
+    m = _decode_nat(value)  # the same layout: proto, two ports, two addresses
+    return FlowSpec(m.proto, m.internal, m.internal_port, m.external, m.external_port)
+
+
 def _decode_nat(value: bytes) -> NatMapping:
     if len(value) < _NAT_HEAD.size:
         raise WireError("truncated", "NAT_MAPPING too short")
@@ -236,6 +271,8 @@ def _fields_of(msg: Message) -> dict[Tag, bytes]:
         fields[Tag.PUBLIC_KEY] = _check_opaque(Tag.PUBLIC_KEY, msg.public_key)
     if msg.nat_mapping is not None:
         fields[Tag.NAT_MAPPING] = _encode_nat(msg.nat_mapping)
+    if msg.flow is not None:
+        fields[Tag.FLOW] = _encode_flow(msg.flow)
     for tag, value in ((Tag.NONCE, msg.nonce), (Tag.COOKIE, msg.cookie)):
         if value is not None:
             fields[tag] = _check_opaque(tag, value)
@@ -285,6 +322,8 @@ def _apply_field(values: dict[str, object], tag: Tag, value: bytes) -> None:
         values["observed_addr"] = _decode_single_address(value, tag)
     elif tag is Tag.NAT_MAPPING:
         values["nat_mapping"] = _decode_nat(value)
+    elif tag is Tag.FLOW:
+        values["flow"] = _decode_flow(value)
     else:
         values[_NAME_OF[tag]] = _check_opaque(tag, value)
 
@@ -396,6 +435,7 @@ _TAG_OF = {
     "observed_addr": Tag.OBSERVED_ADDR,
     "public_key": Tag.PUBLIC_KEY,
     "nat_mapping": Tag.NAT_MAPPING,
+    "flow": Tag.FLOW,
     "nonce": Tag.NONCE,
     "cookie": Tag.COOKIE,
 }

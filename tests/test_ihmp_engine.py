@@ -19,7 +19,19 @@ from ihmp import events as ev
 from ihmp.engine import MAX_LOCAL_RETRIES, Datagram, EngineConfig, seq_newer
 from ihmp.hosts import HidState
 from ihmp.keys import TrustStore
-from ihmp.wire import Flags, MessageType, NatMapping, decode, encode, public_key_bytes, verify
+from ihmp.events import RejectReason
+from ihmp.wire import (
+    KNOCK_MAGIC,
+    Flags,
+    FlowSpec,
+    Message,
+    MessageType,
+    NatMapping,
+    decode,
+    encode,
+    public_key_bytes,
+    verify,
+)
 from tests.ihmp_sim import A, Host, Net, assert_events_mirror_table, assert_symmetric
 
 T = MessageType
@@ -513,34 +525,111 @@ def test_unsigned_peers_interoperate_until_a_key_is_bound() -> None:
 # -- NAT ---------------------------------------------------------------------------
 
 
-def test_hello_through_an_ihmp_unaware_nat_is_nat_forced() -> None:
+def test_hello_through_an_ihmp_unaware_nat_establishes_with_the_nat_as_locator() -> None:
     net = Net(nat={A("10.0.0.1"): A("203.0.113.100")})
     a = net.add(Host("A", ["10.0.0.1/24"], seed=1))
     b = net.add(Host("B", [B1 + "/24"], seed=2))
     a.connect(B1, 0)
     net.run(5)
-    assert a.entry_for(B1).state is HidState.NAT_FORCED
+    assert a.entry_for(B1).state is HidState.ESTABLISHED
     eb = b.entry_for("203.0.113.100")
-    assert eb.state is HidState.NAT_FORCED and eb.active == [A("203.0.113.100")]
+    assert eb.state is HidState.ESTABLISHED and eb.active == [A("203.0.113.100")]
+    assert eb.nat == {A("203.0.113.100"): A("10.0.0.1")}
     ack = decode(net.log[-1].datagram.data)
-    assert ack.flags & Flags.ND and ack.flags & Flags.NF
+    assert ack.flags & Flags.ND and not ack.flags & Flags.NF
+    assert ack.observed_addr == A("203.0.113.100")
     assert b.events_of(ev.NatDetected) == [
         ev.NatDetected(eb.hid, A("10.0.0.1"), A("203.0.113.100"))
     ]
-    # No further signaling with a NAT-forced peer.
+    # No dead end: A goes on signalling, under its own address as Host ID.
     a.engine.address_added(ip_interface("192.0.2.9/24"), net.now)
-    assert a.engine.datagrams_to_send(net.now) == []
+    (up,) = a.engine.datagrams_to_send(net.now)
+    assert decode(up.data).type is T.ADDR_UP
+    assert decode(up.data).host_id == A("10.0.0.1")
 
 
-def test_addr_up_from_behind_a_nat_is_kept_unreachable_and_acked_with_nd() -> None:
+def test_addr_up_from_behind_a_nat_validates_the_nat_and_is_acked_with_nd() -> None:
     net = Net(nat={A("10.7.0.1"): A("203.0.113.7")})
     a, b = established(net)
     a.engine.address_added(ip_interface("10.7.0.1/24"), net.now)
     net.run(5)
-    assert A("10.7.0.1") in b.entry_for(A1).unreachable
+    eb = b.entry_for(A1)
+    assert eb.active == [A(A1), A("203.0.113.7")]  # an ADDR_UP: not preferred
+    assert eb.nat == {A("203.0.113.7"): A("10.7.0.1")}
+    assert A("10.7.0.1") not in eb.addresses()  # a private address is no locator
     nat = a.events_of(ev.NatDetected)
     assert nat == [ev.NatDetected(a.entry_for(B1).hid, A("10.7.0.1"), A("203.0.113.7"))]
-    assert_symmetric(a, A1, b, B1)
+    assert a.events_of(ev.FlowsNeedBinding) == []  # its flows did not move
+    assert A("10.7.0.1") in a.entry_for(B1).local
+
+
+def nat_handoff() -> tuple[Net, Host, Host]:
+    """A (public A1) moves behind a NAT (10.7.0.1 seen as 203.0.113.7)."""
+    net = Net(nat={A("10.7.0.1"): A("203.0.113.7")})
+    a, b = established(net)
+    a.engine.handoff(ip_interface(A1 + "/24"), ip_interface("10.7.0.1/24"), net.now)
+    net.run(5)
+    return net, a, b
+
+
+def test_a_handoff_into_a_nat_moves_the_peer_to_the_nat_and_asks_for_knocks() -> None:
+    net, a, b = nat_handoff()
+    eb = b.entry_for("203.0.113.7")
+    assert eb.active == [A("203.0.113.7")] and eb.nat == {A("203.0.113.7"): A("10.7.0.1")}
+    assert A(A1) in eb.retired
+    hid = a.entry_for(B1).hid
+    assert a.events_of(ev.FlowsNeedBinding) == [ev.FlowsNeedBinding(hid, A("10.7.0.1"))]
+    assert a.engine.peer_info(hid)["we_are_observed_as"] == "203.0.113.7"
+    # The challenge went to the NAT's address, and was answered through it.
+    probes = [s for s in net.log if decode(s.datagram.data).type is T.PATH_PROBE]
+    assert any(s.datagram.dst == A("203.0.113.7") and s.delivered for s in probes)
+
+
+def test_a_knock_binds_a_flow_only_when_signed_by_the_host_and_from_its_nat() -> None:
+    net, a, b = nat_handoff()
+    hid_a = a.entry_for(B1).hid
+    flow = FlowSpec(6, A(A1), 40000, A(B1), 5001)
+    knock = a.engine.flow_binding(hid_a, flow, A("10.7.0.1"))
+    assert knock is not None and knock.startswith(KNOCK_MAGIC)
+    body = knock[len(KNOCK_MAGIC) :]
+    hid_b = b.entry_for("203.0.113.7").hid
+    # From elsewhere (a third host claiming the flow): refused.
+    assert b.engine.receive_binding(body, A("198.51.100.66"), 41000, net.now) is None
+    assert b.engine.receive_binding(body, A("203.0.113.7"), 61001, net.now) == (hid_b, flow)
+    # Replayed (a copy an on-path host saw): refused.
+    assert b.engine.receive_binding(body, A("203.0.113.7"), 61002, net.now) is None
+    # Forged: same fields, no valid signature.
+    forged = encode(Message(type=T.FLOW_BIND, seq=0, host_id=A("10.7.0.1"), flow=flow, counter=10**15))
+    assert b.engine.receive_binding(forged, A("203.0.113.7"), 61003, net.now) is None
+    reasons = [r.reason for r in b.events_of(ev.MessageRejected)]
+    assert reasons[-3:] == [RejectReason.UNVERIFIED_SOURCE, RejectReason.REPLAY, RejectReason.UNSIGNED]
+    assert b.engine.counters.flows_bound == 1
+
+
+def test_moving_on_from_a_nat_retires_the_nat_address_too() -> None:
+    net, a, b = nat_handoff()
+    a.engine.handoff(ip_interface("10.7.0.1/24"), ip_interface("192.0.2.44/24"), net.now)
+    net.run(5)
+    eb = b.entry_for("192.0.2.44")
+    assert eb.active == [A("192.0.2.44")] and eb.nat == {}
+    assert A("203.0.113.7") in eb.retired
+    assert a.engine.peer_info(a.entry_for(B1).hid)["we_are_observed_as"] is None
+
+
+def test_behind_a_nat_the_host_keeps_its_mapping_alive_while_it_has_flows() -> None:
+    net = Net(nat={A("10.7.0.1"): A("203.0.113.7")})
+    in_use = {"yes": True}
+    a, b = established(net)
+    a.engine._in_use = lambda hid: in_use["yes"]
+    a.engine.handoff(ip_interface(A1 + "/24"), ip_interface("10.7.0.1/24"), net.now)
+    net.run(5)
+    interval = a.engine.config.nat_keepalive
+    net.run(interval * 3)
+    assert a.engine.counters.keepalives_sent == 3
+    in_use["yes"] = False
+    net.run(interval * 3)
+    assert a.engine.counters.keepalives_sent == 3  # nothing needs it: stopped
+    assert b.engine.counters.messages_rejected == {}
 
 
 def test_nat_entry_and_ns_flag() -> None:

@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 
 from ihmp.addr import IPAddress
 from ihmp.wire import (
+    FlowSpec,
     DEFAULT_PORT,
     HEADER_LEN,
     MAX_ADDRESSES,
@@ -79,6 +80,7 @@ _MESSAGE_KEYS = {
     "observed_addr",
     "public_key",
     "nat_mapping",
+    "flow",
     "nonce",
     "cookie",
     "signature",
@@ -115,6 +117,16 @@ def message_from_json(obj: dict[str, Any]) -> Message:
             external=ip_address(nat["external"]),
             external_port=nat["external_port"],
         )
+    spec = obj.get("flow")
+    flow = None
+    if spec is not None:
+        flow = FlowSpec(
+            proto=spec["proto"],
+            local=ip_address(spec["local"]),
+            lport=spec["lport"],
+            remote=ip_address(spec["remote"]),
+            rport=spec["rport"],
+        )
     host_id = _addr(obj["host_id"])
     assert host_id is not None
     return Message(
@@ -130,6 +142,7 @@ def message_from_json(obj: dict[str, Any]) -> Message:
         observed_addr=_addr(obj.get("observed_addr")),
         public_key=_hex(obj.get("public_key")),
         nat_mapping=mapping,
+        flow=flow,
         nonce=_hex(obj.get("nonce")),
         cookie=_hex(obj.get("cookie")),
         signature=_hex(obj.get("signature")),
@@ -279,6 +292,14 @@ nat_mappings = st.builds(
     external=addresses,
     external_port=ports,
 )
+flows = st.builds(
+    FlowSpec,
+    proto=st.sampled_from([6, 17]) | st.integers(0, 0xFF),
+    local=addresses,
+    lport=ports,
+    remote=addresses,
+    rport=ports,
+)
 
 # The spec's table (section 3), written out independently of ihmp/wire.py:
 # required fields, optional fields, and the flags allowed besides NS (and SIG).
@@ -301,6 +322,7 @@ SPEC: dict[MessageType, tuple[frozenset[str], frozenset[str], Flags]] = {
     T.HANDOFF: (frozenset({"new_addr", "old_addrs"}), frozenset(), Flags.OU),
     T.HANDOFF_UNREACHABLE: (frozenset({"new_addr", "old_addrs"}), frozenset(), Flags.OU),
     T.NAT_ENTRY: (frozenset({"nat_mapping"}), frozenset(), Flags.NONE),
+    T.FLOW_BIND: (frozenset({"flow"}), frozenset(), Flags.NONE),
 }
 ALL_FIELDS = (
     "advertised",
@@ -310,6 +332,7 @@ ALL_FIELDS = (
     "observed_addr",
     "public_key",
     "nat_mapping",
+    "flow",
     "nonce",
     "cookie",
 )
@@ -324,6 +347,8 @@ def _field_strategy(name: str, values: dict[str, Any]) -> st.SearchStrategy[Any]
         return st.binary(min_size=32, max_size=32)
     if name == "nat_mapping":
         return nat_mappings
+    if name == "flow":
+        return flows
     if name in ("nonce", "cookie"):
         return st.binary(min_size=8, max_size=8)
     return addresses
@@ -606,7 +631,7 @@ ENCODE_REFUSALS: list[tuple[str, Message, str]] = [
         Message(T.NAT_ENTRY, 1, A, nat_mapping=replace(GOOD_NAT, proto=256)),
         "field",
     ),
-    ("unknown-type", Message(11, 1, A), "type"),  # type: ignore[arg-type]
+    ("unknown-type", Message(12, 1, A), "type"),  # type: ignore[arg-type]
     ("scoped-host-id", Message(T.ACK, 1, IPv6Address("fe80::1%eth0")), "address"),
     (
         "scoped-addresses-differing-only-in-scope",
