@@ -14,6 +14,8 @@
     queue_out = 4731            # NFQUEUE numbers (outbound, inbound)
     queue_in = 4732
     adopt_existing = true       # take over connections opened before dime started
+    nat_keepalive = 25.0        # s: behind a NAT, keep its mapping alive this often while
+                                # flows need it (0: never)
 
     [ihmp]                      # protocol timing and flood limits
     initial_rto = 0.5           # s, first retransmission timeout
@@ -88,6 +90,7 @@ class Config:
     queue_out: int = 4731
     queue_in: int = 4732
     adopt_existing: bool = True
+    nat_keepalive: float = 25.0
     ihmp: EngineConfig = field(default_factory=EngineConfig)
     local_key: list[KeyBinding] = field(default_factory=list)
     trust: list[TrustBinding] = field(default_factory=list)
@@ -148,6 +151,7 @@ _SCALARS: dict[str, type] = {
     "queue_out": int,
     "queue_in": int,
     "adopt_existing": bool,
+    "nat_keepalive": float,
 }
 
 
@@ -178,7 +182,10 @@ def from_dict(data: dict[str, Any]) -> Config:
     _positive("sweep_interval", cfg.sweep_interval)
     if "state_dir" in data:
         cfg.state_dir = Path(data["state_dir"])
+    if cfg.nat_keepalive < 0:
+        raise ConfigError(f"nat_keepalive: must be 0 (never) or more, got {cfg.nat_keepalive}")
     cfg.ihmp = _ihmp(data.get("ihmp", {}))
+    cfg.ihmp.nat_keepalive = cfg.nat_keepalive
     cfg.local_key = [_local_key(i, item) for i, item in enumerate(_tables("local_key", data))]
     cfg.trust = [_trust(i, item) for i, item in enumerate(_tables("trust", data))]
     return cfg
@@ -195,7 +202,8 @@ def _ihmp(data: Any) -> EngineConfig:
     if not isinstance(data, dict):
         raise ConfigError("ihmp: must be a table ([ihmp])")
     eng = EngineConfig()
-    known = {f.name: f for f in fields(EngineConfig) if f.name != "strict"}
+    # Top-level keys: strict, nat_keepalive.
+    known = {f.name: f for f in fields(EngineConfig) if f.name not in ("strict", "nat_keepalive")}
     for key, value in data.items():
         if key not in known:
             raise ConfigError(f"ihmp.{key}: unknown key (known: {', '.join(sorted(known))})")

@@ -134,6 +134,7 @@ class Daemon:
             hid_for=self._hid_for,
             residue_dir=run_dir(),
         )
+        self.service.on_knock = self._on_knock
         # The port first: if it is taken, nothing has been installed yet.
         self.transport = IhmpTransport(cfg.port, self._on_datagram)
         assert self.loop is not None
@@ -314,8 +315,20 @@ class Daemon:
             log_change(event)
             assert self.service is not None
             self.service.host_changed(event)  # the peer's new locators reach the kernel
+        elif isinstance(event, ev.FlowsNeedBinding):
+            assert self.service is not None and self.engine is not None
+            engine, hid, local = self.engine, event.hid, event.local
+            self.service.knock(hid, local, lambda flow: engine.flow_binding(hid, flow, local))
         else:
             log_event(event)
+
+    def _on_knock(self, src: IPAddress, port: int, data: bytes) -> None:
+        """A knock came in: if IHMP verifies it, its flow is at ``src``:``port`` now."""
+        assert self.engine is not None and self.service is not None
+        bound = self.engine.receive_binding(data, src, port, self._now())
+        if bound is not None:
+            self.service.bind(bound[0], bound[1], src, port)
+        self._pump_soon()
 
     # -- control ----------------------------------------------------------------------
 

@@ -46,9 +46,21 @@ def _hids(engine: IhmpEngine | None) -> list[dict[str, Any]]:
             "local": [str(a) for a in e.local],
             "key": e.key.hex() if e.key else None,
             "state": e.state.value,
+            # Behind a NAT: the NAT's address is its locator (observed_addr), and
+            # its own address (behind_nat_addr) names it.
+            "behind_nat": e.locator in e.nat,
+            "observed_addr": str(e.locator) if e.locator in e.nat else None,
+            "behind_nat_addr": str(e.nat[e.locator]) if e.locator in e.nat else None,
+            **_we_are_natted(engine, e.hid),
         }
         for e in engine.table
     ]
+
+
+def _we_are_natted(engine: IhmpEngine, hid: int) -> dict[str, Any]:
+    """Whether this host reaches the peer through a NAT, as the peer sees it."""
+    seen = engine.peer_info(hid).get("we_are_observed_as")
+    return {"we_are_behind_nat": seen is not None, "we_are_observed_as": seen}
 
 
 def _limits(engine: IhmpEngine | None) -> dict[str, float]:
@@ -79,6 +91,8 @@ def _counters(engine: IhmpEngine | None, service: StackTrans | None) -> dict[str
             "challenges_sent": c.challenges_sent,
             "addresses_validated": c.addresses_validated,
             "peers_evicted": c.peers_evicted,
+            "keepalives_sent": c.keepalives_sent,
+            "flows_bound": c.flows_bound,
             "peers": len(engine.table),
             "peers_half_open": engine.half_open(),
         }

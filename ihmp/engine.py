@@ -51,6 +51,7 @@ from ihmp import events as ev
 from ihmp.addr import IPAddress, IPInterface, addr_key, usable
 from ihmp.cookie import CookieJar
 from ihmp.events import DropReason, RejectReason
+from ihmp.flows import KNOCK_MAGIC, FlowSpec
 from ihmp.hosts import FlowOrigin, HidState, HidTable, HidTableError, HostEntry, HostSnapshot
 from ihmp.keys import LocalKeys, TrustStore
 from ihmp.peer import Peer, Pending
@@ -60,10 +61,8 @@ from ihmp.replay import ReplayWindow
 from ihmp.states import Trigger
 from ihmp.timers import Timers
 from ihmp.wire import (
-    KNOCK_MAGIC,
     NONCE_LEN,
     Flags,
-    FlowSpec,
     Message,
     MessageType,
     NatMapping,
@@ -535,7 +534,8 @@ class IhmpEngine:
             return None
         entry = self.table.get(hid)
         msg = Message(type=T.FLOW_BIND, seq=0, host_id=self._host_id(entry, src), flow=flow)
-        return KNOCK_MAGIC + self._stamp(msg, src)
+        stamped: bytes = self._stamp(msg, src)
+        return KNOCK_MAGIC + stamped
 
     def receive_binding(
         self, data: bytes, src: IPAddress, src_port: int, now: float

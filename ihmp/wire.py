@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from ihmp.addr import IPAddress
+from ihmp.flows import FlowSpec
 
 VERSION = 1
 DEFAULT_PORT = 4731
@@ -87,22 +88,6 @@ class NatMapping:
     internal_port: int
     external: IPAddress
     external_port: int
-
-
-@dataclass(frozen=True)
-class FlowSpec:
-    """A flow as the sender of a FLOW_BIND sees it: its own (local) end and the
-    receiver's (remote) end, identifiers both."""
-
-    proto: int  # 6 TCP, 17 UDP
-    local: IPAddress
-    lport: int
-    remote: IPAddress
-    rport: int
-
-
-#: What a knock's transport payload starts with; a FLOW_BIND message follows.
-KNOCK_MAGIC = b"DIMEknk1"
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from ihmp.addr import IPAddress, usable
+from ihmp.flows import FlowSpec
 from ihmp.hosts import ChangeKind, FlowOrigin, HostChanged, HostSnapshot
 from stacktrans.socket_table import UDP, FlowKey, SocketEntry, SocketTable
 from stacktrans.translation import HidTranslation, compute
@@ -54,6 +55,9 @@ class KernelMaps(Protocol):
     def kill_flows(self, entries: Iterable[SocketEntry]) -> None: ...
     def forget_dead(self, entries: Iterable[SocketEntry]) -> None: ...
     def update_hid(self, new: HidTranslation | None, hid: int) -> None: ...
+    def set_wire(self, entry: SocketEntry, old: tuple[IPAddress, int] | None) -> None:
+        """``entry.wire`` changed from ``old`` (its per-flow NAT elements)."""
+
     def flush(self) -> None:
         """Apply deferred element updates now."""
 
@@ -127,6 +131,7 @@ class Dataplane:
             return
         assert change.after is not None
         self._learn(change.after)
+        self._unbind_stale(change.hid)
         self._refresh(change.hid)
 
     def _learn(self, host: HostSnapshot) -> None:
@@ -280,6 +285,77 @@ class Dataplane:
             self._effects.reconcile = True
             if old is not None:
                 self._effects.moved.add(hid)
+
+    # -- hosts behind a NAT ----------------------------------------------------------
+
+    def bind(self, hid: int, flow: FlowSpec, at: IPAddress, port: int) -> SocketEntry | None:
+        """A knock (verified by IHMP) says: ``flow`` (as host ``hid``'s socket sees it)
+        now comes from ``at``:``port``, a NAT in front of the host. Its packets go
+        there from now on, and that port is mapped back to the flow's own. Returns
+        the flow, or None if we have no such flow (or the port is another's)."""
+        host = self._hosts.get(hid)
+        entry = next(
+            (
+                e
+                for e in self.sockets.flows_of(hid)
+                if e.key.proto == flow.proto
+                and e.key.lport == flow.rport
+                and e.key.rport == flow.lport
+                and e.key.local == flow.remote
+            ),
+            None,
+        )
+        if host is None or entry is None:
+            log.info("knock for %s of HID %d: no such flow", flow, hid)
+            return None
+        behind = host.behind(at)
+        wire = (at, port) if (at, port) != (entry.key.remote, entry.key.rport) else None
+        if not self._rewire(entry, wire, (at, behind) if behind is not None else None):
+            return None
+        log.info("flow %s of HID %d: now at %s:%d", entry.key, hid, at, port)
+        self._effects.moved.add(hid)
+        self.kernel.flush()
+        return entry
+
+    def knock_targets(self, hid: int) -> list[tuple[SocketEntry, IPAddress, int]]:
+        """Each flow of ``hid`` with where its packets go now (address, port): where
+        its knock goes."""
+        tr = self._translations.get(hid)
+        out = []
+        for e in self.sockets.flows_of(hid):
+            if e.wire is not None:
+                out.append((e, *e.wire))
+            else:
+                dst = tr.remote.get(e.key.remote, e.key.remote) if tr else e.key.remote
+                out.append((e, dst, e.key.rport))
+        return out
+
+    def _unbind_stale(self, hid: int) -> None:
+        """A host whose locator is its own address again: its flows go by the host's
+        translation, their NAT ports are forgotten. (Behind a NAT, a flow keeps its
+        last binding until its knock comes: its packets go where they went.)"""
+        host = self._hosts.get(hid)
+        if host is None or host.behind(host.locator) is not None:
+            return
+        for e in self.sockets.flows_of(hid):
+            if e.wire is not None:
+                self._rewire(e, None, None)
+
+    def _rewire(
+        self,
+        entry: SocketEntry,
+        wire: tuple[IPAddress, int] | None,
+        bound_to: tuple[IPAddress, IPAddress] | None,
+    ) -> bool:
+        old = entry.wire
+        if old == wire:
+            entry.bound_to = bound_to
+            return True
+        if not self.sockets.rebind(entry, wire, bound_to):
+            log.warning("flow %s: port %s is another flow's", entry.key, wire)
+            return False
+        self.kernel.set_wire(entry, old)
+        return True
 
     def _host_gone(self, hid: int) -> None:
         self._forget(hid)

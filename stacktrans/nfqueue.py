@@ -16,6 +16,8 @@ from typing import Any
 log = logging.getLogger("dime.queue")
 
 Handler = Callable[[bytes], bytes | None]
+#: What a handler returns for a packet that must go no further (a knock).
+DROP = b""
 
 
 class QueueError(RuntimeError):
@@ -60,12 +62,18 @@ class PacketQueue:
 
     def _on_packet(self, pkt: Any) -> None:
         self.packets += 1
+        drop = False
         try:
             new = self.handler(pkt.get_payload())
-            if new is not None:
+            if new == DROP:
+                drop = True
+            elif new is not None:
                 pkt.set_payload(new)
         except Exception:  # a packet must never take the daemon down
             self.errors += 1
             log.exception("queue %d: packet handler failed; packet passed unchanged", self.num)
         finally:
-            pkt.accept()
+            if drop:
+                pkt.drop()
+            else:
+                pkt.accept()

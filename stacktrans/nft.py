@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ihmp.addr import IPAddress
+from ihmp.flows import KNOCK_MAGIC
 from stacktrans.socket_table import TCP, SocketEntry
 from stacktrans.translation import HidTranslation
 
@@ -190,6 +191,7 @@ def ruleset(
     lines = [f"table inet {TABLE} {{"]
     for f, t in (("4", "ipv4_addr"), ("6", "ipv6_addr")):
         flow = f"inet_proto . {t} . inet_service . {t} . inet_service"
+        inbound = "mark . inet_proto . inet_service . inet_service"
         lines += [
             f"  set dead{f} {{ type {flow}; }}",
             f"  set flows{f} {{ type {flow}; }}",
@@ -198,6 +200,11 @@ def ruleset(
             f"  map hid{f} {{ type {t} : mark; }}",
             f"  map rid{f} {{ type mark . inet_proto . inet_service . inet_service : {t}; }}",
             f"  map lid{f} {{ type mark . inet_proto . inet_service . inet_service : {t}; }}",
+            # Flows of a host behind a NAT, which gave each flow a port of its own.
+            # (``inbound``: the key of rid/lid.)
+            f"  map wdst{f} {{ type {flow} : {t}; }}",
+            f"  map wport{f} {{ type {flow} : inet_service; }}",
+            f"  map rport{f} {{ type {inbound} : inet_service; }}",
         ]
     out = [f"    type route hook output priority {OUT_PRIORITY}; policy accept;"]
     inn = [f"    type filter hook prerouting priority {IN_PRIORITY}; policy accept;"]
@@ -215,16 +222,29 @@ def ruleset(
     if fast_path:
         for f, ip in (("4", "ip"), ("6", "ip6")):
             fkey = "meta mark . meta l4proto . th sport . th dport"
+            key = f"meta l4proto . {ip} saddr . th sport . {ip} daddr . th dport"
             lines += [
                 f"  chain out{f} {{",
+                f"    {key} @wdst{f} goto nat{f}",
                 f"    {ip} saddr . {ip} daddr @lloc{f} "
                 f"{ip} saddr set {ip} saddr . {ip} daddr map @lloc{f}",
                 f"    {ip} daddr @rloc{f} {ip} daddr set {ip} daddr map @rloc{f}",
                 "  }",
+                # Behind a NAT: to the NAT's address, at the port it gave the flow.
+                f"  chain nat{f} {{",
+                f"    {ip} daddr set {key} map @wdst{f}",
+                f"    meta l4proto tcp tcp dport set {key} map @wport{f}",
+                f"    meta l4proto udp udp dport set {key} map @wport{f}",
+                "  }",
                 f"  chain in{f} {{",
                 f"    meta mark set {ip} saddr map @hid{f}",
+                # A knock on a flow already bound (a UDP flow's keepalive): not for
+                # the application.
+                f"    meta l4proto udp @th,64,64 0x{KNOCK_MAGIC.hex()} {fkey} @rid{f} drop",
                 f"    {fkey} @rid{f} {ip} saddr set {fkey} map @rid{f}",
                 f"    {fkey} @lid{f} {ip} daddr set {fkey} map @lid{f}",
+                f"    meta l4proto tcp {fkey} @rport{f} tcp sport set {fkey} map @rport{f}",
+                f"    meta l4proto udp {fkey} @rport{f} udp sport set {fkey} map @rport{f}",
                 "    meta mark set 0",
                 "  }",
             ]
@@ -350,16 +370,18 @@ class NftTable:
         cmds = []
         for e in entries:
             f, elem = _flow_element(e)
-            k = e.key
-            inbound = f"{e.hid} . {_proto(k.proto)} . {k.rport} . {k.lport}"
             cmds.append(f"{verb} element inet {TABLE} flows{f} {{ {elem} }}")
-            if verb == "add":
-                cmds.append(f"add element inet {TABLE} rid{f} {{ {inbound} : {k.remote} }}")
-                cmds.append(f"add element inet {TABLE} lid{f} {{ {inbound} : {k.local} }}")
-            else:
-                cmds.append(f"delete element inet {TABLE} rid{f} {{ {inbound} }}")
-                cmds.append(f"delete element inet {TABLE} lid{f} {{ {inbound} }}")
+            cmds += _elements(verb, f, _wire_elements(e, e.wire))
         return cmds
+
+    def set_wire(self, entry: SocketEntry, old: tuple[IPAddress, int] | None) -> None:
+        """``entry``'s wire (:attr:`SocketEntry.wire`) was ``old``, and is now its own."""
+        if self.fast_path:
+            f = _fam(entry.key.local)
+            self._apply(
+                _elements("delete", f, _wire_elements(entry, old))
+                + _elements("add", f, _wire_elements(entry, entry.wire))
+            )
 
     def kill_flows(self, entries: Iterable[SocketEntry]) -> None:
         """Make the flows' next outbound packet fail: a TCP reset or ICMP error."""
@@ -440,6 +462,32 @@ class NftTable:
                     self.nft.run(cmd)
                 except NftError as one:
                     log.warning("nft refused %r: %s", cmd, one)
+
+
+def _wire_elements(
+    e: SocketEntry, wire: tuple[IPAddress, int] | None
+) -> list[tuple[str, str, object]]:
+    """(map, key, value) of a flow's per-flow elements when carried at ``wire``: the
+    inbound restoration (keyed by the port on the wire), and behind a NAT the
+    outbound destination and port and the inbound port."""
+    k = e.key
+    proto = _proto(k.proto)
+    inbound = f"{e.hid} . {proto} . {wire[1] if wire else k.rport} . {k.lport}"
+    out: list[tuple[str, str, object]] = [("rid", inbound, k.remote), ("lid", inbound, k.local)]
+    if wire is not None:
+        _, flow = _flow_element(e)
+        out += [
+            ("rport", inbound, k.rport),
+            ("wdst", flow, wire[0]),
+            ("wport", f"{proto} . {k.local} . {k.lport} . {wire[0]} . {k.rport}", wire[1]),
+        ]
+    return out
+
+
+def _elements(verb: str, f: str, elements: list[tuple[str, str, object]]) -> list[str]:
+    if verb == "add":
+        return [f"add element inet {TABLE} {m}{f} {{ {key} : {v} }}" for m, key, v in elements]
+    return [f"delete element inet {TABLE} {m}{f} {{ {key} }}" for m, key, _ in elements]
 
 
 def _map_diff(

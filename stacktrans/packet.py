@@ -444,3 +444,30 @@ def _rewrite(buf: bytearray, info: PacketInfo, src: bytes | None, dst: bytes | N
             pseudo = (d_src if info.pseudo_src else 0) + (d_dst if info.pseudo_dst else 0)
             moved += _update_checksum(buf, pos, pseudo, udp=info.proto == UDP)
     return moved % 0xFFFF
+
+
+def rewrite_ports(buf: bytearray, info: PacketInfo, sport: int | None, dport: int | None) -> None:
+    """Set the TCP/UDP source/destination port of the (outer) packet ``info`` describes,
+    in place, and its L4 checksum (a NAT's mapping, put back or applied). ``None`` keeps
+    a port. Raises ``RewriteError`` (``buf`` unchanged) for a packet without ports."""
+    if info.proto not in (TCP, UDP) or info.l4_offset < 0 or info.l4_offset + 8 > info.end:
+        raise RewriteError("no TCP/UDP ports to rewrite")
+    _check(buf, info, None, None)
+    delta = 0
+    for offset, port in ((0, sport), (2, dport)):
+        if port is not None:
+            delta += _put_address(buf, info.l4_offset + offset, port.to_bytes(2, "big"))
+    pos = info.l4_offset + (16 if info.proto == TCP else 6)
+    if pos + 2 <= info.end:
+        _update_checksum(buf, pos, delta, udp=info.proto == UDP)
+
+
+def l4_payload(data: Buffer, info: PacketInfo) -> bytes:
+    """The TCP/UDP payload of the (outer) packet ``info`` describes (b"" if none)."""
+    if info.proto == UDP:
+        start = info.l4_offset + 8
+    elif info.proto == TCP and info.l4_offset + 13 <= info.end:
+        start = info.l4_offset + (data[info.l4_offset + 12] >> 4) * 4
+    else:
+        return b""
+    return bytes(data[start : info.end]) if start < info.end else b""

@@ -27,18 +27,20 @@ from pathlib import Path
 from typing import Any
 
 from ihmp.addr import IPAddress
+from ihmp.flows import FlowSpec
 from ihmp.hosts import ChangeKind, HostChanged, HostSnapshot
 from stacktrans import residue
 from stacktrans.dataplane import Dataplane, HidFor
 from stacktrans.ghosts import Ghosts
 from stacktrans.kernel_flows import alive_flows, existing_flows
+from stacktrans.knock import Knocker, build
 from stacktrans.nfqueue import Handler, PacketQueue, QueueError
 from stacktrans.nft import Nft, NftError, NftTable, QueueSpec
 from stacktrans.queue_rules import XtQueueRules, nft_queue_supported
 from stacktrans.residue import Record, Residue
 from stacktrans.rto_revert import FlowSeq, Remedy, prompt
 from stacktrans.socket_table import TCP, FlowKey, SocketEntry, endpoint
-from stacktrans.userspace import UserspacePath
+from stacktrans.userspace import OnKnock, UserspacePath
 
 __all__ = [
     "DataplaneConfig",
@@ -153,6 +155,9 @@ class StackTrans:
         self.queues: list[PacketQueue] = []
         self.prompts: Counter[Remedy] = Counter()  # what rto_revert did (status counters)
         self._hid_for = hid_for
+        #: Called with each knock that comes in (set by the daemon before start).
+        self.on_knock: OnKnock | None = None
+        self.knocker = Knocker()
         self._tasks: list[asyncio.Task[None]] = []
         self._stalled_hids: set[int] = set()
         self._prompt_task: asyncio.Task[None] | None = None
@@ -220,7 +225,7 @@ class StackTrans:
             log.info("taking over what an earlier dime left here")
             # Its ghosts are ours now: removed only once no flow needs them.
             self.ghosts = Ghosts.from_state(previous.ghosts, on_record=self._record)
-        self.path = UserspacePath(self.dataplane, self.clock)
+        self.path = UserspacePath(self.dataplane, self.clock, self.on_knock)
         # The queues listen before the snapshot of existing flows is taken, so that
         # a flow that starts meanwhile is seen one way or the other.
         for num, handler in (
@@ -297,6 +302,7 @@ class StackTrans:
         for queue in self.queues:
             queue.stop()
         self.queues.clear()
+        self.knocker.close()
         if self.kernel is not None:
             self.kernel.flush()  # the table goes next: nothing may be left queued
         for pending in (self._reconcile_task, self._prompt_task):
@@ -354,6 +360,34 @@ class StackTrans:
             self.dataplane.set_local_addresses(addrs)
             self._follow_up()
 
+    def knock(
+        self, hid: int, local: IPAddress, payload_for: Callable[[FlowSpec], bytes | None]
+    ) -> int:
+        """Send each flow of ``hid`` a knock from our address ``local`` (we now reach
+        the host through a NAT there); ``payload_for(flow)`` is its FLOW_BIND.
+        Returns how many went."""
+        if self.dataplane is None:
+            return 0
+        sent = 0
+        for entry, dst, dport in self.dataplane.knock_targets(hid):
+            k = entry.key
+            payload = payload_for(FlowSpec(k.proto, k.local, k.lport, k.remote, k.rport))
+            if payload is None or dst.version != local.version:
+                continue
+            seq = (entry.isn + 1) & 0xFFFFFFFF if entry.isn is not None else 0
+            ack = (entry.peer_isn + 1) & 0xFFFFFFFF if entry.peer_isn is not None else 0
+            packet = build(k.proto, local, k.lport, dst, dport, payload, seq=seq, ack=ack)
+            sent += self.knocker.send(packet, dst)
+        log.info("HID %d: reached through a NAT from %s; %d knocks sent", hid, local, sent)
+        return sent
+
+    def bind(self, hid: int, flow: FlowSpec, at: IPAddress, port: int) -> bool:
+        """A verified knock: ``flow`` of ``hid`` is at ``at``:``port`` now."""
+        if self.dataplane is None or self.dataplane.bind(hid, flow, at, port) is None:
+            return False
+        self._follow_up()
+        return True
+
     def flush(self) -> None:
         """Put every rewrite decided so far into the kernel now (one batch)."""
         if self.kernel is not None:
@@ -395,6 +429,8 @@ class StackTrans:
             "packets_translated_in_user_space": self.path.translated if self.path else 0,
             "packets_queued": sum(q.packets for q in self.queues),
             "tcp_flows_prompted": sum(self.prompts.values()),
+            "knocks_sent": self.knocker.sent,
+            "knocks_received": self.path.knocks if self.path else 0,
         }
 
     # -- effects ----------------------------------------------------------------------

@@ -64,10 +64,22 @@ class SocketEntry:
     isn: int | None = None
     #: TCP: the peer's initial sequence number (its SYN or SYN-ACK), if seen.
     peer_isn: int | None = None
+    #: The peer is behind a NAT: the NAT's address and the port it gave this flow
+    #: (learned from the flow's knock), which the flow's packets carry on the wire.
+    #: None: the host's locator and the flow's own remote port.
+    wire: tuple[IPAddress, int] | None = None
+    #: The (NAT address, the host's own address behind it) ``wire`` was learned for:
+    #: when the host moves behind the NAT, the flow needs a new knock.
+    bound_to: tuple[IPAddress, IPAddress] | None = None
+
+    @property
+    def wire_rport(self) -> int:
+        """The remote port on the wire."""
+        return self.wire[1] if self.wire is not None else self.key.rport
 
     @property
     def inbound_key(self) -> InboundKey:
-        return (self.hid, self.key.remote.version, self.key.proto, self.key.rport, self.key.lport)
+        return (self.hid, self.key.remote.version, self.key.proto, self.wire_rport, self.key.lport)
 
 
 class SocketTable:
@@ -121,6 +133,24 @@ class SocketTable:
         self._pairs.setdefault(hid, Counter())[(key.local, key.remote)] += 1
         self._lids[key.local] += 1
         return entry
+
+    def rebind(
+        self,
+        entry: SocketEntry,
+        wire: tuple[IPAddress, int] | None,
+        bound_to: tuple[IPAddress, IPAddress] | None,
+    ) -> bool:
+        """Carry ``entry``'s packets at ``wire`` (see :attr:`SocketEntry.wire`).
+        False, and nothing changed, if another flow of the host has that port."""
+        old = entry.inbound_key
+        new = (*old[:3], wire[1] if wire is not None else entry.key.rport, old[4])
+        holder = self._inbound.get(new)
+        if holder is not None and holder is not entry:
+            return False
+        del self._inbound[old]
+        entry.wire, entry.bound_to = wire, bound_to
+        self._inbound[new] = entry
+        return True
 
     def remove(self, key: FlowKey) -> SocketEntry | None:
         entry = self._by_key.pop(key, None)

@@ -53,8 +53,11 @@ def compute(
     remote: dict[IPAddress, IPAddress] = {}
     local: dict[tuple[IPAddress, IPAddress], IPAddress] = {}
     usable_local = [a for a in entry.local if a in local_addresses]
+    # Behind a NAT, each flow has a port of its own there: its flows are sent there
+    # one by one, as their knocks come (SocketEntry.wire), never host-wide.
+    natted = entry.behind(entry.locator) is not None
     for lid, rid in pairs:
-        if rid not in entry.active:
+        if rid not in entry.active and not natted:
             rloc = _same_family(entry.active, rid)
             if rloc is not None:
                 remote[rid] = rloc

@@ -19,14 +19,18 @@ from collections.abc import Callable
 from ipaddress import ip_address
 
 from ihmp.addr import IPAddress
+from ihmp.flows import KNOCK_MAGIC
 from ihmp.hosts import FlowOrigin
 from stacktrans.dataplane import Dataplane
+from stacktrans.nfqueue import DROP
 from stacktrans.packet import (
     PacketInfo,
     RewriteError,
+    l4_payload,
     parse,
     rewrite_addresses,
     rewrite_inner_addresses,
+    rewrite_ports,
 )
 from stacktrans.socket_table import TCP, UDP, FlowKey, SocketEntry
 
@@ -47,13 +51,29 @@ def _starts_flow(info: PacketInfo) -> bool:
     return info.proto == TCP and not info.tcp_flags & (TCP_RST | TCP_FIN)
 
 
-class UserspacePath:
-    """Translate one queued packet. Returns new bytes, or None to pass it unchanged."""
+#: ``on_knock(source, source port, FLOW_BIND bytes)``: a knock came in (the daemon
+#: has IHMP verify it, and binds the flow if it holds).
+OnKnock = Callable[[IPAddress, int, bytes], None]
 
-    def __init__(self, dataplane: Dataplane, clock: Callable[[], float]) -> None:
+
+def _knock(data: bytes, info: PacketInfo) -> bytes | None:
+    """The FLOW_BIND a knock carries, if this packet is one."""
+    payload = l4_payload(data, info)
+    return payload[len(KNOCK_MAGIC) :] if payload.startswith(KNOCK_MAGIC) else None
+
+
+class UserspacePath:
+    """Translate one queued packet. Returns new bytes, None to pass it unchanged, or
+    :data:`~stacktrans.nfqueue.DROP` (a knock: for dime, not for an application)."""
+
+    def __init__(
+        self, dataplane: Dataplane, clock: Callable[[], float], on_knock: OnKnock | None = None
+    ) -> None:
         self.tr = dataplane
         self.clock = clock
+        self.on_knock = on_knock
         self.translated = 0
+        self.knocks = 0
 
     # -- outbound -------------------------------------------------------------------
 
@@ -72,8 +92,8 @@ class UserspacePath:
         key = FlowKey(info.proto, _addr(info.src), info.sport, _addr(info.dst), info.dport)
         entry = self.tr.sockets.get(key)
         if entry is None:
-            if not _starts_flow(info):
-                return None
+            if not _starts_flow(info) or _knock(data, info) is not None:
+                return None  # our own knock is no flow
             entry = self.tr.flow_seen(key, self.clock())
             if entry is None:
                 return None
@@ -118,6 +138,12 @@ class UserspacePath:
 
     def _inbound_flow(self, data: bytes, info: PacketInfo) -> bytes | None:
         src, dst = _addr(info.src), _addr(info.dst)
+        knock = _knock(data, info)
+        if knock is not None:
+            self.knocks += 1
+            if self.on_knock is not None:
+                self.on_knock(src, info.sport, knock)
+            return DROP
         hid = self.tr.host_of(src)
         entry = None
         if hid is not None:
@@ -137,10 +163,13 @@ class UserspacePath:
             entry.peer_isn = _seq(data, info)
         new_src = entry.key.remote if entry.key.remote != src else None
         new_dst = entry.key.local if entry.key.local != dst else None
-        if new_src is None and new_dst is None:
+        port = entry.key.rport if entry.key.rport != info.sport else None
+        if new_src is None and new_dst is None and port is None:
             return None
         buf = bytearray(data)
         rewrite_addresses(buf, info, _raw(new_src), _raw(new_dst))
+        if port is not None:
+            rewrite_ports(buf, info, port, None)
         self.translated += 1
         return bytes(buf)
 
@@ -181,6 +210,12 @@ class UserspacePath:
         lid: IPAddress,
         rid: IPAddress,
     ) -> bytes | None:
+        if entry.wire is not None:  # behind a NAT: where its knock came from
+            buf = bytearray(data)
+            rewrite_addresses(buf, info, None, _raw(entry.wire[0]))
+            rewrite_ports(buf, info, None, entry.wire[1])
+            self.translated += 1
+            return bytes(buf)
         tr = self.tr.translation(entry.hid)
         if tr is None:
             return None

@@ -17,13 +17,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from ihmp import events as ev
 from ihmp.engine import MAX_LOCAL_RETRIES, Datagram, EngineConfig, seq_newer
+from ihmp.events import RejectReason
+from ihmp.flows import KNOCK_MAGIC, FlowSpec
 from ihmp.hosts import HidState
 from ihmp.keys import TrustStore
-from ihmp.events import RejectReason
 from ihmp.wire import (
-    KNOCK_MAGIC,
     Flags,
-    FlowSpec,
     Message,
     MessageType,
     NatMapping,
@@ -599,10 +598,16 @@ def test_a_knock_binds_a_flow_only_when_signed_by_the_host_and_from_its_nat() ->
     # Replayed (a copy an on-path host saw): refused.
     assert b.engine.receive_binding(body, A("203.0.113.7"), 61002, net.now) is None
     # Forged: same fields, no valid signature.
-    forged = encode(Message(type=T.FLOW_BIND, seq=0, host_id=A("10.7.0.1"), flow=flow, counter=10**15))
+    forged = encode(
+        Message(type=T.FLOW_BIND, seq=0, host_id=A("10.7.0.1"), flow=flow, counter=10**15)
+    )
     assert b.engine.receive_binding(forged, A("203.0.113.7"), 61003, net.now) is None
     reasons = [r.reason for r in b.events_of(ev.MessageRejected)]
-    assert reasons[-3:] == [RejectReason.UNVERIFIED_SOURCE, RejectReason.REPLAY, RejectReason.UNSIGNED]
+    assert reasons[-3:] == [
+        RejectReason.UNVERIFIED_SOURCE,
+        RejectReason.REPLAY,
+        RejectReason.UNSIGNED,
+    ]
     assert b.engine.counters.flows_bound == 1
 
 

@@ -21,7 +21,10 @@ PACKAGES = ("ihmp", "stacktrans", "dime")
 #: (None: any of them).
 ALLOWED: dict[str, dict[str, frozenset[str] | None]] = {
     "ihmp": {"ihmp": None},
-    "stacktrans": {"ihmp": frozenset({"ihmp.addr", "ihmp.hosts"}), "stacktrans": None},
+    "stacktrans": {
+        "ihmp": frozenset({"ihmp.addr", "ihmp.flows", "ihmp.hosts"}),
+        "stacktrans": None,
+    },
     "dime": {"ihmp": None, "stacktrans": frozenset({"stacktrans.service"}), "dime": None},
 }
 

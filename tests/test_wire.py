@@ -23,8 +23,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ihmp.addr import IPAddress
+from ihmp.flows import FlowSpec
 from ihmp.wire import (
-    FlowSpec,
     DEFAULT_PORT,
     HEADER_LEN,
     MAX_ADDRESSES,
