@@ -52,6 +52,9 @@ from stacktrans.service import (
     previous_run,
 )
 
+#: After the first knocks, when the flows knock again (seconds).
+KNOCK_ROUNDS = (0.3, 1.0)
+
 log = logging.getLogger("dime")
 
 
@@ -316,11 +319,21 @@ class Daemon:
             assert self.service is not None
             self.service.host_changed(event)  # the peer's new locators reach the kernel
         elif isinstance(event, ev.FlowsNeedBinding):
-            assert self.service is not None and self.engine is not None
-            engine, hid, local = self.engine, event.hid, event.local
-            self.service.knock(hid, local, lambda flow: engine.flow_binding(hid, flow, local))
+            # Knocks are not acknowledged: two more rounds cover one lost.
+            assert self.loop is not None
+            for delay in KNOCK_ROUNDS:
+                self.loop.call_later(delay, self._knock, event.hid, event.local)
+            self._knock(event.hid, event.local)
         else:
             log_event(event)
+
+    def _knock(self, hid: int, local: IPAddress) -> None:
+        """Each flow to ``hid`` knocks from our ``local`` (if both are still there)."""
+        engine, service = self.engine, self.service
+        if engine is None or service is None or local not in engine.local_addresses:
+            return
+        if hid in engine.table and local in engine.table.get(hid).local:
+            service.knock(hid, local, lambda flow: engine.flow_binding(hid, flow, local))
 
     def _on_knock(self, src: IPAddress, port: int, data: bytes) -> None:
         """A knock came in: if IHMP verifies it, its flow is at ``src``:``port`` now."""

@@ -310,7 +310,10 @@ class Dataplane:
             return None
         behind = host.behind(at)
         wire = (at, port) if (at, port) != (entry.key.remote, entry.key.rport) else None
-        if not self._rewire(entry, wire, (at, behind) if behind is not None else None):
+        bound_to = (at, behind) if behind is not None else None
+        if (entry.wire, entry.bound_to) == (wire, bound_to):
+            return entry  # a knock said again
+        if not self._rewire(entry, wire, bound_to):
             return None
         log.info("flow %s of HID %d: now at %s:%d", entry.key, hid, at, port)
         self._effects.moved.add(hid)
@@ -329,6 +332,22 @@ class Dataplane:
                 dst = tr.remote.get(e.key.remote, e.key.remote) if tr else e.key.remote
                 out.append((e, dst, e.key.rport))
         return out
+
+    def awaits_knock(self, hid: int, at: IPAddress, proto: int, lport: int) -> bool:
+        """Whether a packet from ``at`` (a NAT in front of ``hid``) to our ``lport`` on a
+        port we do not know may be a flow of ``hid`` whose knock has not come yet:
+        then it must not reach our stack (which would answer with a reset)."""
+        host = self._hosts.get(hid)
+        behind = host.behind(at) if host is not None else None
+        if behind is None:
+            return False
+        return any(
+            e.key.proto == proto
+            and e.key.lport == lport
+            and e.key.remote != at
+            and e.bound_to != (at, behind)
+            for e in self.sockets.flows_of(hid)
+        )
 
     def _unbind_stale(self, hid: int) -> None:
         """A host whose locator is its own address again: its flows go by the host's

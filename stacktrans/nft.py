@@ -43,6 +43,10 @@ TABLE = "dime"
 FAMILIES = ("inet", "arp")  # our tables: table inet dime, table arp dime
 OUT_PRIORITY = -140
 IN_PRIORITY = -300
+#: The mark of an inbound knock: no translation here, and the queue rules send it to
+#: the daemon whatever conntrack thinks of it (a knock on a port the flow already has
+#: would otherwise reach the application).
+KNOCK_MARK = 0xD1E5
 
 
 class NftError(RuntimeError):
@@ -156,6 +160,7 @@ def _queue_chains(q: QueueSpec) -> list[str]:
             "  chain q_new {",
             "    type filter hook prerouting priority -150; policy accept;",
             *skip("iifname"),
+            f"    meta mark {KNOCK_MARK:#x} {to(q.in_queue)}",
             f"    meta l4proto {{ tcp, udp }} ct state new {to(q.in_queue)}",
             f"    tcp flags & (syn | ack) == syn | ack {to(q.in_queue)}",
             "  }",
@@ -208,6 +213,13 @@ def ruleset(
         ]
     out = [f"    type route hook output priority {OUT_PRIORITY}; policy accept;"]
     inn = [f"    type filter hook prerouting priority {IN_PRIORITY}; policy accept;"]
+    if fast_path:
+        # A knock (UDP, or TCP without options, as dime builds them) is marked for the
+        # daemon and not translated (the jumps below want mark 0).
+        inn += [
+            f"    meta l4proto udp @th,64,64 0x{KNOCK_MAGIC.hex()} meta mark set {KNOCK_MARK:#x}",
+            f"    meta l4proto tcp @th,160,64 0x{KNOCK_MAGIC.hex()} meta mark set {KNOCK_MARK:#x}",
+        ]
     for f, ip in (("4", "ip"), ("6", "ip6")):
         key = f"meta l4proto . {ip} saddr . th sport . {ip} daddr . th dport"
         # Flows of a host that is gone: the application gets an error now, not a hang.
@@ -238,9 +250,6 @@ def ruleset(
                 "  }",
                 f"  chain in{f} {{",
                 f"    meta mark set {ip} saddr map @hid{f}",
-                # A knock on a flow already bound (a UDP flow's keepalive): not for
-                # the application.
-                f"    meta l4proto udp @th,64,64 0x{KNOCK_MAGIC.hex()} {fkey} @rid{f} drop",
                 f"    {fkey} @rid{f} {ip} saddr set {fkey} map @rid{f}",
                 f"    {fkey} @lid{f} {ip} daddr set {fkey} map @lid{f}",
                 f"    meta l4proto tcp {fkey} @rport{f} tcp sport set {fkey} map @rport{f}",

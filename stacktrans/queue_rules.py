@@ -28,7 +28,7 @@ from __future__ import annotations
 import subprocess
 from dataclasses import dataclass, field
 
-from stacktrans.nft import Nft, NftError
+from stacktrans.nft import KNOCK_MARK, Nft, NftError
 
 COMMENT = "dime"
 ICMP4_ERRORS = ("3", "4", "11", "12")  # unreachable, source quench, time exceeded, param
@@ -111,6 +111,7 @@ class XtQueueRules:
                 ":DIME_NEW - [0:0]",
                 f"-I PREROUTING 1 {hook} -j DIME_NEW",
                 *skip("DIME_NEW", "-i"),
+                queue("DIME_NEW", f"-m mark --mark {KNOCK_MARK:#x}", self.in_queue),
                 *(queue("DIME_NEW", f"-p {p}{new}", self.in_queue) for p in ("tcp", "udp")),
                 queue("DIME_NEW", SYN_ACK, self.in_queue),
             ]

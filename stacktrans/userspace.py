@@ -58,6 +58,8 @@ OnKnock = Callable[[IPAddress, int, bytes], None]
 
 def _knock(data: bytes, info: PacketInfo) -> bytes | None:
     """The FLOW_BIND a knock carries, if this packet is one."""
+    if info.proto == TCP and info.tcp_flags & TCP_SYN:
+        return None
     payload = l4_payload(data, info)
     return payload[len(KNOCK_MAGIC) :] if payload.startswith(KNOCK_MAGIC) else None
 
@@ -149,6 +151,12 @@ class UserspacePath:
         if hid is not None:
             entry = self.tr.sockets.inbound(hid, info.version, info.proto, info.sport, info.dport)
         if entry is None:
+            if (
+                hid is not None
+                and not info.tcp_flags & TCP_SYN
+                and self.tr.awaits_knock(hid, src, info.proto, info.dport)
+            ):
+                return DROP  # its knock is late (or lost): the peer sends again
             if _starts_flow(info):
                 entry = self.tr.flow_seen(
                     FlowKey(info.proto, dst, info.dport, src, info.sport),
