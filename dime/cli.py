@@ -42,6 +42,15 @@ def _config(path: Path | None) -> Config:
         fail(f"config: {exc}", EXIT_USAGE)
 
 
+def _logging(cfg: Config, verbose: int) -> None:
+    level = {0: cfg.log_level, 1: "info"}.get(verbose, "debug")
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """DIME: TCP and UDP connections that survive address changes."""
@@ -68,12 +77,7 @@ def up(
         cfg.port = port
     if strict:
         cfg.strict = True
-    level = {0: cfg.log_level, 1: "info"}.get(verbose, "debug")
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    _logging(cfg, verbose)
     from dime.daemon import Daemon
     from stacktrans.service import StartError
 
@@ -85,6 +89,34 @@ def up(
         fail(str(exc))
     except PermissionError as exc:
         fail(f"permission denied ({exc.filename or exc}): run dime as root")
+    except OSError as exc:
+        fail(str(exc))
+    except KeyboardInterrupt:
+        pass
+
+
+@main.command()
+@click.option("--config", "config_path", type=click.Path(path_type=Path), help="TOML config file.")
+@click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
+def nat(config_path: Path | None, verbose: int) -> None:
+    """Run an IHMP-aware NAT on this NAT router (foreground, this network namespace).
+
+    It tells the peers of dime hosts behind this NAT which port each of their flows
+    got (NAT_ENTRY), so a host that moves here needs no guessing."""
+    cfg = _config(config_path)
+    _logging(cfg, verbose)
+    from dime.natd import NatDaemon
+    from stacktrans.nfqueue import QueueError
+    from stacktrans.nft import NftError
+    from stacktrans.queue_rules import QueueRulesError
+    from stacktrans.service import StartError
+
+    try:
+        asyncio.run(NatDaemon(cfg).run())
+    except (StartError, QueueError, QueueRulesError, NftError, keystore.KeyFileError) as exc:
+        fail(str(exc))
+    except PermissionError as exc:
+        fail(f"permission denied ({exc.filename or exc}): run dime nat as root")
     except OSError as exc:
         fail(str(exc))
     except KeyboardInterrupt:

@@ -16,6 +16,8 @@
     adopt_existing = true       # take over connections opened before dime started
     nat_keepalive = 25.0        # s: behind a NAT, keep its mapping alive this often while
                                 # flows need it (0: never)
+    nat_port = 4733             # `dime nat` (on a NAT router): its own UDP port, and the
+                                # NFQUEUE number of the IHMP it forwards
 
     [ihmp]                      # protocol timing and flood limits
     initial_rto = 0.5           # s, first retransmission timeout
@@ -91,6 +93,7 @@ class Config:
     queue_in: int = 4732
     adopt_existing: bool = True
     nat_keepalive: float = 25.0
+    nat_port: int = 4733
     ihmp: EngineConfig = field(default_factory=EngineConfig)
     local_key: list[KeyBinding] = field(default_factory=list)
     trust: list[TrustBinding] = field(default_factory=list)
@@ -152,6 +155,7 @@ _SCALARS: dict[str, type] = {
     "queue_in": int,
     "adopt_existing": bool,
     "nat_keepalive": float,
+    "nat_port": int,
 }
 
 
@@ -168,6 +172,9 @@ def from_dict(data: dict[str, Any]) -> Config:
     cfg.port = _port("port", cfg.port)
     cfg.queue_out = _port("queue_out", cfg.queue_out, 0)
     cfg.queue_in = _port("queue_in", cfg.queue_in, 0)
+    cfg.nat_port = _port("nat_port", cfg.nat_port)
+    if cfg.nat_port == cfg.port:
+        raise ConfigError("nat_port: must differ from port (the hosts behind the NAT use that)")
     if cfg.queue_out == cfg.queue_in:
         raise ConfigError("queue_in: must differ from queue_out")
     if cfg.dataplane not in DATAPLANES:

@@ -318,6 +318,11 @@ class Daemon:
             log_change(event)
             assert self.service is not None
             self.service.host_changed(event)  # the peer's new locators reach the kernel
+        elif isinstance(event, ev.NatEntryReceived):
+            log_event(event)
+            assert self.service is not None
+            m = event.mapping
+            self.service.bind_port(event.hid, m.proto, m.internal_port, m.external, m.external_port)
         elif isinstance(event, ev.FlowsNeedBinding):
             # Knocks are not acknowledged: two more rounds cover one lost.
             assert self.loop is not None

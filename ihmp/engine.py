@@ -65,7 +65,6 @@ from ihmp.wire import (
     Flags,
     Message,
     MessageType,
-    NatMapping,
     WireError,
     decode,
     encode,
@@ -156,6 +155,16 @@ RETRANSMIT, GRACE, KEEPALIVE = "retransmit", "grace", "keepalive"
 TimerKey = tuple[str, int, int]
 
 
+@dataclass
+class _NatCheck:
+    """A challenge to an IHMP-aware NAT's address: does ``key`` receive there? The
+    entries it signed wait for the answer."""
+
+    key: bytes
+    nonce: bytes
+    waiting: list[tuple[Message, IPAddress, IPAddress, int | None]] = field(default_factory=list)
+
+
 class _Reject(Exception):
     def __init__(self, reason: RejectReason, detail: str) -> None:
         super().__init__(detail)
@@ -217,6 +226,10 @@ class IhmpEngine:
         self._request: tuple[IPAddress, int] | None = None
         # A peer's own address behind a NAT -> its HID: it names itself by it.
         self._aliases: dict[IPAddress, int] = {}
+        # IHMP-aware NATs: the key proven to receive at each NAT address, and the
+        # challenge in flight to one whose key is not proven yet.
+        self._nat_keys: dict[IPAddress, bytes] = {}
+        self._nat_checks: dict[IPAddress, _NatCheck] = {}
 
     # == outputs ======================================================================
 
@@ -511,19 +524,6 @@ class IhmpEngine:
             else:
                 self._orphan(entry.hid, now)
 
-    # == inputs: NAT middlebox role ===================================================
-
-    def send_nat_entry(self, hid: int, mapping: NatMapping, src: IPAddress, now: float) -> None:
-        """Announce a NAT port mapping to ``hid`` (what an IHMP-aware NAT does)."""
-        entry = self.table.get(hid)
-        if entry.locator is None:
-            return
-        peer = self._peer(hid)
-        msg = self._message(
-            peer, T.NAT_ENTRY, host_id=self._host_id(entry, src), nat_mapping=mapping
-        )
-        self._send(hid, msg, src, entry.locator, now, track=True, flags=Flags.NS)
-
     # == NAT traversal: knocks ========================================================
 
     def flow_binding(self, hid: int, flow: FlowSpec, src: IPAddress) -> bytes | None:
@@ -567,6 +567,66 @@ class IhmpEngine:
         self._commit(msg, entry.hid, window, pin, now)
         self.counters.flows_bound += 1
         return entry.hid, msg.flow
+
+    # == IHMP-aware NATs ================================================================
+
+    def _on_nat_entry(self, msg: Message, src: IPAddress, dst: IPAddress, port: int | None) -> None:
+        """A NAT's word on a flow of a host behind it (III-D). Taken only from the
+        NAT's own address, which must be the verified locator of the host whose
+        address behind it the mapping names; signed by the key it carries, under a
+        fresh counter; and that key must have answered a challenge to that address
+        (once per NAT). Then the host's flows from that port go to the mapping."""
+        mapping = msg.nat_mapping
+        assert mapping is not None
+        entry = self._verified(src)
+        if entry is None or mapping.external != src or entry.nat.get(src) != mapping.internal:
+            raise _Reject(
+                RejectReason.UNVERIFIED_SOURCE, f"NAT_ENTRY from {src}: no NAT of that host"
+            )
+        key = msg.public_key
+        if key is None or not verify(msg, key):
+            raise _Reject(RejectReason.BAD_SIGNATURE, "NAT_ENTRY not signed by the key it carries")
+        window = self._windows.get(key)
+        if window is not None and not window.fresh(msg.counter):
+            raise _Reject(RejectReason.REPLAY, f"counter {msg.counter} already seen or too old")
+        self._commit_window(key, msg.counter)
+        if self._nat_keys.get(src) == key:
+            self._apply_nat_entry(entry.hid, msg, src, dst, port)
+            return
+        check = self._nat_checks.get(src)
+        if check is None or check.key != key:
+            nonce = self._rng.getrandbits(8 * NONCE_LEN).to_bytes(NONCE_LEN, "big")
+            check = self._nat_checks[src] = _NatCheck(key, nonce)
+            self.counters.challenges_sent += 1
+        check.waiting.append((msg, src, dst, port))
+        # No larger than the entry, and no retransmission: the NAT sends its entry again.
+        probe = Message(
+            type=T.PATH_PROBE, seq=msg.seq, host_id=dst, src_addr=dst, nonce=check.nonce
+        )
+        self._answer(self._stamp(probe, dst), dst, src, port)
+
+    def _nat_answered(self, ack: Message, src: IPAddress) -> None:
+        check = self._nat_checks[src]
+        if ack.nonce != check.nonce or not verify(ack, check.key):
+            raise _Reject(RejectReason.BAD_NONCE, f"not the answer to our challenge to {src}")
+        del self._nat_checks[src]
+        self._nat_keys[src] = check.key
+        self.counters.addresses_validated += 1
+        for msg, at, dst, port in check.waiting:
+            entry = self._verified(at)
+            if entry is not None:
+                self._apply_nat_entry(entry.hid, msg, at, dst, port)
+
+    def _apply_nat_entry(
+        self, hid: int, msg: Message, src: IPAddress, dst: IPAddress, port: int | None
+    ) -> None:
+        assert msg.nat_mapping is not None
+        peer = self._peer(hid)
+        peer.nat_supported = True
+        peer.nat_entries = [*peer.nat_entries[-63:], msg.nat_mapping]
+        self._events.append(ev.NatEntryReceived(hid, msg.nat_mapping))
+        ack = Message(type=T.ACK, seq=msg.seq, host_id=dst)
+        self._answer(self._stamp(ack, dst), dst, src, port)
 
     def _behind_nat(
         self, entry: HostEntry, public: IPAddress, private: IPAddress, port: int | None
@@ -798,6 +858,12 @@ class IhmpEngine:
     def _on_message(
         self, msg: Message, src: IPAddress, dst: IPAddress, port: int | None, now: float
     ) -> None:
+        if msg.type is T.NAT_ENTRY:
+            self._on_nat_entry(msg, src, dst, port)
+            return
+        if msg.type is T.ACK and src in self._nat_checks and msg.nonce is not None:
+            self._nat_answered(msg, src)
+            return
         entry = self._resolve(msg.host_id)
         if entry is None:
             raise _Reject(RejectReason.UNKNOWN_HOST_ID, f"no HID for Host ID {msg.host_id}")
@@ -825,11 +891,6 @@ class IhmpEngine:
             self._completed(pending, msg, now)
         elif msg.type is T.PATH_PROBE:
             self._on_path_probe(msg, entry, src, dst, port, now)
-        elif msg.type is T.NAT_ENTRY:
-            assert msg.nat_mapping is not None
-            peer.nat_entries.append(msg.nat_mapping)
-            self._events.append(ev.NatEntryReceived(entry.hid, msg.nat_mapping))
-            self._send_ack(entry.hid, msg, src, dst, port)
         else:
             self._on_address_event(msg, entry, src, dst, port, now)
 
@@ -1034,17 +1095,20 @@ class IhmpEngine:
         """Record the accepted message's counter and pin its key."""
         if wid is None:
             wid = hid
-        window = self._windows.get(wid)
-        if window is None:
-            if len(self._windows) >= _MAX_KEY_WINDOWS:
-                self._windows.pop(next(iter(self._windows)))
-            window = self._windows[wid] = ReplayWindow()
-        window.accept(msg.counter)
+        self._commit_window(wid, msg.counter)
         peer = self._peer(hid)
         peer.answered = True
         peer.last_used = now
         if pin is not None:
             self.table.bind_key(hid, pin, reason="key pinned")
+
+    def _commit_window(self, wid: bytes | int, counter: int) -> None:
+        window = self._windows.get(wid)
+        if window is None:
+            if len(self._windows) >= _MAX_KEY_WINDOWS:
+                self._windows.pop(next(iter(self._windows)))
+            window = self._windows[wid] = ReplayWindow()
+        window.accept(counter)
 
     def _note_flags(self, msg: Message, peer: Peer) -> None:
         if msg.flags & Flags.NS:
@@ -1072,6 +1136,8 @@ class IhmpEngine:
             new = pending.msg.new_addr
             assert new is not None
             self._add_local(hid, new, prefer=mtype is T.HANDOFF, reason=reason)
+            # Knocks even behind an IHMP-aware NAT (NS): a flow that has nothing to
+            # send has no mapping on it until its knock makes one.
             self._observed_through(peer, hid, new, ack, now, knock=mtype is T.HANDOFF)
             locator = entry.locator
             prefer = locator is None or classify(locator, new) is Reach.UNREACHABLE

@@ -131,6 +131,7 @@ _OPTIONAL: dict[MessageType, frozenset[Tag]] = {
     MessageType.ACK: frozenset(
         {Tag.ADVERTISED, Tag.SRC_ADDR, Tag.OBSERVED_ADDR, Tag.PUBLIC_KEY, Tag.NONCE, Tag.COOKIE}
     ),
+    MessageType.NAT_ENTRY: frozenset({Tag.PUBLIC_KEY}),  # the NAT's own key
 }
 # Flags other than NS and SIG are only meaningful on some types.
 _TYPE_FLAGS: dict[Flags, frozenset[MessageType]] = {
@@ -349,7 +350,7 @@ def encode(msg: Message, key: Ed25519PrivateKey | None = None) -> bytes:
     flags = int(msg.flags) & ~Flags.SIG
     if key is not None:
         unsigned = _encode_unsigned(msg, flags | Flags.SIG)
-        return unsigned + key.sign(unsigned)
+        return unsigned + key.sign(_signed_bytes(unsigned))
     if msg.signature is not None:
         if len(msg.signature) != SIGNATURE_LEN:
             raise WireError("field", "signature must be 64 bytes")
@@ -430,6 +431,13 @@ _NAME_OF = {tag: name for name, tag in _TAG_OF.items()}
 # -- signatures ------------------------------------------------------------------------
 
 
+def _signed_bytes(unsigned: bytes) -> bytes:
+    """What a signature covers: every byte before it, with NS clear. NS is the one
+    bit a middlebox writes (an IHMP-aware NAT on the messages it forwards), so it
+    cannot be covered; it is a hint and nothing more (section 4)."""
+    return unsigned[:2] + bytes([unsigned[2] & ~Flags.NS & 0xFF]) + unsigned[3:]
+
+
 def public_key_bytes(key: Ed25519PrivateKey) -> bytes:
     """The raw 32-byte public key of ``key``."""
     return key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
@@ -442,7 +450,7 @@ def verify(msg: Message, public_key: bytes) -> bool:
     try:
         pub = Ed25519PublicKey.from_public_bytes(public_key)
         signed = _encode_unsigned(msg, (int(msg.flags) & ~Flags.SIG) | Flags.SIG)
-        pub.verify(msg.signature, signed)
+        pub.verify(msg.signature, _signed_bytes(signed))
     except (InvalidSignature, ValueError):
         return False
     return True

@@ -293,32 +293,50 @@ class Dataplane:
         now comes from ``at``:``port``, a NAT in front of the host. Its packets go
         there from now on, and that port is mapped back to the flow's own. Returns
         the flow, or None if we have no such flow (or the port is another's)."""
-        host = self._hosts.get(hid)
         entry = next(
             (
                 e
                 for e in self.sockets.flows_of(hid)
                 if e.key.proto == flow.proto
                 and e.key.lport == flow.rport
-                and e.key.rport == flow.lport
+                and (e.peer_port or e.key.rport) == flow.lport
                 and e.key.local == flow.remote
             ),
             None,
         )
-        if host is None or entry is None:
+        if entry is None:
             log.info("knock for %s of HID %d: no such flow", flow, hid)
             return None
+        return entry if self._bind(entry, at, port) else None
+
+    def bind_port(self, hid: int, proto: int, peer_port: int, at: IPAddress, port: int) -> int:
+        """An IHMP-aware NAT at ``at`` (verified by IHMP) says: host ``hid``'s flows
+        from its port ``peer_port`` leave it from ``port``. Returns how many flows."""
+        bound = 0
+        for e in self.sockets.flows_of(hid):
+            if e.key.proto != proto:
+                continue
+            if (e.key.remote, e.key.rport) == (at, port):
+                e.peer_port = peer_port  # started behind this NAT: now we know its port
+            elif (e.peer_port or e.key.rport) == peer_port:
+                bound += self._bind(e, at, port)
+        return bound
+
+    def _bind(self, entry: SocketEntry, at: IPAddress, port: int) -> bool:
+        host = self._hosts.get(entry.hid)
+        if host is None:
+            return False
         behind = host.behind(at)
         wire = (at, port) if (at, port) != (entry.key.remote, entry.key.rport) else None
         bound_to = (at, behind) if behind is not None else None
         if (entry.wire, entry.bound_to) == (wire, bound_to):
-            return entry  # a knock said again
+            return True  # said again
         if not self._rewire(entry, wire, bound_to):
-            return None
-        log.info("flow %s of HID %d: now at %s:%d", entry.key, hid, at, port)
-        self._effects.moved.add(hid)
+            return False
+        log.info("flow %s of HID %d: now at %s:%d", entry.key, entry.hid, at, port)
+        self._effects.moved.add(entry.hid)
         self.kernel.flush()
-        return entry
+        return True
 
     def knock_targets(self, hid: int) -> list[tuple[SocketEntry, IPAddress, int]]:
         """Each flow of ``hid`` with where its packets go now (address, port): where

@@ -471,3 +471,18 @@ def l4_payload(data: Buffer, info: PacketInfo) -> bytes:
     else:
         return b""
     return bytes(data[start : info.end]) if start < info.end else b""
+
+
+def set_udp_payload_bits(buf: bytearray, info: PacketInfo, offset: int, bits: int) -> bool:
+    """OR ``bits`` into byte ``offset`` of the UDP payload of the (outer) packet
+    ``info`` describes, in place, with its checksum. False (nothing changed) if the
+    payload is shorter or the bits are set already."""
+    pos = info.l4_offset + 8 + offset
+    if info.proto != UDP or info.l4_offset < 0 or pos >= info.end or buf[pos] & bits == bits:
+        return False
+    word = pos - (offset % 2)  # the 16-bit word the byte is in (UDP payloads start even)
+    old = int.from_bytes(buf[word : word + 2], "big")
+    buf[pos] |= bits
+    delta = (int.from_bytes(buf[word : word + 2], "big") - old) % 0xFFFF
+    _update_checksum(buf, info.l4_offset + 6, delta, udp=True)
+    return True

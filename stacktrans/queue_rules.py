@@ -188,3 +188,55 @@ def _try(argv: list[str]) -> bool:
         return subprocess.run(argv, capture_output=True, timeout=30).returncode == 0
     except FileNotFoundError:
         return False
+
+
+@dataclass
+class ForwardIhmpRule:
+    """``dime nat``'s one queue rule: IHMP this router forwards (UDP ``ihmp_port``
+    either way), queued to ``queue`` in mangle FORWARD (chain ``DIME_NATFWD``), so
+    the NAT can set NS on it and learn which hosts run dime."""
+
+    queue: int
+    ihmp_port: int
+    created_tables: list[str] = field(default_factory=list)  # "ip mangle", ... (nft backend)
+
+    def _lines(self) -> str:
+        rule = f"-j NFQUEUE --queue-num {self.queue} --queue-bypass"
+        return "\n".join(
+            [
+                "*mangle",
+                ":DIME_NATFWD - [0:0]",
+                f"-I FORWARD 1 -m comment --comment {COMMENT} -j DIME_NATFWD",
+                f"-A DIME_NATFWD -p udp --dport {self.ihmp_port} {rule}",
+                f"-A DIME_NATFWD -p udp --sport {self.ihmp_port} {rule}",
+                "COMMIT",
+                "",
+            ]
+        )
+
+    def install(self, nft: Nft) -> None:
+        self.remove(None)  # a predecessor's, after a crash
+        self.created_tables = [
+            f"{fam} mangle" for fam in ("ip", "ip6") if not nft.table_exists(fam, "mangle")
+        ]
+        for tool in ("iptables-restore", "ip6tables-restore"):
+            try:
+                _run([tool, "--noflush"], self._lines())
+            except QueueRulesError:
+                self.remove(nft)
+                raise
+
+    def remove(self, nft: Nft | None) -> None:
+        """Our chain and hook, and the tables iptables made for them (if now empty)."""
+        for tool in ("iptables", "ip6tables"):
+            hook = [tool, "-w", "-t", "mangle", "-D", "FORWARD", "-m", "comment"]
+            while _try([*hook, "--comment", COMMENT, "-j", "DIME_NATFWD"]):
+                pass
+            _try([tool, "-w", "-t", "mangle", "-F", "DIME_NATFWD"])
+            _try([tool, "-w", "-t", "mangle", "-X", "DIME_NATFWD"])
+        if nft is None:
+            return
+        for spec in self.created_tables:
+            fam, name = spec.split()
+            if nft.table_exists(fam, name) and _table_is_empty(nft, fam, name):
+                nft.run(f"delete table {fam} {name}")

@@ -388,6 +388,14 @@ class StackTrans:
         self._follow_up()
         return True
 
+    def bind_port(self, hid: int, proto: int, peer_port: int, at: IPAddress, port: int) -> int:
+        """A verified NAT_ENTRY: ``hid``'s flows from ``peer_port`` are at ``at``:``port``."""
+        if self.dataplane is None:
+            return 0
+        bound = self.dataplane.bind_port(hid, proto, peer_port, at, port)
+        self._follow_up()
+        return bound
+
     def flush(self) -> None:
         """Put every rewrite decided so far into the kernel now (one batch)."""
         if self.kernel is not None:

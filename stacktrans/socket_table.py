@@ -71,6 +71,10 @@ class SocketEntry:
     #: The (NAT address, the host's own address behind it) ``wire`` was learned for:
     #: when the host moves behind the NAT, the flow needs a new knock.
     bound_to: tuple[IPAddress, IPAddress] | None = None
+    #: A flow the peer started behind a NAT (its remote identifier is the NAT's): the
+    #: port its own socket has, when an IHMP-aware NAT said (NAT_ENTRY). Its knocks
+    #: name that port.
+    peer_port: int | None = None
 
     @property
     def wire_rport(self) -> int:

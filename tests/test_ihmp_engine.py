@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import pathlib
+import random
 import re
 from dataclasses import replace
 from ipaddress import ip_interface
@@ -21,7 +22,9 @@ from ihmp.events import RejectReason
 from ihmp.flows import KNOCK_MAGIC, FlowSpec
 from ihmp.hosts import HidState
 from ihmp.keys import TrustStore
+from ihmp.natagent import NatAgent
 from ihmp.wire import (
+    DEFAULT_PORT,
     Flags,
     Message,
     MessageType,
@@ -637,16 +640,65 @@ def test_behind_a_nat_the_host_keeps_its_mapping_alive_while_it_has_flows() -> N
     assert b.engine.counters.messages_rejected == {}
 
 
-def test_nat_entry_and_ns_flag() -> None:
-    net = Net()
-    a, b = established(net)
-    mapping = NatMapping(6, A("10.0.0.5"), 40000, A(A1), 61000)
-    a.engine.send_nat_entry(a.entry_for(B1).hid, mapping, A(A1), net.now)
-    net.run(2)
-    hid = b.entry_for(A1).hid
+def _aware_nat(seed: int = 9) -> NatAgent:
+    key = Ed25519PrivateKey.from_private_bytes(bytes([seed]) * 32)
+    return NatAgent(key=key, counter_start=1000, rng=random.Random(seed))
+
+
+def _to_b(net: Net, b: Host, agent: NatAgent, src: str = "203.0.113.7") -> None:
+    """What the agent has to send goes to B, as from the NAT's port 4733."""
+    for d in agent.datagrams_to_send(net.now):
+        assert d.dst == A(B1)
+        b.engine.receive_datagram(d.data, A(src), A(B1), net.now, src_port=4733)
+
+
+def test_an_ihmp_aware_nat_tells_the_peer_each_flows_port_once_its_key_is_proven() -> None:
+    net, _a, b = nat_handoff()
+    agent = _aware_nat()
+    agent.ihmp_crossed(A("10.7.0.1"), A(B1))
+    mapping = NatMapping(6, A("10.7.0.1"), 40000, A("203.0.113.7"), 61000)
+    agent.mapping_created(mapping, A(B1), 5001, net.now)
+    _to_b(net, b, agent)
+    assert b.events_of(ev.NatEntryReceived) == []  # not before the challenge is answered
+    (probe,) = b.engine.datagrams_to_send(net.now)
+    assert decode(probe.data).type is T.PATH_PROBE and probe.dst_port == 4733
+    agent.receive_datagram(probe.data, A(B1), A("203.0.113.7"), DEFAULT_PORT, net.now)
+    (answer,) = agent.datagrams_to_send(net.now)
+    b.engine.receive_datagram(answer.data, A("203.0.113.7"), A(B1), net.now, src_port=4733)
+    hid = b.entry_for("203.0.113.7").hid
     assert b.events_of(ev.NatEntryReceived) == [ev.NatEntryReceived(hid, mapping)]
-    assert b.engine.peer_info(hid)["nat_supported"] is True
-    assert b.engine.peer_info(hid)["nat_entries"] == 1
+    (ack,) = b.engine.datagrams_to_send(net.now)
+    agent.receive_datagram(ack.data, A(B1), A("203.0.113.7"), DEFAULT_PORT, net.now)
+    assert agent.counters.entries_acked == 1 and agent.get_timer() is None
+    # The next entry from the proven key applies at once.
+    second = NatMapping(17, A("10.7.0.1"), 40001, A("203.0.113.7"), 61001)
+    agent.mapping_created(second, A(B1), 6001, net.now)
+    _to_b(net, b, agent)
+    assert b.events_of(ev.NatEntryReceived)[-1] == ev.NatEntryReceived(hid, second)
+    # Mappings of hosts that never spoke IHMP through the NAT, or of IHMP itself: nothing.
+    agent.mapping_created(NatMapping(6, A("10.7.0.2"), 1, A("203.0.113.7"), 2), A(B1), 80, 0)
+    agent.mapping_created(
+        NatMapping(17, A("10.7.0.1"), 4731, A("203.0.113.7"), 4731), A(B1), 4731, 0
+    )
+    assert agent.datagrams_to_send(net.now) == [] and agent.counters.mappings_ignored == 2
+
+
+def test_a_nat_entry_from_anyone_but_the_hosts_nat_or_an_unproven_key_maps_nothing() -> None:
+    net, _a, b = nat_handoff()
+    mapping = NatMapping(6, A("10.7.0.1"), 40000, A("203.0.113.7"), 61000)
+    # A third host's own NAT_ENTRY about A's flow: not A's NAT.
+    eve = _aware_nat(seed=66)
+    eve.ihmp_crossed(A("10.7.0.1"), A(B1))
+    eve.mapping_created(replace(mapping, external=A("198.51.100.66")), A(B1), 5001, net.now)
+    _to_b(net, b, eve, src="198.51.100.66")
+    # Spoofed from A's NAT address, with eve's key: challenged, and eve never sees it.
+    eve.mapping_created(mapping, A(B1), 5001, net.now)
+    _to_b(net, b, eve)
+    (probe,) = b.engine.datagrams_to_send(net.now)
+    assert probe.dst == A("203.0.113.7")  # the challenge goes to the NAT, not to eve
+    assert b.events_of(ev.NatEntryReceived) == []
+    reasons = [r.reason for r in b.events_of(ev.MessageRejected)]
+    assert reasons == [RejectReason.UNVERIFIED_SOURCE]
 
 
 # -- no I/O in the engine ----------------------------------------------------------

@@ -321,7 +321,7 @@ SPEC: dict[MessageType, tuple[frozenset[str], frozenset[str], Flags]] = {
     T.ADDR_DOWN_UNREACHABLE: (frozenset({"old_addrs"}), frozenset(), Flags.NONE),
     T.HANDOFF: (frozenset({"new_addr", "old_addrs"}), frozenset(), Flags.OU),
     T.HANDOFF_UNREACHABLE: (frozenset({"new_addr", "old_addrs"}), frozenset(), Flags.OU),
-    T.NAT_ENTRY: (frozenset({"nat_mapping"}), frozenset(), Flags.NONE),
+    T.NAT_ENTRY: (frozenset({"nat_mapping"}), frozenset({"public_key"}), Flags.NONE),
     T.FLOW_BIND: (frozenset({"flow"}), frozenset(), Flags.NONE),
 }
 ALL_FIELDS = (
@@ -501,8 +501,16 @@ def test_tampering_with_any_byte_breaks_the_signature(mask: int) -> None:
         tampered = bytearray(data)
         tampered[pos] ^= mask
         msg = _decode_or_refuse(bytes(tampered))
-        if msg is not None:
+        if msg is not None and (pos, tampered[pos] ^ data[pos]) != (2, Flags.NS):
             assert not verify(msg, VECTOR_PUB), f"byte {pos} ^ {mask:#x} still verifies"
+
+
+def test_ns_is_the_one_bit_a_nat_may_set_on_a_signed_message() -> None:
+    data = bytearray(_signed_vector())
+    data[2] |= Flags.NS  # an IHMP-aware NAT forwarded it
+    msg = decode(bytes(data))
+    assert msg.flags & Flags.NS and verify(msg, VECTOR_PUB)
+    assert encode(msg) == bytes(data)
 
 
 @settings(deadline=None, max_examples=300)
@@ -510,9 +518,10 @@ def test_tampering_with_any_byte_breaks_the_signature(mask: int) -> None:
 def test_tampering_with_random_signed_messages(data: st.DataObject) -> None:
     wire = bytearray(encode(data.draw(messages()), VECTOR_KEY))
     pos = data.draw(st.integers(0, len(wire) - 1), label="pos")
-    wire[pos] ^= data.draw(st.integers(1, 0xFF), label="mask")
+    mask = data.draw(st.integers(1, 0xFF), label="mask")
+    wire[pos] ^= mask
     msg = _decode_or_refuse(bytes(wire))
-    if msg is not None:
+    if msg is not None and (pos, mask) != (2, Flags.NS):  # NS is not signed
         assert not verify(msg, VECTOR_PUB)
 
 
