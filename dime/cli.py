@@ -106,14 +106,11 @@ def nat(config_path: Path | None, verbose: int) -> None:
     cfg = _config(config_path)
     _logging(cfg, verbose)
     from dime.natd import NatDaemon
-    from stacktrans.nfqueue import QueueError
-    from stacktrans.nft import NftError
-    from stacktrans.queue_rules import QueueRulesError
     from stacktrans.service import StartError
 
     try:
         asyncio.run(NatDaemon(cfg).run())
-    except (StartError, QueueError, QueueRulesError, NftError, keystore.KeyFileError) as exc:
+    except (StartError, keystore.KeyFileError) as exc:
         fail(str(exc))
     except PermissionError as exc:
         fail(f"permission denied ({exc.filename or exc}): run dime nat as root")

@@ -12,8 +12,9 @@ import enum
 from dataclasses import dataclass
 
 from ihmp.addr import IPAddress
+from ihmp.flows import NatMapping
 from ihmp.hosts import HostChanged
-from ihmp.wire import MessageType, NatMapping
+from ihmp.wire import MessageType
 
 __all__ = [
     "AddressVerified",

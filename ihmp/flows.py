@@ -1,4 +1,5 @@
-"""A flow as IHMP names it (FLOW_BIND), and the knock that carries it.
+"""A flow as IHMP names it (FLOW_BIND), the knock that carries it, and a NAT's
+mapping of one (NAT_ENTRY).
 
 Here, apart from the wire format, because StackTrans uses both: it builds knocks,
 finds them in queued packets, and binds the flows they name.
@@ -10,7 +11,7 @@ from dataclasses import dataclass
 
 from ihmp.addr import IPAddress
 
-__all__ = ["KNOCK_MAGIC", "FlowSpec"]
+__all__ = ["KNOCK_MAGIC", "FlowSpec", "NatMapping"]
 
 
 @dataclass(frozen=True)
@@ -27,3 +28,14 @@ class FlowSpec:
 
 #: What a knock's transport payload starts with; a FLOW_BIND message follows.
 KNOCK_MAGIC = b"DIMEknk1"
+
+
+@dataclass(frozen=True)
+class NatMapping:
+    """A NAT's port mapping, as announced in NAT_ENTRY: internal <-> external."""
+
+    proto: int  # 6 TCP, 17 UDP
+    internal: IPAddress
+    internal_port: int
+    external: IPAddress
+    external_port: int

@@ -27,12 +27,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from ihmp.addr import IPAddress
 from ihmp.engine import Datagram
+from ihmp.flows import NatMapping
 from ihmp.timers import Timers
 from ihmp.wire import (
     Flags,
     Message,
     MessageType,
-    NatMapping,
     WireError,
     decode,
     encode,

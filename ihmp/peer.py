@@ -14,7 +14,8 @@ from ipaddress import ip_address
 from typing import Any
 
 from ihmp.addr import IPAddress, addr_key
-from ihmp.wire import Message, NatMapping
+from ihmp.flows import NatMapping
+from ihmp.wire import Message
 
 
 @dataclass

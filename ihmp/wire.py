@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from ihmp.addr import IPAddress
-from ihmp.flows import FlowSpec
+from ihmp.flows import FlowSpec, NatMapping
 
 VERSION = 1
 DEFAULT_PORT = 4731
@@ -77,17 +77,6 @@ class WireError(ValueError):
     def __init__(self, reason: str, detail: str) -> None:
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
-
-
-@dataclass(frozen=True)
-class NatMapping:
-    """A NAT's port mapping, as announced in NAT_ENTRY: internal <-> external."""
-
-    proto: int  # 6 TCP, 17 UDP
-    internal: IPAddress
-    internal_port: int
-    external: IPAddress
-    external_port: int
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from ihmp import events as ev
 from ihmp.engine import MAX_LOCAL_RETRIES, Datagram, EngineConfig, seq_newer
 from ihmp.events import RejectReason
-from ihmp.flows import KNOCK_MAGIC, FlowSpec
+from ihmp.flows import KNOCK_MAGIC, FlowSpec, NatMapping
 from ihmp.hosts import HidState
 from ihmp.keys import TrustStore
 from ihmp.natagent import NatAgent
@@ -28,7 +28,6 @@ from ihmp.wire import (
     Flags,
     Message,
     MessageType,
-    NatMapping,
     decode,
     encode,
     public_key_bytes,

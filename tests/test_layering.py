@@ -25,7 +25,11 @@ ALLOWED: dict[str, dict[str, frozenset[str] | None]] = {
         "ihmp": frozenset({"ihmp.addr", "ihmp.flows", "ihmp.hosts"}),
         "stacktrans": None,
     },
-    "dime": {"ihmp": None, "stacktrans": frozenset({"stacktrans.service"}), "dime": None},
+    "dime": {
+        "ihmp": None,
+        "stacktrans": frozenset({"stacktrans.service", "stacktrans.nat_router"}),
+        "dime": None,
+    },
 }
 
 

@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ihmp.addr import IPAddress
-from ihmp.flows import FlowSpec
+from ihmp.flows import FlowSpec, NatMapping
 from ihmp.wire import (
     DEFAULT_PORT,
     HEADER_LEN,
@@ -33,7 +33,6 @@ from ihmp.wire import (
     Flags,
     Message,
     MessageType,
-    NatMapping,
     WireError,
     decode,
     encode,
