@@ -323,6 +323,8 @@ class Daemon:
             assert self.service is not None
             m = event.mapping
             self.service.bind_port(event.hid, m.proto, m.internal_port, m.external, m.external_port)
+        elif isinstance(event, ev.FlowsNeedBinding) and event.udp_only:
+            self._knock(event.hid, event.local, udp_only=True)  # the NAT keepalive
         elif isinstance(event, ev.FlowsNeedBinding):
             # Knocks are not acknowledged: two more rounds cover one lost.
             assert self.loop is not None
@@ -332,13 +334,16 @@ class Daemon:
         else:
             log_event(event)
 
-    def _knock(self, hid: int, local: IPAddress) -> None:
-        """Each flow to ``hid`` knocks from our ``local`` (if both are still there)."""
+    def _knock(self, hid: int, local: IPAddress, udp_only: bool = False) -> None:
+        """Each flow to ``hid`` (``udp_only``: each UDP flow) knocks from our ``local``
+        (if both are still there)."""
         engine, service = self.engine, self.service
         if engine is None or service is None or local not in engine.local_addresses:
             return
         if hid in engine.table and local in engine.table.get(hid).local:
-            service.knock(hid, local, lambda flow: engine.flow_binding(hid, flow, local))
+            udp, tcp = socket.IPPROTO_UDP, socket.IPPROTO_TCP
+            protos = (udp,) if udp_only else (tcp, udp)
+            service.knock(hid, local, lambda f: engine.flow_binding(hid, f, local), protos)
 
     def _on_knock(self, src: IPAddress, port: int, data: bytes) -> None:
         """A knock came in: if IHMP verifies it, its flow is at ``src``:``port`` now."""

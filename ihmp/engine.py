@@ -666,9 +666,10 @@ class IhmpEngine:
             self._timers.set((KEEPALIVE, hid, 0), now + self.config.nat_keepalive)
 
     def _keepalive(self, hid: int, now: float) -> None:
-        """Keep our NAT's mapping towards ``hid`` alive while flows need it: a probe
-        (the peer answers; no state either side). Stops when the host carries no
-        flow; a new flow starts it again."""
+        """Keep our NAT's mappings towards ``hid`` alive while flows need them: a
+        probe (the peer answers; no state either side) for IHMP's, a knock on each
+        UDP flow for theirs. Stops when the host carries no flow; a new flow starts
+        it again."""
         peer = self._peers.get(hid)
         if peer is None or peer.observed is None or hid not in self.table:
             return
@@ -682,6 +683,7 @@ class IhmpEngine:
         )
         self._send(hid, msg, src, entry.locator, now, track=True, attempts=1)
         self.counters.keepalives_sent += 1
+        self._events.append(ev.FlowsNeedBinding(hid, src, udp_only=True))
         self._arm_keepalive(hid, now)
 
     # == inputs: datagrams ============================================================

@@ -155,6 +155,9 @@ class FlowsNeedBinding:
 
     hid: int
     local: IPAddress
+    #: Only the UDP flows: the NAT keepalive (their mappings time out in seconds to
+    #: minutes, TCP's in days; a knock on a bound flow is taken out by the peer).
+    udp_only: bool = False
 
 
 Event = (

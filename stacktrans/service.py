@@ -39,7 +39,7 @@ from stacktrans.nft import Nft, NftError, NftTable, QueueSpec
 from stacktrans.queue_rules import XtQueueRules, nft_queue_supported
 from stacktrans.residue import Record, Residue
 from stacktrans.rto_revert import FlowSeq, Remedy, prompt
-from stacktrans.socket_table import TCP, FlowKey, SocketEntry, endpoint
+from stacktrans.socket_table import TCP, UDP, FlowKey, SocketEntry, endpoint
 from stacktrans.userspace import OnKnock, UserspacePath
 
 __all__ = [
@@ -361,7 +361,11 @@ class StackTrans:
             self._follow_up()
 
     def knock(
-        self, hid: int, local: IPAddress, payload_for: Callable[[FlowSpec], bytes | None]
+        self,
+        hid: int,
+        local: IPAddress,
+        payload_for: Callable[[FlowSpec], bytes | None],
+        protos: Container[int] = (TCP, UDP),
     ) -> int:
         """Send each flow of ``hid`` a knock from our address ``local`` (we now reach
         the host through a NAT there); ``payload_for(flow)`` is its FLOW_BIND.
@@ -371,14 +375,16 @@ class StackTrans:
         sent = 0
         for entry, dst, dport in self.dataplane.knock_targets(hid):
             k = entry.key
+            if k.proto not in protos or dst.version != local.version:
+                continue
             payload = payload_for(FlowSpec(k.proto, k.local, k.lport, k.remote, k.rport))
-            if payload is None or dst.version != local.version:
+            if payload is None:
                 continue
             seq = (entry.isn + 1) & 0xFFFFFFFF if entry.isn is not None else 0
             ack = (entry.peer_isn + 1) & 0xFFFFFFFF if entry.peer_isn is not None else 0
             packet = build(k.proto, local, k.lport, dst, dport, payload, seq=seq, ack=ack)
             sent += self.knocker.send(packet, dst)
-        log.info("HID %d: reached through a NAT from %s; %d knocks sent", hid, local, sent)
+        log.debug("HID %d: reached through a NAT from %s; %d knocks sent", hid, local, sent)
         return sent
 
     def bind(self, hid: int, flow: FlowSpec, at: IPAddress, port: int) -> bool:
