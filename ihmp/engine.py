@@ -1188,14 +1188,11 @@ class IhmpEngine:
         for addr in ack.advertised:
             if addr not in entry.active:
                 self._claim(entry, addr, active=False)
-        nat_forced = bool(ack.flags & Flags.NF)
-        trigger = Trigger.HELLO_ACKED_NAT_FORCED if nat_forced else Trigger.HELLO_ACKED
-        self.table.transition(hid, trigger)
+        self.table.transition(hid, Trigger.HELLO_ACKED)  # NF (an old peer's) is ignored
         self._peers[hid].legacy_until = None
         self._peers[hid].unproven = False
-        if not nat_forced:
-            self._events.append(ev.PeerEstablished(hid, key_pinned=entry.key is not None))
-            self._withdraw_leftovers(entry, now)
+        self._events.append(ev.PeerEstablished(hid, key_pinned=entry.key is not None))
+        self._withdraw_leftovers(entry, now)
 
     def _withdraw_leftovers(self, entry: HostEntry, now: float) -> None:
         """Addresses we lost while our HELLO to this peer was still unanswered (it was

@@ -18,7 +18,8 @@ class HidState(enum.Enum):
     HELLO_PENDING = "hello-pending"  # HELLO sent (or awaited), no exchange done yet
     ESTABLISHED = "established"  # HELLO/ACK done: the peer runs DIME
     LEGACY = "legacy"  # the peer never answered: it runs no DIME; do not signal it
-    NAT_FORCED = "nat-forced"  # behind an IHMP-unaware NAT: one-to-one, no signaling
+    # (No "nat-forced": a host behind a NAT is established like any other, see
+    # docs/architecture.md, "Through NATs".)
 
 
 class Trigger(enum.Enum):
@@ -29,9 +30,7 @@ class Trigger(enum.Enum):
     # first packet made it say one); ours would go to an address that may be spoofed.
     FLOW_RECEIVED = "flow from a new host"
     HELLO_RECEIVED = "HELLO received"
-    HELLO_RECEIVED_THROUGH_NAT = "HELLO received through a NAT"
     HELLO_ACKED = "ACK of HELLO"
-    HELLO_ACKED_NAT_FORCED = "ACK of HELLO with NF"
     HELLO_UNANSWERED = "HELLO unanswered"  # only for a peer that never answered anything
 
 
@@ -43,30 +42,18 @@ TRANSITIONS: Final[dict[HidState, dict[Trigger, HidState]]] = {
     S.HELLO_PENDING: {
         T.HELLO_SENT: S.HELLO_PENDING,
         T.HELLO_RECEIVED: S.ESTABLISHED,
-        T.HELLO_RECEIVED_THROUGH_NAT: S.NAT_FORCED,
         T.HELLO_ACKED: S.ESTABLISHED,
-        T.HELLO_ACKED_NAT_FORCED: S.NAT_FORCED,
         T.HELLO_UNANSWERED: S.LEGACY,
     },
     S.ESTABLISHED: {
         # Both ends said HELLO at once: the other's HELLO, then the ACK of ours.
         # (No HELLO_UNANSWERED: a peer that ever answered is never demoted.)
         T.HELLO_RECEIVED: S.ESTABLISHED,
-        T.HELLO_RECEIVED_THROUGH_NAT: S.NAT_FORCED,
         T.HELLO_ACKED: S.ESTABLISHED,
-        T.HELLO_ACKED_NAT_FORCED: S.NAT_FORCED,
     },
     S.LEGACY: {
         T.HELLO_SENT: S.HELLO_PENDING,  # its hold-down is over: try again
         T.HELLO_RECEIVED: S.ESTABLISHED,
-        T.HELLO_RECEIVED_THROUGH_NAT: S.NAT_FORCED,
-    },
-    S.NAT_FORCED: {
-        T.HELLO_SENT: S.HELLO_PENDING,
-        T.HELLO_RECEIVED: S.ESTABLISHED,
-        T.HELLO_RECEIVED_THROUGH_NAT: S.NAT_FORCED,
-        T.HELLO_ACKED: S.ESTABLISHED,
-        T.HELLO_ACKED_NAT_FORCED: S.NAT_FORCED,
     },
 }
 
@@ -75,7 +62,6 @@ INITIAL: Final[dict[Trigger, HidState]] = {
     T.HELLO_SENT: S.HELLO_PENDING,
     T.FLOW_RECEIVED: S.HELLO_PENDING,
     T.HELLO_RECEIVED: S.ESTABLISHED,
-    T.HELLO_RECEIVED_THROUGH_NAT: S.NAT_FORCED,
 }
 
 

@@ -44,11 +44,11 @@ def compute(
 
     A remote identifier is rewritten only when it is no longer an active address of
     the host; a local identifier only when the host cannot reach us at it (it left
-    this host, or the peer never verified it). Legacy and NAT-forced hosts are
-    never rewritten: there is nobody to agree the addresses with.
+    this host, or the peer never verified it). Legacy hosts are never rewritten:
+    there is nobody to agree the addresses with.
     """
     locators = entry.sources()
-    if entry.state in (HidState.LEGACY, HidState.NAT_FORCED):
+    if entry.state is HidState.LEGACY:
         return HidTranslation(entry.hid, locators=locators)
     remote: dict[IPAddress, IPAddress] = {}
     local: dict[tuple[IPAddress, IPAddress], IPAddress] = {}
