@@ -176,7 +176,7 @@ def format_status(st: dict[str, Any]) -> str:
     lines += [
         "",
         _table(
-            ["HID", "STATE", "ACTIVE", "UNREACHABLE", "LOCAL", "KEY"],
+            ["HID", "STATE", "ACTIVE", "UNREACHABLE", "LOCAL", "NAT", "KEY"],
             [
                 [
                     str(h["hid"]),
@@ -184,6 +184,7 @@ def format_status(st: dict[str, Any]) -> str:
                     " ".join(h["active"]) or "-",
                     " ".join(h["unreachable"]) or "-",
                     " ".join(h["local"]) or "-",
+                    _nat(h),
                     (h["key"] or "-")[:16],
                 ]
                 for h in st["hids"]
@@ -203,7 +204,21 @@ def format_status(st: dict[str, Any]) -> str:
     )
     if "dropped" in c:
         lines.append(_defences(c, st.get("limits", {})))
+    if c.get("flows_bound") or c.get("knocks_sent") or c.get("keepalives_sent"):
+        lines.append(
+            f"NATs: {c.get('flows_bound', 0)} flows bound by knocks, "
+            f"{c.get('knocks_sent', 0)} knocks sent, {c.get('keepalives_sent', 0)} keepalives"
+        )
     return "\n".join(lines)
+
+
+def _nat(h: dict[str, Any]) -> str:
+    """The peer behind a NAT (its own address there), or we behind one (as it sees us)."""
+    if h.get("behind_nat"):
+        return f"peer behind ({h.get('behind_nat_addr')})"
+    if h.get("we_are_behind_nat"):
+        return f"we, seen as {h.get('we_are_observed_as')}"
+    return "-"
 
 
 def _defences(c: dict[str, Any], limits: dict[str, Any]) -> str:

@@ -357,9 +357,9 @@ def test_format_status_renders_tables() -> None:
     assert lines[2] == "ghost addresses (kept on lo): 203.0.113.2"
     hid_header = next(i for i, line in enumerate(lines) if line.startswith("HID "))
     header, first, second = lines[hid_header : hid_header + 3]
-    assert header.split() == ["HID", "STATE", "ACTIVE", "UNREACHABLE", "LOCAL", "KEY"]
-    assert first.split() == ["1", "established", "192.0.2.1", "-", "198.51.100.2", "ab" * 8]
-    assert second.split() == ["23", "hello_sent", "-", "192.0.2.129", "192.0.2.1", "-", "-"]
+    assert header.split() == ["HID", "STATE", "ACTIVE", "UNREACHABLE", "LOCAL", "NAT", "KEY"]
+    assert first.split() == ["1", "established", "192.0.2.1", "-", "198.51.100.2", "-", "ab" * 8]
+    assert second.split() == ["23", "hello_sent", "-", "192.0.2.129", "192.0.2.1", "-", "-", "-"]
     # columns line up: every row's fields start where the header's do
     for row in (first, second):
         for column in ("STATE", "ACTIVE", "UNREACHABLE"):
@@ -371,6 +371,15 @@ def test_format_status_renders_tables() -> None:
     assert lines[sock_header + 2].split()[0] == "udp"
     assert lines[-1] == "IHMP: 7 sent, 5 received, rejected: bad_signature 2, replay 1"
     assert all(line == line.rstrip() for line in lines)
+
+
+def test_format_status_shows_which_end_is_behind_a_nat() -> None:
+    behind = {**SAMPLE["hids"][0], "behind_nat": True, "behind_nat_addr": "10.77.1.20"}
+    us = {**SAMPLE["hids"][0], "hid": 2, "we_are_behind_nat": True, "we_are_observed_as": "1.2.3.4"}
+    counters = {**SAMPLE["counters"], "flows_bound": 3, "knocks_sent": 0, "keepalives_sent": 2}
+    text = cli.format_status({**SAMPLE, "hids": [behind, us], "counters": counters})
+    assert "peer behind (10.77.1.20)" in text and "we, seen as 1.2.3.4" in text
+    assert "NATs: 3 flows bound by knocks, 0 knocks sent, 2 keepalives" in text
 
 
 def test_format_status_of_an_idle_daemon() -> None:
@@ -385,7 +394,7 @@ def test_format_status_of_an_idle_daemon() -> None:
     text = cli.format_status(idle)
     assert "local addresses: -" in text
     assert "ghost" not in text
-    assert "HID  STATE  ACTIVE  UNREACHABLE  LOCAL  KEY" in text
+    assert "HID  STATE  ACTIVE  UNREACHABLE  LOCAL  NAT  KEY" in text
     assert "PROTO  LOCAL  REMOTE  HID" in text
     assert text.splitlines()[-1] == "IHMP: 0 sent, 0 received, rejected: none"
 
