@@ -25,7 +25,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Container, Iterable
 from dataclasses import dataclass, field
-from typing import Protocol
+from ipaddress import ip_address
+from typing import Any, Protocol
 
 from ihmp.addr import IPAddress, usable
 from ihmp.flows import FlowSpec
@@ -89,6 +90,8 @@ class Dataplane:
         self._translations: dict[int, HidTranslation] = {}
         self._dead: dict[FlowKey, SocketEntry] = {}
         self._missing: set[FlowKey] = set()  # flows the last sweep's snapshot lacked
+        #: A flow's NAT port changed since the service last recorded them (bindings()).
+        self.bindings_changed = False
         self._effects = Effects()
 
     # -- outputs ----------------------------------------------------------------------
@@ -318,6 +321,7 @@ class Dataplane:
                 continue
             if (e.key.remote, e.key.rport) == (at, port):
                 e.peer_port = peer_port  # started behind this NAT: now we know its port
+                self.bindings_changed = True
             elif (e.peer_port or e.key.rport) == peer_port:
                 bound += self._bind(e, at, port)
         return bound
@@ -367,6 +371,47 @@ class Dataplane:
             for e in self.sockets.flows_of(hid)
         )
 
+    def bindings(self) -> list[dict[str, Any]]:
+        """Each flow's NAT facts (its port there, its peer's own port), as JSON-able
+        data: what a successor needs to go on (:meth:`restore_bindings`)."""
+        out = []
+        for e in self.sockets:
+            if e.wire is None and e.peer_port is None:
+                continue
+            k = e.key
+            out.append(
+                {
+                    "flow": [k.proto, str(k.local), k.lport, str(k.remote), k.rport],
+                    "wire": [str(e.wire[0]), e.wire[1]] if e.wire else None,
+                    "bound_to": [str(a) for a in e.bound_to] if e.bound_to else None,
+                    "peer_port": e.peer_port,
+                }
+            )
+        return out
+
+    def restore_bindings(self, saved: Iterable[dict[str, Any]]) -> int:
+        """A predecessor's :meth:`bindings`, for the flows adopted since. Returns how
+        many were taken; anything unusable is skipped."""
+        taken = 0
+        for item in saved:
+            try:
+                proto, local, lport, remote, rport = item["flow"]
+                key = FlowKey(
+                    int(proto), ip_address(local), int(lport), ip_address(remote), int(rport)
+                )
+                wire = item.get("wire")
+                bound = item.get("bound_to")
+                entry = self.sockets.get(key)
+                if entry is None:
+                    continue
+                entry.peer_port = item.get("peer_port")
+                new_wire = (ip_address(wire[0]), int(wire[1])) if wire else None
+                bound_to = (ip_address(bound[0]), ip_address(bound[1])) if bound else None
+            except (KeyError, TypeError, ValueError):
+                continue
+            taken += self._rewire(entry, new_wire, bound_to)
+        return taken
+
     def _unbind_stale(self, hid: int) -> None:
         """A host whose locator is its own address again: its flows go by the host's
         translation, their NAT ports are forgotten. (Behind a NAT, a flow keeps its
@@ -392,6 +437,7 @@ class Dataplane:
             log.warning("flow %s: port %s is another flow's", entry.key, wire)
             return False
         self.kernel.set_wire(entry, old)
+        self.bindings_changed = True
         return True
 
     def _host_gone(self, hid: int) -> None:

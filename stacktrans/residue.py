@@ -35,6 +35,8 @@ class Residue:
     ghosts: dict[str, Any] = field(default_factory=dict)  # Ghosts.state()
     #: What the control plane knew (IHMP's saved state), for a successor to resume.
     control: dict[str, Any] | None = None
+    #: Flows of peers behind NATs: their ports there (Dataplane.bindings()).
+    bindings: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -42,6 +44,7 @@ class Residue:
             "xt_rules": self.xt_rules,
             "ghosts": self.ghosts,
             "control": self.control,
+            "bindings": self.bindings,
         }
 
     @classmethod
@@ -49,11 +52,13 @@ class Residue:
         # "continuity": what records of earlier versions call the ghosts.
         ghosts = data.get("ghosts") or data.get("continuity") or {}
         control = data.get("control")
+        bindings = data.get("bindings")
         return cls(
             bool(data.get("nft_table")),
             data.get("xt_rules"),
             dict(ghosts),
             control if isinstance(control, dict) else None,
+            list(bindings) if isinstance(bindings, list) else [],
         )
 
 

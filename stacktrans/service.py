@@ -243,6 +243,9 @@ class StackTrans:
             flows = await asyncio.to_thread(existing)
             n = self.dataplane.adopt(flows, self.clock())
             log.info("adopted %d existing flows", n)
+        if previous is not None and previous.bindings:
+            bound = self.dataplane.restore_bindings(previous.bindings)
+            log.info("%d flows of peers behind NATs keep their ports there", bound)
         self.residue.nft_table = True
         self._record()  # before the kernel changes: a crash half-way is cleaned up
         try:
@@ -326,6 +329,9 @@ class StackTrans:
 
     def _record(self) -> None:
         self.residue.ghosts = self.ghosts.state()
+        if self.dataplane is not None:
+            self.residue.bindings = self.dataplane.bindings()
+            self.dataplane.bindings_changed = False
         self.record.save(self.residue)
 
     def save_control(self, state: dict[str, Any]) -> None:
@@ -452,6 +458,8 @@ class StackTrans:
     def _follow_up(self) -> None:
         """Carry out what the Dataplane decided: asynchronously, never in its way."""
         assert self.dataplane is not None
+        if self.dataplane.bindings_changed:
+            self._record()  # a successor must know each flow's NAT port
         effects = self.dataplane.take_effects()
         if effects.reconcile:
             self.schedule_reconcile()

@@ -218,3 +218,25 @@ def test_port_rewrites_and_the_ns_bit_keep_checksums_right() -> None:
     tcp = bytearray(_tcp("10.0.0.1", 1000, "10.0.0.2", 2000, b"abc"))
     rewrite_ports(tcp, parse(bytes(tcp)), 1234, None)
     assert parse(bytes(tcp)).sport == 1234 and _l4_ok(bytes(tcp))
+
+
+def test_a_successor_takes_over_the_nat_ports_of_the_flows_it_adopts() -> None:
+    tr, _, _, hid = natted()
+    assert tr.bind(hid, KNOCK, NAT1, 61000) is not None
+    saved = tr.bindings()
+    assert saved == [
+        {
+            "flow": [TCP, str(LOCAL), 5001, str(MH), 40000],
+            "wire": [str(NAT1), 61000],
+            "bound_to": [str(NAT1), str(PRIV1)],
+            "peer_port": None,
+        }
+    ]
+    after, _, nft, hid2 = natted()  # the successor: the same host and flow again
+    assert after.restore_bindings([*saved, {"flow": "junk"}, {"flow": [6, "x", 1, "y", 2]}]) == 1
+    entry = after.sockets.get(FLOW)
+    assert entry is not None and entry.wire == (NAT1, 61000) and entry.bound_to == (NAT1, PRIV1)
+    assert f"add element inet dime rport4 {{ {hid2} . tcp . 61000 . 5001 : 40000 }}" in _elements(
+        nft
+    )
+    assert after.bindings_changed
