@@ -94,7 +94,7 @@ class NatDaemon:
 
     def _on_crossed(self, a: IPAddress, b: IPAddress) -> None:
         assert self.agent is not None
-        self.agent.ihmp_crossed(a, b)
+        self.agent.ihmp_crossed(a, b, self._now())
 
     def _on_datagram(self, data: bytes, src: IPAddress, port: int, dst: IPAddress) -> None:
         assert self.agent is not None

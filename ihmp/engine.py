@@ -162,6 +162,7 @@ class _NatCheck:
 
     key: bytes
     nonce: bytes
+    sent_at: float
     waiting: list[tuple[Message, IPAddress, IPAddress, int | None]] = field(default_factory=list)
 
 
@@ -230,6 +231,7 @@ class IhmpEngine:
         # challenge in flight to one whose key is not proven yet.
         self._nat_keys: dict[IPAddress, bytes] = {}
         self._nat_checks: dict[IPAddress, _NatCheck] = {}
+        self._nat_answered_nonce: dict[IPAddress, bytes] = {}  # late copies: no noise
 
     # == outputs ======================================================================
 
@@ -570,7 +572,9 @@ class IhmpEngine:
 
     # == IHMP-aware NATs ================================================================
 
-    def _on_nat_entry(self, msg: Message, src: IPAddress, dst: IPAddress, port: int | None) -> None:
+    def _on_nat_entry(
+        self, msg: Message, src: IPAddress, dst: IPAddress, port: int | None, now: float
+    ) -> None:
         """A NAT's word on a flow of a host behind it (III-D). Taken only from the
         NAT's own address, which must be the verified locator of the host whose
         address behind it the mapping names; signed by the key it carries, under a
@@ -594,11 +598,15 @@ class IhmpEngine:
             self._apply_nat_entry(entry.hid, msg, src, dst, port)
             return
         check = self._nat_checks.get(src)
-        if check is None or check.key != key:
+        if check is not None and check.key == key:
+            check.waiting.append((msg, src, dst, port))
+            if now - check.sent_at < self.config.initial_rto:
+                return  # the challenge in flight answers for this one too
+        else:
             nonce = self._rng.getrandbits(8 * NONCE_LEN).to_bytes(NONCE_LEN, "big")
-            check = self._nat_checks[src] = _NatCheck(key, nonce)
+            check = self._nat_checks[src] = _NatCheck(key, nonce, now, [(msg, src, dst, port)])
             self.counters.challenges_sent += 1
-        check.waiting.append((msg, src, dst, port))
+        check.sent_at = now
         # No larger than the entry, and no retransmission: the NAT sends its entry again.
         probe = Message(
             type=T.PATH_PROBE, seq=msg.seq, host_id=dst, src_addr=dst, nonce=check.nonce
@@ -611,6 +619,7 @@ class IhmpEngine:
             raise _Reject(RejectReason.BAD_NONCE, f"not the answer to our challenge to {src}")
         del self._nat_checks[src]
         self._nat_keys[src] = check.key
+        self._nat_answered_nonce[src] = check.nonce
         self.counters.addresses_validated += 1
         for msg, at, dst, port in check.waiting:
             entry = self._verified(at)
@@ -861,11 +870,14 @@ class IhmpEngine:
         self, msg: Message, src: IPAddress, dst: IPAddress, port: int | None, now: float
     ) -> None:
         if msg.type is T.NAT_ENTRY:
-            self._on_nat_entry(msg, src, dst, port)
+            self._on_nat_entry(msg, src, dst, port, now)
             return
-        if msg.type is T.ACK and src in self._nat_checks and msg.nonce is not None:
-            self._nat_answered(msg, src)
-            return
+        if msg.type is T.ACK and msg.nonce is not None:
+            if src in self._nat_checks:
+                self._nat_answered(msg, src)
+                return
+            if self._nat_answered_nonce.get(src) == msg.nonce:
+                return  # another copy of a NAT's answer already taken
         entry = self._resolve(msg.host_id)
         if entry is None:
             raise _Reject(RejectReason.UNKNOWN_HOST_ID, f"no HID for Host ID {msg.host_id}")

@@ -42,6 +42,10 @@ from ihmp.wire import (
 T = MessageType
 #: How many (host behind us, peer) pairs are remembered as running dime.
 MAX_PAIRS = 4096
+#: Mappings of pairs not known (yet) to run dime, kept this long and this many: a
+#: flow's first packet (its mapping) comes before the HELLO it prompts.
+RECENT_FOR = 30.0
+MAX_RECENT = 4096
 
 
 @dataclass
@@ -81,6 +85,9 @@ class NatAgent:
         self._counter = self.counter_start
         self._seq = self.rng.getrandbits(16)
         self._pairs: OrderedDict[tuple[IPAddress, IPAddress], None] = OrderedDict()
+        # (time, mapping, remote, remote port) of pairs not known to run dime yet.
+        self._recent: OrderedDict[int, tuple[float, NatMapping, IPAddress, int]] = OrderedDict()
+        self._recent_id = 0
         self._pending: dict[int, _Entry] = {}
         self._timers: Timers[int] = Timers()
         self._out: list[Datagram] = []
@@ -96,13 +103,24 @@ class NatAgent:
 
     # -- inputs ---------------------------------------------------------------------------
 
-    def ihmp_crossed(self, a: IPAddress, b: IPAddress) -> None:
-        """IHMP went between ``a`` and ``b`` through us: both run dime."""
+    def ihmp_crossed(self, a: IPAddress, b: IPAddress, now: float) -> None:
+        """IHMP went between ``a`` and ``b`` through us: both run dime. Mappings
+        between them made shortly before (the flow that prompted their HELLO) are
+        announced now."""
+        new = (a, b) not in self._pairs
         for pair in ((a, b), (b, a)):
             self._pairs[pair] = None
             self._pairs.move_to_end(pair)
         while len(self._pairs) > MAX_PAIRS:
             self._pairs.popitem(last=False)
+        if not new:
+            return
+        for key, (at, mapping, remote, port) in list(self._recent.items()):
+            if now - at > RECENT_FOR:
+                del self._recent[key]
+            elif {mapping.internal, remote} == {a, b}:
+                del self._recent[key]
+                self.mapping_created(mapping, remote, port, now)
 
     def mapping_created(
         self, mapping: NatMapping, remote: IPAddress, remote_port: int, now: float
@@ -110,12 +128,18 @@ class NatAgent:
         """Conntrack mapped ``mapping.internal``:port to ``mapping.external``:port for a
         flow to ``remote``:``remote_port``: tell ``remote``, if both run dime."""
         inside = (mapping.internal, mapping.internal_port)
-        if (
-            (mapping.internal, remote) not in self._pairs
-            or self.ihmp_port in (remote_port, mapping.internal_port)
-            or inside == (mapping.external, mapping.external_port)  # not translated
+        if self.ihmp_port in (remote_port, mapping.internal_port) or inside == (
+            mapping.external,
+            mapping.external_port,
         ):
+            self.counters.mappings_ignored += 1  # IHMP's own, or not translated
+            return
+        if (mapping.internal, remote) not in self._pairs:
             self.counters.mappings_ignored += 1
+            self._recent_id += 1
+            self._recent[self._recent_id] = (now, mapping, remote, remote_port)
+            while len(self._recent) > MAX_RECENT:
+                self._recent.popitem(last=False)
             return
         seq, self._seq = self._seq, (self._seq + 1) & 0xFFFF
         msg = Message(

@@ -415,13 +415,22 @@ class Dataplane:
     def _unbind_stale(self, hid: int) -> None:
         """A host whose locator is its own address again: its flows go by the host's
         translation, their NAT ports are forgotten. (Behind a NAT, a flow keeps its
-        last binding until its knock comes: its packets go where they went.)"""
+        last binding until its knock comes: its packets go where they went.) A flow
+        it started behind a NAT whose port there was not its own (``peer_port``, an
+        IHMP-aware NAT said so) goes to that port of its own, at the new locator."""
         host = self._hosts.get(hid)
         if host is None or host.behind(host.locator) is not None:
             return
+        loc = host.locator
         for e in self.sockets.flows_of(hid):
-            if e.wire is not None:
-                self._rewire(e, None, None)
+            want = None
+            moved = loc is not None and loc != e.key.remote and loc.version == e.key.remote.version
+            if moved and e.peer_port is not None and e.peer_port != e.key.rport:
+                assert loc is not None
+                want = (loc, e.peer_port)
+            if e.wire != want:
+                self._rewire(e, want, None)
+                self._effects.moved.add(hid)
 
     def _rewire(
         self,

@@ -654,7 +654,7 @@ def _to_b(net: Net, b: Host, agent: NatAgent, src: str = "203.0.113.7") -> None:
 def test_an_ihmp_aware_nat_tells_the_peer_each_flows_port_once_its_key_is_proven() -> None:
     net, _a, b = nat_handoff()
     agent = _aware_nat()
-    agent.ihmp_crossed(A("10.7.0.1"), A(B1))
+    agent.ihmp_crossed(A("10.7.0.1"), A(B1), net.now)
     mapping = NatMapping(6, A("10.7.0.1"), 40000, A("203.0.113.7"), 61000)
     agent.mapping_created(mapping, A(B1), 5001, net.now)
     _to_b(net, b, agent)
@@ -674,12 +674,17 @@ def test_an_ihmp_aware_nat_tells_the_peer_each_flows_port_once_its_key_is_proven
     agent.mapping_created(second, A(B1), 6001, net.now)
     _to_b(net, b, agent)
     assert b.events_of(ev.NatEntryReceived)[-1] == ev.NatEntryReceived(hid, second)
-    # Mappings of hosts that never spoke IHMP through the NAT, or of IHMP itself: nothing.
+    # Mappings of hosts that never spoke IHMP through the NAT, or of IHMP itself: nothing,
     agent.mapping_created(NatMapping(6, A("10.7.0.2"), 1, A("203.0.113.7"), 2), A(B1), 80, 0)
     agent.mapping_created(
         NatMapping(17, A("10.7.0.1"), 4731, A("203.0.113.7"), 4731), A(B1), 4731, 0
     )
     assert agent.datagrams_to_send(net.now) == [] and agent.counters.mappings_ignored == 2
+    # unless the host says HELLO through the NAT soon after its flow began (the flow
+    # prompted it): then that mapping goes too.
+    agent.ihmp_crossed(A(B1), A("10.7.0.2"), 1.0)
+    (late,) = agent.datagrams_to_send(net.now)
+    assert decode(late.data).nat_mapping == NatMapping(6, A("10.7.0.2"), 1, A("203.0.113.7"), 2)
 
 
 def test_a_nat_entry_from_anyone_but_the_hosts_nat_or_an_unproven_key_maps_nothing() -> None:
@@ -687,7 +692,7 @@ def test_a_nat_entry_from_anyone_but_the_hosts_nat_or_an_unproven_key_maps_nothi
     mapping = NatMapping(6, A("10.7.0.1"), 40000, A("203.0.113.7"), 61000)
     # A third host's own NAT_ENTRY about A's flow: not A's NAT.
     eve = _aware_nat(seed=66)
-    eve.ihmp_crossed(A("10.7.0.1"), A(B1))
+    eve.ihmp_crossed(A("10.7.0.1"), A(B1), net.now)
     eve.mapping_created(replace(mapping, external=A("198.51.100.66")), A(B1), 5001, net.now)
     _to_b(net, b, eve, src="198.51.100.66")
     # Spoofed from A's NAT address, with eve's key: challenged, and eve never sees it.

@@ -240,3 +240,16 @@ def test_a_successor_takes_over_the_nat_ports_of_the_flows_it_adopts() -> None:
         nft
     )
     assert after.bindings_changed
+
+
+def test_a_flow_started_behind_a_nat_goes_to_its_own_port_once_its_host_is_public() -> None:
+    native = FlowKey(TCP, LOCAL, 5001, NAT1, 50123)  # the NAT gave it 50123; its own: 4242
+    tr, table, nft, hid = natted()
+    assert tr.flow_seen(native, now=0.0) is not None
+    tr.bind_port(hid, TCP, 4242, NAT1, 50123)
+    public = A("203.0.113.77")
+    table.add_active(hid, public, prefer=True)
+    table.remove_address(hid, NAT1, retire=True)
+    entry = tr.sockets.get(native)
+    assert entry is not None and entry.wire == (public, 4242)
+    assert f"add element inet dime rport4 {{ {hid} . tcp . 4242 . 5001 : 50123 }}" in _elements(nft)
