@@ -648,6 +648,12 @@ class Liveness:
         self.ct: set[Flow] | None = ct[0] if ct is not None else None
         self.ct_versions: frozenset[int] = ct[1] if ct is not None else frozenset()
 
+    def why_missing(self, key: FlowKey) -> str:
+        """For the log: why ``key`` counts as ended (the sweep's only evidence)."""
+        if key.proto == UDP and self.ct and key not in self.ct:
+            return "no conntrack entry"
+        return "no socket"
+
     def __contains__(self, key: object) -> bool:
         if key in self.flows:
             return True

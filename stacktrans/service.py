@@ -562,7 +562,8 @@ class StackTrans:
                 idle = self.config.udp_idle if self.mode is DataplaneMode.NFQUEUE else None
                 gone = self.dataplane.sweep(alive, self.clock(), idle, taken_at)
                 if gone:
-                    shown = ", ".join(str(e.key) for e in gone[:4])
+                    why = getattr(alive, "why_missing", lambda key: "gone")
+                    shown = ", ".join(f"{e.key} ({why(e.key)})" for e in gone[:4])
                     more = f" and {len(gone) - 4} more" if len(gone) > 4 else ""
                     log.info("%d flows ended: %s%s", len(gone), shown, more)
                 self._follow_up()
