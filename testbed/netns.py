@@ -31,7 +31,12 @@ class CommandError(RuntimeError):
 
 
 def _run(argv: Sequence[str], *, check: bool = True, timeout: float = 30) -> str:
-    proc = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout)
+    for _ in range(5):
+        proc = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout)
+        # An nft dump (list, reset) that a concurrent ruleset change interrupted (a
+        # daemon in the namespace): nft says so and gives up; the next try succeeds.
+        if "Interrupted system call" not in proc.stderr:
+            break
     if check and proc.returncode != 0:
         cmd = shlex.join(argv)
         raise CommandError(f"{cmd}: exit {proc.returncode}: {proc.stderr.strip()}")
