@@ -377,7 +377,8 @@ def peer_server(bind: str, tcp_port: int, udp_port: int) -> None:
                 got_udp.append([f"{src[0]}:{src[1]}", text])
                 last_udp_peer[:] = [src]
             if text.startswith("ping-"):
-                udp.sendto(data, src)
+                with contextlib.suppress(OSError):  # its address gone for a moment (a move)
+                    udp.sendto(data, src)
 
     threading.Thread(target=tcp_side, daemon=True).start()
     threading.Thread(target=udp_side, daemon=True).start()

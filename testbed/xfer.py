@@ -134,17 +134,23 @@ def udp_echo(bind: str, port: int, duration: float) -> dict[str, object]:
     sock.settimeout(0.2)
     print("listening", file=sys.stderr, flush=True)
     end = time.monotonic() + duration
-    echoed = 0
+    echoed = send_errors = 0
     peers: set[str] = set()
     while time.monotonic() < end:
         try:
             data, peer = sock.recvfrom(2048)
         except TimeoutError:
             continue
-        sock.sendto(data, peer)
+        try:
+            sock.sendto(data, peer)
+        except OSError:
+            # The address it is bound to may be gone for a moment (a move, before
+            # dime puts it back on lo as a ghost): a server goes on, as a real one would.
+            send_errors += 1
+            continue
         peers.add(str(peer[0]))
         echoed += 1
-    return {"echoed": echoed, "peers": sorted(peers)}
+    return {"echoed": echoed, "peers": sorted(peers), "send_errors": send_errors}
 
 
 def udp_client(connect: str, port: int, duration: float, interval: float) -> dict[str, object]:
