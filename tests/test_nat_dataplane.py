@@ -253,3 +253,40 @@ def test_a_flow_started_behind_a_nat_goes_to_its_own_port_once_its_host_is_publi
     entry = tr.sockets.get(native)
     assert entry is not None and entry.wire == (public, 4242)
     assert f"add element inet dime rport4 {{ {hid} . tcp . 4242 . 5001 : 50123 }}" in _elements(nft)
+
+
+# -- dime nat's reading of conntrack events ------------------------------------------------
+
+
+def _ct_event(orig: tuple[str, str, int, int, int], reply: tuple[str, str, int, int, int]) -> bytes:
+    """A ctnetlink NEW event as the kernel sends it (pyroute2 encodes it)."""
+    from pyroute2.netlink.nfnetlink.nfctsocket import nfct_msg
+
+    def tup(t: tuple[str, str, int, int, int]) -> dict[str, object]:
+        src, dst, proto, sport, dport = t
+        ip = [("CTA_IP_V4_SRC", src), ("CTA_IP_V4_DST", dst)]
+        ports = [("CTA_PROTO_NUM", proto), ("CTA_PROTO_SRC_PORT", sport)]
+        ports.append(("CTA_PROTO_DST_PORT", dport))
+        return {"attrs": [("CTA_TUPLE_IP", {"attrs": ip}), ("CTA_TUPLE_PROTO", {"attrs": ports})]}
+
+    msg = nfct_msg()
+    msg["header"]["type"] = 1 << 8  # NFNL_SUBSYS_CTNETLINK, IPCTNL_MSG_CT_NEW
+    msg["nfgen_family"] = 2
+    msg["attrs"] = [("CTA_TUPLE_ORIG", tup(orig)), ("CTA_TUPLE_REPLY", tup(reply))]
+    msg.encode()
+    return bytes(msg.data)
+
+
+def test_dime_nat_reads_source_nat_mappings_from_conntrack_events() -> None:
+    from ihmp.flows import NatMapping
+    from stacktrans.nat_router import mappings
+
+    natted = _ct_event(("10.77.2.20", "198.51.100.10", 6, 40000, 5001),
+                       ("198.51.100.10", "198.51.100.3", 6, 5001, 61000))  # fmt: skip
+    routed = _ct_event(("203.0.113.20", "198.51.100.10", 17, 5400, 5300),
+                       ("198.51.100.10", "203.0.113.20", 17, 5300, 5400))  # fmt: skip
+    icmp = _ct_event(("10.77.2.20", "198.51.100.10", 1, 0, 0),
+                     ("198.51.100.10", "198.51.100.3", 1, 0, 0))  # fmt: skip
+    got = list(mappings(routed + natted + icmp + b"\x00" * 7))  # and a truncated tail
+    mapping = NatMapping(6, A("10.77.2.20"), 40000, A("198.51.100.3"), 61000)
+    assert got == [(mapping, A("198.51.100.10"), 5001)]
