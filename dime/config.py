@@ -34,6 +34,8 @@
     unverified_rate = 5.0       # datagrams/s taken from a source no peer was verified at
     unverified_burst = 20.0
     cookie_rate = 500.0         # HELLO cookies sent per second, all sources together
+    knock_rate = 300.0          # knocks checked per second from one NAT address
+    knock_burst = 3000.0
 
     [[local_key]]               # the paper's set_local_key; more specific wins
     file = "/etc/dime/lab.key"

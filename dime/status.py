@@ -68,7 +68,14 @@ def _limits(engine: IhmpEngine | None) -> dict[str, float]:
     if engine is None:
         return {}
     c = engine.config
-    names = ("max_peers", "max_half_open", "max_challenges", "unverified_rate", "cookie_rate")
+    names = (
+        "max_peers",
+        "max_half_open",
+        "max_challenges",
+        "unverified_rate",
+        "cookie_rate",
+        "knock_rate",
+    )
     return {name: getattr(c, name) for name in names}
 
 

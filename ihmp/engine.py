@@ -116,6 +116,10 @@ class EngineConfig:
     # Behind a NAT, a signed probe to each peer with flows this often (seconds; 0:
     # never), so that the NAT keeps our IHMP mapping and the peer can reach us.
     nat_keepalive: float = 25.0
+    # Knocks verified per second from one NAT address (each costs a signature check;
+    # a move sends three per flow within a second).
+    knock_rate: float = 300.0
+    knock_burst: float = 3000.0
 
 
 @dataclass(frozen=True)
@@ -221,6 +225,7 @@ class IhmpEngine:
         self._cookies = CookieJar(rng.getrandbits(256).to_bytes(32, "big"))
         cfg = self.config
         self._unverified = PerSource(cfg.unverified_rate, cfg.unverified_burst)
+        self._knocks = PerSource(cfg.knock_rate, cfg.knock_burst)
         self._cookie_budget = TokenBucket(cfg.cookie_rate, cfg.cookie_rate)
         # The source and size of the datagram being handled: answers to it may not
         # be larger while the source is unverified.
@@ -554,6 +559,9 @@ class IhmpEngine:
             entry = self._verified(src)
             if entry is None:
                 raise _Reject(RejectReason.UNVERIFIED_SOURCE, f"knock from {src}:{src_port}")
+            if not self._knocks.take(src, now):
+                self._drop(DropReason.KNOCK_RATE)  # (anyone can spoof a NAT's address)
+                return None
             msg = decode(data)
             if msg.type is not T.FLOW_BIND or msg.flow is None:
                 raise _Reject(RejectReason.MALFORMED, f"a knock carries {msg.type.name}")

@@ -61,6 +61,7 @@ class DropReason(enum.Enum):
     HALF_OPEN_CAP = "half_open_cap"  # a new HELLO, with too many unanswered ones in use
     CHALLENGE_CAP = "challenge_cap"  # an address to validate, with too many in flight
     TOO_LARGE = "too_large"  # an answer to an unverified source larger than its request
+    KNOCK_RATE = "knock_rate"  # a knock over the rate of knocks from its address
 
 
 @dataclass(frozen=True)

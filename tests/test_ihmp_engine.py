@@ -23,6 +23,7 @@ from ihmp.flows import KNOCK_MAGIC, FlowSpec, NatMapping
 from ihmp.hosts import HidState
 from ihmp.keys import TrustStore
 from ihmp.natagent import NatAgent
+from ihmp.ratelimit import PerSource
 from ihmp.wire import (
     DEFAULT_PORT,
     Flags,
@@ -611,6 +612,21 @@ def test_a_knock_binds_a_flow_only_when_signed_by_the_host_and_from_its_nat() ->
         RejectReason.UNSIGNED,
     ]
     assert b.engine.counters.flows_bound == 1
+
+
+def test_knocks_from_one_nat_address_are_held_to_their_rate() -> None:
+    net, a, b = nat_handoff()
+    b.engine._knocks = PerSource(rate=300.0, burst=3)  # as `knock_burst = 3` would
+    hid_a = a.entry_for(B1).hid
+    flows = [FlowSpec(17, A(A1), 40000 + i, A(B1), 53) for i in range(5)]
+    knocks = [a.engine.flow_binding(hid_a, f, A("10.7.0.1")) for f in flows]
+    bound = [
+        b.engine.receive_binding(k[len(KNOCK_MAGIC) :], A("203.0.113.7"), 61000 + i, net.now)
+        for i, k in enumerate(knocks)
+        if k is not None
+    ]
+    assert [x is not None for x in bound] == [True, True, True, False, False]
+    assert b.engine.counters.dropped == {"knock_rate": 2}
 
 
 def test_moving_on_from_a_nat_retires_the_nat_address_too() -> None:
