@@ -328,22 +328,30 @@ class Daemon:
         elif isinstance(event, ev.FlowsNeedBinding):
             # Knocks are not acknowledged: two more rounds cover one lost.
             assert self.loop is not None
+            only = event.identifiers
             for delay in KNOCK_ROUNDS:
-                self.loop.call_later(delay, self._knock, event.hid, event.local)
-            self._knock(event.hid, event.local)
+                self.loop.call_later(delay, self._knock, event.hid, event.local, False, only)
+            self._knock(event.hid, event.local, identifiers=only)
         else:
             log_event(event)
 
-    def _knock(self, hid: int, local: IPAddress, udp_only: bool = False) -> None:
-        """Each flow to ``hid`` (``udp_only``: each UDP flow) knocks from our ``local``
-        (if both are still there)."""
+    def _knock(
+        self,
+        hid: int,
+        local: IPAddress,
+        udp_only: bool = False,
+        identifiers: frozenset[IPAddress] | None = None,
+    ) -> None:
+        """Each flow to ``hid`` (``udp_only``: each UDP flow; ``identifiers``: bound to
+        one of those) knocks from our ``local`` (if both are still there)."""
         engine, service = self.engine, self.service
         if engine is None or service is None or local not in engine.local_addresses:
             return
         if hid in engine.table and local in engine.table.get(hid).local:
             udp, tcp = socket.IPPROTO_UDP, socket.IPPROTO_TCP
             protos = (udp,) if udp_only else (tcp, udp)
-            service.knock(hid, local, lambda f: engine.flow_binding(hid, f, local), protos)
+            payload = lambda f: engine.flow_binding(hid, f, local)  # noqa: E731
+            service.knock(hid, local, payload, protos, identifiers)
 
     def _on_knock(self, src: IPAddress, port: int, data: bytes) -> None:
         """A knock came in: if IHMP verifies it, its flow is at ``src``:``port`` now."""

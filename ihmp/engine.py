@@ -673,7 +673,11 @@ class IhmpEngine:
         peer.observed = ack.observed_addr if ack.flags & Flags.ND else None
         if peer.observed is None:
             self._timers.cancel((KEEPALIVE, hid, 0))
+            started_behind = frozenset(peer.natted_locals - {local})
+            if knock and started_behind:
+                self._events.append(ev.FlowsNeedBinding(hid, local, identifiers=started_behind))
             return
+        peer.natted_locals.add(local)
         self._arm_keepalive(hid, now)
         if knock:
             self._events.append(ev.FlowsNeedBinding(hid, local))

@@ -159,6 +159,10 @@ class FlowsNeedBinding:
     #: Only the UDP flows: the NAT keepalive (their mappings time out in seconds to
     #: minutes, TCP's in days; a knock on a bound flow is taken out by the peer).
     udp_only: bool = False
+    #: Only the flows bound to these local identifiers (None: all): after a move to
+    #: an address without a NAT, the flows started behind one, which the peer knows
+    #: by the NAT's address and moves only on their knock.
+    identifiers: frozenset[IPAddress] | None = None
 
 
 Event = (

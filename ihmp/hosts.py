@@ -90,9 +90,11 @@ class HostEntry:
     key: bytes | None = None
     state: HidState = HidState.HELLO_PENDING
     retired: set[IPAddress] = field(default_factory=set)
-    #: Active addresses that are a NAT's public side, each with the host's own
-    #: address behind it (the source it encoded). Such a locator is per flow: the
-    #: NAT gives each flow a port of its own, learned from the flow's knock.
+    #: Active (or retired) addresses that are (were) a NAT's public side, each with
+    #: the host's own address behind it (the source it encoded). Such a locator is
+    #: per flow: the NAT gives each flow a port of its own, learned from the flow's
+    #: knock; and flows named by it (started behind it) are never moved host-wide,
+    #: since other hosts behind that NAT may have flows named by it too.
     nat: dict[IPAddress, IPAddress] = field(default_factory=dict)
 
     @property
@@ -339,7 +341,8 @@ class HidTable:
                 entry.active.remove(addr)
             entry.unreachable.discard(addr)
             self._by_addr.pop(addr, None)
-            entry.nat.pop(addr, None)
+            if not retire:
+                entry.nat.pop(addr, None)
             if retire:
                 entry.retired.add(addr)
                 self._by_retired[addr] = hid

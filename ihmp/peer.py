@@ -74,6 +74,9 @@ class Peer:
     ports: dict[IPAddress, int] = field(default_factory=dict)
     # How the peer sees us, if through a NAT: the address its ACK observed.
     observed: IPAddress | None = None
+    # Our addresses the peer saw through a NAT: flows bound to them are named by the
+    # NAT's address there.
+    natted_locals: set[IPAddress] = field(default_factory=set)
 
     def to_json(self, now: float) -> dict[str, Any]:
         """What a successor needs to go on with this peer (messages in flight are
@@ -90,6 +93,7 @@ class Peer:
             "unproven": self.unproven,
             "ports": {str(a): p for a, p in self.ports.items()},
             "observed": str(self.observed) if self.observed is not None else None,
+            "natted_locals": [str(a) for a in sorted(self.natted_locals, key=addr_key)],
         }
 
     @classmethod
@@ -111,4 +115,5 @@ class Peer:
             unproven=bool(data.get("unproven")),
             ports={ip_address(a): int(p) for a, p in data.get("ports", {}).items()},
             observed=ip_address(data["observed"]) if data.get("observed") else None,
+            natted_locals={ip_address(a) for a in data.get("natted_locals", [])},
         )

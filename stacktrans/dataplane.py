@@ -360,9 +360,9 @@ class Dataplane:
         port we do not know may be a flow of ``hid`` whose knock has not come yet:
         then it must not reach our stack (which would answer with a reset)."""
         host = self._hosts.get(hid)
-        behind = host.behind(at) if host is not None else None
+        behind = host.behind(at) if host is not None and at == host.locator else None
         if behind is None:
-            return False
+            return False  # (a NAT it left may have other hosts behind it: their flows)
         return any(
             e.key.proto == proto
             and e.key.lport == lport
@@ -425,7 +425,9 @@ class Dataplane:
         for e in self.sockets.flows_of(hid):
             want = None
             moved = loc is not None and loc != e.key.remote and loc.version == e.key.remote.version
-            if moved and e.peer_port is not None and e.peer_port != e.key.rport:
+            if e.wire is not None and e.wire[0] == loc and e.bound_to is None:
+                want = e.wire  # its knock came from here
+            elif moved and e.peer_port is not None and e.peer_port != e.key.rport:
                 assert loc is not None
                 want = (loc, e.peer_port)
             if e.wire != want:

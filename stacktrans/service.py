@@ -372,6 +372,7 @@ class StackTrans:
         local: IPAddress,
         payload_for: Callable[[FlowSpec], bytes | None],
         protos: Container[int] = (TCP, UDP),
+        identifiers: Container[IPAddress] | None = None,
     ) -> int:
         """Send each flow of ``hid`` a knock from our address ``local`` (we now reach
         the host through a NAT there); ``payload_for(flow)`` is its FLOW_BIND.
@@ -382,6 +383,8 @@ class StackTrans:
         for entry, dst, dport in self.dataplane.knock_targets(hid):
             k = entry.key
             if k.proto not in protos or dst.version != local.version:
+                continue
+            if identifiers is not None and k.local not in identifiers:
                 continue
             payload = payload_for(FlowSpec(k.proto, k.local, k.lport, k.remote, k.rport))
             if payload is None:

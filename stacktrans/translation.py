@@ -56,8 +56,11 @@ def compute(
     # Behind a NAT, each flow has a port of its own there: its flows are sent there
     # one by one, as their knocks come (SocketEntry.wire), never host-wide.
     natted = entry.behind(entry.locator) is not None
+    # Nor is a flow named by a NAT's address (it started behind that NAT): other hosts
+    # behind it have flows named by it too. Such a flow moves by its own knock.
+    nat_ids = {public for public, _ in entry.nat}
     for lid, rid in pairs:
-        if rid not in entry.active and not natted:
+        if rid not in entry.active and not natted and rid not in nat_ids:
             rloc = _same_family(entry.active, rid)
             if rloc is not None:
                 remote[rid] = rloc

@@ -614,6 +614,20 @@ def test_a_knock_binds_a_flow_only_when_signed_by_the_host_and_from_its_nat() ->
     assert b.engine.counters.flows_bound == 1
 
 
+def test_leaving_a_nat_the_flows_started_behind_it_knock_from_the_new_address() -> None:
+    net = Net(nat={A("10.0.0.1"): A("203.0.113.100")})
+    a = net.add(Host("A", ["10.0.0.1/24"], seed=1))
+    net.add(Host("B", [B1 + "/24"], seed=2))
+    a.connect(B1, 0)  # a flow started behind the NAT
+    net.run(5)
+    a.engine.handoff(ip_interface("10.0.0.1/24"), ip_interface("192.0.2.44/24"), net.now)
+    net.run(5)
+    hid = a.entry_for(B1).hid
+    assert a.events_of(ev.FlowsNeedBinding) == [
+        ev.FlowsNeedBinding(hid, A("192.0.2.44"), identifiers=frozenset({A("10.0.0.1")}))
+    ]
+
+
 def test_knocks_from_one_nat_address_are_held_to_their_rate() -> None:
     net, a, b = nat_handoff()
     b.engine._knocks = PerSource(rate=300.0, burst=3)  # as `knock_burst = 3` would
@@ -634,8 +648,9 @@ def test_moving_on_from_a_nat_retires_the_nat_address_too() -> None:
     a.engine.handoff(ip_interface("10.7.0.1/24"), ip_interface("192.0.2.44/24"), net.now)
     net.run(5)
     eb = b.entry_for("192.0.2.44")
-    assert eb.active == [A("192.0.2.44")] and eb.nat == {}
-    assert A("203.0.113.7") in eb.retired
+    assert eb.active == [A("192.0.2.44")] and A("203.0.113.7") in eb.retired
+    # Still marked as a NAT's: flows named by it belong to whoever is behind it.
+    assert eb.nat == {A("203.0.113.7"): A("10.7.0.1")} and eb.locator not in eb.nat
     assert a.engine.peer_info(a.entry_for(B1).hid)["we_are_observed_as"] is None
 
 

@@ -290,3 +290,22 @@ def test_dime_nat_reads_source_nat_mappings_from_conntrack_events() -> None:
     got = list(mappings(routed + natted + icmp + b"\x00" * 7))  # and a truncated tail
     mapping = NatMapping(6, A("10.77.2.20"), 40000, A("198.51.100.3"), 61000)
     assert got == [(mapping, A("198.51.100.10"), 5001)]
+
+
+def test_flows_named_by_a_nat_move_only_on_their_own_knock() -> None:
+    """Other hosts behind that NAT may have flows named by its address too: when this
+    host leaves the NAT, nothing named by the NAT's address follows it host-wide."""
+    native = FlowKey(TCP, LOCAL, 5001, NAT1, 40123)  # started behind NAT1, port kept
+    tr, table, _, hid = natted()
+    assert tr.flow_seen(native, now=0.0) is not None
+    public = A("203.0.113.77")
+    table.add_active(hid, public, prefer=True)
+    table.remove_address(hid, NAT1, retire=True)
+    tr_ = tr.translation(hid)
+    assert tr_ is not None and NAT1 not in tr_.remote and tr_.remote[MH] == public
+    # Another host's packet from the NAT this host left is no late packet of its flows.
+    assert not tr.awaits_knock(hid, NAT1, TCP, 5001)
+    entry = tr.bind(hid, FlowSpec(TCP, PRIV1, 40123, LOCAL, 5001), public, 40123)
+    assert entry is not None and entry.wire == (public, 40123) and entry.bound_to is None
+    table.add_local(hid, LOCAL)  # any later change of the host keeps that binding
+    assert entry.wire == (public, 40123)

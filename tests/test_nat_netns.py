@@ -394,6 +394,21 @@ def test_flows_the_mh_started_behind_an_aware_nat_follow_it(tmp_path: Path) -> N
         b.down_all()
 
 
+def test_flows_the_mh_started_behind_an_unaware_nat_follow_it(tmp_path: Path) -> None:
+    """No `dime nat`: the MH opens every flow behind the port-preserving NAT A (the CH
+    knows them by A's address), then moves to the public subnet and behind B. The CH
+    moves such flows only on their own knocks (other hosts behind A may have flows
+    named by A's address too): from the public address, then from behind B."""
+    with bed(tmp_path, "natuna", start="A") as b:
+        b.up("ch", "mh")
+        t = b.traffic(WARMUP + 2 * (GAP + DWELL) + 3, mh_opens_all=True)
+        time.sleep(WARMUP)
+        b.move("public")
+        b.move("B")
+        b.check(t)
+        b.down_all()
+
+
 KEEPALIVE = 1.0  # s: the MH's nat_keepalive
 UDP_TIMEOUT = 3  # s: the router's conntrack UDP timeouts
 REACH_IDLE = 5.0  # s without any traffic behind NAT B, then the CH sends first
