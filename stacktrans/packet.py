@@ -462,15 +462,17 @@ def rewrite_ports(buf: bytearray, info: PacketInfo, sport: int | None, dport: in
         _update_checksum(buf, pos, delta, udp=info.proto == UDP)
 
 
-def l4_payload(data: Buffer, info: PacketInfo) -> bytes:
-    """The TCP/UDP payload of the (outer) packet ``info`` describes (b"" if none)."""
+def l4_payload(data: Buffer, info: PacketInfo, limit: int | None = None) -> bytes:
+    """The TCP/UDP payload of the (outer) packet ``info`` describes (b"" if none); its
+    first ``limit`` bytes only, if given (no copy of the rest)."""
     if info.proto == UDP:
         start = info.l4_offset + 8
     elif info.proto == TCP and info.l4_offset + 13 <= info.end:
         start = info.l4_offset + (data[info.l4_offset + 12] >> 4) * 4
     else:
         return b""
-    return bytes(data[start : info.end]) if start < info.end else b""
+    end = info.end if limit is None else min(info.end, start + limit)
+    return bytes(data[start:end]) if start < end else b""
 
 
 def set_udp_payload_bits(buf: bytearray, info: PacketInfo, offset: int, bits: int) -> bool:

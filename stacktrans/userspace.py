@@ -60,8 +60,9 @@ def _knock(data: bytes, info: PacketInfo) -> bytes | None:
     """The FLOW_BIND a knock carries, if this packet is one."""
     if info.proto == TCP and info.tcp_flags & TCP_SYN:
         return None
-    payload = l4_payload(data, info)
-    return payload[len(KNOCK_MAGIC) :] if payload.startswith(KNOCK_MAGIC) else None
+    if l4_payload(data, info, len(KNOCK_MAGIC)) != KNOCK_MAGIC:
+        return None  # (every packet comes here in nfqueue mode: 8 bytes looked at)
+    return l4_payload(data, info)[len(KNOCK_MAGIC) :]
 
 
 class UserspacePath:
