@@ -125,9 +125,9 @@ class Bed:
             self.daemons[name] = kind.in_dir(ns, self.tmp, name)
         return self.daemons[name]
 
-    def up(self, *names: str, mh_config: str = "") -> None:
+    def up(self, *names: str, mh_config: str = "", extra: tuple[str, ...] = ()) -> None:
         for name in names:
-            args = ["-v"]
+            args = ["-v", *extra]
             if name == "mh" and mh_config:
                 cfg = self.tmp / "mh.toml"
                 cfg.write_text(mh_config)
@@ -391,6 +391,19 @@ def test_flows_the_mh_started_behind_an_aware_nat_follow_it(tmp_path: Path) -> N
         b.check(t)
         if not b.dime("r").running:
             raise b.fail("dime nat in the router is no longer running")
+        b.down_all()
+
+
+def test_through_a_port_randomizing_nat_in_nfqueue_mode(tmp_path: Path) -> None:
+    """Both daemons rewrite every packet in user space (`--dataplane nfqueue`): the
+    flows' NAT ports are applied there. public -> B -> public."""
+    with bed(tmp_path, "natnfq") as b:
+        b.up("ch", "mh", extra=("--dataplane", "nfqueue"))
+        t = b.traffic(WARMUP + 2 * (GAP + DWELL) + 3)
+        time.sleep(WARMUP)
+        b.move("B")
+        b.move("public")
+        b.check(t)
         b.down_all()
 
 
