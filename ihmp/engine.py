@@ -54,6 +54,7 @@ from ihmp.events import DropReason, RejectReason
 from ihmp.flows import KNOCK_MAGIC, FlowSpec
 from ihmp.hosts import FlowOrigin, HidState, HidTable, HidTableError, HostEntry, HostSnapshot
 from ihmp.keys import LocalKeys, TrustStore
+from ihmp.natproof import NatProofs
 from ihmp.peer import Peer, Pending
 from ihmp.ratelimit import PerSource, TokenBucket
 from ihmp.reachability import Reach, advertisable, best_path, classify
@@ -159,15 +160,9 @@ RETRANSMIT, GRACE, KEEPALIVE = "retransmit", "grace", "keepalive"
 TimerKey = tuple[str, int, int]
 
 
-@dataclass
-class _NatCheck:
-    """A challenge to an IHMP-aware NAT's address: does ``key`` receive there? The
-    entries it signed wait for the answer."""
-
-    key: bytes
-    nonce: bytes
-    sent_at: float
-    waiting: list[tuple[Message, IPAddress, IPAddress, int | None]] = field(default_factory=list)
+#: A NAT_ENTRY waiting for its NAT's key to be proven: (message, source, our address,
+#: source port).
+_Waiting = tuple[Message, IPAddress, IPAddress, int | None]
 
 
 class _Reject(Exception):
@@ -232,11 +227,8 @@ class IhmpEngine:
         self._request: tuple[IPAddress, int] | None = None
         # A peer's own address behind a NAT -> its HID: it names itself by it.
         self._aliases: dict[IPAddress, int] = {}
-        # IHMP-aware NATs: the key proven to receive at each NAT address, and the
-        # challenge in flight to one whose key is not proven yet.
-        self._nat_keys: dict[IPAddress, bytes] = {}
-        self._nat_checks: dict[IPAddress, _NatCheck] = {}
-        self._nat_answered_nonce: dict[IPAddress, bytes] = {}  # late copies: no noise
+        # IHMP-aware NATs: the key proven to receive at each NAT address.
+        self._nat_proofs: NatProofs[_Waiting] = NatProofs(rng, NONCE_LEN)
 
     # == outputs ======================================================================
 
@@ -602,34 +594,25 @@ class IhmpEngine:
         if window is not None and not window.fresh(msg.counter):
             raise _Reject(RejectReason.REPLAY, f"counter {msg.counter} already seen or too old")
         self._commit_window(key, msg.counter)
-        if self._nat_keys.get(src) == key:
+        if self._nat_proofs.proven(src, key):
             self._apply_nat_entry(entry.hid, msg, src, dst, port)
             return
-        check = self._nat_checks.get(src)
-        if check is not None and check.key == key:
-            check.waiting.append((msg, src, dst, port))
-            if now - check.sent_at < self.config.initial_rto:
-                return  # the challenge in flight answers for this one too
-        else:
-            nonce = self._rng.getrandbits(8 * NONCE_LEN).to_bytes(NONCE_LEN, "big")
-            check = self._nat_checks[src] = _NatCheck(key, nonce, now, [(msg, src, dst, port)])
-            self.counters.challenges_sent += 1
-        check.sent_at = now
+        waiting = (msg, src, dst, port)
+        challenge = self._nat_proofs.challenge(src, key, waiting, now, self.config.initial_rto)
+        if challenge is None:
+            return  # the challenge in flight answers for this one too
+        nonce, new = challenge
+        self.counters.challenges_sent += new
         # No larger than the entry, and no retransmission: the NAT sends its entry again.
-        probe = Message(
-            type=T.PATH_PROBE, seq=msg.seq, host_id=dst, src_addr=dst, nonce=check.nonce
-        )
+        probe = Message(type=T.PATH_PROBE, seq=msg.seq, host_id=dst, src_addr=dst, nonce=nonce)
         self._answer(self._stamp(probe, dst), dst, src, port)
 
     def _nat_answered(self, ack: Message, src: IPAddress) -> None:
-        check = self._nat_checks[src]
-        if ack.nonce != check.nonce or not verify(ack, check.key):
+        waited = self._nat_proofs.answered(src, ack.nonce, lambda key: verify(ack, key))
+        if waited is None:
             raise _Reject(RejectReason.BAD_NONCE, f"not the answer to our challenge to {src}")
-        del self._nat_checks[src]
-        self._nat_keys[src] = check.key
-        self._nat_answered_nonce[src] = check.nonce
         self.counters.addresses_validated += 1
-        for msg, at, dst, port in check.waiting:
+        for msg, at, dst, port in waited:
             entry = self._verified(at)
             if entry is not None:
                 self._apply_nat_entry(entry.hid, msg, at, dst, port)
@@ -885,10 +868,10 @@ class IhmpEngine:
             self._on_nat_entry(msg, src, dst, port, now)
             return
         if msg.type is T.ACK and msg.nonce is not None:
-            if src in self._nat_checks:
+            if self._nat_proofs.challenged(src):
                 self._nat_answered(msg, src)
                 return
-            if self._nat_answered_nonce.get(src) == msg.nonce:
+            if self._nat_proofs.late_copy(src, msg.nonce):
                 return  # another copy of a NAT's answer already taken
         entry = self._resolve(msg.host_id)
         if entry is None:
