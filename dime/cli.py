@@ -18,6 +18,7 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -79,20 +80,8 @@ def up(
         cfg.strict = True
     _logging(cfg, verbose)
     from dime.daemon import Daemon
-    from stacktrans.service import StartError
 
-    try:
-        asyncio.run(Daemon(cfg).run())
-    except control.AlreadyRunning as exc:
-        fail(str(exc))
-    except (StartError, keystore.KeyFileError) as exc:
-        fail(str(exc))
-    except PermissionError as exc:
-        fail(f"permission denied ({exc.filename or exc}): run dime as root")
-    except OSError as exc:
-        fail(str(exc))
-    except KeyboardInterrupt:
-        pass
+    _serve(Daemon(cfg).run(), "dime")
 
 
 @main.command()
@@ -106,14 +95,20 @@ def nat(config_path: Path | None, verbose: int) -> None:
     cfg = _config(config_path)
     _logging(cfg, verbose)
     from dime.natd import NatDaemon
+
+    _serve(NatDaemon(cfg).run(), "dime nat")
+
+
+def _serve(daemon: Coroutine[Any, Any, None], name: str) -> None:
+    """Run a daemon until it stops; what stops it early is one line and exit 1."""
     from stacktrans.service import StartError
 
     try:
-        asyncio.run(NatDaemon(cfg).run())
-    except (StartError, keystore.KeyFileError) as exc:
+        asyncio.run(daemon)
+    except (control.AlreadyRunning, StartError, keystore.KeyFileError) as exc:
         fail(str(exc))
     except PermissionError as exc:
-        fail(f"permission denied ({exc.filename or exc}): run dime nat as root")
+        fail(f"permission denied ({exc.filename or exc}): run {name} as root")
     except OSError as exc:
         fail(str(exc))
     except KeyboardInterrupt:

@@ -188,24 +188,25 @@ def _check_address_list(addrs: tuple[IPAddress, ...] | list[IPAddress], tag: Tag
 _NAT_HEAD = struct.Struct("!BHH")  # proto, internal port, external port
 
 
-def _encode_nat(m: NatMapping) -> bytes:
-    for port in (m.internal_port, m.external_port):
+def _encode_two_ends(
+    what: str, proto: int, ports: tuple[int, int], addrs: tuple[IPAddress, IPAddress]
+) -> bytes:
+    """NAT_MAPPING and FLOW share a layout: protocol, two ports, two addresses."""
+    for port in ports:
         if not 0 <= port <= 0xFFFF:
-            raise WireError("field", f"NAT_MAPPING port {port} out of range")
-    if not 0 <= m.proto <= 0xFF:
-        raise WireError("field", f"NAT_MAPPING protocol {m.proto} out of range")
-    head = _NAT_HEAD.pack(m.proto, m.internal_port, m.external_port)
-    return head + encode_address(m.internal) + encode_address(m.external)
+            raise WireError("field", f"{what} port {port} out of range")
+    if not 0 <= proto <= 0xFF:
+        raise WireError("field", f"{what} protocol {proto} out of range")
+    return _NAT_HEAD.pack(proto, *ports) + encode_address(addrs[0]) + encode_address(addrs[1])
+
+
+def _encode_nat(m: NatMapping) -> bytes:
+    ports, addrs = (m.internal_port, m.external_port), (m.internal, m.external)
+    return _encode_two_ends("NAT_MAPPING", m.proto, ports, addrs)
 
 
 def _encode_flow(f: FlowSpec) -> bytes:
-    for port in (f.lport, f.rport):
-        if not 0 <= port <= 0xFFFF:
-            raise WireError("field", f"FLOW port {port} out of range")
-    if not 0 <= f.proto <= 0xFF:
-        raise WireError("field", f"FLOW protocol {f.proto} out of range")
-    head = _NAT_HEAD.pack(f.proto, f.lport, f.rport)
-    return head + encode_address(f.local) + encode_address(f.remote)
+    return _encode_two_ends("FLOW", f.proto, (f.lport, f.rport), (f.local, f.remote))
 
 
 def _decode_flow(value: bytes) -> FlowSpec:

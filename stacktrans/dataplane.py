@@ -296,17 +296,22 @@ class Dataplane:
         now comes from ``at``:``port``, a NAT in front of the host. Its packets go
         there from now on, and that port is mapped back to the flow's own. Returns
         the flow, or None if we have no such flow (or the port is another's)."""
-        entry = next(
-            (
-                e
-                for e in self.sockets.flows_of(hid)
-                if e.key.proto == flow.proto
-                and e.key.lport == flow.rport
-                and (e.peer_port or e.key.rport) == flow.lport
-                and e.key.local == flow.remote
-            ),
-            None,
-        )
+        # Usually we know the flow by the peer's own identifier and port: one lookup
+        # (a move knocks every flow). Else it started behind a NAT: by its port there.
+        key = FlowKey(flow.proto, flow.remote, flow.rport, flow.local, flow.lport)
+        entry = self.sockets.get(key)
+        if entry is None or entry.hid != hid:
+            entry = next(
+                (
+                    e
+                    for e in self.sockets.flows_of(hid)
+                    if e.key.proto == flow.proto
+                    and e.key.lport == flow.rport
+                    and (e.peer_port or e.key.rport) == flow.lport
+                    and e.key.local == flow.remote
+                ),
+                None,
+            )
         if entry is None:
             log.info("knock for %s of HID %d: no such flow", flow, hid)
             return None

@@ -26,12 +26,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 
-from testbed.netns import Namespace, Topology
+from testbed.netns import Namespace, Topology, build_named, remove_named
 
 
 @dataclass(frozen=True)
@@ -162,25 +161,12 @@ SHORT_NAMES = ("ch", "r", "mh")
 
 def up(plan: Plan) -> Fig7:
     """Build the testbed with fixed names; on any failure (or Ctrl-C), remove it."""
-    topo = Topology(name_prefix=NAME_PREFIX)
-    try:
-        return Fig7.build(topo, plan)
-    except BaseException:
-        topo.close()
-        raise
+    return build_named(NAME_PREFIX, lambda topo: Fig7.build(topo, plan))
 
 
 def down() -> list[str]:
     """Remove the namespaces ``up`` made (killing what runs in them); their names."""
-    topo = Topology(name_prefix=NAME_PREFIX)
-    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-    present = {line.split()[0] for line in listed.splitlines() if line.strip()}
-    for short in SHORT_NAMES:
-        if f"{NAME_PREFIX}-{short}" in present:
-            topo.namespaces[short] = Namespace(f"{NAME_PREFIX}-{short}")
-    gone = [ns.name for ns in topo.namespaces.values()]
-    topo.close()
-    return gone
+    return remove_named(NAME_PREFIX, SHORT_NAMES)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -54,11 +54,10 @@ from ihmp.wire import DEFAULT_PORT, Message, MessageType, encode, public_key_byt
 from testbed.experiments.common import machine
 from testbed.fig7 import V4, Fig7
 from testbed.netns import Namespace, add_rst_counter, read_line, rst_count, topology
+from testbed.procs import ROOT, py, wait_for
 from testbed.procstat import ProcCpu
 from testbed.runner import Dime, any_established, handed_off, stop_all, up_all
 
-ROOT = Path(__file__).resolve().parent.parent
-PY = sys.executable
 XFER = str(ROOT / "testbed" / "xfer.py")
 
 #: Where the spoofed sources come from: routed by the router to the attacker
@@ -280,22 +279,6 @@ def read_counters(r: Namespace) -> dict[str, dict[str, int]]:
 # -- helper processes --------------------------------------------------------------------
 
 
-def _env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
-
-
-def _popen(ns: Namespace, *args: str) -> subprocess.Popen[bytes]:
-    return ns.popen(
-        PY,
-        *args,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=_env(),
-        cwd=str(ROOT),
-    )
-
-
 def _json_line(proc: subprocess.Popen[bytes], timeout: float, what: str) -> dict[str, Any]:
     assert proc.stdout is not None
     line, buf = read_line(proc.stdout, timeout)
@@ -329,7 +312,7 @@ class Flooder:
     ) -> Flooder:
         args = ["--dst", dst, "--sources", str(sources), "--kind", kind]
         args += ["--rate", str(rate), "--net", str(net)]
-        return cls(_popen(ns, "-m", "testbed.flood", "send", *args))
+        return cls(py(ns, "-m", "testbed.flood", "send", *args))
 
     def ready(self, timeout: float = 300) -> dict[str, Any]:
         """Once the flood is built: what it holds (:meth:`Flood.describe`)."""
@@ -435,18 +418,7 @@ def udp_errors(pid: int) -> dict[str, int]:
 
 
 def _xfer(ns: Namespace, *args: str) -> subprocess.Popen[bytes]:
-    return _popen(ns, XFER, *args)
-
-
-def _wait_stderr(proc: subprocess.Popen[bytes], word: str, timeout: float) -> None:
-    assert proc.stderr is not None
-    deadline = time.monotonic() + timeout
-    while True:
-        line, buf = read_line(proc.stderr, max(deadline - time.monotonic(), 0.01))
-        if line is None:
-            raise RuntimeError(f"{proc.args!r} never said {word!r} (got {buf!r})")
-        if word in line:
-            return
+    return py(ns, XFER, *args)
 
 
 def _xfer_result(proc: subprocess.Popen[bytes], timeout: float) -> dict[str, Any]:
@@ -530,7 +502,7 @@ def run_bench(
             nbytes = int(rate_mbit * 1e6 / 8 * (seconds + 10))
             server = _xfer(fig.ch, "tcp-server", "--bind", ch_addr, "--port", "5001")
             procs.append(server)
-            _wait_stderr(server, "listening", 10)
+            wait_for(server, "listening", 10)
             client = _xfer(
                 fig.mh,
                 "tcp-client",
@@ -547,7 +519,7 @@ def run_bench(
                 "--hold-open",
             )
             procs.append(client)
-            _wait_stderr(client, "ready", 10)
+            wait_for(client, "ready", 10)
             ch.wait_status(any_established, timeout=20)
             fig.hard_handoff_mh(0.5)
             ch.wait_status(handed_off(plan.m1.host, plan.m2.host), timeout=30)
@@ -561,7 +533,7 @@ def run_bench(
             cpu = ProcCpu(pid)
             ticks0, wall0 = cpu.ticks(), time.monotonic()
             watch = Watch(ch, pid)
-            sock_poll = _popen(fig.ch, "-m", "testbed.flood", "poll", "--seconds", str(seconds + 2))
+            sock_poll = py(fig.ch, "-m", "testbed.flood", "poll", "--seconds", str(seconds + 2))
             procs.append(sock_poll)
             watch.start()
             flood_start = time.time()

@@ -56,7 +56,6 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -64,8 +63,8 @@ from pathlib import Path
 from typing import Any
 
 from testbed.capture import Capture, Packet
-from testbed.netns import Namespace, Topology
-from testbed.runner import Dime, DimeError, KernelState, Stopped, kernel_state, residue
+from testbed.netns import Namespace, Topology, build_named, remove_named
+from testbed.runner import Dime, KernelState, Stopped, kernel_state, residue
 
 WAN = "198.51.100.0/24"
 WAN1 = "198.51.100.2"  # the router's first uplink: the public subnet and NAT A leave here
@@ -368,7 +367,7 @@ class NatDaemon(Dime):
     """``dime nat --config FILE`` in the router (an IHMP-aware NAT), with the same
     conventions as :class:`Dime` (state dir in DIME_STATE_DIR, the log in ``log``,
     no systemd socket): started with :meth:`start`, ready when its log has a line
-    with ``dime nat:`` or ``dime status --json`` answers in its namespace, stopped
+    with ``dime nat:``, stopped
     with SIGTERM (:meth:`terminate`: exit status 0 and nothing left behind)."""
 
     config: Path | None = None
@@ -389,39 +388,15 @@ class NatDaemon(Dime):
         assert self.config is not None
         self.config.parent.mkdir(parents=True, exist_ok=True)
         self.config.write_text(self.config_text)
-        self.before = kernel_state(self.ns)
-        self.log.parent.mkdir(parents=True, exist_ok=True)
-        with self.log.open("wb") as out:
-            self.proc = subprocess.Popen(
-                self.argv("nat", "--config", str(self.config), *args),
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env=self.env(),
-                start_new_session=True,
-            )
+        self.spawn("nat", "--config", str(self.config), *args)
 
     def wait_ready(self, timeout: float = 30.0) -> dict[str, Any]:
-        assert self.proc is not None, "start() first"
-        deadline = time.monotonic() + timeout
-        next_poll = time.monotonic() + 1.0
-        while True:
-            code = self.proc.poll()
-            if code is not None:
-                raise DimeError(f"dime nat in {self.name} exited {code}:\n{self.log_tail()}")
-            if NAT_READY_LINE in self.log_text():
-                return {}
-            if time.monotonic() >= next_poll:
-                st = self.try_status()
-                if st is not None:
-                    return st
-                next_poll = time.monotonic() + 1.0
-            if time.monotonic() > deadline:
-                raise DimeError(
-                    f"dime nat in {self.name} not ready after {timeout:g} s (no "
-                    f"{NAT_READY_LINE!r} line, no status):\n{self.log_tail()}"
-                )
-            time.sleep(0.05)
+        """Ready when its log says ``dime nat:`` (it has no control socket)."""
+
+        def ready() -> dict[str, Any] | None:
+            return {} if NAT_READY_LINE in self.log_text() else None
+
+        return self.await_ready(ready, timeout, "dime nat")
 
     def terminate(self, timeout: float = 30.0) -> Stopped:
         """SIGTERM, then wait: how it went and what it left behind."""
@@ -452,25 +427,12 @@ SHORT_NAMES = ("sw", "ch", "eve", "r", "mh")
 
 def up() -> NatLab:
     """Build the testbed with fixed names; on any failure (or Ctrl-C), remove it."""
-    topo = Topology(name_prefix=NAME_PREFIX)
-    try:
-        return NatLab.build(topo)
-    except BaseException:
-        topo.close()
-        raise
+    return build_named(NAME_PREFIX, NatLab.build)
 
 
 def down() -> list[str]:
     """Remove the namespaces ``up`` made (killing what runs in them); their names."""
-    topo = Topology(name_prefix=NAME_PREFIX)
-    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-    present = {line.split()[0] for line in listed.splitlines() if line.strip()}
-    for short in SHORT_NAMES:
-        if f"{NAME_PREFIX}-{short}" in present:
-            topo.namespaces[short] = Namespace(f"{NAME_PREFIX}-{short}")
-    gone = [ns.name for ns in topo.namespaces.values()]
-    topo.close()
-    return gone
+    return remove_named(NAME_PREFIX, SHORT_NAMES)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -44,41 +44,13 @@ from testbed.nat import (
     resumed_tcp,
     resumed_udp,
 )
-from testbed.netns import Namespace, add_rst_counter, read_line, rst_count, topology
+from testbed.netns import Namespace, add_rst_counter, rst_count, topology
+from testbed.procs import ROOT, py, result, wait_for
 from testbed.runner import Dime, DimeError, down_all, stop_all, up_all
 
-ROOT = Path(__file__).resolve().parent.parent
 XFER = str(ROOT / "testbed" / "xfer.py")
 NATFLOWS = str(ROOT / "testbed" / "natflows.py")
 UP_PORT, DOWN_PORT, UDP_PORT = 5001, 5002, 5300
-
-
-def _py(ns: Namespace, *args: str) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
-    return ns.popen(
-        sys.executable, *args,
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        env=env, cwd=str(ROOT),
-    )  # fmt: skip
-
-
-def _wait_for(proc: subprocess.Popen[bytes], word: str, timeout: float = 10) -> None:
-    assert proc.stderr is not None
-    deadline = time.monotonic() + timeout
-    while True:
-        line, buf = read_line(proc.stderr, max(deadline - time.monotonic(), 0.01))
-        if line is None:
-            raise RuntimeError(f"{proc.args!r}: no {word!r} within {timeout} s ({buf!r})")
-        if word in line:
-            return
-
-
-def _result(proc: subprocess.Popen[bytes], timeout: float = 120) -> dict[str, Any]:
-    out, err = proc.communicate(timeout=timeout)
-    lines = out.decode().strip().splitlines()
-    if not lines:
-        raise RuntimeError(f"{proc.args!r} printed nothing; stderr: {err.decode()[-2000:]}")
-    return dict(json.loads(lines[-1]))
 
 
 def run(tmp: Path, dwell: float, gap: float, rate: float, aware: bool) -> dict[str, Any]:
@@ -99,9 +71,9 @@ def run(tmp: Path, dwell: float, gap: float, rate: float, aware: bool) -> dict[s
             up_all(daemons, "-v")
 
             def start(ns: Namespace, *args: str, word: str) -> subprocess.Popen[bytes]:
-                proc = _py(ns, *args)
+                proc = py(ns, *args)
                 procs.append(proc)
-                _wait_for(proc, word)
+                wait_for(proc, word, 10)
                 return proc
 
             xfer = ("--bytes", str(nbytes), "--rate", str(rate), "--timeout", "20", "--hold-open")
@@ -121,13 +93,13 @@ def run(tmp: Path, dwell: float, gap: float, rate: float, aware: bool) -> dict[s
             for subnet, host in MOVES:
                 lab.move_to(subnet, host, gap=gap)
                 time.sleep(dwell)
-            sent_up, sent_dn = _result(up_cli), _result(dn_cli)
-            got_up, got_dn = _result(up_srv), _result(dn_srv)
+            sent_up, sent_dn = result(up_cli, 120), result(dn_cli, 120)
+            got_up, got_dn = result(up_srv, 120), result(dn_srv, 120)
             end = time.time()
             udp_cli.terminate()
-            udp = _result(udp_cli, 30)
+            udp = result(udp_cli, 30)
             echo.terminate()
-            _result(echo, 30)
+            result(echo, 30)
             resets = {"ch": rst_count(lab.ch), "mh": rst_count(lab.mh)}
             stopped = down_all(daemons) + ([nat.terminate()] if nat is not None else [])
         except BaseException as exc:

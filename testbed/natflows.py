@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import json
 import queue
 import random
@@ -60,6 +59,7 @@ import time
 from typing import Any
 
 from testbed.netns import read_line
+from testbed.xfer import Tally, receive, send_paced
 
 REQUEST_SIZE = 4  # bytes of a udp-client request: its counter
 
@@ -183,43 +183,17 @@ def tcp_send_server(
     srv.listen(1)
     srv.settimeout(timeout)
     _say("listening")
-    digest = hashlib.sha256()
-    rng = random.Random(1234)
-    sent = 0
     error = None
-    timeline: list[int] = []
-    start = time.monotonic()
+    tally = Tally(time.monotonic())
     try:
         conn, _ = srv.accept()
         conn.settimeout(timeout)
-        start = time.monotonic()
-        while sent < nbytes:
-            chunk = rng.randbytes(min(16384, nbytes - sent))
-            conn.sendall(chunk)
-            digest.update(chunk)
-            sent += len(chunk)
-            elapsed = time.monotonic() - start
-            while len(timeline) <= int(elapsed * 10):
-                timeline.append(0)
-            timeline[int(elapsed * 10)] += len(chunk)
-            ahead = sent * 8 / (rate_mbit * 1e6) - elapsed if rate_mbit > 0 else 0
-            if ahead > 0:
-                time.sleep(ahead)
-        if hold_open:
-            sys.stdin.buffer.read()
-        conn.shutdown(socket.SHUT_WR)
-        while conn.recv(4096):  # the client's close: every byte was read
-            pass
+        tally.start = time.monotonic()
+        send_paced(conn, nbytes, rate_mbit, hold_open, tally)
         conn.close()
     except OSError as exc:
         error = f"{type(exc).__name__}: {exc}"
-    return {
-        "bytes": sent,
-        "sha256": digest.hexdigest(),
-        "error": error,
-        "timeline": timeline,
-        "seconds": time.monotonic() - start,
-    }
+    return {**tally.result(error), "seconds": time.monotonic() - tally.start}
 
 
 def tcp_recv_client(connect: str, port: int, timeout: float) -> dict[str, Any]:
@@ -227,36 +201,18 @@ def tcp_recv_client(connect: str, port: int, timeout: float) -> dict[str, Any]:
     per 100 ms from ``start``, wall clock)."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.settimeout(timeout)
-    digest = hashlib.sha256()
-    total = 0
     error = None
-    timeline: list[int] = []
-    start = time.time()
+    tally = Tally(time.time())
     try:
         sock.connect((connect, port))
-        start = time.time()
+        tally.start = time.time()
         _say("ready")
-        while True:
-            chunk = sock.recv(1 << 16)
-            if not chunk:
-                break
-            digest.update(chunk)
-            total += len(chunk)
-            slot = int((time.time() - start) * 10)
-            while len(timeline) <= slot:
-                timeline.append(0)
-            timeline[slot] += len(chunk)
+        receive(sock, tally)
     except OSError as exc:
         error = f"{type(exc).__name__}: {exc}"
     finally:
         sock.close()
-    return {
-        "bytes": total,
-        "sha256": digest.hexdigest(),
-        "error": error,
-        "timeline": timeline,
-        "start": start,
-    }
+    return {**tally.result(error), "start": tally.start}
 
 
 # -- who does the server see ---------------------------------------------------------------

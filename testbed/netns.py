@@ -19,9 +19,9 @@ import select
 import shlex
 import subprocess
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 PREFIX = "dm"
 
@@ -216,3 +216,31 @@ def topology(tag: str = "t") -> Iterator[Topology]:
         yield topo
     finally:
         topo.close()
+
+
+T = TypeVar("T")
+
+
+def build_named(prefix: str, build: Callable[[Topology], T]) -> T:
+    """A testbed whose namespaces are named ``PREFIX-SHORT`` (for people to enter,
+    ``python -m testbed.<bed> up``); on any failure (or Ctrl-C), removed again."""
+    topo = Topology(name_prefix=prefix)
+    try:
+        return build(topo)
+    except BaseException:
+        topo.close()
+        raise
+
+
+def remove_named(prefix: str, shorts: Sequence[str]) -> list[str]:
+    """Remove the namespaces ``PREFIX-SHORT`` that exist (killing what runs in
+    them), as ``build_named`` made them; their names."""
+    topo = Topology(name_prefix=prefix)
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    present = {line.split()[0] for line in listed.splitlines() if line.strip()}
+    for short in shorts:
+        if f"{prefix}-{short}" in present:
+            topo.namespaces[short] = Namespace(f"{prefix}-{short}")
+    gone = [ns.name for ns in topo.namespaces.values()]
+    topo.close()
+    return gone

@@ -33,9 +33,11 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 from testbed.netns import Namespace
+
+T = TypeVar("T")
 
 READY_TIMEOUT = 30.0  # s from `dime up` to `dime status` answering
 STOP_TIMEOUT = 30.0  # s from `dime down` to the daemon's exit
@@ -185,11 +187,16 @@ class Dime:
 
     def start(self, *args: str) -> None:
         """``dime up ARGS`` in the background (not waiting for it), logging to ``log``."""
+        self.spawn("up", *args)
+
+    def spawn(self, *args: str) -> None:
+        """``dime ARGS`` in the background, logging to ``log``; the kernel state
+        before it is taken first (what it must leave as it found)."""
         self.before = kernel_state(self.ns)
         self.log.parent.mkdir(parents=True, exist_ok=True)
         with self.log.open("wb") as out:
             self.proc = subprocess.Popen(
-                self.argv("up", *args),
+                self.argv(*args),
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
@@ -205,21 +212,32 @@ class Dime:
         Each status poll starts a Python process (a fifth of a second of CPU), so it
         polls as soon as the log says the daemon is up, else once a second (a daemon
         configured to log only errors says nothing)."""
+        next_poll = time.monotonic() + 1.0
+
+        def status() -> Status | None:
+            nonlocal next_poll
+            if READY_LINE not in self.log_text() and time.monotonic() < next_poll:
+                return None
+            next_poll = time.monotonic() + 1.0
+            return self.try_status()
+
+        return self.await_ready(status, timeout, "dime up")
+
+    def await_ready(self, ready: Callable[[], T | None], timeout: float, what: str) -> T:
+        """What ``ready()`` returns first (polled); DimeError (with the log's tail) as
+        soon as the process exits, or after ``timeout`` seconds."""
         assert self.proc is not None, "start() first"
         deadline = time.monotonic() + timeout
-        next_poll = time.monotonic() + 1.0
         while True:
             code = self.proc.poll()
             if code is not None:
-                raise DimeError(f"dime up in {self.name} exited {code}:\n{self.log_tail()}")
-            if READY_LINE in self.log_text() or time.monotonic() >= next_poll:
-                st = self.try_status()
-                if st is not None:
-                    return st
-                next_poll = time.monotonic() + 1.0
+                raise DimeError(f"{what} in {self.name} exited {code}:\n{self.log_tail()}")
+            got = ready()
+            if got is not None:
+                return got
             if time.monotonic() > deadline:
                 raise DimeError(
-                    f"dime up in {self.name} not ready after {timeout:g} s:\n{self.log_tail()}"
+                    f"{what} in {self.name} not ready after {timeout:g} s:\n{self.log_tail()}"
                 )
             time.sleep(0.02)
 

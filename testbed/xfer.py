@@ -34,6 +34,67 @@ def _family(addr: str) -> int:
     return socket.AF_INET6 if ":" in addr else socket.AF_INET
 
 
+class Tally:
+    """The bytes of one direction of a transfer: how many, their SHA-256, and how
+    many in each 100 ms from ``start`` (the timeline a test reads stalls from)."""
+
+    def __init__(self, start: float) -> None:
+        self.start = start
+        self.bytes = 0
+        self.digest = hashlib.sha256()
+        self.timeline: list[int] = []
+
+    def add(self, chunk: bytes, at: float) -> None:
+        self.digest.update(chunk)
+        self.bytes += len(chunk)
+        slot = int((at - self.start) * 10)
+        while len(self.timeline) <= slot:
+            self.timeline.append(0)
+        self.timeline[slot] += len(chunk)
+
+    def result(self, error: str | None) -> dict[str, object]:
+        return {
+            "bytes": self.bytes,
+            "sha256": self.digest.hexdigest(),
+            "error": error,
+            "timeline": self.timeline,
+        }
+
+
+def receive(conn: socket.socket, tally: Tally) -> None:
+    """Read ``conn`` to EOF into ``tally`` (wall clock). OSError goes to the caller."""
+    while chunk := conn.recv(1 << 16):
+        tally.add(chunk, time.time())
+
+
+def send_paced(
+    sock: socket.socket, nbytes: int, rate_mbit: float, hold_open: bool, tally: Tally
+) -> None:
+    """Send ``nbytes`` deterministic pseudo-random bytes at ``rate_mbit`` (0: as fast
+    as it goes) into ``tally`` (monotonic clock), then close our side; with
+    ``hold_open``, only once stdin closes (a test's moves are over); wait for the
+    other end's close: every byte was read. OSError goes to the caller."""
+    rng = random.Random(1234)
+    while tally.bytes < nbytes:
+        chunk = rng.randbytes(min(16384, nbytes - tally.bytes))
+        sock.sendall(chunk)
+        now = time.monotonic()
+        tally.add(chunk, now)
+        if rate_mbit > 0:
+            ahead = tally.bytes * 8 / (rate_mbit * 1e6) - (now - tally.start)
+            if ahead > 0:
+                time.sleep(ahead)
+    if hold_open:
+        sys.stdin.buffer.read()
+    sock.shutdown(socket.SHUT_WR)
+    while sock.recv(4096):
+        pass
+
+
+def _error(exc: OSError) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
 def tcp_server(bind: str, port: int, timeout: float) -> dict[str, object]:
     srv = socket.socket(_family(bind), socket.SOCK_STREAM)
     srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -41,35 +102,18 @@ def tcp_server(bind: str, port: int, timeout: float) -> dict[str, object]:
     srv.listen(1)
     srv.settimeout(timeout)
     print("listening", file=sys.stderr, flush=True)
-    digest = hashlib.sha256()
-    total = 0
+    tally = Tally(time.time())  # timeline: bytes received per 100 ms since the connection
     error = None
-    timeline: list[int] = []  # bytes received per 100 ms since the connection
-    start = time.time()
     try:
         conn, _peer = srv.accept()
         conn.settimeout(timeout)
-        start = time.time()
-        while True:
-            chunk = conn.recv(1 << 16)
-            if not chunk:
-                break
-            digest.update(chunk)
-            total += len(chunk)
-            slot = int((time.time() - start) * 10)
-            while len(timeline) <= slot:
-                timeline.append(0)
-            timeline[slot] += len(chunk)
+        tally.start = time.time()
+        receive(conn, tally)
         conn.close()
     except OSError as exc:
-        error = f"{type(exc).__name__}: {exc}"
-    return {
-        "bytes": total,
-        "sha256": digest.hexdigest(),
-        "error": error,
-        "timeline": timeline,
-        "start": start,  # wall clock, to line the timeline up with events
-    }
+        error = _error(exc)
+    # start: wall clock, to line the timeline up with events
+    return {**tally.result(error), "start": tally.start}
 
 
 def tcp_client(
@@ -85,47 +129,17 @@ def tcp_client(
     if bind:
         sock.bind((bind, 0))
     sock.settimeout(timeout)
-    digest = hashlib.sha256()
-    rng = random.Random(1234)
-    sent = 0
     error = None
-    timeline: list[int] = []
-    start = time.monotonic()
+    tally = Tally(time.monotonic())
     try:
         sock.connect((connect, port))
         print("ready", file=sys.stderr, flush=True)
-        chunk_size = 16384
-        while sent < nbytes:
-            n = min(chunk_size, nbytes - sent)
-            chunk = rng.randbytes(n)
-            sock.sendall(chunk)
-            digest.update(chunk)
-            sent += n
-            elapsed = time.monotonic() - start
-            slot = int(elapsed * 10)
-            while len(timeline) <= slot:
-                timeline.append(0)
-            timeline[slot] += n
-            if rate_mbit > 0:
-                ahead = sent * 8 / (rate_mbit * 1e6) - elapsed
-                if ahead > 0:
-                    time.sleep(ahead)
-        if hold_open:
-            sys.stdin.buffer.read()
-        sock.shutdown(socket.SHUT_WR)
-        while sock.recv(4096):  # wait for the server's close: every byte was read
-            pass
+        send_paced(sock, nbytes, rate_mbit, hold_open, tally)
     except OSError as exc:
-        error = f"{type(exc).__name__}: {exc}"
+        error = _error(exc)
     finally:
         sock.close()
-    return {
-        "bytes": sent,
-        "sha256": digest.hexdigest(),
-        "error": error,
-        "timeline": timeline,
-        "seconds": time.monotonic() - start,
-    }
+    return {**tally.result(error), "seconds": time.monotonic() - tally.start}
 
 
 def udp_echo(bind: str, port: int, duration: float) -> dict[str, object]:

@@ -4,65 +4,20 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import subprocess
-import sys
-import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from testbed.fig7 import V4, Fig7, Plan
 from testbed.netns import Namespace, add_rst_counter, rst_count, topology
-from testbed.netns import read_line as netns_read_line
+from testbed.procs import ROOT as ROOT  # re-exported for the tests
+from testbed.procs import py as py
+from testbed.procs import read_line as read_line
+from testbed.procs import result as result
+from testbed.procs import wait_for as wait_for
 from testbed.runner import Dime, stop_all
 from testbed.runner import kernel_state as kernel_state  # re-exported for the tests
-
-ROOT = Path(__file__).resolve().parent.parent
-PY = sys.executable
-
-
-def py(ns: Namespace, *args: str, **kw: Any) -> subprocess.Popen[bytes]:
-    """A python process in ``ns`` with the project on its path."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
-    return ns.popen(
-        PY,
-        *args,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=env,
-        cwd=str(ROOT),
-        **kw,
-    )
-
-
-def read_line(proc: subprocess.Popen[bytes], timeout: float, stream: str = "stdout") -> str:
-    """One line from the process, or AssertionError after ``timeout`` seconds."""
-    pipe = proc.stdout if stream == "stdout" else proc.stderr
-    assert pipe is not None
-    line, buf = netns_read_line(pipe, timeout)
-    if line is not None:
-        return line
-    raise AssertionError(f"no line from {proc.args!r} within {timeout}s (got {buf!r})")
-
-
-def wait_for(proc: subprocess.Popen[bytes], word: str, timeout: float) -> None:
-    """Wait for a stderr line containing ``word`` (e.g. "ready", "listening")."""
-    deadline = time.monotonic() + timeout
-    while True:
-        line = read_line(proc, max(deadline - time.monotonic(), 0.01), "stderr")
-        if word in line:
-            return
-
-
-def result(proc: subprocess.Popen[bytes], timeout: float) -> dict[str, Any]:
-    """The JSON object a testbed.xfer process prints when it is done."""
-    out, err = proc.communicate(timeout=timeout)
-    lines = out.decode().strip().splitlines()
-    assert lines, f"{proc.args!r} printed nothing; stderr: {err.decode()[-2000:]}"
-    return dict(json.loads(lines[-1]))
 
 
 @dataclass
