@@ -502,7 +502,7 @@ class IhmpEngine:
                 self._send_addr_down(entry, now)
                 continue
             others = [a for a in self._local if advertisable(a)]
-            reach, local, _ = best_path(self._remotes(entry), others)
+            reach, local, _ = best_path(self._remotes(entry), others, self._peers[entry.hid].dead)
             if local is not None and reach is not Reach.UNREACHABLE:
                 self._send_handoff(entry, local, now)
             else:
@@ -893,6 +893,7 @@ class IhmpEngine:
                 raise _Reject(RejectReason.UNEXPECTED_ACK, f"no message {msg.seq} outstanding")
         self._commit(msg, entry.hid, window, pin, now)
         self._note_flags(msg, peer)
+        peer.dead.discard((dst, src))  # it came along that path: it works after all
         if src in entry.nat and port is not None:
             peer.ports[src] = port  # the NAT gave our peer a new mapping: answer there
         if pending is not None:
@@ -1218,6 +1219,8 @@ class IhmpEngine:
         self._events.append(ev.ExchangeFailed(hid, msg.type, msg.seq))
         entry = self.table.get(hid)
         peer = self._peers[hid]
+        if pending.probe:
+            peer.dead.add((pending.src, pending.dst))  # evidence: this path does not work
         if msg.type is T.HELLO:
             if peer.answered:
                 return  # it answered before (or since): never demoted for one HELLO
@@ -1285,11 +1288,11 @@ class IhmpEngine:
     def _send_addr_up(self, entry: HostEntry, new: IPAddress, now: float) -> None:
         peer = self._peers[entry.hid]
         self._introduce(entry, new, now)
-        reach, _, remote = best_path(self._remotes(entry), [new])
+        reach, _, remote = best_path(self._remotes(entry), [new], peer.dead)
         peer.announced.add(new)
         if remote is not None and reach is not Reach.UNREACHABLE:
             msg = self._message(peer, T.ADDR_UP, host_id=self._host_id(entry), new_addr=new)
-            self._send_probing(entry.hid, msg, new, remote, reach, now)
+            self._send_probing(entry, msg, new, remote, reach, now)
         elif entry.local and entry.locator is not None:
             msg = self._message(
                 peer, T.ADDR_UP_UNREACHABLE, host_id=self._host_id(entry), new_addr=new
@@ -1320,12 +1323,12 @@ class IhmpEngine:
         # OU: the peer could not reach us at any of the old addresses (III-B4).
         flags = Flags.NONE if any(peer.withdrawn[a] for a in olds) else Flags.OU
         host_id = self._host_id(entry)
-        reach, _, remote = best_path(self._remotes(entry), [new])
+        reach, _, remote = best_path(self._remotes(entry), [new], peer.dead)
         if remote is not None and reach is not Reach.UNREACHABLE:
             msg = self._message(
                 peer, T.HANDOFF, host_id=host_id, new_addr=new, old_addrs=olds, flags=flags
             )
-            self._send_probing(entry.hid, msg, new, remote, reach, now)
+            self._send_probing(entry, msg, new, remote, reach, now)
         elif entry.local and entry.locator is not None:
             msg = self._message(
                 peer,
@@ -1340,12 +1343,22 @@ class IhmpEngine:
             self._orphan(entry.hid, now)
 
     def _send_probing(
-        self, hid: int, msg: Message, src: IPAddress, dst: IPAddress, reach: Reach, now: float
+        self,
+        entry: HostEntry,
+        msg: Message,
+        src: IPAddress,
+        dst: IPAddress,
+        reach: Reach,
+        now: float,
     ) -> None:
-        """Send from a new address; to a potentially reachable peer it is a probe, with
-        fewer tries before falling back to a path that works."""
-        attempts = None if reach is Reach.REACHABLE else self.config.probe_attempts
-        self._send(hid, msg, src, dst, now, track=True, attempts=attempts, fallback=True)
+        """Send from a new address. To a potentially reachable peer it is a probe, with
+        fewer tries before falling back to a path that works, if there is one; with
+        none, it is said as long as any address event: it may be the only way left."""
+        fallback = bool(entry.local) and entry.locator is not None
+        probe = reach is Reach.POTENTIAL and fallback
+        attempts = self.config.probe_attempts if probe else None
+        self._send(entry.hid, msg, src, dst, now, track=True, attempts=attempts, fallback=True)
+        self._peers[entry.hid].pending[msg.seq].probe = True
 
     @staticmethod
     def _hello_pending(peer: Peer) -> bool:
@@ -1378,7 +1391,7 @@ class IhmpEngine:
         peer = self._peers[entry.hid]
         locals_ = [a for a in self._local if advertisable(a)]
         for remote in sorted(entry.unreachable, key=addr_key):
-            reach, local, _ = best_path([remote], locals_)
+            reach, local, _ = best_path([remote], locals_, peer.dead)
             if local is None or reach is Reach.UNREACHABLE:
                 continue
             if not self._challenging(peer, remote):
@@ -1444,6 +1457,7 @@ class IhmpEngine:
         )
         self._send(entry.hid, msg, local, remote, now, track=True, attempts=attempts)
         peer.pending[msg.seq].prefer = prefer
+        peer.pending[msg.seq].probe = True
         self.counters.challenges_sent += 1
 
     # == local address bookkeeping ====================================================

@@ -42,6 +42,8 @@ class Pending:
         default_factory=dict
     )
     cookie_tries: int = 0  # a HELLO: cookies it was sent again with
+    # A probe of a potentially reachable path: if unanswered, the path is dead.
+    probe: bool = False
 
     def exhausted(self, now: float) -> bool:
         """Whether the retransmission due now should not happen: give up instead."""
@@ -77,6 +79,10 @@ class Peer:
     # Our addresses the peer saw through a NAT: flows bound to them are named by the
     # NAT's address there.
     natted_locals: set[IPAddress] = field(default_factory=set)
+    # (our address, its address) pairs whose probes went unanswered: the evidence
+    # that makes a potentially reachable path known unreachable (not saved: a
+    # restarted daemon probes again).
+    dead: set[tuple[IPAddress, IPAddress]] = field(default_factory=set)
 
     def to_json(self, now: float) -> dict[str, Any]:
         """What a successor needs to go on with this peer (messages in flight are
