@@ -1,6 +1,8 @@
 """The ``dime`` command line.
 
     dime up [--config FILE] [--dataplane auto|nft|nfqueue] [--port N] [--strict] [-v]
+    dime rendezvous [--port N] [--config FILE] [-v]
+    dime nat [--config FILE] [-v]
     dime down
     dime status [--json]
     dime keygen [--out FILE]
@@ -99,6 +101,26 @@ def nat(config_path: Path | None, verbose: int) -> None:
     _serve(NatDaemon(cfg).run(), "dime nat")
 
 
+@main.command()
+@click.option("--port", type=click.IntRange(1, 65535), help="UDP port (default: 4731).")
+@click.option("--config", "config_path", type=click.Path(path_type=Path), help="TOML config file.")
+@click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
+def rendezvous(port: int | None, config_path: Path | None, verbose: int) -> None:
+    """Serve as a rendezvous point (foreground, this network namespace).
+
+    Hosts that list this one in their `rendezvous` config key register their
+    addresses here; when both ends of a connection move at once, or a peer's NAT
+    filters, their address events are forwarded through it (signed end to end).
+    Data never passes through it."""
+    cfg = _config(config_path)
+    if port is not None:
+        cfg.port = port
+    _logging(cfg, verbose)
+    from dime.rendezvousd import RendezvousDaemon
+
+    _serve(RendezvousDaemon(cfg).run(), "dime rendezvous")
+
+
 def _serve(daemon: Coroutine[Any, Any, None], name: str) -> None:
     """Run a daemon until it stops; what stops it early is one line and exit 1."""
     from stacktrans.service import StartError
@@ -161,6 +183,8 @@ def status(as_json: bool) -> None:
 
 
 def format_status(st: dict[str, Any]) -> str:
+    if st.get("role") == "rendezvous":
+        return _format_rendezvous(st)
     lines = [
         f"dime pid {st['pid']}, up {st['uptime']} s, dataplane {st['dataplane']}, "
         f"IHMP port {st['port']}",
@@ -199,12 +223,44 @@ def format_status(st: dict[str, Any]) -> str:
     )
     if "dropped" in c:
         lines.append(_defences(c, st.get("limits", {})))
+    for r in st.get("rendezvous", []):
+        seen = f", seen as {r['observed_as']}" if r.get("observed_as") else ""
+        state = "registered" if r["registered"] else "not registered"
+        lines.append(f"rendezvous point {r['server']}: {state}{seen}")
+    if c.get("relays_sent") or c.get("relayed_received"):
+        lines.append(
+            f"relayed: {c.get('relays_sent', 0)} sent through rendezvous points, "
+            f"{c.get('relayed_received', 0)} received"
+        )
     if c.get("flows_bound") or c.get("knocks_sent") or c.get("keepalives_sent"):
         lines.append(
             f"NATs: {c.get('flows_bound', 0)} flows bound by knocks, "
             f"{c.get('knocks_sent', 0)} knocks sent, {c.get('keepalives_sent', 0)} keepalives"
         )
     return "\n".join(lines)
+
+
+def _format_rendezvous(st: dict[str, Any]) -> str:
+    """``dime status`` of a rendezvous point: the hosts registered with it."""
+    c = st["counters"]
+    refused = ", ".join(f"{k} {v}" for k, v in c["refused"].items()) or "none"
+    hosts = st["registered_hosts"]
+    rows = [
+        [h["key"][:16], h["address"], str(h["port"]), " ".join(h["advertised"]),
+         f"{h['expires_in']} s"]
+        for h in hosts
+    ]  # fmt: skip
+    header = ["KEY", "ADDRESS", "PORT", "ADVERTISED", "EXPIRES IN"]
+    return "\n".join(
+        [
+            f"dime rendezvous pid {st['pid']}, up {st['uptime']} s, UDP port {st['port']}",
+            "",
+            _table(header, rows),
+            "",
+            f"{len(hosts)} registered hosts; {c['registrations']} registrations, "
+            f"{c['relayed']} messages relayed, {c['expired']} expired, refused: {refused}",
+        ]
+    )
 
 
 def _nat(h: dict[str, Any]) -> str:

@@ -18,6 +18,10 @@
                                 # flows need it (0: never)
     nat_port = 4733             # `dime nat` (on a NAT router): its own UDP port, and the
                                 # NFQUEUE number of the IHMP it forwards
+    rendezvous = ["192.0.2.53", "[2001:db8::53]:4731"]
+                                # rendezvous points (`dime rendezvous`) to register with
+                                # and relay through when both ends move at once, or a
+                                # peer's NAT filters (default: none; port default 4731)
 
     [ihmp]                      # protocol timing and flood limits
     initial_rto = 0.5           # s, first retransmission timeout
@@ -36,6 +40,16 @@
     cookie_rate = 500.0         # HELLO cookies sent per second, all sources together
     knock_rate = 300.0          # knocks checked per second from one NAT address
     knock_burst = 3000.0
+    relay_rate = 50.0           # datagrams/s taken from one rendezvous point
+    relay_burst = 200.0
+
+    [rendezvous_server]         # `dime rendezvous` only (it also uses `port`)
+    accept = ["03a107bff3ce10be1d70dd18e74bc09967e4d6309ba50d5f1ddc8664125531b8"]
+                                # host keys it serves (hex or base64; default: any)
+    max_hosts = 10000           # registrations kept; a new host beyond it is refused
+    lifetime = 90.0             # s a registration lasts unless renewed (hosts: every 25 s)
+    rate = 20.0                 # datagrams/s taken from one source
+    burst = 60.0
 
     [[local_key]]               # the paper's set_local_key; more specific wins
     file = "/etc/dime/lab.key"
@@ -60,6 +74,8 @@ from typing import Any
 
 from ihmp.engine import EngineConfig
 from ihmp.keys import parse_scope
+from ihmp.registration import RendezvousAddressError, RendezvousPoint
+from ihmp.rendezvous import ServerConfig
 
 DEFAULT_STATE_DIR = Path("/var/lib/dime")
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -99,6 +115,8 @@ class Config:
     ihmp: EngineConfig = field(default_factory=EngineConfig)
     local_key: list[KeyBinding] = field(default_factory=list)
     trust: list[TrustBinding] = field(default_factory=list)
+    rendezvous: list[RendezvousPoint] = field(default_factory=list)
+    rendezvous_server: ServerConfig = field(default_factory=ServerConfig)
 
 
 def parse_public_key(text: str, where: str) -> bytes:
@@ -164,7 +182,7 @@ _SCALARS: dict[str, type] = {
 def from_dict(data: dict[str, Any]) -> Config:
     """Validate a parsed TOML document. Raises ConfigError."""
     cfg = Config()
-    allowed = set(_SCALARS) | {"ihmp", "local_key", "trust"}
+    allowed = set(_SCALARS) | {"ihmp", "local_key", "trust", "rendezvous", "rendezvous_server"}
     for key in data:
         if key not in allowed:
             raise ConfigError(f"{key}: unknown key (known: {', '.join(sorted(allowed))})")
@@ -197,7 +215,41 @@ def from_dict(data: dict[str, Any]) -> Config:
     cfg.ihmp.nat_keepalive = cfg.nat_keepalive
     cfg.local_key = [_local_key(i, item) for i, item in enumerate(_tables("local_key", data))]
     cfg.trust = [_trust(i, item) for i, item in enumerate(_tables("trust", data))]
+    cfg.rendezvous = _rendezvous(data.get("rendezvous", []))
+    cfg.rendezvous_server = _rendezvous_server(data.get("rendezvous_server", {}))
     return cfg
+
+
+def _rendezvous(data: Any) -> list[RendezvousPoint]:
+    if not isinstance(data, list) or not all(isinstance(i, str) for i in data):
+        raise ConfigError('rendezvous: must be a list of strings ("ADDR", "ADDR:PORT", ...)')
+    try:
+        points = [RendezvousPoint.parse(text) for text in data]
+    except RendezvousAddressError as exc:
+        raise ConfigError(f"rendezvous: {exc}") from None
+    if len({(p.addr, p.port) for p in points}) != len(points):
+        raise ConfigError("rendezvous: a rendezvous point is listed twice")
+    return points
+
+
+def _rendezvous_server(data: Any) -> ServerConfig:
+    if not isinstance(data, dict):
+        raise ConfigError("rendezvous_server: must be a table ([rendezvous_server])")
+    server = ServerConfig()
+    known = {f.name for f in fields(ServerConfig)}
+    for key, value in data.items():
+        where = f"rendezvous_server.{key}"
+        if key not in known:
+            raise ConfigError(f"{where}: unknown key (known: {', '.join(sorted(known))})")
+        if key == "accept":
+            if not isinstance(value, list):
+                raise ConfigError(f"{where}: must be a list of public keys")
+            keys = [parse_public_key(_check_type(where, k, str), where) for k in value]
+            server.accept = frozenset(keys)
+            continue
+        kind = int if isinstance(getattr(server, key), int) else float
+        setattr(server, key, _positive(where, _check_type(where, value, kind)))
+    return server
 
 
 def _tables(key: str, data: dict[str, Any]) -> list[dict[str, Any]]:

@@ -119,6 +119,7 @@ class Daemon:
             trust=keyring.trust,
             local_addresses=addresses,
             in_use=self._carries_flows,
+            rendezvous=cfg.rendezvous,
         )
         previous = previous_run(run_dir())
         resumed = previous is not None and self._resume_engine(previous)
@@ -396,6 +397,7 @@ class Daemon:
             started_at=self.started_at,
             engine=self.engine,
             service=self.service,
+            now=self._now(),
         )
 
 

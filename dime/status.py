@@ -20,7 +20,9 @@ def build(
     started_at: float,
     engine: IhmpEngine | None,
     service: StackTrans | None,
+    now: float,
 ) -> dict[str, Any]:
+    """``now``: the engine's clock."""
     return {
         "pid": os.getpid(),
         "uptime": round(time.time() - started_at, 1),
@@ -32,6 +34,8 @@ def build(
         "sockets": service.flows() if service is not None else [],
         "counters": _counters(engine, service),
         "limits": _limits(engine),
+        # Each configured rendezvous point: {server (as configured), registered, ...}.
+        "rendezvous": engine.rendezvous_status(now) if engine is not None else [],
     }
 
 
@@ -75,6 +79,7 @@ def _limits(engine: IhmpEngine | None) -> dict[str, float]:
         "unverified_rate",
         "cookie_rate",
         "knock_rate",
+        "relay_rate",
     )
     return {name: getattr(c, name) for name in names}
 
@@ -100,6 +105,9 @@ def _counters(engine: IhmpEngine | None, service: StackTrans | None) -> dict[str
             "peers_evicted": c.peers_evicted,
             "keepalives_sent": c.keepalives_sent,
             "flows_bound": c.flows_bound,
+            "registrations_sent": c.registrations_sent,
+            "relays_sent": c.relays_sent,
+            "relayed_received": c.relayed_received,
             "peers": len(engine.table),
             "peers_half_open": engine.half_open(),
         }

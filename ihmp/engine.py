@@ -58,11 +58,13 @@ from ihmp.natproof import NatProofs
 from ihmp.peer import Peer, Pending
 from ihmp.ratelimit import PerSource, TokenBucket
 from ihmp.reachability import Reach, advertisable, best_path, classify
+from ihmp.registration import Registration, Registrations, RendezvousPoint
 from ihmp.replay import ReplayWindow
 from ihmp.states import Trigger
 from ihmp.timers import Timers
 from ihmp.wire import (
     NONCE_LEN,
+    RELAYABLE,
     Flags,
     Message,
     MessageType,
@@ -121,6 +123,10 @@ class EngineConfig:
     # a move sends three per flow within a second).
     knock_rate: float = 300.0
     knock_burst: float = 3000.0
+    # Forwarded messages taken in per second from one rendezvous point (each costs a
+    # signature check; anyone can spoof a rendezvous point's address).
+    relay_rate: float = 50.0
+    relay_burst: float = 200.0
 
 
 @dataclass(frozen=True)
@@ -146,6 +152,9 @@ class Counters:
     peers_evicted: int = 0
     keepalives_sent: int = 0
     flows_bound: int = 0  # knocks taken in: a flow's port on a NAT learned
+    registrations_sent: int = 0  # REGISTERs to rendezvous points, retransmissions included
+    relays_sent: int = 0  # our messages sent through a rendezvous point
+    relayed_received: int = 0  # peers' messages a rendezvous point forwarded, taken in
 
 
 SAVE_VERSION = 1
@@ -198,11 +207,14 @@ class IhmpEngine:
         trust: TrustStore | None = None,
         local_addresses: Iterable[IPInterface] = (),
         in_use: Callable[[int], bool] | None = None,
+        rendezvous: Iterable[RendezvousPoint] = (),
     ) -> None:
         """``counter_start`` must grow across restarts: pass the wall clock in µs.
         ``rng`` makes nonces and the cookie secret: unpredictable in a daemon
         (``random.SystemRandom``). ``in_use(hid)``: whether the host carries flows now;
-        such a host is never evicted to make room."""
+        such a host is never evicted to make room. ``rendezvous``: the rendezvous
+        points to register with (at the first :meth:`handle_timer`, and after every
+        change of our addresses) and to relay through."""
         self._events: deque[ev.Event] = deque()
         self.table = HidTable(self._events.append)
         self.config = config or EngineConfig()
@@ -229,6 +241,15 @@ class IhmpEngine:
         self._aliases: dict[IPAddress, int] = {}
         # IHMP-aware NATs: the key proven to receive at each NAT address.
         self._nat_proofs: NatProofs[_Waiting] = NatProofs(rng, NONCE_LEN)
+        self._relays = PerSource(cfg.relay_rate, cfg.relay_burst)
+        self.registrations = Registrations(
+            list(rendezvous),
+            rng,
+            refresh=cfg.nat_keepalive or 25.0,
+            initial_rto=cfg.initial_rto,
+            max_rto=cfg.max_rto,
+            deadline=cfg.exchange_deadline,
+        )
 
     # == outputs ======================================================================
 
@@ -242,7 +263,10 @@ class IhmpEngine:
 
     def get_timer(self) -> float | None:
         """The earliest time :meth:`handle_timer` must be called, or None."""
-        return self._timers.next()
+        deadlines = [
+            t for t in (self._timers.next(), self.registrations.next_timer()) if t is not None
+        ]
+        return min(deadlines, default=None)
 
     @property
     def local_addresses(self) -> list[IPAddress]:
@@ -355,6 +379,7 @@ class IhmpEngine:
                 self._failed(pending, now)
             else:
                 self._retransmit(pending, now)
+        self._register(now)
 
     def send_failed(self, src: IPAddress, dst: IPAddress, now: float, retry: float = 0.01) -> None:
         """The host could not even send a datagram src -> dst (no route yet, say).
@@ -480,6 +505,7 @@ class IhmpEngine:
         self._local[addr] = iface
         if not advertisable(addr):
             return
+        self._reregister(now)
         for entry in self._signaled():
             peer = self._peers[entry.hid]
             peer.withdrawn.pop(addr, None)
@@ -494,6 +520,7 @@ class IhmpEngine:
         addr = iface.ip
         if self._local.pop(addr, None) is None:
             return
+        self._reregister(now)
         self._rehome_hellos(addr, now)
         for entry in self._signaled():
             if not self._lose_local(entry, addr):
@@ -512,6 +539,7 @@ class IhmpEngine:
         """This host lost ``old`` and gained ``new`` (III-B4)."""
         self._local.pop(old.ip, None)
         self._local[new.ip] = new
+        self._reregister(now)
         self._rehome_hellos(old.ip, now)
         for entry in self._signaled():
             self._lose_local(entry, old.ip)
@@ -690,6 +718,111 @@ class IhmpEngine:
         self._events.append(ev.FlowsNeedBinding(hid, src, udp_only=True))
         self._arm_keepalive(hid, now)
 
+    # == rendezvous points ============================================================
+
+    def _reregister(self, now: float) -> None:
+        """Our addresses changed: tell every rendezvous point at once."""
+        if self.registrations:
+            self.registrations.renew(now)
+            self._register(now)
+
+    def _register(self, now: float) -> None:
+        for reg in self.registrations.due(now):
+            self._send_register(reg)
+
+    def _send_register(self, reg: Registration) -> None:
+        """A REGISTER to ``reg``'s rendezvous point, signed by the key of the address
+        it goes from: "forward to wherever this comes from"."""
+        locals_ = [a for a in self._local if advertisable(a)]
+        _, src, _ = best_path([reg.point.addr], locals_)
+        key = self.local_keys.key_for(src) if src is not None else None
+        if src is None or key is None:
+            return  # no path (or no key) yet: it is due again after its backoff
+        msg = Message(
+            type=T.REGISTER,
+            seq=reg.seq,
+            host_id=src,
+            src_addr=src,
+            advertised=self._advertised(first=src),
+            public_key=public_key_bytes(key),
+            nonce=reg.nonce,
+        )
+        reg.sent_from = src
+        self._out.append(Datagram(self._stamp(msg, src), src, reg.point.addr, reg.point.port))
+        self.counters.messages_sent += 1
+        self.counters.registrations_sent += 1
+
+    def _relay(self, pending: Pending) -> None:
+        """Send ``pending`` (an address event the direct path has not answered) through
+        every rendezvous point too, signed as ever: the peer verifies it end to end,
+        and answers directly."""
+        entry = self.table.get(pending.hid)
+        our_key = self._public_key(pending.src)
+        if entry.key is None or our_key is None or pending.msg.type not in RELAYABLE:
+            return  # the peer could not verify it: a relayed message must be signed
+        payload = self._stamp(pending.msg, pending.src)
+        locals_ = [a for a in self._local if advertisable(a)]
+        for point in self.registrations.points:
+            _, src, _ = best_path([point.addr], locals_)
+            if src is None:
+                continue
+            relay = Message(
+                type=T.RELAY, seq=0, host_id=src, public_key=our_key, target=entry.key,
+                payload=payload,
+            )  # fmt: skip
+            self._out.append(Datagram(encode(relay), src, point.addr, point.port))
+            self.counters.messages_sent += 1
+            self.counters.relays_sent += 1
+
+    def _from_rendezvous(
+        self, point: RendezvousPoint, data: bytes, src: IPAddress, dst: IPAddress, now: float
+    ) -> None:
+        """A datagram from one of our rendezvous points: the answer to a REGISTER, or a
+        peer's message it forwards. Rate-limited before any signature check: anyone
+        can write a rendezvous point's address as a source."""
+        if not self._relays.take(src, now):
+            self._drop(DropReason.RELAY_RATE)
+            return
+        try:
+            msg = decode(data)
+            if msg.type is T.ACK and self.registrations.answered(point, msg, now):
+                return
+            if msg.type is not T.RELAYED:
+                raise _Reject(RejectReason.UNEXPECTED_ACK, f"{msg.type.name} from {point.name}")
+            assert msg.payload is not None and msg.origin is not None  # required fields
+            self._on_relayed(decode(msg.payload), msg.origin, dst, now, len(msg.payload))
+        except WireError as exc:
+            self._reject(src, RejectReason.MALFORMED, str(exc))
+        except _Reject as rej:
+            self._reject(src, rej.reason, rej.detail)
+        finally:
+            self._request = None
+
+    def _on_relayed(
+        self, msg: Message, origin: tuple[IPAddress, int], dst: IPAddress, now: float, size: int
+    ) -> None:
+        """A peer's address event, forwarded: taken only from a host whose key we have
+        pinned, signed by it, fresh, exactly as if it had come directly from ``origin``
+        (where the rendezvous point saw it come from, and where every answer goes)."""
+        if msg.type not in RELAYABLE:
+            raise _Reject(RejectReason.MALFORMED, f"{msg.type.name} cannot be relayed")
+        entry = self._resolve(msg.host_id)
+        if entry is None or entry.key is None:
+            raise _Reject(
+                RejectReason.UNKNOWN_HOST_ID, f"relayed, from no pinned host: {msg.host_id}"
+            )
+        if msg.signature is None:
+            raise _Reject(RejectReason.UNSIGNED, "relayed, and unsigned")
+        self.counters.relayed_received += 1
+        addr, port = origin
+        self._request = (addr, size)  # answers to an unverified origin stay this small
+        self._on_message(msg, addr, dst, port, now, relayed=True)
+
+    def rendezvous_status(self, now: float) -> list[dict[str, Any]]:
+        """Each configured rendezvous point: ``server`` (as configured), ``registered``
+        and more, for ``dime status``."""
+        return self.registrations.status(now)
+
     # == inputs: datagrams ============================================================
 
     def receive_datagram(
@@ -710,6 +843,10 @@ class IhmpEngine:
             # A ghost (an identifier this host left) or a stray: answering would use
             # it as a locator, and applying would take it as one the peer reaches.
             self._reject(src, RejectReason.NOT_A_LOCATOR, f"{dst} is no address of ours")
+            return
+        point = self.registrations.point_at(src, src_port) if self.registrations else None
+        if point is not None:
+            self._from_rendezvous(point, data, src, dst, now)
             return
         if self._verified(src) is None and not self._unverified.take(src, now):
             self._drop(DropReason.RATE_LIMITED)
@@ -862,8 +999,16 @@ class IhmpEngine:
                 pending.dst, pending.dst_port = src, port
 
     def _on_message(
-        self, msg: Message, src: IPAddress, dst: IPAddress, port: int | None, now: float
+        self,
+        msg: Message,
+        src: IPAddress,
+        dst: IPAddress,
+        port: int | None,
+        now: float,
+        relayed: bool = False,
     ) -> None:
+        """A message other than a HELLO. ``relayed``: a rendezvous point forwarded it
+        (from ``src``): no evidence that the peer reaches us at ``dst``."""
         if msg.type is T.NAT_ENTRY:
             self._on_nat_entry(msg, src, dst, port, now)
             return
@@ -893,16 +1038,17 @@ class IhmpEngine:
                 raise _Reject(RejectReason.UNEXPECTED_ACK, f"no message {msg.seq} outstanding")
         self._commit(msg, entry.hid, window, pin, now)
         self._note_flags(msg, peer)
-        peer.dead.discard((dst, src))  # it came along that path: it works after all
+        if not relayed:
+            peer.dead.discard((dst, src))  # it came along that path: it works after all
         if src in entry.nat and port is not None:
             peer.ports[src] = port  # the NAT gave our peer a new mapping: answer there
         if pending is not None:
             self._untrack(peer, msg.seq)
-            self._completed(pending, msg, now)
+            self._completed(pending, msg, src, now)
         elif msg.type is T.PATH_PROBE:
             self._on_path_probe(msg, entry, src, dst, port, now)
         else:
-            self._on_address_event(msg, entry, src, dst, port, now)
+            self._on_address_event(msg, entry, src, dst, port, now, relayed)
 
     def _on_path_probe(
         self,
@@ -936,13 +1082,14 @@ class IhmpEngine:
         dst: IPAddress,
         port: int | None,
         now: float,
+        relayed: bool = False,
     ) -> None:
         # ADDR_UP and HANDOFF are sent from the new address: a different source
         # means a NAT rewrote it. Then the NAT's address is the one to reach the peer
         # at (and to challenge, at the port the NAT chose), and the peer's own
         # address behind it names the peer (III-D, beyond the paper).
         nat = msg.type in (T.ADDR_UP, T.HANDOFF) and msg.new_addr != src
-        applied = self._apply_address_event(msg, entry, src, dst, port, nat, now)
+        applied = self._apply_address_event(msg, entry, src, dst, port, nat, now, relayed)
         challenge = self._proving(msg, entry, src if nat else msg.new_addr, dst, now)
         if challenge is None:
             self._ack_applied(entry.hid, msg, src, dst, port, nat=nat, applied=applied)
@@ -994,11 +1141,13 @@ class IhmpEngine:
         port: int | None,
         nat: bool,
         now: float,
+        relayed: bool = False,
     ) -> bool:
         """Apply the parts of ``msg`` no newer message has overtaken; say if any was."""
         peer = self._peer(entry.hid)
         reason = f"{msg.type.name} received"
         applied = False
+        left: list[IPAddress] = []
         for old in msg.old_addrs:
             if self._newest_about(peer, old, msg.seq):
                 applied = True
@@ -1007,6 +1156,7 @@ class IhmpEngine:
                 for gone in [old, *fronts]:
                     if gone in fronts and gone == src:
                         continue  # a new address behind the same NAT: it stays
+                    left.append(gone)
                     if self.table.lookup(gone) is entry:
                         self.table.remove_address(entry.hid, gone, retire=True, reason=reason)
                     challenge = self._challenging(peer, gone)
@@ -1017,8 +1167,10 @@ class IhmpEngine:
             applied = True
             prefer = msg.type is T.HANDOFF
             if msg.type in (T.ADDR_UP, T.HANDOFF):
-                # The peer reached us at dst from its new address: dst works for it.
-                self._add_local(entry.hid, dst, prefer=prefer, reason=reason)
+                # The peer reached us at dst from its new address: dst works for it
+                # (unless a rendezvous point forwarded it there).
+                if not relayed:
+                    self._add_local(entry.hid, dst, prefer=prefer, reason=reason)
                 if nat:
                     self._behind_nat(entry, src, new, port)
                 self._validate(entry, src if nat else new, prefer=prefer, via=dst, now=now)
@@ -1026,9 +1178,21 @@ class IhmpEngine:
                     self.table.set_nat(entry.hid, src, new, reason=reason)
                 elif not nat:
                     self._own_address(entry, new)
+                self._redirect(peer, left, src if nat else new, now)
             else:
                 self._claim(entry, new, active=False)
         return applied
+
+    def _redirect(self, peer: Peer, left: list[IPAddress], to: IPAddress, now: float) -> None:
+        """The peer left ``left`` for ``to``: our own address events on their way to
+        where it was go to where it is, now. When both ends moved at once, each told
+        the other's old address; the first to hear of the other's move (directly or
+        through a rendezvous point) answers the other's question with its own."""
+        for pending in peer.pending.values():
+            if pending.dst in left and pending.msg.type in _EVENT_TYPES:
+                pending.dst, pending.dst_port = to, peer.ports.get(to)
+                self._transmit(pending.msg, pending.src, pending.dst, pending.dst_port)
+                self._arm(pending, now + pending.rto)
 
     @staticmethod
     def _newest_about(peer: Peer, addr: IPAddress, seq: int) -> bool:
@@ -1131,7 +1295,8 @@ class IhmpEngine:
 
     # == our exchanges completing or failing ==========================================
 
-    def _completed(self, pending: Pending, ack: Message, now: float) -> None:
+    def _completed(self, pending: Pending, ack: Message, src: IPAddress, now: float) -> None:
+        """``ack`` (from ``src``) answers ``pending``."""
         hid = pending.hid
         entry = self.table.get(hid)
         peer = self._peers[hid]
@@ -1151,8 +1316,11 @@ class IhmpEngine:
             self._observed_through(peer, hid, new, ack, now, knock=mtype is T.HANDOFF)
             locator = entry.locator
             prefer = locator is None or classify(locator, new) is Reach.UNREACHABLE
-            self._validate(entry, pending.dst, prefer=prefer, via=new, now=now)
-            self._events.append(ev.AddressVerified(hid, new, pending.dst))
+            # Where the answer came from: where the message went, unless the peer
+            # moved meanwhile (and heard of ours through a rendezvous point).
+            if self.table.lookup_retired(src) is not entry:
+                self._validate(entry, src, prefer=prefer, via=new, now=now)
+            self._events.append(ev.AddressVerified(hid, new, src))
         if mtype in _WITHDRAWING:
             for old in pending.msg.old_addrs:
                 peer.withdrawn.pop(old, None)
@@ -1177,6 +1345,11 @@ class IhmpEngine:
         self._add_local(entry.hid, pending.src, reason=reason)
         self.counters.addresses_validated += 1
         self._events.append(ev.AddressVerified(entry.hid, pending.src, pending.dst))
+        peer = self._peers[entry.hid]
+        if pending.prefer and peer.observed is not None and entry.locator == pending.dst:
+            # The peer moved, and we are behind a NAT: our flows have no mapping
+            # towards its new address until they send there. Their knocks make them.
+            self._events.append(ev.FlowsNeedBinding(entry.hid, pending.src))
         for msg, src, dst, port in pending.deferred.values():
             nat = msg.new_addr != src
             self._send_ack(
@@ -1700,11 +1873,15 @@ class IhmpEngine:
         return True
 
     def _retransmit(self, pending: Pending, now: float) -> None:
+        """Say ``pending`` again; an address event also through every rendezvous
+        point, since the direct path did not answer it."""
         pending.attempts += 1
         pending.rto = min(pending.rto * 2, self.config.max_rto)
         self._arm(pending, now + pending.rto)
         self.counters.retransmissions += 1
         self._transmit(pending.msg, pending.src, pending.dst, pending.dst_port)
+        if self.registrations and pending.msg.type in RELAYABLE:
+            self._relay(pending)
 
     def _transmit(self, msg: Message, src: IPAddress, dst: IPAddress, dst_port: int | None) -> None:
         self._out.append(Datagram(self._stamp(msg, src), src, dst, dst_port))

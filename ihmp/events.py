@@ -62,6 +62,7 @@ class DropReason(enum.Enum):
     CHALLENGE_CAP = "challenge_cap"  # an address to validate, with too many in flight
     TOO_LARGE = "too_large"  # an answer to an unverified source larger than its request
     KNOCK_RATE = "knock_rate"  # a knock over the rate of knocks from its address
+    RELAY_RATE = "relay_rate"  # a datagram over the rate taken from a rendezvous point
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ HEADER_LEN = HEADER.size  # 16
 SIGNATURE_LEN = 64
 PUBLIC_KEY_LEN = 32
 MAX_ADDRESSES = 32  # per address list; keeps a message well under 1280 bytes
+MAX_PAYLOAD = 1024  # a relayed message: larger ones are never sent
 FIELD_HEAD = struct.Struct("!BH")  # tag, length
 NONCE_LEN = 8  # a path challenge's nonce: unpredictable, echoed by the answer
 COOKIE_LEN = 8  # a HELLO cookie: proves the HELLO's sender receives at its source
@@ -45,6 +46,25 @@ class MessageType(enum.IntEnum):
     HANDOFF_UNREACHABLE = 9
     NAT_ENTRY = 10
     FLOW_BIND = 11  # carried inside a flow's own packets (a knock), never on the IHMP port
+    # The rendezvous protocol (docs/ihmp-wire.md): a host and its rendezvous points.
+    REGISTER = 12  # host -> rendezvous point: "I am at the source of this", signed
+    RELAY = 13  # host -> rendezvous point: "forward PAYLOAD to the host of key TARGET"
+    RELAYED = 14  # rendezvous point -> host: PAYLOAD, as ORIGIN sent it
+
+
+#: What a RELAY may carry: a host's address events. Challenges and their answers
+#: must go directly (they prove an address), and a HELLO introduces a key, which a
+#: relayed message must never do.
+RELAYABLE = frozenset(
+    {
+        MessageType.ADDR_UP,
+        MessageType.ADDR_UP_UNREACHABLE,
+        MessageType.ADDR_DOWN,
+        MessageType.ADDR_DOWN_UNREACHABLE,
+        MessageType.HANDOFF,
+        MessageType.HANDOFF_UNREACHABLE,
+    }
+)
 
 
 class Flags(enum.IntFlag):
@@ -69,6 +89,9 @@ class Tag(enum.IntEnum):
     NONCE = 8  # NONCE_LEN bytes: PATH_PROBE's challenge, echoed in its ACK
     COOKIE = 9  # COOKIE_LEN bytes: in an ACK, "say HELLO again with this"; in a HELLO, that
     FLOW = 10  # see FlowSpec: one flow, as its sender's socket sees it
+    TARGET = 11  # 32 bytes: the raw Ed25519 key of the host a RELAY is for
+    ORIGIN = 12  # port (2 bytes) and address: where a RELAY came from, as seen
+    PAYLOAD = 13  # a whole IHMP message, carried end to end (RELAY, RELAYED)
 
 
 class WireError(ValueError):
@@ -98,6 +121,9 @@ class Message:
     flow: FlowSpec | None = None
     nonce: bytes | None = None
     cookie: bytes | None = None
+    target: bytes | None = None
+    origin: tuple[IPAddress, int] | None = None
+    payload: bytes | None = None
     signature: bytes | None = field(default=None, repr=False)
 
 
@@ -114,6 +140,9 @@ _REQUIRED: dict[MessageType, frozenset[Tag]] = {
     MessageType.HANDOFF_UNREACHABLE: frozenset({Tag.NEW_ADDR, Tag.OLD_ADDRS}),
     MessageType.NAT_ENTRY: frozenset({Tag.NAT_MAPPING}),
     MessageType.FLOW_BIND: frozenset({Tag.FLOW}),
+    MessageType.REGISTER: frozenset({Tag.ADVERTISED, Tag.SRC_ADDR, Tag.PUBLIC_KEY, Tag.NONCE}),
+    MessageType.RELAY: frozenset({Tag.PUBLIC_KEY, Tag.TARGET, Tag.PAYLOAD}),
+    MessageType.RELAYED: frozenset({Tag.ORIGIN, Tag.PAYLOAD}),
 }
 _OPTIONAL: dict[MessageType, frozenset[Tag]] = {
     MessageType.HELLO: frozenset({Tag.PUBLIC_KEY, Tag.COOKIE}),
@@ -249,13 +278,46 @@ def _fields_of(msg: Message) -> dict[Tag, bytes]:
         fields[Tag.NAT_MAPPING] = _encode_nat(msg.nat_mapping)
     if msg.flow is not None:
         fields[Tag.FLOW] = _encode_flow(msg.flow)
-    for tag, value in ((Tag.NONCE, msg.nonce), (Tag.COOKIE, msg.cookie)):
+    for tag, value in ((Tag.NONCE, msg.nonce), (Tag.COOKIE, msg.cookie), (Tag.TARGET, msg.target)):
         if value is not None:
             fields[tag] = _check_opaque(tag, value)
+    if msg.origin is not None:
+        fields[Tag.ORIGIN] = _encode_origin(msg.origin)
+    if msg.payload is not None:
+        fields[Tag.PAYLOAD] = _check_payload(msg.payload)
     return fields
 
 
-_OPAQUE_LEN = {Tag.PUBLIC_KEY: PUBLIC_KEY_LEN, Tag.NONCE: NONCE_LEN, Tag.COOKIE: COOKIE_LEN}
+_OPAQUE_LEN = {
+    Tag.PUBLIC_KEY: PUBLIC_KEY_LEN,
+    Tag.NONCE: NONCE_LEN,
+    Tag.COOKIE: COOKIE_LEN,
+    Tag.TARGET: PUBLIC_KEY_LEN,
+}
+_PORT = struct.Struct("!H")
+
+
+def _encode_origin(origin: tuple[IPAddress, int]) -> bytes:
+    addr, port = origin
+    if not 0 < port <= 0xFFFF:
+        raise WireError("field", f"ORIGIN port {port} out of range")
+    return _PORT.pack(port) + encode_address(addr)
+
+
+def _decode_origin(value: bytes) -> tuple[IPAddress, int]:
+    if len(value) < _PORT.size:
+        raise WireError("truncated", "ORIGIN too short")
+    (port,) = _PORT.unpack_from(value, 0)
+    if port == 0:
+        raise WireError("field", "ORIGIN port 0")
+    return _decode_single_address(value[_PORT.size :], Tag.ORIGIN), port
+
+
+def _check_payload(value: bytes) -> bytes:
+    # Opaque here: the receiver decodes (and verifies) the message it carries.
+    if not 0 < len(value) <= MAX_PAYLOAD:
+        raise WireError("field", f"PAYLOAD must be 1 to {MAX_PAYLOAD} bytes")
+    return bytes(value)
 
 
 def _check_opaque(tag: Tag, value: bytes) -> bytes:
@@ -300,6 +362,10 @@ def _apply_field(values: dict[str, object], tag: Tag, value: bytes) -> None:
         values["nat_mapping"] = _decode_nat(value)
     elif tag is Tag.FLOW:
         values["flow"] = _decode_flow(value)
+    elif tag is Tag.ORIGIN:
+        values["origin"] = _decode_origin(value)
+    elif tag is Tag.PAYLOAD:
+        values["payload"] = _check_payload(value)
     else:
         values[_NAME_OF[tag]] = _check_opaque(tag, value)
 
@@ -414,6 +480,9 @@ _TAG_OF = {
     "flow": Tag.FLOW,
     "nonce": Tag.NONCE,
     "cookie": Tag.COOKIE,
+    "target": Tag.TARGET,
+    "origin": Tag.ORIGIN,
+    "payload": Tag.PAYLOAD,
 }
 _NAME_OF = {tag: name for name, tag in _TAG_OF.items()}
 

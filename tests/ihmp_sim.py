@@ -24,6 +24,7 @@ from ihmp.engine import Datagram, EngineConfig, IhmpEngine
 from ihmp.hosts import HostEntry, HostSnapshot
 from ihmp.keys import LocalKeys, TrustStore
 from ihmp.reachability import best_path, block_of
+from ihmp.registration import RendezvousPoint
 from ihmp.wire import MessageType, decode
 
 
@@ -42,9 +43,11 @@ class Host:
         config: EngineConfig | None = None,
         trust: TrustStore | None = None,
         key: Ed25519PrivateKey | None = None,
+        rendezvous: list[RendezvousPoint] | None = None,
     ) -> None:
         self.name = name
         self.seed = seed
+        self.rendezvous = rendezvous
         self.config = config
         self.trust = trust
         self.key = key or (Ed25519PrivateKey.generate() if signed else None)
@@ -58,6 +61,7 @@ class Host:
             local_keys=keys,
             trust=trust,
             local_addresses=[ip_interface(a) for a in addrs],
+            rendezvous=rendezvous or (),
         )
         self.table = self.engine.table
         self.events: list[ev.Event] = []
@@ -75,6 +79,7 @@ class Host:
             trust=self.trust,
             key=self.key,
             signed=self.key is not None,
+            rendezvous=self.rendezvous,
         )
         new.engine.restore(saved, net.now)
         net.hosts[net.hosts.index(self)] = new
