@@ -22,6 +22,7 @@ from dime.config import Config
 from dime.transport import IhmpTransport
 from ihmp.addr import IPAddress
 from ihmp.rendezvous import RendezvousServer
+from ihmp.wire import MessageType
 
 log = logging.getLogger("dime.rendezvous")
 
@@ -80,6 +81,8 @@ class RendezvousDaemon:
     def _pump(self) -> None:
         assert self.transport is not None and self.loop is not None
         for d in self.server.datagrams_to_send(self._now()):
+            if d.data[1] == MessageType.RELAYED:  # rare, and worth a line each
+                log.info("forwarding a message to %s:%s", d.dst, d.dst_port)
             self.transport.send(d.data, d.src, d.dst, d.dst_port)
         deadline = self.server.get_timer()
         if self._timer is not None and (deadline is None or self._timer.when() != deadline):
