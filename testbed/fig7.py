@@ -5,9 +5,17 @@ through a router namespace (R) that serves a separate subnet on each of the four
 links, the paper's R1 and R2 (and two more for the CH, so that both hosts can
 move). One interface of each host is in use at a time; a move takes the host's
 address away with its link and brings up the other subnet, as a laptop changing
-networks would. Addresses are documentation ranges only.
+networks would. In the address plans ``V4`` and ``V6`` (the default), addresses are
+documentation ranges only, public as far as IHMP can tell::
 
     CH =(c1 192.0.2.0/25 | c2 192.0.2.128/25)= R =(m1 198.51.100.0/24 | m2 203.0.113.0/24)= MH
+
+``PRIVATE`` is a routed private network (a campus or a corporate one): each link in
+a private block, the MH's two in other blocks than the CH's and than each other,
+joined by R with no NAT. Between any two of them IHMP can tell only that a path is
+potentially reachable (section III-B), and probes it::
+
+    CH =(c1 10.0.0.0/24 | c2 10.0.1.0/24)= R =(m1 172.16.1.0/24 | m2 192.168.2.0/24)= MH
 
 The paper's two routers and the switch joining them are one router namespace here:
 R1's subnet (m1) and R2's (m2) are two of R's links, and R forwards between them
@@ -66,6 +74,15 @@ V6 = Plan(
     Subnet("2001:db8:c2::/64", "2001:db8:c2::fe", "2001:db8:c2::1", 64),
     Subnet("2001:db8:1::/64", "2001:db8:1::fe", "2001:db8:1::2", 64),
     Subnet("2001:db8:2::/64", "2001:db8:2::fe", "2001:db8:2::2", 64),
+)
+# Routed private blocks, no NAT: the CH in 10/8, the MH moving from 172.16/12 to
+# 192.168/16.
+PRIVATE = Plan(
+    4,
+    Subnet("10.0.0.0/24", "10.0.0.254", "10.0.0.1", 24),
+    Subnet("10.0.1.0/24", "10.0.1.254", "10.0.1.1", 24),
+    Subnet("172.16.1.0/24", "172.16.1.254", "172.16.1.2", 24),
+    Subnet("192.168.2.0/24", "192.168.2.254", "192.168.2.2", 24),
 )
 
 

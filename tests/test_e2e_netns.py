@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from subprocess import Popen
@@ -14,9 +14,9 @@ from subprocess import Popen
 import pytest
 
 from testbed.delay import tbf_args
-from testbed.fig7 import V4, V6, Fig7, Plan
+from testbed.fig7 import PRIVATE, V4, V6, Fig7, Plan
 from testbed.netns import Namespace
-from testbed.runner import Dime, any_established, down_all, up_all
+from testbed.runner import Dime, any_established, down_all, handed_off, up_all
 from tests.netns_util import (
     check_transfer,
     daemons_stopped,
@@ -195,6 +195,45 @@ def test_ipv6_hard_handoff(tmp_path: Path) -> None:
         b.daemons["ch"].wait_status(lambda s: p.m2.host in str(s["hids"]))
         check(b, server, client, nbytes)
         b.down()
+
+
+def both_ways_across_a_move(b: Bed, move: Callable[[], None]) -> None:
+    """A paced TCP transfer each way (MH -> CH and CH -> MH) at once, ``move`` of the
+    MH in the middle of both; the CH follows it to m2, and every byte arrives."""
+    p = b.plan
+    b.up("ch", "mh")
+    nbytes = 8_000_000  # 3.2 s each at 20 Mbit/s
+    up = tcp(b.fig.mh, b.fig.ch, p.c1.host, nbytes, rate=20, port=5001)
+    down = tcp(b.fig.ch, b.fig.mh, p.m1.host, nbytes, rate=20, port=5002)
+    b.wait_established()  # the transfers run and the peers know each other
+    assert up[1].poll() is None and down[1].poll() is None, "over before the move"
+    move()
+    st = b.daemons["ch"].wait_status(handed_off(p.m1.host, p.m2.host), timeout=30)
+    mh = hid_of(st, p.m2.host)
+    assert mh["active"] == [p.m2.host], mh
+    assert mh["local"] == [p.c1.host], mh
+    check(b, *up, nbytes)
+    check(b, *down, nbytes)
+    st = b.daemons["mh"].status()
+    assert hid_of(st, p.c1.host)["local"] == [p.m2.host]
+    assert st["counters"]["messages_rejected"] == {}
+    b.down()
+
+
+def test_hard_handoff_between_private_blocks(tmp_path: Path) -> None:
+    """A routed private network, no NAT: the MH moves from 172.16.1.2 to 192.168.2.2
+    (another private block), the CH is at 10.0.0.1 (a third one). Every path is only
+    potentially reachable to IHMP: the HANDOFF from the new address is a probe, with
+    no other path to fall back on, and it gets through."""
+    with bed(tmp_path, PRIVATE, "e2ep") as b:
+        both_ways_across_a_move(b, lambda: b.fig.hard_handoff_mh(0.5))
+
+
+def test_soft_handoff_between_private_blocks(tmp_path: Path) -> None:
+    """The same network, the new address first: its ADDR_UP is a probe (the old path
+    is a fallback), then the old address goes."""
+    with bed(tmp_path, PRIVATE, "e2ep") as b:
+        both_ways_across_a_move(b, lambda: b.fig.soft_handoff_mh(1.0))
 
 
 def test_nfqueue_dataplane_hard_handoff(tmp_path: Path) -> None:

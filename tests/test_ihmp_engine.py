@@ -345,6 +345,204 @@ def test_second_handoff_before_first_ack_latest_state_wins() -> None:
     assert_events_mirror_table(b)
 
 
+# -- routed private blocks: probes, and the evidence of unanswered ones --------------
+
+MH_OLD, MH_NEW, CH_P = "172.16.1.2", "192.168.2.2", "10.0.0.1"  # three private blocks
+
+
+def private_pair(net: Net, a_addrs: list[str] | None = None) -> tuple[Host, Host]:
+    """A at 172.16.1.2, B at 10.0.0.1: one site whose routers join its private blocks
+    (192.168.2.2, where A moves, too). Established."""
+    a, b = pair(net, a_addrs=a_addrs or [MH_OLD + "/24"], b_addrs=[CH_P + "/24"])
+    net.sites.update({A(x): "S" for x in (MH_OLD, MH_NEW, CH_P, "172.16.1.3")})
+    a.connect(CH_P, 0)
+    net.run(5)
+    assert a.entry_for(CH_P).state is HidState.ESTABLISHED
+    assert b.entry_for(MH_OLD).state is HidState.ESTABLISHED
+    return a, b
+
+
+def hard_move(net: Net, a: Host, how: str) -> None:
+    old, new = ip_interface(MH_OLD + "/24"), ip_interface(MH_NEW + "/24")
+    if how == "handoff":
+        a.engine.handoff(old, new, net.now)
+    else:  # the monitor saw the old address go, then (0.5 s later) the new one come
+        a.engine.address_removed(old, net.now)
+        net.run(0.5)
+        a.engine.address_added(new, net.now)
+
+
+def assert_moved_to_new_block(net: Net, a: Host, b: Host) -> None:
+    eb = b.entry_for(MH_NEW)
+    assert eb.active == [A(MH_NEW)] and eb.locator == A(MH_NEW)
+    assert eb.addresses() == {A(MH_NEW)}  # 172.16.1.2 withdrawn
+    assert a.entry_for(CH_P).local == [A(MH_NEW)]
+    assert_symmetric(a, MH_NEW, b, CH_P)
+    assert a.events_of(ev.PeerLost) == [] and b.events_of(ev.PeerLost) == []
+    assert a.engine.get_timer() is None  # nothing outstanding, no grace running
+    assert_events_mirror_table(a)
+    assert_events_mirror_table(b)
+
+
+def failed_exchanges(host: Host, mtype: MessageType) -> list[ev.ExchangeFailed]:
+    return [
+        e
+        for e in host.events_of(ev.ExchangeFailed)
+        if isinstance(e, ev.ExchangeFailed) and e.type is mtype
+    ]
+
+
+@pytest.mark.parametrize("how", ["handoff", "removed_then_added"])
+def test_hard_handoff_between_private_blocks(how: str) -> None:
+    """172.16.1.2 -> 192.168.2.2 with the peer at 10.0.0.1: three private blocks,
+    routed within one site. Potentially reachable, probed, and it works."""
+    net = Net()
+    a, b = private_pair(net)
+    t0 = net.now
+    hard_move(net, a, how)
+    net.run(5)
+    assert net.types_sent(since=t0) == [T.HANDOFF, T.PATH_PROBE, T.ACK, T.ACK]
+    handoff = next(s for s in net.log if decode(s.datagram.data).type is T.HANDOFF)
+    assert (handoff.datagram.src, handoff.datagram.dst) == (A(MH_NEW), A(CH_P))
+    msg = decode(handoff.datagram.data)
+    assert msg.new_addr == A(MH_NEW) and msg.old_addrs == (A(MH_OLD),)
+    assert_moved_to_new_block(net, a, b)
+
+
+@pytest.mark.parametrize("how", ["handoff", "removed_then_added"])
+def test_hard_handoff_with_no_fallback_is_retransmitted_past_the_probe_attempts(
+    how: str,
+) -> None:
+    """With no other address the peer reaches A at, the HANDOFF from the new address is
+    the only way left: it is said until the exchange deadline, not probe_attempts
+    times. Its first four transmissions are lost; the fifth gets through."""
+    net = Net()
+    a, b = private_pair(net)
+    lost = 4
+    assert lost > EngineConfig().probe_attempts
+    handoffs: list[Datagram] = []
+
+    def drop(d: Datagram) -> bool:
+        if decode(d.data).type is not T.HANDOFF:
+            return False
+        handoffs.append(d)
+        return len(handoffs) <= lost
+
+    net.drop = drop
+    t0 = net.now
+    hard_move(net, a, how)
+    net.run(20)
+    assert len(handoffs) == lost + 1
+    assert {(d.src, d.dst) for d in handoffs} == {(A(MH_NEW), A(CH_P))}
+    sent = [s for s in net.log if decode(s.datagram.data).type is T.HANDOFF]
+    assert sent[-1].delivered and sent[-1].at - t0 < 7  # 0.5 + 1 + 2 + 2 s of backoff
+    assert T.HANDOFF_UNREACHABLE not in net.types_sent(since=t0)
+    assert failed_exchanges(a, T.HANDOFF) == []
+    assert_moved_to_new_block(net, a, b)
+
+
+def test_handoff_probe_with_a_fallback_gives_up_after_probe_attempts() -> None:
+    """The contrast: B also reaches A at 172.16.1.3, so a HANDOFF from an address in a
+    site B cannot reach is a probe: probe_attempts tries, then HANDOFF_UNREACHABLE over
+    the path that works, and the pair is dead."""
+    net = Net()
+    a, b = private_pair(net, a_addrs=[MH_OLD + "/24", "172.16.1.3/24"])
+    assert set(a.entry_for(CH_P).local) == {A(MH_OLD), A("172.16.1.3")}
+    far = "192.168.9.9"
+    net.sites[A(far)] = "elsewhere"
+    t0 = net.now
+    a.engine.handoff(ip_interface(MH_OLD + "/24"), ip_interface(far + "/24"), net.now)
+    net.run(20)
+    types = net.types_sent(since=t0)
+    assert types.count(T.HANDOFF) == EngineConfig().probe_attempts
+    assert T.HANDOFF_UNREACHABLE in types
+    fallback = next(s for s in net.log if decode(s.datagram.data).type is T.HANDOFF_UNREACHABLE)
+    assert (fallback.datagram.src, fallback.datagram.dst) == (A("172.16.1.3"), A(CH_P))
+    eb = b.entry_for("172.16.1.3")
+    assert eb.active == [A("172.16.1.3")] and eb.unreachable == {A(far)}
+    assert_symmetric(a, "172.16.1.3", b, CH_P)
+    assert a.events_of(ev.PeerLost) == []
+    dead = a.engine._peers[a.entry_for(CH_P).hid].dead  # (no public view of it)
+    assert dead == {(A(far), A(CH_P))}
+
+
+def test_unanswered_probes_are_evidence_the_next_hello_does_not_probe_again() -> None:
+    """B learns on A's HELLO that A also has 10.0.0.1 (another site): B probes it from
+    its likeliest address, 192.168.5.5 (two private blocks), probe_attempts times,
+    unanswered. The pair is dead: on the next HELLO B probes the next likeliest path
+    instead (from its public address), probe_attempts times too; on the one after,
+    none is left to try."""
+    net = Net()
+    a, b = pair(
+        net,
+        a_addrs=[A1 + "/24", "10.0.0.1/24"],
+        b_addrs=[B1 + "/24", "192.168.5.5/24"],
+    )
+    net.sites.update({A("10.0.0.1"): "X", A("192.168.5.5"): "Y"})
+    attempts = EngineConfig().probe_attempts
+
+    def probes(src: str) -> int:
+        return sum(
+            s.datagram.src == A(src) and decode(s.datagram.data).type is T.PATH_PROBE
+            for s in net.sent_to("10.0.0.1")
+        )
+
+    a.connect(B1, 0)
+    net.run(10)
+    eb = b.entry_for(A1)
+    assert eb.state is HidState.ESTABLISHED and eb.unreachable == {A("10.0.0.1")}
+    assert probes("192.168.5.5") == attempts and probes(B1) == 0
+    assert not any(s.delivered for s in net.sent_to("10.0.0.1"))
+    assert len(failed_exchanges(b, T.PATH_PROBE)) == 1
+
+    # A says HELLO again (as after a restart): B takes it in, and probes A's
+    # addresses it cannot reach yet, but not along the dead pair.
+    a.engine.resume(net.now)
+    net.run(10)
+    assert len(b.events_of(ev.PeerEstablished)) == 2
+    assert probes("192.168.5.5") == attempts  # not one more
+    assert probes(B1) == attempts  # the next likeliest pair, itself probed only once
+
+    a.engine.resume(net.now)
+    net.run(10)
+    assert len(b.events_of(ev.PeerEstablished)) == 3
+    assert probes("192.168.5.5") == probes(B1) == attempts  # both dead: nothing more
+    assert b.entry_for(A1).unreachable == {A("10.0.0.1")}
+    assert_symmetric(a, A1, b, B1)
+    assert a.events_of(ev.PeerLost) == [] and b.events_of(ev.PeerLost) == []
+
+
+def test_a_dead_pair_comes_back_when_a_message_arrives_along_it() -> None:
+    """Evidence is only evidence: once B hears from A along a pair it had found dead
+    (the sites were joined since), the pair is no longer dead, and A's address there
+    is verified."""
+    net = Net()
+    a, b = pair(
+        net,
+        a_addrs=[A1 + "/24", "10.0.0.1/24"],
+        b_addrs=[B1 + "/24", "10.0.0.2/24"],
+    )
+    net.sites.update({A("10.0.0.1"): "X", A("10.0.0.2"): "Y"})
+    a.connect(B1, 0)
+    net.run(10)
+    attempts = EngineConfig().probe_attempts
+    from_b = [s for s in net.sent_to("10.0.0.1") if s.datagram.src == A("10.0.0.2")]
+    assert len(from_b) == attempts and not any(s.delivered for s in from_b)
+    pair_ = (A("10.0.0.2"), A("10.0.0.1"))
+    dead = b.engine._peers[b.entry_for(A1).hid].dead  # (no public view of it)
+    assert pair_ in dead
+    # The two sites are joined. B says HELLO (after a restart, say); A, which had not
+    # probed B's 10.0.0.2 (it said HELLO first, B answered), does now: B hears A
+    # along 10.0.0.1 -> 10.0.0.2, and challenges it there in turn.
+    net.sites[A("10.0.0.2")] = "X"
+    b.engine.resume(net.now)
+    net.run(10)
+    assert pair_ not in dead
+    assert A("10.0.0.2") in a.entry_for(B1).active
+    assert A("10.0.0.1") in b.entry_for(A1).active
+    assert_symmetric(a, A1, b, B1)
+
+
 # -- reliability -------------------------------------------------------------------
 
 
