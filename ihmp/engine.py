@@ -108,6 +108,7 @@ class EngineConfig:
     exchange_deadline: float = 30.0
     legacy_hold_down: float = 300.0  # after a HELLO went unanswered
     path_loss_grace: float = 30.0  # how long a peer with no path is kept
+    dead_path_hold: float = 300.0  # how long an unanswered probe keeps its path unused
     strict: bool = False  # accept only keys configured a priori
     # Limits against floods; each has a counter in `dime status`.
     max_peers: int = 4096  # HID table entries; the least recently used idle one goes first
@@ -529,7 +530,7 @@ class IhmpEngine:
                 self._send_addr_down(entry, now)
                 continue
             others = [a for a in self._local if advertisable(a)]
-            reach, local, _ = best_path(self._remotes(entry), others, self._peers[entry.hid].dead)
+            reach, local, _ = self._best_path(entry, self._remotes(entry), others, now)
             if local is not None and reach is not Reach.UNREACHABLE:
                 self._send_handoff(entry, local, now)
             else:
@@ -898,6 +899,7 @@ class IhmpEngine:
         self._note_flags(msg, peer)
         self._hello_collision(peer, msg, src, dst, port)
         self._add_local(hid, dst, reason="HELLO received")
+        peer.dead.pop((dst, src), None)  # it came along that path: it works
         if nat:
             assert msg.src_addr is not None
             self._behind_nat(entry, src, msg.src_addr, port)
@@ -1039,7 +1041,7 @@ class IhmpEngine:
         self._commit(msg, entry.hid, window, pin, now)
         self._note_flags(msg, peer)
         if not relayed:
-            peer.dead.discard((dst, src))  # it came along that path: it works after all
+            peer.dead.pop((dst, src), None)  # it came along that path: it works after all
         if src in entry.nat and port is not None:
             peer.ports[src] = port  # the NAT gave our peer a new mapping: answer there
         if pending is not None:
@@ -1393,7 +1395,8 @@ class IhmpEngine:
         entry = self.table.get(hid)
         peer = self._peers[hid]
         if pending.probe:
-            peer.dead.add((pending.src, pending.dst))  # evidence: this path does not work
+            # Evidence: this path does not work (for a while: networks change).
+            peer.dead[(pending.src, pending.dst)] = now + self.config.dead_path_hold
         if msg.type is T.HELLO:
             if peer.answered:
                 return  # it answered before (or since): never demoted for one HELLO
@@ -1461,7 +1464,7 @@ class IhmpEngine:
     def _send_addr_up(self, entry: HostEntry, new: IPAddress, now: float) -> None:
         peer = self._peers[entry.hid]
         self._introduce(entry, new, now)
-        reach, _, remote = best_path(self._remotes(entry), [new], peer.dead)
+        reach, _, remote = self._best_path(entry, self._remotes(entry), [new], now)
         peer.announced.add(new)
         if remote is not None and reach is not Reach.UNREACHABLE:
             msg = self._message(peer, T.ADDR_UP, host_id=self._host_id(entry), new_addr=new)
@@ -1496,7 +1499,7 @@ class IhmpEngine:
         # OU: the peer could not reach us at any of the old addresses (III-B4).
         flags = Flags.NONE if any(peer.withdrawn[a] for a in olds) else Flags.OU
         host_id = self._host_id(entry)
-        reach, _, remote = best_path(self._remotes(entry), [new], peer.dead)
+        reach, _, remote = self._best_path(entry, self._remotes(entry), [new], now)
         if remote is not None and reach is not Reach.UNREACHABLE:
             msg = self._message(
                 peer, T.HANDOFF, host_id=host_id, new_addr=new, old_addrs=olds, flags=flags
@@ -1527,11 +1530,28 @@ class IhmpEngine:
         """Send from a new address. To a potentially reachable peer it is a probe, with
         fewer tries before falling back to a path that works, if there is one; with
         none, it is said as long as any address event: it may be the only way left."""
-        fallback = bool(entry.local) and entry.locator is not None
-        probe = reach is Reach.POTENTIAL and fallback
+        probe = reach is Reach.POTENTIAL and self._has_fallback(entry)
         attempts = self.config.probe_attempts if probe else None
         self._send(entry.hid, msg, src, dst, now, track=True, attempts=attempts, fallback=True)
-        self._peers[entry.hid].pending[msg.seq].probe = True
+        self._peers[entry.hid].pending[msg.seq].probe = reach is Reach.POTENTIAL
+
+    @staticmethod
+    def _has_fallback(entry: HostEntry) -> bool:
+        """Whether the peer has a path to us that works: somewhere to fall back to."""
+        return bool(entry.local) and entry.locator is not None
+
+    def _best_path(
+        self, entry: HostEntry, remotes: list[IPAddress], locals_: list[IPAddress], now: float
+    ) -> tuple[Reach, IPAddress | None, IPAddress | None]:
+        """:func:`best_path`, paths with fresh evidence against them left out -- unless
+        nothing else is left and there is no fallback: then even those are worth a try."""
+        peer = self._peers[entry.hid]
+        for pair in [p for p, until in peer.dead.items() if until <= now]:
+            del peer.dead[pair]
+        found = best_path(remotes, locals_, peer.dead)
+        if found[1] is None and peer.dead and not self._has_fallback(entry):
+            found = best_path(remotes, locals_)
+        return found
 
     @staticmethod
     def _hello_pending(peer: Peer) -> bool:
@@ -1564,7 +1584,7 @@ class IhmpEngine:
         peer = self._peers[entry.hid]
         locals_ = [a for a in self._local if advertisable(a)]
         for remote in sorted(entry.unreachable, key=addr_key):
-            reach, local, _ = best_path([remote], locals_, peer.dead)
+            reach, local, _ = self._best_path(entry, [remote], locals_, now)
             if local is None or reach is Reach.UNREACHABLE:
                 continue
             if not self._challenging(peer, remote):

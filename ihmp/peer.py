@@ -42,7 +42,8 @@ class Pending:
         default_factory=dict
     )
     cookie_tries: int = 0  # a HELLO: cookies it was sent again with
-    # A probe of a potentially reachable path: if unanswered, the path is dead.
+    # A probe of a path (a potentially reachable one, or a challenge): if it goes
+    # unanswered, that is evidence the path does not work.
     probe: bool = False
 
     def exhausted(self, now: float) -> bool:
@@ -79,10 +80,10 @@ class Peer:
     # Our addresses the peer saw through a NAT: flows bound to them are named by the
     # NAT's address there.
     natted_locals: set[IPAddress] = field(default_factory=set)
-    # (our address, its address) pairs whose probes went unanswered: the evidence
-    # that makes a potentially reachable path known unreachable (not saved: a
-    # restarted daemon probes again).
-    dead: set[tuple[IPAddress, IPAddress]] = field(default_factory=set)
+    # (our address, its address) pairs whose probes went unanswered -> until when
+    # that evidence holds: it makes a potentially reachable path known unreachable
+    # (not saved: a restarted daemon probes again).
+    dead: dict[tuple[IPAddress, IPAddress], float] = field(default_factory=dict)
 
     def to_json(self, now: float) -> dict[str, Any]:
         """What a successor needs to go on with this peer (messages in flight are

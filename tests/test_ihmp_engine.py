@@ -463,7 +463,27 @@ def test_handoff_probe_with_a_fallback_gives_up_after_probe_attempts() -> None:
     assert_symmetric(a, "172.16.1.3", b, CH_P)
     assert a.events_of(ev.PeerLost) == []
     dead = a.engine._peers[a.entry_for(CH_P).hid].dead  # (no public view of it)
-    assert dead == {(A(far), A(CH_P))}
+    assert set(dead) == {(A(far), A(CH_P))}
+
+
+def test_a_dead_path_is_still_tried_when_nothing_else_is_left() -> None:
+    """The evidence against a path holds while another path works; once the host has
+    lost every other path, the dead one is worth a try (the network may have changed),
+    rather than dropping the peer."""
+    net = Net()
+    a, b = private_pair(net, a_addrs=[MH_OLD + "/24", "172.16.1.3/24"])
+    far = "192.168.9.9"
+    net.sites[A(far)] = "elsewhere"
+    a.engine.handoff(ip_interface(MH_OLD + "/24"), ip_interface(far + "/24"), net.now)
+    net.run(20)
+    assert (A(far), A(CH_P)) in a.engine._peers[a.entry_for(CH_P).hid].dead
+    net.sites[A(far)] = net.sites[A(CH_P)]  # its network now routes to B's
+    t0 = net.now
+    a.engine.address_removed(ip_interface("172.16.1.3/24"), net.now)
+    net.run(10)
+    assert net.types_sent(since=t0)[0] is T.HANDOFF
+    assert a.events_of(ev.PeerLost) == []
+    assert b.entry_for(far).locator == A(far)
 
 
 def test_unanswered_probes_are_evidence_the_next_hello_does_not_probe_again() -> None:
