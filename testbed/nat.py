@@ -335,13 +335,22 @@ def _proto(num: int) -> str:
 SLOT = 0.1  # s: testbed.xfer's timeline resolution
 
 
-def resumed_tcp(received: dict[str, Any], up: float) -> float | None:
+def resumed_tcp(received: dict[str, Any], up: float, lost: float | None = None) -> float | None:
     """Seconds from ``up`` (the new address) to the middle of the first 100 ms slot
     with data at a testbed.xfer TCP receiver (its result: ``timeline``, ``start``);
-    None if nothing arrived after ``up``."""
+    None if nothing arrived after ``up``. With ``lost`` (the old address gone, less
+    than a slot before ``up``), data up to the first empty slot after ``lost`` was
+    on its way before the outage, and does not count; no empty slot within a second
+    of ``up``: no outage (0)."""
     timeline: list[int] = received["timeline"]
     start: float = received["start"]
     a = max(int((up - start) / SLOT), 0)
+    if lost is not None:
+        gap = next((i for i in range(max(int((lost - start) / SLOT), 0), a + int(1 / SLOT))
+                    if i >= len(timeline) or not timeline[i]), None)  # fmt: skip
+        if gap is None:
+            return 0.0
+        a = max(a, gap)
     first = next((i for i in range(a, len(timeline)) if timeline[i]), None)
     if first is None:
         return None
