@@ -24,7 +24,7 @@ from dime import cli, control, keystore
 from testbed.runner import dime_executable
 
 DIME = dime_executable()  # this environment's dime (its venv), else the one on PATH
-COMMANDS = ("up", "down", "status", "keygen", "set-local-key", "trust")
+COMMANDS = ("up", "down", "status", "keygen", "set-local-key", "trust", "rendezvous", "nat")
 KEY_HEX = bytes(range(32)).hex()
 
 
@@ -418,6 +418,56 @@ def test_format_status_shows_what_the_flood_limits_refused() -> None:
         "flood limits: refused cookie_rate 41748, rate_limited 3; cookies 5499, challenges 4 "
         "(3 answered); peers 2/4096, half-open 1/256, evicted 0"
     )
+
+
+def test_format_status_shows_the_rendezvous_points() -> None:
+    points = [
+        {"server": "192.0.2.53", "registered": True, "observed_as": "198.51.100.2"},
+        {"server": "[2001:db8::53]:4731", "registered": False, "observed_as": None},
+    ]
+    counters = {**SAMPLE["counters"], "relays_sent": 3, "relayed_received": 1}
+    text = cli.format_status({**SAMPLE, "rendezvous": points, "counters": counters})
+    assert "rendezvous point 192.0.2.53: registered, seen as 198.51.100.2" in text
+    assert "rendezvous point [2001:db8::53]:4731: not registered" in text
+    assert "relayed: 3 sent through rendezvous points, 1 received" in text
+
+
+def test_format_status_of_a_rendezvous_point() -> None:
+    st = {
+        "role": "rendezvous",
+        "pid": 7,
+        "uptime": 3.0,
+        "port": 4731,
+        "registered_hosts": [
+            {
+                "key": "ab" * 32,
+                "address": "198.51.100.2",
+                "port": 40001,
+                "advertised": ["10.77.1.20"],
+                "expires_in": 80.5,
+            },
+        ],
+        "counters": {"registrations": 4, "relayed": 2, "expired": 0, "refused": {"replay": 1}},
+    }
+    lines = cli.format_status(st).splitlines()
+    assert lines[0] == "dime rendezvous pid 7, up 3.0 s, UDP port 4731"
+    assert lines[2].split() == ["KEY", "ADDRESS", "PORT", "ADVERTISED", "EXPIRES", "IN"]
+    assert lines[3].split() == ["abababababababab", "198.51.100.2", "40001", "10.77.1.20",
+                                "80.5", "s"]  # fmt: skip
+    assert lines[-1] == (
+        "1 registered hosts; 4 registrations, 2 messages relayed, 0 expired, refused: replay 1"
+    )
+
+
+def test_rendezvous_with_a_bad_config_fails_before_taking_the_port(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(control, "bind", lambda: pytest.fail("took the control socket"))
+    path = tmp_path / "bad.toml"
+    path.write_text('rendezvous_server = { accept = ["00"] }\n')
+    result = invoke("rendezvous", "--config", str(path))
+    assert result.exit_code == 2
+    assert one_line(result.stderr).startswith("dime: config: rendezvous_server.accept: ")
 
 
 def test_status_prints_what_the_daemon_answers(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -411,3 +411,55 @@ def test_parse_public_key_hex_and_base64() -> None:
     assert parse_public_key(f"\n {KEY_B64}\t", "k") == KEY
     with pytest.raises(ConfigError, match=r"^PUBKEY: not a 32-byte"):
         parse_public_key(KEY_B64[:-4], "PUBKEY")
+
+
+# -- rendezvous points ------------------------------------------------------------------
+
+
+def test_rendezvous_points_in_every_form() -> None:
+    cfg = from_dict({"rendezvous": ["192.0.2.53", "192.0.2.54:9000", "[2001:db8::53]:4731"]})
+    assert [(p.name, str(p.addr), p.port) for p in cfg.rendezvous] == [
+        ("192.0.2.53", "192.0.2.53", 4731),
+        ("192.0.2.54:9000", "192.0.2.54", 9000),
+        ("[2001:db8::53]:4731", "2001:db8::53", 4731),
+    ]
+    assert load(None).rendezvous == []
+
+
+@pytest.mark.parametrize(
+    ("value", "detail"),
+    [
+        ("192.0.2.53", "must be a list of strings"),
+        ([4731], "must be a list of strings"),
+        (["rv.example"], "not ADDR, ADDR:PORT or [V6ADDR]:PORT"),
+        (["192.0.2.53:0"], "port 0 out of range"),
+        (["192.0.2.53", "192.0.2.53:4731"], "listed twice"),
+    ],
+)
+def test_bad_rendezvous_points_are_one_line(value: object, detail: str) -> None:
+    with pytest.raises(ConfigError, match=r"^rendezvous: ") as exc:
+        from_dict({"rendezvous": value})
+    assert detail in str(exc.value)
+
+
+def test_rendezvous_server_keys() -> None:
+    key = "ab" * 32
+    cfg = from_dict({"rendezvous_server": {"accept": [key], "max_hosts": 5, "lifetime": 60}})
+    server = cfg.rendezvous_server
+    assert server.accept == frozenset({bytes.fromhex(key)})
+    assert (server.max_hosts, server.lifetime) == (5, 60.0)
+
+
+@pytest.mark.parametrize(
+    ("table", "key"),
+    [
+        ({"bogus": 1}, "rendezvous_server.bogus"),
+        ({"accept": "ab"}, "rendezvous_server.accept"),
+        ({"accept": ["00"]}, "rendezvous_server.accept"),
+        ({"max_hosts": 0}, "rendezvous_server.max_hosts"),
+        ({"lifetime": "long"}, "rendezvous_server.lifetime"),
+    ],
+)
+def test_bad_rendezvous_server_keys(table: dict[str, object], key: str) -> None:
+    with pytest.raises(ConfigError, match=rf"^{key}: "):
+        from_dict({"rendezvous_server": table})
