@@ -50,7 +50,7 @@ from tests.netns_util import (
 pytestmark = pytest.mark.netns
 
 RATE = 8.0  # Mbit/s each way
-SECONDS = 9.0  # of traffic: the moves come after 2 s
+SECONDS = 5.0  # of traffic: the moves come after 2 s
 NBYTES = int(RATE * 1e6 / 8 * SECONDS)
 NATFLOWS = str(ROOT / "testbed" / "natflows.py")
 
@@ -194,7 +194,7 @@ def test_both_hosts_move_at_once_with_a_rendezvous_point(tmp_path: Path) -> None
 
 
 def test_both_hosts_move_at_once_without_one_the_sockets_fail(tmp_path: Path) -> None:
-    deadline, grace = 4.0, 3.0
+    deadline, grace = 2.0, 1.5
     with fig7_bed(tmp_path, "rvnone") as (b, fig, _rv):
         ch = b.up(fig.ch, "ch", config(None, deadline, grace))
         mh = b.up(fig.mh, "mh", config(None, deadline, grace))
