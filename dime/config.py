@@ -31,6 +31,7 @@
     exchange_deadline = 30.0    # s, how long an address event is retransmitted
     legacy_hold_down = 300.0    # s, no HELLO to a peer that never answered
     path_loss_grace = 30.0      # s, a peer with no path left is kept this long
+    dead_path_hold = 300.0      # s, a path whose probes went unanswered is not tried first
     max_peers = 4096            # hosts in the HID table; the least recently used idle one
                                 # goes to make room (hosts with flows never do)
     max_half_open = 256         # of them, hosts whose first HELLO is unanswered
@@ -43,7 +44,7 @@
     relay_rate = 50.0           # datagrams/s taken from one rendezvous point
     relay_burst = 200.0
 
-    [rendezvous_server]         # `dime rendezvous` only (it also uses `port`)
+    [rendezvous_server]         # `dime rendezvous` only (it also uses port and log_level)
     accept = ["03a107bff3ce10be1d70dd18e74bc09967e4d6309ba50d5f1ddc8664125531b8"]
                                 # host keys it serves (hex or base64; default: any)
     max_hosts = 10000           # registrations kept; a new host beyond it is refused

@@ -62,6 +62,13 @@ async def serve(sock: socket.socket, handler: Handler) -> asyncio.AbstractServer
     return await asyncio.start_unix_server(client, sock=sock)
 
 
+async def serve_forever(sock: socket.socket, handler: Handler) -> None:
+    """Answer requests on ``sock`` (from :func:`bind`) with ``handler`` until cancelled."""
+    server = await serve(sock, handler)
+    async with server:
+        await server.serve_forever()
+
+
 def request(cmd: str, timeout: float = 10, **args: Any) -> dict[str, Any]:
     """Send one request to this namespace's daemon. Raises NotRunning."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

@@ -149,7 +149,7 @@ class Daemon:
         known = self.engine.local_interfaces if resumed else addresses
         on_synced = self._resync if resumed else (lambda: None)
         self._tasks.append(asyncio.create_task(self.monitor.run(known, on_synced)))
-        self._tasks.append(asyncio.create_task(self._serve_control(ctl)))
+        self._tasks.append(asyncio.create_task(control.serve_forever(ctl, self._control)))
         self._save()
         self._pump()
 
@@ -363,11 +363,6 @@ class Daemon:
         self._pump_soon()
 
     # -- control ----------------------------------------------------------------------
-
-    async def _serve_control(self, ctl: socket.socket) -> None:
-        server = await control.serve(ctl, self._control)
-        async with server:
-            await server.serve_forever()
 
     async def _control(self, request: dict[str, Any]) -> dict[str, Any]:
         cmd = request.get("cmd")

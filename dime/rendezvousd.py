@@ -13,7 +13,6 @@ import asyncio
 import logging
 import os
 import signal
-import socket
 import time
 from typing import Any
 
@@ -43,7 +42,7 @@ class RendezvousDaemon:
         try:
             self.transport = IhmpTransport(self.config.port, self._on_datagram)
             self.transport.open(self.loop)
-            serving = asyncio.create_task(self._serve_control(ctl))
+            serving = asyncio.create_task(control.serve_forever(ctl, self._control))
             for sig in (signal.SIGTERM, signal.SIGINT):
                 self.loop.add_signal_handler(sig, self._stop.set)
             accept = self.config.rendezvous_server.accept
@@ -90,11 +89,6 @@ class RendezvousDaemon:
             self._timer = None
         if deadline is not None and self._timer is None:
             self._timer = self.loop.call_at(deadline, self._on_timer)
-
-    async def _serve_control(self, ctl: socket.socket) -> None:
-        server = await control.serve(ctl, self._control)
-        async with server:
-            await server.serve_forever()
 
     async def _control(self, request: dict[str, Any]) -> dict[str, Any]:
         cmd = request.get("cmd")

@@ -38,9 +38,10 @@ The protocol is section III-B of the DIME paper, with these additions:
 
 from __future__ import annotations
 
+import contextlib
 import random
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from ipaddress import ip_interface
 from typing import Any
@@ -390,6 +391,7 @@ class IhmpEngine:
         :data:`MAX_LOCAL_RETRIES` times per message, and such failed sends do not
         count as attempts.
         """
+        self.registrations.send_failed(dst, now + retry)
         for peer in self._peers.values():
             for pending in peer.pending.values():
                 if (
@@ -784,7 +786,7 @@ class IhmpEngine:
         if not self._relays.take(src, now):
             self._drop(DropReason.RELAY_RATE)
             return
-        try:
+        with self._refusing(src):
             msg = decode(data)
             if msg.type is T.ACK and self.registrations.answered(point, msg, now):
                 return
@@ -792,12 +794,6 @@ class IhmpEngine:
                 raise _Reject(RejectReason.UNEXPECTED_ACK, f"{msg.type.name} from {point.name}")
             assert msg.payload is not None and msg.origin is not None  # required fields
             self._on_relayed(decode(msg.payload), msg.origin, dst, now, len(msg.payload))
-        except WireError as exc:
-            self._reject(src, RejectReason.MALFORMED, str(exc))
-        except _Reject as rej:
-            self._reject(src, rej.reason, rej.detail)
-        finally:
-            self._request = None
 
     def _on_relayed(
         self, msg: Message, origin: tuple[IPAddress, int], dst: IPAddress, now: float, size: int
@@ -853,7 +849,7 @@ class IhmpEngine:
             self._drop(DropReason.RATE_LIMITED)
             return
         self._request = (src, len(data))
-        try:
+        with self._refusing(src):
             msg = decode(data)
             if msg.type is T.HELLO:
                 self._on_hello(msg, src, dst, src_port, now)
@@ -861,6 +857,13 @@ class IhmpEngine:
                 self._on_cookie(msg, src, now)
             else:
                 self._on_message(msg, src, dst, src_port, now)
+
+    @contextlib.contextmanager
+    def _refusing(self, src: IPAddress) -> Iterator[None]:
+        """Around the handling of a datagram from ``src``: what it raises is counted
+        and reported as MessageRejected; then the datagram being handled is over."""
+        try:
+            yield
         except WireError as exc:
             self._reject(src, RejectReason.MALFORMED, str(exc))
         except _Reject as rej:
@@ -1089,8 +1092,10 @@ class IhmpEngine:
         # ADDR_UP and HANDOFF are sent from the new address: a different source
         # means a NAT rewrote it. Then the NAT's address is the one to reach the peer
         # at (and to challenge, at the port the NAT chose), and the peer's own
-        # address behind it names the peer (III-D, beyond the paper).
-        nat = msg.type in (T.ADDR_UP, T.HANDOFF) and msg.new_addr != src
+        # address behind it names the peer (III-D, beyond the paper). Not when a
+        # rendezvous point forwarded it: the source it names is its word only, and
+        # a challenge there could be answered by relaying it to the peer.
+        nat = not relayed and msg.type in (T.ADDR_UP, T.HANDOFF) and msg.new_addr != src
         applied = self._apply_address_event(msg, entry, src, dst, port, nat, now, relayed)
         challenge = self._proving(msg, entry, src if nat else msg.new_addr, dst, now)
         if challenge is None:
@@ -1650,7 +1655,7 @@ class IhmpEngine:
         )
         self._send(entry.hid, msg, local, remote, now, track=True, attempts=attempts)
         peer.pending[msg.seq].prefer = prefer
-        peer.pending[msg.seq].probe = True
+        peer.pending[msg.seq].probe = classify(remote, local) is Reach.POTENTIAL
         self.counters.challenges_sent += 1
 
     # == local address bookkeeping ====================================================

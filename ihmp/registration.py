@@ -69,6 +69,7 @@ class Registration:
     rto: float = 0.0
     give_up_at: float = 0.0
     sent_from: IPAddress | None = None
+    local_failures: int = 0  # sends of this registration the host itself could not make
 
     def to_json(self, now: float) -> dict[str, Any]:
         ago = round(now - self.answered_at, 1) if self.answered_at is not None else None
@@ -129,6 +130,7 @@ class Registrations:
                 reg.seq = (reg.seq + 1) & 0xFFFF
                 reg.nonce = self._rng.getrandbits(8 * NONCE_LEN).to_bytes(NONCE_LEN, "big")
                 reg.rto, reg.give_up_at = self.initial_rto, now + self.deadline
+                reg.local_failures = 0
             elif now >= reg.give_up_at:
                 reg.registered = False  # unanswered: try afresh at the next refresh
                 reg.nonce, reg.due = b"", now + self.refresh
@@ -149,6 +151,14 @@ class Registrations:
                 reg.nonce, reg.due = b"", now + self.refresh
                 return True
         return False
+
+    def send_failed(self, addr: IPAddress, retry_at: float) -> None:
+        """A registration to ``addr`` could not even leave this host (no route yet,
+        just after a move): due again at ``retry_at``, not after a backoff."""
+        for reg in self._regs:
+            if reg.point.addr == addr and reg.nonce and reg.local_failures < 10:
+                reg.local_failures += 1
+                reg.due, reg.rto = retry_at, reg.rto / 2  # due() doubles it again
 
     def next_timer(self) -> float | None:
         return min((r.due for r in self._regs if r.due is not None), default=None)

@@ -219,16 +219,14 @@ class UserspacePath:
         lid: IPAddress,
         rid: IPAddress,
     ) -> bytes | None:
+        tr = self.tr.translation(entry.hid)
+        lloc, rloc = tr.outbound(lid, rid) if tr is not None else (None, None)
         if entry.wire is not None:  # behind a NAT: where its knock came from
             buf = bytearray(data)
-            rewrite_addresses(buf, info, None, _raw(entry.wire[0]))
+            rewrite_addresses(buf, info, _raw(lloc), _raw(entry.wire[0]))
             rewrite_ports(buf, info, None, entry.wire[1])
             self.translated += 1
             return bytes(buf)
-        tr = self.tr.translation(entry.hid)
-        if tr is None:
-            return None
-        lloc, rloc = tr.outbound(lid, rid)
         if lloc is None and rloc is None:
             return None
         buf = bytearray(data)

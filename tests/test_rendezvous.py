@@ -429,3 +429,36 @@ def test_registration_unanswered_is_retried_with_backoff() -> None:
     gaps = [round(b - a, 3) for a, b in itertools.pairwise(sent)]
     assert gaps[:3] == [FAST.initial_rto, FAST.initial_rto * 2, FAST.max_rto]
     assert a.engine.rendezvous_status(net.now)[0]["registered"] is False
+
+
+def test_a_lying_origin_is_never_taken_for_the_peer_or_its_nat() -> None:
+    """A rendezvous point names its own address as a relayed message's origin. Taken
+    as a NAT in front of the peer, a challenge there could be passed on to the peer
+    and its answer passed back: the liar's address would be verified. The origin is
+    only where answers go; the address the message itself names is challenged."""
+    net = Net()
+    a, b, rv = hosts(net)
+    liar = A("192.0.2.66")
+    msg = Message(type=T.HANDOFF, seq=a.engine._peers[a.entry_for(B1).hid].seq, host_id=A(A1),
+                  counter=10**15, new_addr=A(A2), old_addrs=(A(A1),))  # fmt: skip
+    data = Message(type=T.RELAYED, seq=0, host_id=rv.addr, origin=(liar, 4731),
+                   payload=encode(msg, a.key))  # fmt: skip
+    b.engine.receive_datagram(encode(data), rv.addr, A(B1), net.now)
+    out = b.engine.datagrams_to_send(net.now)
+    assert [d.dst for d in out if decode(d.data).type is T.PATH_PROBE] == [A(A2)]
+    assert all(d.dst != liar for d in out)
+    entry = b.table.get(a.entry_for(B1).hid)
+    assert liar not in entry.addresses() and liar not in entry.nat
+
+
+def test_a_registration_that_cannot_leave_yet_is_retried_at_once() -> None:
+    net = Net()
+    a = net.add(Host("A", [A1 + "/24"], seed=1, config=FAST, rendezvous=[POINT]))
+    a.engine.handle_timer(0.0)
+    [first] = a.engine.datagrams_to_send(0.0)
+    a.engine.send_failed(first.src, first.dst, 0.0)  # no route yet
+    assert a.engine.get_timer() == pytest.approx(0.01)
+    a.engine.handle_timer(0.01)
+    [again] = a.engine.datagrams_to_send(0.01)
+    assert decode(again.data).seq == decode(first.data).seq  # the same registration
+    assert a.engine.get_timer() == pytest.approx(0.01 + FAST.initial_rto)
