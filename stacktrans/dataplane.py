@@ -272,7 +272,10 @@ class Dataplane:
         host = self._hosts.get(hid)
         if host is None:
             return
-        new = compute(host, self.sockets.pairs_of(hid), self.local_addresses)
+        # A flow bound to a NAT's port is sent there: our locator for it is looked up
+        # by the address it goes to (the kernel rewrites the destination first).
+        wired = {(e.key.local, e.wire[0]) for e in self.sockets.flows_of(hid) if e.wire}
+        new = compute(host, self.sockets.pairs_of(hid) | wired, self.local_addresses)
         old = self._translations.get(hid)
         if new == old:
             return
@@ -313,9 +316,36 @@ class Dataplane:
                 None,
             )
         if entry is None:
+            entry = self._started_behind(hid, flow)
+        if entry is None:
             log.info("knock for %s of HID %d: no such flow", flow, hid)
             return None
         return entry if self._bind(entry, at, port) else None
+
+    def _started_behind(self, hid: int, flow: FlowSpec) -> SocketEntry | None:
+        """The flow a knock names, if it started behind a NAT that chose its port
+        (we know it by the NAT's port, the knock by the host's own): the one flow of
+        the host to that port of ours whose own port we have not learned. Two or
+        more such flows cannot be told apart: none is bound."""
+        host = self._hosts.get(hid)
+        if host is None:
+            return None
+        found = [
+            e
+            for e in self.sockets.flows_of(hid)
+            if e.key.proto == flow.proto
+            and e.key.lport == flow.rport
+            and e.key.local == flow.remote
+            and e.peer_port is None
+            and host.behind(e.key.remote) is not None  # named by a NAT's address
+        ]
+        if len(found) != 1:
+            if found:
+                log.info("knock for %s of HID %d: %d flows it may be", flow, hid, len(found))
+            return None
+        found[0].peer_port = flow.lport  # its own port behind the NAT, known now
+        self.bindings_changed = True
+        return found[0]
 
     def bind_port(self, hid: int, proto: int, peer_port: int, at: IPAddress, port: int) -> int:
         """An IHMP-aware NAT at ``at`` (verified by IHMP) says: host ``hid``'s flows
@@ -342,6 +372,7 @@ class Dataplane:
             return True  # said again
         if not self._rewire(entry, wire, bound_to):
             return False
+        self._refresh(entry.hid)
         log.info("flow %s of HID %d: now at %s:%d", entry.key, entry.hid, at, port)
         self._effects.moved.add(entry.hid)
         self.kernel.flush()

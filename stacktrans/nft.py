@@ -243,14 +243,14 @@ def ruleset(
                 f"    {ip} daddr @rloc{f} {ip} daddr set {ip} daddr map @rloc{f}",
                 "  }",
                 # Behind a NAT: to the NAT's address, at the port it gave the flow;
-                # from our locator, if we moved too (looked up by the identifiers,
-                # before they are rewritten).
+                # from our locator, if we moved too (lloc holds the pair of our
+                # identifier and the NAT's address for such flows).
                 f"  chain nat{f} {{",
-                f"    {ip} saddr . {ip} daddr @lloc{f} "
-                f"{ip} saddr set {ip} saddr . {ip} daddr map @lloc{f}",
                 f"    {ip} daddr set {key} map @wdst{f}",
                 f"    meta l4proto tcp tcp dport set {key} map @wport{f}",
                 f"    meta l4proto udp udp dport set {key} map @wport{f}",
+                f"    {ip} saddr . {ip} daddr @lloc{f} "
+                f"{ip} saddr set {ip} saddr . {ip} daddr map @lloc{f}",
                 "  }",
                 f"  chain in{f} {{",
                 f"    meta mark set {ip} saddr map @hid{f}",

@@ -309,3 +309,57 @@ def test_flows_named_by_a_nat_move_only_on_their_own_knock() -> None:
     assert entry is not None and entry.wire == (public, 40123) and entry.bound_to is None
     table.add_local(hid, LOCAL)  # any later change of the host keeps that binding
     assert entry.wire == (public, 40123)
+
+
+# -- flows started behind a NAT that chose their ports ------------------------------------
+
+
+def behind_nat2() -> tuple[Dataplane, HidTable, FakeNft, int]:
+    """The peer moved on from NAT1 to NAT2 (its address 10.77.2.20 behind it)."""
+    tr, table, nft, hid = natted()
+    table.add_active(hid, NAT2, prefer=True)
+    table.set_nat(hid, NAT2, A("10.77.2.20"))
+    nft.batches.clear()
+    return tr, table, nft, hid
+
+
+def test_a_flow_started_behind_a_port_choosing_nat_is_found_by_its_knock() -> None:
+    """We know the flow by the NAT's address and port (52000); the knock names the
+    host's own port (40123): the one flow of the host to our port 5001 whose own port
+    we do not know is it, and now we know that port too."""
+    started = FlowKey(TCP, LOCAL, 5001, NAT2, 52000)
+    tr, _, _, hid = behind_nat2()
+    entry = tr.flow_seen(started, now=0.0)
+    assert entry is not None and entry.hid == hid
+    assert entry is not None
+    bound = tr.bind(hid, FlowSpec(TCP, A("10.77.2.20"), 40123, LOCAL, 5001), NAT2, 53999)
+    assert bound is entry and entry.wire == (NAT2, 53999) and entry.peer_port == 40123
+    # Its next knock finds it at once.
+    assert tr.bind(hid, FlowSpec(TCP, A("10.77.2.20"), 40123, LOCAL, 5001), NAT2, 54000) is entry
+
+
+def test_two_flows_started_behind_such_a_nat_cannot_be_told_apart() -> None:
+    tr, _, nft, hid = behind_nat2()
+    for port in (52000, 52001):
+        assert tr.flow_seen(FlowKey(TCP, LOCAL, 5001, NAT2, port), now=0.0) is not None
+    nft.batches.clear()
+    assert tr.bind(hid, FlowSpec(TCP, A("10.77.2.20"), 40123, LOCAL, 5001), NAT2, 53999) is None
+    assert nft.batches == []
+
+
+def test_user_space_sends_a_nat_bound_flow_from_our_new_locator() -> None:
+    """We moved too: a flow bound to the NAT's port leaves from our new address (in
+    the kernel: lloc has the pair of our identifier and the NAT's address, which
+    the nat chain looks up once it has rewritten the destination)."""
+    tr, table, nft, hid = natted()
+    tr.bind(hid, KNOCK, NAT1, 61000)
+    new = A("192.0.2.10")
+    tr.set_local_addresses({new})
+    table.add_local(hid, new, prefer=True)
+    table.remove_local(hid, LOCAL)
+    assert f"add element inet dime lloc4 {{ {LOCAL} . {NAT1} : {new} }}" in _elements(nft)
+    path = UserspacePath(tr, lambda: 0.0)
+    out = path.outbound(_tcp(str(LOCAL), 5001, str(MH), 40000, b"reply"))
+    assert out is not None
+    info = parse(out)
+    assert (A(info.src), A(info.dst), info.dport) == (new, NAT1, 61000) and _l4_ok(out)
