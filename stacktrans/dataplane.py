@@ -31,7 +31,7 @@ from typing import Any, Protocol
 from ihmp.addr import IPAddress, usable
 from ihmp.flows import FlowSpec
 from ihmp.hosts import ChangeKind, FlowOrigin, HostChanged, HostSnapshot
-from stacktrans.socket_table import UDP, FlowKey, SocketEntry, SocketTable
+from stacktrans.socket_table import TCP, UDP, FlowKey, SocketEntry, SocketTable
 from stacktrans.translation import HidTranslation, compute
 
 log = logging.getLogger("dime.stacktrans")
@@ -399,10 +399,15 @@ class Dataplane:
         behind = host.behind(at) if host is not None and at == host.locator else None
         if behind is None:
             return False  # (a NAT it left may have other hosts behind it: their flows)
+        # A flow named by this NAT's address (it started behind it) has a port there
+        # we know; after our own move the NAT gives it another, towards our new
+        # address. A TCP segment that is no SYN may be such a flow's (our stack would
+        # reset it, as no connection of ours has that port); UDP from an unknown port
+        # may as well be a new flow of another host behind the NAT, and goes on.
         return any(
             e.key.proto == proto
             and e.key.lport == lport
-            and e.key.remote != at
+            and (e.key.remote != at or proto == TCP)
             and e.bound_to != (at, behind)
             for e in self.sockets.flows_of(hid)
         )

@@ -363,3 +363,16 @@ def test_user_space_sends_a_nat_bound_flow_from_our_new_locator() -> None:
     assert out is not None
     info = parse(out)
     assert (A(info.src), A(info.dst), info.dport) == (new, NAT1, 61000) and _l4_ok(out)
+
+
+def test_a_segment_of_a_flow_started_behind_the_nat_waits_for_its_knock() -> None:
+    """After our own move the NAT gives a flow that started behind it (named by the
+    NAT's address) another port: its TCP segments from that port are held for its
+    knock, not reset by our stack. UDP from an unknown port may be another host's new
+    flow, and goes on."""
+    tr, _, _, hid = behind_nat2()
+    assert tr.flow_seen(FlowKey(TCP, LOCAL, 5001, NAT2, 52000), now=0.0) is not None
+    assert tr.flow_seen(FlowKey(UDP, LOCAL, 6001, NAT2, 52001), now=0.0) is not None
+    assert tr.awaits_knock(hid, NAT2, TCP, 5001)
+    assert not tr.awaits_knock(hid, NAT2, UDP, 6001)
+    assert not tr.awaits_knock(hid, NAT2, TCP, 5999)  # no flow of it to that port

@@ -22,38 +22,34 @@ from __future__ import annotations
 
 import contextlib
 import json
-import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from subprocess import Popen
 from typing import Any
 
 import pytest
 
 from testbed import rendezvous
 from testbed.fig7 import V4, Fig7
-from testbed.nat import B_TABLE, CH_ADDR, EVE_ADDR, SUBNETS, WAN1, NatLab, resumed_tcp
+from testbed.nat import EVE_ADDR, SUBNETS, NatLab, resumed_tcp
 from testbed.netns import Namespace, add_rst_counter, rst_count, topology
-from testbed.rendezvous import RendezvousDaemon
-from testbed.runner import Dime, any_established
-from tests.netns_util import (
-    ROOT,
-    daemons_stopped,
-    py,
-    read_line,
-    result,
-    tcp_transfer,
-    wait_for,
+from testbed.rendezvous import (
+    CH_NEW,
+    NBYTES,
+    Pair,
+    RendezvousDaemon,
+    both_move,
+    config,
+    fig7_transfers,
+    move_ch,
+    nat_transfers,
+    second_network_for_the_ch,
 )
+from testbed.runner import Dime, any_established
+from tests.netns_util import daemons_stopped, py, read_line, result
 
 pytestmark = pytest.mark.netns
-
-RATE = 8.0  # Mbit/s each way
-SECONDS = 5.0  # of traffic: the moves come after 2 s
-NBYTES = int(RATE * 1e6 / 8 * SECONDS)
-NATFLOWS = str(ROOT / "testbed" / "natflows.py")
 
 
 @dataclass
@@ -92,12 +88,6 @@ class Bed:
             self.rv = None
 
 
-def config(rv_addr: str | None, deadline: float = 30.0, grace: float = 30.0) -> str:
-    lines = [f'rendezvous = ["{rv_addr}"]'] if rv_addr else []
-    lines += ["[ihmp]", f"exchange_deadline = {deadline}", f"path_loss_grace = {grace}"]
-    return "\n".join(lines) + "\n"
-
-
 @contextlib.contextmanager
 def fig7_bed(tmp_path: Path, tag: str) -> Iterator[tuple[Bed, Fig7, Namespace]]:
     """Fig. 7 with a rendezvous namespace on the router; resets counted."""
@@ -113,38 +103,6 @@ def fig7_bed(tmp_path: Path, tag: str) -> Iterator[tuple[Bed, Fig7, Namespace]]:
             finally:
                 if b.rv is not None:
                     b.rv.terminate()
-
-
-def both_move(fig: Fig7) -> tuple[float, float]:
-    """Both hosts lose their address, then both get the new one: all within 100 ms
-    (one shell, ``ip -n``: a process per command would take longer than that on a
-    loaded machine). Returns when the first address went and the last new one was
-    up (time.time())."""
-    p = fig.plan
-    steps = []
-    for ns, dev, sub in ((fig.mh, "m1", p.m1), (fig.ch, "c1", p.c1)):
-        steps += [f"ip -n {ns.name} addr del {sub.host_cidr()} dev {dev}",
-                  f"ip -n {ns.name} link set {dev} down"]  # fmt: skip
-    for ns, dev, sub in ((fig.mh, "m2", p.m2), (fig.ch, "c2", p.c2)):
-        steps += [f"ip -n {ns.name} link set {dev} up",
-                  f"ip -n {ns.name} addr add {sub.host_cidr()} dev {dev}",
-                  f"ip -n {ns.name} route replace default via {sub.router} dev {dev}"]  # fmt: skip
-    lost = time.time()
-    subprocess.run(["sh", "-ec", "; ".join(steps)], check=True, timeout=10)
-    up = time.time()
-    assert up - lost < 0.1, f"the moves took {up - lost:.3f} s"
-    return lost, up
-
-
-def transfers(fig: Fig7) -> tuple[tuple[Popen[bytes], Popen[bytes]], ...]:
-    """A paced TCP transfer each way: MH -> CH and CH -> MH."""
-    p = fig.plan
-    up = tcp_transfer(fig.mh, fig.ch, p.c1.host, NBYTES, RATE, 5001, timeout=20)
-    down = tcp_transfer(fig.ch, fig.mh, p.m1.host, NBYTES, RATE, 5002, timeout=20)
-    return up, down
-
-
-Pair = tuple[Popen[bytes], Popen[bytes]]  # (receiver, sender)
 
 
 def finish(namespaces: tuple[Namespace, ...], pairs: dict[str, Pair], logs: str) -> dict[str, Any]:
@@ -179,12 +137,11 @@ def move_both_under_traffic(b: Bed, fig: Fig7, what: str) -> tuple[Dime, Dime]:
     intact. The CH's and the MH's daemons."""
     ch = b.up(fig.ch, "ch", config(rendezvous.address()))
     mh = b.up(fig.mh, "mh", config(rendezvous.address()))
-    (s_up, c_up), (s_down, c_down) = transfers(fig)
+    pairs = fig7_transfers(fig)
     for d in (ch, mh):
         d.wait_status(lambda s: any_established(s) and s["rendezvous"][0]["registered"])
     time.sleep(2.0)
     moved = both_move(fig)
-    pairs = {"MH->CH": (s_up, c_up), "CH->MH": (s_down, c_down)}
     report(what, finish((fig.ch, fig.mh), pairs, b.logs()), moved)
     return ch, mh
 
@@ -213,7 +170,8 @@ def test_both_hosts_move_at_once_without_one_the_sockets_fail(tmp_path: Path) ->
     with fig7_bed(tmp_path, "rvnone") as (b, fig, _rv):
         ch = b.up(fig.ch, "ch", config(None, deadline, grace))
         mh = b.up(fig.mh, "mh", config(None, deadline, grace))
-        (s_up, c_up), (s_down, c_down) = transfers(fig)
+        pairs = fig7_transfers(fig)
+        (s_up, c_up), (s_down, c_down) = pairs["MH->CH"], pairs["CH->MH"]
         for d in (ch, mh):
             d.wait_status(any_established)
         time.sleep(1.0)
@@ -259,57 +217,7 @@ def test_a_hostile_rendezvous_point_cannot_tamper_or_replay(tmp_path: Path) -> N
 
 
 # -- the CH moves, the MH behind a conntrack NAT -----------------------------------------
-
-
-CH_NET = ("192.0.2.1", "192.0.2.10", 24)  # (its router, the CH, prefix length)
-ISP = "198.51.100.254"  # that router on the CH's first segment
-CH_NEW = CH_NET[1]
-
-
-def second_network_for_the_ch(lab: NatLab) -> None:
-    """Another network for the CH, one router (``isp``) away from its segment: the
-    CH's second interface ``eth1`` links to it, down until the CH moves there. The
-    NAT router and eve reach it via ``isp``; what the MH sends there leaves its NAT
-    from the same public address as before (a NAT has one)."""
-    gw, _, plen = CH_NET
-    isp = lab.topo.add_ns("isp")
-    lab.topo.link(isp, "eth0", lab.sw, "isp")
-    lab.sw.ip("link", "set", "isp", "master", "br0")
-    isp.addr_add("eth0", f"{ISP}/24")
-    lab.topo.link(lab.ch, "eth1", isp, "eth1")
-    isp.addr_add("eth1", f"{gw}/{plen}")
-    isp.run("sysctl", "-qw", "net.ipv4.ip_forward=1")
-    isp.ip("route", "add", "default", "via", WAN1)
-    lab.ch.ip("link", "set", "eth1", "down")
-    for ns in (lab.r, lab.eve):
-        ns.ip("route", "add", f"192.0.2.0/{plen}", "via", ISP)
-    # NAT B's packets leave through wan2 (their own routing table).
-    lab.r.ip("route", "add", f"192.0.2.0/{plen}", "via", ISP, "dev", "wan2", "table", str(B_TABLE))
-
-
-def move_ch(lab: NatLab) -> tuple[float, float]:
-    """The CH leaves its network (the address, then the link) for the other one:
-    when the old address went and the new one was up (time.time())."""
-    gw, addr, plen = CH_NET
-    lost = time.time()
-    lab.ch.addr_del("eth0", f"{CH_ADDR}/24")
-    lab.ch.ip("link", "set", "eth0", "down")
-    lab.ch.ip("link", "set", "eth1", "up")
-    lab.ch.addr_add("eth1", f"{addr}/{plen}")
-    lab.ch.ip("route", "replace", "default", "via", gw, "dev", "eth1")
-    return lost, time.time()
-
-
-def nat_transfers(lab: NatLab) -> tuple[tuple[Popen[bytes], Popen[bytes]], ...]:
-    """A paced TCP transfer each way, both opened by the MH (behind the NAT)."""
-    up = tcp_transfer(lab.mh, lab.ch, CH_ADDR, NBYTES, RATE, 5001, timeout=20)
-    sender = py(lab.ch, NATFLOWS, "tcp-send-server", "--bind", CH_ADDR, "--port", "5002",
-                "--bytes", str(NBYTES), "--rate", str(RATE), "--timeout", "20")  # fmt: skip
-    wait_for(sender, "listening", 10)
-    receiver = py(lab.mh, NATFLOWS, "tcp-recv-client", "--connect", CH_ADDR, "--port", "5002",
-                  "--timeout", "20")  # fmt: skip
-    wait_for(receiver, "ready", 10)
-    return up, (receiver, sender)
+# (its second network and the move: testbed.rendezvous.second_network_for_the_ch, move_ch)
 
 
 @pytest.mark.parametrize("nat", ["A", "B"])
@@ -327,14 +235,13 @@ def test_the_ch_moves_while_the_mh_is_behind_a_conntrack_nat(tmp_path: Path, nat
                 b.serve_rendezvous(lab.eve)  # a third host with a stable address
                 ch = b.up(lab.ch, "ch", config(EVE_ADDR))
                 mh = b.up(lab.mh, "mh", config(EVE_ADDR))
-                (s_up, c_up), (s_down, c_down) = nat_transfers(lab)
+                pairs = nat_transfers(lab)
                 for d in (ch, mh):
                     d.wait_status(lambda s: any_established(s) and s["rendezvous"][0]["registered"])
                 seen = mh.status()["rendezvous"][0]["observed_as"]
                 assert seen == SUBNETS[nat].seen_as(lab.addr)  # through the NAT
                 time.sleep(2.0)
                 up = move_ch(lab)
-                pairs = {"MH->CH": (s_up, c_up), "CH->MH": (s_down, c_down)}
                 got = finish((lab.ch, lab.mh), pairs, b.logs())
                 report(f"the CH moved, the MH behind NAT {nat}", got, up)
                 st = mh.status()
