@@ -20,8 +20,6 @@ every byte arrived intact with no reset and data resumed after every move, else 
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
 import shlex
 import shutil
@@ -32,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from testbed.experiments.common import machine
+from testbed.experiments.common import write_bench
 from testbed.nat import (
     CH_ADDR,
     MOVES,
@@ -208,21 +206,6 @@ def markdown(doc: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _commit() -> str:
-    """The checkout's commit (``+`` if its tracked files differ from it), or ""."""
-    try:
-        head = subprocess.run(
-            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(ROOT), "diff", "--quiet", "HEAD"]).returncode
-    except (OSError, subprocess.CalledProcessError):
-        return ""
-    return head + ("+" if dirty else "")  # fmt: skip
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(
@@ -245,24 +228,11 @@ def main(argv: list[str] | None = None) -> int:
     except DimeError as exc:  # a daemon did not start or answer: its log tail says why
         print(f"nat bench: {exc}", file=sys.stderr)
         return 1
-    doc = {
-        "experiment": "nat",
-        "meta": {
-            "command": command,
-            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-            "machine": machine(),
-            "commit": _commit(),
-        },
-        **out,
-    }
-    a.out.mkdir(parents=True, exist_ok=True)
     name = "nat-aware" if a.aware else "nat"
-    js, md = a.out / f"{name}.json", a.out / f"{name}.md"
-    js.write_text(json.dumps(doc, indent=2) + "\n")
-    md.write_text(markdown(doc))
+    js, md = write_bench(a.out, name, "nat", command, out, markdown)
     print(md.read_text())
     print(f"wrote {js} and {md}")
-    if not doc["ok"]:
+    if not out["ok"]:
         print(f"daemon logs in {tmp}", file=sys.stderr)
         return 1
     shutil.rmtree(tmp, ignore_errors=True)

@@ -35,13 +35,11 @@ in a temporary directory).
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import shlex
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -53,7 +51,7 @@ from subprocess import Popen
 from typing import Any
 
 from testbed import rendezvous
-from testbed.experiments.common import machine
+from testbed.experiments.common import write_bench
 from testbed.fig7 import V4, Fig7
 from testbed.nat import EVE_ADDR, SLOT, SUBNETS, NatLab, resumed_tcp
 from testbed.netns import Namespace, add_rst_counter, rst_count, topology
@@ -512,22 +510,6 @@ def _what_broke(r: dict[str, Any]) -> str:
     return "; ".join(what) or "?"
 
 
-def _commit() -> str:
-    """The checkout's commit (``+`` if its tracked files differ from it), or "" (as
-    testbed.nat_bench records it)."""
-    try:
-        head = subprocess.run(
-            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(ROOT), "diff", "--quiet", "HEAD"]).returncode
-    except (OSError, subprocess.CalledProcessError):
-        return ""
-    return head + ("+" if dirty else "")
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(
@@ -549,23 +531,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"interrupted; logs kept in {tmp}", file=sys.stderr)
         return 130
-    doc = {
-        "experiment": "rendezvous",
-        "meta": {
-            "command": command,
-            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-            "machine": machine(),
-            "commit": _commit(),
-        },
-        **out,
-    }
-    a.out.mkdir(parents=True, exist_ok=True)
-    js, md = a.out / "rendezvous.json", a.out / "rendezvous.md"
-    js.write_text(json.dumps(doc, indent=2) + "\n")
-    md.write_text(markdown(doc))
+    js, md = write_bench(a.out, "rendezvous", "rendezvous", command, out, markdown)
     print(md.read_text())
     print(f"wrote {js} and {md}")
-    if not doc["ok"]:
+    if not out["ok"]:
         print(f"daemon logs in {tmp}", file=sys.stderr)
         return 1
     shutil.rmtree(tmp, ignore_errors=True)

@@ -19,7 +19,9 @@ import json
 import os
 import platform
 import shlex
+import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -95,6 +97,48 @@ def write_result(
     path = ctx.out / f"{name}.json"
     path.write_text(json.dumps(doc, indent=2) + "\n")
     return path
+
+
+def commit() -> str:
+    """The checkout's commit (``+`` if its tracked files differ from it), or ""."""
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(ROOT), "diff", "--quiet", "HEAD"]).returncode
+    except (OSError, subprocess.CalledProcessError):
+        return ""
+    return head + ("+" if dirty else "")
+
+
+def write_bench(
+    out: Path,
+    name: str,
+    experiment: str,
+    command: str,
+    results: dict[str, Any],
+    markdown: Callable[[dict[str, Any]], str],
+) -> tuple[Path, Path]:
+    """A benchmark's results as ``out/NAME.json`` (with the command, date, machine and
+    commit) and ``out/NAME.md`` (``markdown`` of that document); their paths."""
+    doc = {
+        "experiment": experiment,
+        "meta": {
+            "command": command,
+            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "machine": machine(),
+            "commit": commit(),
+        },
+        **results,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    js, md = out / f"{name}.json", out / f"{name}.md"
+    js.write_text(json.dumps(doc, indent=2) + "\n")
+    md.write_text(markdown(doc))
+    return js, md
 
 
 #: How the experiments without shaping or delay describe their links (``write_result``).
