@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -30,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from testbed.experiments.common import write_bench
+from testbed.experiments.common import finish_bench, write_bench
 from testbed.nat import (
     CH_ADDR,
     MOVES,
@@ -230,13 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     name = "nat-aware" if a.aware else "nat"
     js, md = write_bench(a.out, name, "nat", command, out, markdown)
-    print(md.read_text())
-    print(f"wrote {js} and {md}")
-    if not out["ok"]:
-        print(f"daemon logs in {tmp}", file=sys.stderr)
-        return 1
-    shutil.rmtree(tmp, ignore_errors=True)
-    return 0
+    return finish_bench(js, md, out["ok"], tmp)
 
 
 if __name__ == "__main__":

@@ -35,23 +35,23 @@ in a temporary directory).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shlex
-import shutil
 import statistics
 import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from subprocess import Popen
 from typing import Any
 
 from testbed import rendezvous
-from testbed.experiments.common import write_bench
+from testbed.experiments.common import finish_bench, write_bench
 from testbed.fig7 import V4, Fig7
 from testbed.nat import EVE_ADDR, SLOT, SUBNETS, NatLab, resumed_tcp
 from testbed.netns import Namespace, add_rst_counter, rst_count, topology
@@ -171,7 +171,7 @@ def resumed(
     (the CH's and the MH's namespaces and daemons), ``start`` the transfers, ``move``
     moves (lost, up), ``after`` says what else the daemons saw. Its record."""
     b = Bed(tmp)
-    try:
+    with _logs_on_failure(b):
         ch_ns, mh_ns, ch, mh = hosts(b)
         pairs = b.track(start())
         for d in (ch, mh):
@@ -185,13 +185,6 @@ def resumed(
             # Counted: back to 0, as when dime up took the state it must leave as it found.
             ns.run("nft", "reset", "counters", "table", "inet", "dmrst")
         stopped = b.down()
-    except SlowMove:
-        raise
-    except BaseException:
-        print(b.logs(), file=sys.stderr)
-        raise
-    finally:
-        b.cleanup()
     resume = {name: resumed_tcp(received[name], up, lost) for name in DIRECTIONS}
     around = {name: around_move(received[name], lost) for name in DIRECTIONS}
     ok = (
@@ -283,13 +276,28 @@ def run_nat(tmp: Path, tag: str, nat: str) -> dict[str, Any]:
         return resumed(tmp, hosts, start, lambda: move_ch(lab), after)
 
 
+@contextlib.contextmanager
+def _logs_on_failure(b: Bed) -> Iterator[None]:
+    """Around one run: the daemons' logs printed if it fails (not for a move that was
+    too slow: it is run again); the testbed's processes stopped in any case."""
+    try:
+        yield
+    except SlowMove:
+        raise
+    except BaseException:
+        print(b.logs(), file=sys.stderr)
+        raise
+    finally:
+        b.cleanup()
+
+
 def run_no_rv(tmp: Path, tag: str) -> dict[str, Any]:
     """Scenario 4: Fig. 7, both hosts move at once, no rendezvous point: when each
     end of the transfers ended after the move, and how."""
     with topology(tag) as topo:
         fig = Fig7.build(topo, V4)
         b = Bed(tmp)
-        try:
+        with _logs_on_failure(b):
             text = config(None, FAIL_DEADLINE, FAIL_GRACE)
             ch, mh = b.up(fig.ch, "ch", text), b.up(fig.mh, "mh", text)
             pairs = b.track(fig7_transfers(fig, NBYTES, RATE, TIMEOUT))
@@ -314,13 +322,6 @@ def run_no_rv(tmp: Path, tag: str) -> dict[str, Any]:
                 for d in (ch, mh)
             }
             stopped = b.down()
-        except SlowMove:
-            raise
-        except BaseException:
-            print(b.logs(), file=sys.stderr)
-            raise
-        finally:
-            b.cleanup()
     failed = {name: ended.get((name, "sender")) for name in DIRECTIONS}
     ok = all(failed.values()) and all(got[(n, "sender")]["error"] for n in DIRECTIONS)
     if not ok:
@@ -532,13 +533,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"interrupted; logs kept in {tmp}", file=sys.stderr)
         return 130
     js, md = write_bench(a.out, "rendezvous", "rendezvous", command, out, markdown)
-    print(md.read_text())
-    print(f"wrote {js} and {md}")
-    if not out["ok"]:
-        print(f"daemon logs in {tmp}", file=sys.stderr)
-        return 1
-    shutil.rmtree(tmp, ignore_errors=True)
-    return 0
+    return finish_bench(js, md, out["ok"], tmp)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import json
 import os
 import platform
 import shlex
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -139,6 +140,18 @@ def write_bench(
     js.write_text(json.dumps(doc, indent=2) + "\n")
     md.write_text(markdown(doc))
     return js, md
+
+
+def finish_bench(js: Path, md: Path, ok: bool, logs: Path) -> int:
+    """Print a benchmark's table and where it went; its exit status. The daemons'
+    logs in ``logs`` are kept (and named) when a run went wrong, else removed."""
+    print(md.read_text())
+    print(f"wrote {js} and {md}")
+    if not ok:
+        print(f"daemon logs in {logs}", file=sys.stderr)
+        return 1
+    shutil.rmtree(logs, ignore_errors=True)
+    return 0
 
 
 #: How the experiments without shaping or delay describe their links (``write_result``).
