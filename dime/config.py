@@ -13,6 +13,8 @@
                                 # (at most; with many flows a sweep waits 20x its own cost)
     queue_out = 4731            # NFQUEUE numbers (outbound, inbound)
     queue_in = 4732
+    log_group = 4731            # NFLOG group through which the kernel tells dime of new
+                                # flows it learned (nft data plane)
     adopt_existing = true       # take over connections opened before dime started
     nat_keepalive = 25.0        # s: behind a NAT, keep its mapping alive this often while
                                 # flows need it (0: never)
@@ -110,6 +112,7 @@ class Config:
     sweep_interval: float = 2.0
     queue_out: int = 4731
     queue_in: int = 4732
+    log_group: int = 4731
     adopt_existing: bool = True
     nat_keepalive: float = 25.0
     nat_port: int = 4733
@@ -174,6 +177,7 @@ _SCALARS: dict[str, type] = {
     "sweep_interval": float,
     "queue_out": int,
     "queue_in": int,
+    "log_group": int,
     "adopt_existing": bool,
     "nat_keepalive": float,
     "nat_port": int,
@@ -193,6 +197,7 @@ def from_dict(data: dict[str, Any]) -> Config:
     cfg.port = _port("port", cfg.port)
     cfg.queue_out = _port("queue_out", cfg.queue_out, 0)
     cfg.queue_in = _port("queue_in", cfg.queue_in, 0)
+    cfg.log_group = _port("log_group", cfg.log_group, 0)
     cfg.nat_port = _port("nat_port", cfg.nat_port)
     if cfg.nat_port == cfg.port:
         raise ConfigError("nat_port: must differ from port (the hosts behind the NAT use that)")

@@ -130,6 +130,7 @@ class Daemon:
                 mode=DataplaneMode(cfg.dataplane),
                 queue_out=cfg.queue_out,
                 queue_in=cfg.queue_in,
+                log_group=cfg.log_group,
                 ihmp_port=cfg.port,
                 sweep_interval=cfg.sweep_interval,
                 adopt=cfg.adopt_existing,

@@ -59,6 +59,16 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address, ip_address
 
 from ihmp.addr import IPAddress, unmap
+from stacktrans.netlink import (
+    NLM_F_DUMP,
+    NLM_F_REQUEST,
+    NLMSG_DONE,
+    NLMSG_ERROR,
+    attribute,
+    error_code,
+    message,
+    messages,
+)
 from stacktrans.socket_table import TCP, UDP, FlowKey
 
 __all__ = [
@@ -174,8 +184,6 @@ def endpoint_flow(
 
 NETLINK_SOCK_DIAG = 4
 SOCK_DIAG_BY_FAMILY = 20
-NLM_F_REQUEST, NLM_F_DUMP = 0x1, 0x300
-NLMSG_ERROR, NLMSG_DONE = 2, 3
 INET_DIAG_INFO = 2  # the attribute holding struct tcp_info
 INET_DIAG_NOCOOKIE = 0xFFFFFFFF  # "any socket with these addresses" (no cookie check)
 #: Exact lookups sent at once. The kernel answers them all before send() returns, and
@@ -184,7 +192,6 @@ INET_DIAG_NOCOOKIE = 0xFFFFFFFF  # "any socket with these addresses" (no cookie 
 #: answers fit, 256 did not.
 LOOKUP_BATCH = 32
 
-_NLMSG = struct.Struct("=IHHII")  # len, type, flags, seq, pid
 # inet_diag_req_v2: family, protocol, ext, pad, states, then inet_diag_sockid.
 _REQ = struct.Struct("=BBBBI")
 # inet_diag_sockid: sport, dport, src, dst (4 or 16 bytes, zero-padded) in network
@@ -194,8 +201,6 @@ _SOCKID = struct.Struct("!HH16s16sIII")
 # then interface, cookie, expires, queues, uid, inode: 72 bytes in all.
 _MSG = struct.Struct("=BBBB2H16s16s")
 _MSG_SIZE = 72
-_NLA = struct.Struct("=HH")  # attribute length (header included), type
-_NLA_TYPE_MASK = 0x3FFF  # without the nested / byte-order flags
 _ALEN = {socket.AF_INET: 4, socket.AF_INET6: 16}
 
 _address = functools.lru_cache(maxsize=4096)(ip_address)  # few distinct addresses
@@ -269,11 +274,11 @@ class SockDiag:
         self._nl.sendall(_request(seq, NLM_F_REQUEST | NLM_F_DUMP, family, protocol, states))
         out: list[DiagSocketInfo] = []
         while True:
-            for kind, msg_seq, payload in _messages(self._nl.recv(1 << 20)):
+            for kind, msg_seq, payload in messages(self._nl.recv(1 << 20)):
                 if msg_seq != seq:
                     continue  # not an answer to this request
                 if kind in (NLMSG_DONE, NLMSG_ERROR):
-                    code = _error_code(payload)
+                    code = error_code(payload)
                     if code:
                         raise DiagError(code, f"sock_diag dump refused: {os.strerror(code)}")
                     return out
@@ -312,12 +317,12 @@ class SockDiag:
         # Each exact request gets exactly one answer: the socket, or an error
         # (ENOENT: no such socket).
         while pending:
-            for kind, seq, payload in _messages(self._nl.recv(1 << 16)):
+            for kind, seq, payload in messages(self._nl.recv(1 << 16)):
                 if seq not in pending:
                     continue
                 pending.discard(seq)
                 if kind == NLMSG_ERROR:
-                    code = _error_code(payload)
+                    code = error_code(payload)
                     if code not in (0, errno.ENOENT):
                         raise DiagError(code, f"sock_diag lookup refused: {os.strerror(code)}")
                 elif kind == SOCK_DIAG_BY_FAMILY:
@@ -333,7 +338,7 @@ class SockDiag:
 def _request(seq: int, flags: int, family: int, protocol: int, states: int,
              ext: int = 0, sockid: bytes = bytes(_SOCKID.size)) -> bytes:  # fmt: skip
     req = _REQ.pack(family, protocol, ext, 0, states) + sockid
-    return _NLMSG.pack(_NLMSG.size + len(req), SOCK_DIAG_BY_FAMILY, flags, seq, 0) + req
+    return message(SOCK_DIAG_BY_FAMILY, flags, seq, req)
 
 
 def _lookup(seq: int, key: FlowKey, ext: int) -> bytes:
@@ -343,25 +348,6 @@ def _lookup(seq: int, key: FlowKey, ext: int) -> bytes:
     sockid = _SOCKID.pack(key.lport, key.rport, key.local.packed, key.remote.packed,
                           0, INET_DIAG_NOCOOKIE, INET_DIAG_NOCOOKIE)  # fmt: skip
     return _request(seq, NLM_F_REQUEST, family, key.proto, ALL_STATES, ext, sockid)
-
-
-def _messages(data: bytes) -> Iterator[tuple[int, int, memoryview]]:
-    """(type, seq, payload) of each netlink message in one datagram."""
-    view = memoryview(data)
-    off = 0
-    while off + _NLMSG.size <= len(data):
-        length, kind, _, seq, _ = _NLMSG.unpack_from(data, off)
-        if length < _NLMSG.size or off + length > len(data):
-            return  # truncated: nothing after it can be trusted
-        yield kind, seq, view[off + _NLMSG.size : off + length]
-        off += (length + 3) & ~3
-
-
-def _error_code(payload: memoryview) -> int:
-    """The errno of an NLMSG_ERROR or NLMSG_DONE message (0: none)."""
-    if len(payload) < 4:
-        return 0
-    return -int(struct.unpack_from("=i", payload)[0])
 
 
 def _parsed(payload: memoryview, with_tcp_info: bool) -> DiagSocketInfo | None:
@@ -383,7 +369,7 @@ def parse_diag_msg(payload: bytes | memoryview, with_tcp_info: bool = False) -> 
         raise ValueError(f"family {family}")
     info = None
     if with_tcp_info:
-        raw = _attribute(payload, _MSG_SIZE, INET_DIAG_INFO)
+        raw = attribute(payload, _MSG_SIZE, INET_DIAG_INFO)
         info = None if raw is None else parse_tcp_info(raw)
     return DiagSocketInfo(
         family,
@@ -394,18 +380,6 @@ def parse_diag_msg(payload: bytes | memoryview, with_tcp_info: bool = False) -> 
         socket.ntohs(dport),
         info,
     )
-
-
-def _attribute(data: bytes | memoryview, off: int, wanted: int) -> bytes | None:
-    """The payload of the first netlink attribute of type ``wanted`` from ``off`` on."""
-    while off + _NLA.size <= len(data):
-        length, kind = _NLA.unpack_from(data, off)
-        if length < _NLA.size or off + length > len(data):
-            return None
-        if kind & _NLA_TYPE_MASK == wanted:
-            return bytes(data[off + _NLA.size : off + length])
-        off += (length + 3) & ~3
-    return None
 
 
 # Offsets in the kernel's struct tcp_info (include/uapi/linux/tcp.h).

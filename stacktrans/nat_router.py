@@ -11,12 +11,12 @@ import asyncio
 import errno
 import logging
 import socket
-import struct
 from collections.abc import Callable, Iterator
 from ipaddress import ip_address
 
 from ihmp.addr import IPAddress
 from ihmp.flows import NatMapping
+from stacktrans.netlink import NETLINK_NETFILTER, frames
 from stacktrans.nfqueue import PacketQueue, QueueError
 from stacktrans.nft import Nft, NftError
 from stacktrans.packet import RewriteError, parse, set_udp_payload_bits
@@ -25,9 +25,7 @@ from stacktrans.service import StartError
 
 log = logging.getLogger("dime.nat")
 
-NETLINK_NETFILTER = 12
 NF_NETLINK_CONNTRACK_NEW = 0x1  # the multicast group's bit
-_NLMSG = struct.Struct("=IHHII")
 _NS_BIT = 0x01  # IHMP header byte 2 (flags): NS
 
 
@@ -50,13 +48,8 @@ def mappings(data: bytes) -> Iterator[tuple[NatMapping, IPAddress, int]]:
     address, remote port) for each TCP/UDP entry whose source the NAT translated."""
     from pyroute2.netlink.nfnetlink.nfctsocket import nfct_msg
 
-    pos = 0
-    while pos + _NLMSG.size <= len(data):
-        length = _NLMSG.unpack_from(data, pos)[0]
-        if length < _NLMSG.size or pos + length > len(data):
-            return
-        msg = nfct_msg(data[pos : pos + length])
-        pos += (length + 3) & ~3
+    for frame in frames(data):
+        msg = nfct_msg(bytes(frame))
         try:
             msg.decode()
             orig = _tuple(msg.get_attr("CTA_TUPLE_ORIG"))

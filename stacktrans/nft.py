@@ -47,6 +47,16 @@ IN_PRIORITY = -300
 #: the daemon whatever conntrack thinks of it (a knock on a port the flow already has
 #: would otherwise reach the application).
 KNOCK_MARK = 0xD1E5
+#: The mark of a new flow's first packet that the kernel cannot learn by itself (a
+#: host whose flows need a decision of the daemon): the queue rules send it to the
+#: daemon, and our chains clear the mark again after the queue's hook.
+SYNC_MARK = 0xD1E6
+#: Elements the per-flow sets and maps hold at most: the kernel adds to them from
+#: the packet path, and such a set needs a size (its default is 65,535).
+FLOWS_MAX = 1 << 21
+#: Bytes of each logged packet sent to the daemon: IPv6 and TCP headers, options
+#: included up to the sequence number's needs.
+NOTICE_SNAPLEN = 80
 
 
 class NftError(RuntimeError):
@@ -117,15 +127,20 @@ ICMP4_ERRORS = "destination-unreachable, source-quench, time-exceeded, parameter
 ICMP6_ERRORS = "destination-unreachable, packet-too-big, time-exceeded, parameter-problem"
 
 
+def _skip(dev: str, ihmp_port: int) -> list[str]:
+    """What is never queued nor learned: loopback, IHMP, multicast and broadcast."""
+    return [
+        f'    {dev} "lo" return',
+        f"    udp sport {ihmp_port} return",
+        f"    udp dport {ihmp_port} return",
+        "    ip daddr { 224.0.0.0/4, 255.255.255.255 } return",
+        "    ip6 daddr ff00::/8 return",
+    ]
+
+
 def _queue_chains(q: QueueSpec) -> list[str]:
     def skip(dev: str) -> list[str]:
-        return [
-            f'    {dev} "lo" return',
-            f"    udp sport {q.ihmp_port} return",
-            f"    udp dport {q.ihmp_port} return",
-            "    ip daddr { 224.0.0.0/4, 255.255.255.255 } return",
-            "    ip6 daddr ff00::/8 return",
-        ]
+        return _skip(dev, q.ihmp_port)
 
     def to(num: int) -> str:
         return f"queue num {num} bypass"
@@ -134,17 +149,14 @@ def _queue_chains(q: QueueSpec) -> list[str]:
         f"    icmp type {{ {ICMP4_ERRORS} }} {to(q.out_queue)}",
         f"    icmpv6 type {{ {ICMP6_ERRORS} }} {to(q.out_queue)}",
     ]
-    new = "" if q.every_packet else " ct state new"
+    # First packets: those the learn chains marked for the daemon, and those that
+    # came with a mark of their own (the learn chains need the mark to be 0).
+    new = "" if q.every_packet else " ct state new meta mark != 0"
     lines = [
         "  chain q_out {",
         "    type filter hook output priority -150; policy accept;",
         *skip("oifname"),
         f"    meta l4proto {{ tcp, udp }}{new} {to(q.out_queue)}",
-        *(
-            []
-            if q.every_packet
-            else [f"    tcp flags & (syn | ack) == syn | ack {to(q.out_queue)}"]
-        ),
         *icmp,
         "  }",
         "  chain q_in {",
@@ -161,10 +173,82 @@ def _queue_chains(q: QueueSpec) -> list[str]:
             "    type filter hook prerouting priority -150; policy accept;",
             *skip("iifname"),
             f"    meta mark {KNOCK_MARK:#x} {to(q.in_queue)}",
-            f"    meta l4proto {{ tcp, udp }} ct state new {to(q.in_queue)}",
-            f"    tcp flags & (syn | ack) == syn | ack {to(q.in_queue)}",
+            f"    meta l4proto {{ tcp, udp }}{new} {to(q.in_queue)}",
             "  }",
         ]
+    return lines
+
+
+def _learn_chains(ihmp_port: int, group: int) -> list[str]:
+    """New flows learned in the packet path, never waiting for the daemon.
+
+    After conntrack (-200) and before the queue rules (-150), a first packet
+    (``ct state new``, mark 0) of a flow the kernel does not know yet is
+
+    * **learned here** when its (local, remote) pair is in ``learn``, which maps it
+      to its HID (:attr:`~stacktrans.translation.HidTranslation.learnable`: what the
+      daemon would decide is known): the flow goes into ``flows``, and its inbound
+      restoration into ``rid``/``lid``; the out chain (-140) rewrites it from this
+      very packet. A copy goes to the daemon (NFLOG ``group``), for its socket table
+      and the SYN's sequence number;
+    * **queued** (:data:`SYNC_MARK`, which the queue rules match) when its remote is
+      a known host's other address (``hid``) or its inbound key is another flow's:
+      the daemon decides before the packet goes on, as it always did;
+    * **passed and logged** when its remote is unknown: nothing is translated for a
+      host IHMP does not know yet; the daemon learns the flow from the copy (and
+      says HELLO) before any move can concern it.
+
+    SYN-ACKs are logged both ways: the daemon needs their sequence numbers to prompt
+    stalled flows (:mod:`stacktrans.rto_revert`). A packet that already carries a
+    mark is left to the queue rules. Outbound, the out chain clears
+    :data:`SYNC_MARK`; inbound, ``unmark`` does, after the queue rules' hook.
+    """
+    log = f"log group {group} snaplen {NOTICE_SNAPLEN}"
+    lines: list[str] = []
+    for way, hook, dev in (("out", "output", "oifname"), ("in", "prerouting", "iifname")):
+        lines += [
+            f"  chain learn_{way} {{",
+            f"    type filter hook {hook} priority -160; policy accept;",
+            *_skip(dev, ihmp_port),
+            f"    tcp flags & (syn | ack) == syn | ack {log}",
+            *(
+                f"    meta mark 0 meta l4proto {{ tcp, udp }} ct state new "
+                f"meta nfproto {proto} jump new_{way}{f}"
+                for f, proto in (("4", "ipv4"), ("6", "ipv6"))
+            ),
+            "  }",
+        ]
+        for f, ip in (("4", "ip"), ("6", "ip6")):
+            # The flow as its socket sees it: (local, remote) both ways.
+            local, remote = ("saddr", "daddr") if way == "out" else ("daddr", "saddr")
+            lport, rport = ("sport", "dport") if way == "out" else ("dport", "sport")
+            flow = f"meta l4proto . {ip} {local} . th {lport} . {ip} {remote} . th {rport}"
+            pair = f"{ip} {local} . {ip} {remote}"
+            inbound = f"meta mark . meta l4proto . th {rport} . th {lport}"
+            lines += [
+                f"  chain new_{way}{f} {{",
+                f"    {flow} @flows{f} return",
+                f"    {pair} @learn{f} goto learn_{way}{f}",
+                f"    {ip} {remote} @hid{f} meta mark set {SYNC_MARK:#x} return",
+                f"    {log}",
+                "  }",
+                f"  chain learn_{way}{f} {{",
+                f"    meta mark set {pair} map @learn{f}",
+                f"    {inbound} @rid{f} meta mark set {SYNC_MARK:#x} return",
+                f"    add @flows{f} {{ {flow} }} "
+                f"add @rid{f} {{ {inbound} : {ip} {remote} }} "
+                f"add @lid{f} {{ {inbound} : {ip} {local} }} "
+                f"meta mark set 0 {log} return",
+                # Only if a set was full: the daemon decides (and says so in its log).
+                f"    meta mark set {SYNC_MARK:#x}",
+                "  }",
+            ]
+    lines += [
+        "  chain unmark {",
+        "    type filter hook prerouting priority -149; policy accept;",
+        f"    meta mark {SYNC_MARK:#x} meta mark set 0",
+        "  }",
+    ]
     return lines
 
 
@@ -188,23 +272,31 @@ def _untracked_ihmp(port: int) -> list[str]:
 
 
 def ruleset(
-    *, fast_path: bool, queue: QueueSpec | None = None, ihmp_port: int | None = None
+    *,
+    fast_path: bool,
+    queue: QueueSpec | None = None,
+    ihmp_port: int | None = None,
+    log_group: int | None = None,
 ) -> str:
     """The text of our table. Without the fast path only the reject path is there;
     with ``queue``, the queue rules too (else iptables carries them); with
-    ``ihmp_port``, IHMP bypasses conntrack."""
+    ``ihmp_port``, IHMP bypasses conntrack; with the fast path, ``ihmp_port`` and
+    ``log_group``, the kernel learns new flows itself and tells the daemon through
+    NFLOG group ``log_group`` (:func:`_learn_chains`)."""
     lines = [f"table inet {TABLE} {{"]
+    dyn = f"flags dynamic; size {FLOWS_MAX};"
     for f, t in (("4", "ipv4_addr"), ("6", "ipv6_addr")):
         flow = f"inet_proto . {t} . inet_service . {t} . inet_service"
         inbound = "mark . inet_proto . inet_service . inet_service"
         lines += [
             f"  set dead{f} {{ type {flow}; }}",
-            f"  set flows{f} {{ type {flow}; }}",
+            f"  set flows{f} {{ type {flow}; {dyn} }}",
             f"  map rloc{f} {{ type {t} : {t}; }}",
             f"  map lloc{f} {{ type {t} . {t} : {t}; }}",
             f"  map hid{f} {{ type {t} : mark; }}",
-            f"  map rid{f} {{ type mark . inet_proto . inet_service . inet_service : {t}; }}",
-            f"  map lid{f} {{ type mark . inet_proto . inet_service . inet_service : {t}; }}",
+            f"  map learn{f} {{ type {t} . {t} : mark; }}",
+            f"  map rid{f} {{ type {inbound} : {t}; {dyn} }}",
+            f"  map lid{f} {{ type {inbound} : {t}; {dyn} }}",
             # Flows of a host behind a NAT, which gave each flow a port of its own.
             # (``inbound``: the key of rid/lid.)
             f"  map wdst{f} {{ type {flow} : {t}; }}",
@@ -230,6 +322,8 @@ def ruleset(
         if fast_path:
             out.append(f"    meta l4proto {{ tcp, udp }} {key} @flows{f} jump out{f}")
             inn.append(f"    meta mark 0 meta l4proto {{ tcp, udp }} {ip} saddr @hid{f} jump in{f}")
+    if fast_path:
+        out.insert(1, f"    meta mark {SYNC_MARK:#x} meta mark set 0")  # (after the hook line)
     lines += ["  chain out {", *out, "  }", "  chain in {", *inn, "  }"]
     if fast_path:
         for f, ip in (("4", "ip"), ("6", "ip6")):
@@ -261,6 +355,8 @@ def ruleset(
                 "    meta mark set 0",
                 "  }",
             ]
+    if fast_path and ihmp_port is not None and log_group is not None:
+        lines += _learn_chains(ihmp_port, log_group)
     if queue is not None:
         lines += _queue_chains(queue)
     if ihmp_port is not None:
@@ -310,6 +406,7 @@ class NftTable:
         fast_path: bool,
         queue: QueueSpec | None = None,
         ihmp_port: int | None = None,
+        log_group: int | None = None,
         defer: Callable[[Callable[[], None]], object] | None = None,
     ) -> None:
         """``defer(fn)``: run ``fn`` a little later (an event-loop timer). With it,
@@ -319,6 +416,7 @@ class NftTable:
         self.fast_path = fast_path
         self.queue = queue
         self.ihmp_port = ihmp_port
+        self.log_group = log_group
         self._hids: dict[int, HidTranslation] = {}
         self._ghosts: set[IPAddress] = set()
         self._senders: dict[int, IPAddress] = {}
@@ -332,7 +430,10 @@ class NftTable:
         a moment in which its flows go untranslated."""
         replace = "".join(f"add table {f} {TABLE}\ndelete table {f} {TABLE}\n" for f in FAMILIES)
         tables = replace + ruleset(
-            fast_path=self.fast_path, queue=self.queue, ihmp_port=self.ihmp_port
+            fast_path=self.fast_path,
+            queue=self.queue,
+            ihmp_port=self.ihmp_port,
+            log_group=self.log_group,
         )
         try:
             self.nft.run(tables + "\n".join(self._pending))
@@ -433,6 +534,9 @@ class NftTable:
         hid_old = {a: hid for a in old_locs}
         hid_new = {a: hid for a in new_locs}
         cmds += _map_diff(_per_family("hid"), hid_old, hid_new)
+        learn_old = {pair: hid for pair in (old.learnable if old else ())}
+        learn_new = {pair: hid for pair in (new.learnable if new else ())}
+        cmds += _map_diff(_per_family("learn"), learn_old, learn_new, lambda k: f"{k[0]} . {k[1]}")
         self._apply(cmds)
         if new is None:
             self._hids.pop(hid, None)

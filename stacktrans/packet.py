@@ -229,6 +229,15 @@ def parse(packet: Buffer) -> PacketInfo:
         raise RewriteError(f"malformed packet: {exc}") from exc
 
 
+def parse_head(packet: Buffer) -> PacketInfo:
+    """Like :func:`parse`, for the head of a packet (a log's copy, cut at its snap
+    length): its headers are read as far as they go, never rewritten."""
+    try:
+        return _parse_ip(packet, 0, len(packet), quoted=True)
+    except (struct.error, IndexError) as exc:
+        raise RewriteError(f"malformed packet: {exc}") from exc
+
+
 def _parse_ip(data: Buffer, off: int, limit: int, *, quoted: bool) -> PacketInfo:
     """Parse the IP packet at ``data[off:limit]``; ``quoted`` if it is an ICMP error's quote.
 

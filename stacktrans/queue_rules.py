@@ -14,9 +14,12 @@ What is queued:
 * ``nfqueue`` mode: every TCP/UDP packet, outbound in mangle OUTPUT (priority
   -150, after conntrack, so conntrack saw identifiers) and inbound in raw
   PREROUTING (-300, before conntrack, so conntrack will see identifiers);
-* ``nft`` mode: only the first packet of each flow (``ctstate NEW``) both ways, and
-  SYN-ACKs both ways (whose sequence numbers :mod:`stacktrans.rto_revert` needs);
-  the kernel rewrites the rest;
+* ``nft`` mode: only the first packets (``ctstate NEW``) the kernel did not learn
+  by itself, both ways: those its learn chains marked for the daemon
+  (:data:`~stacktrans.nft.SYNC_MARK`) and those that came with a mark of their own
+  (the learn chains use the mark, so they leave them alone). The kernel learns
+  the rest, rewrites every later packet, and tells the daemon through NFLOG
+  (:mod:`stacktrans.nflog`);
 * both: ICMP errors, whose quoted headers need translating (inbound before
   conntrack, which matches them to connections by the quote).
 
@@ -34,7 +37,6 @@ COMMENT = "dime"
 ICMP4_ERRORS = ("3", "4", "11", "12")  # unreachable, source quench, time exceeded, param
 ICMP6_ERRORS = ("1", "2", "3", "4")  # unreachable, too big, time exceeded, param
 BUILTIN_TABLES = ("mangle", "raw")
-SYN_ACK = "-p tcp --tcp-flags SYN,ACK SYN,ACK"
 
 
 class QueueRulesError(RuntimeError):
@@ -87,14 +89,13 @@ class XtQueueRules:
         def queue(chain: str, match: str, num: int) -> str:
             return f"-A {chain} {match} -j NFQUEUE --queue-num {num} --queue-bypass"
 
-        new = "" if self.every_packet else " -m conntrack --ctstate NEW"
+        new = "" if self.every_packet else " -m conntrack --ctstate NEW -m mark ! --mark 0"
         hook = f"-m comment --comment {COMMENT}"
         mangle = [
             ":DIME_OUT - [0:0]",
             f"-I OUTPUT 1 {hook} -j DIME_OUT",
             *skip("DIME_OUT", "-o"),
             *(queue("DIME_OUT", f"-p {p}{new}", self.out_queue) for p in ("tcp", "udp")),
-            *([] if self.every_packet else [queue("DIME_OUT", SYN_ACK, self.out_queue)]),
             *(queue("DIME_OUT", m, self.out_queue) for m in icmp),
         ]
         raw = [
@@ -113,7 +114,6 @@ class XtQueueRules:
                 *skip("DIME_NEW", "-i"),
                 queue("DIME_NEW", f"-m mark --mark {KNOCK_MARK:#x}", self.in_queue),
                 *(queue("DIME_NEW", f"-p {p}{new}", self.in_queue) for p in ("tcp", "udp")),
-                queue("DIME_NEW", SYN_ACK, self.in_queue),
             ]
         return {"mangle": mangle, "raw": raw}
 

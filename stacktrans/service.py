@@ -29,11 +29,12 @@ from typing import Any
 from ihmp.addr import IPAddress
 from ihmp.flows import FlowSpec
 from ihmp.hosts import ChangeKind, HostChanged, HostSnapshot
-from stacktrans import residue
+from stacktrans import nflog, residue
 from stacktrans.dataplane import Dataplane, HidFor
 from stacktrans.ghosts import Ghosts
 from stacktrans.kernel_flows import alive_flows, existing_flows
 from stacktrans.knock import Knocker, build
+from stacktrans.nflog import FlowNotices, NflogError
 from stacktrans.nfqueue import Handler, PacketQueue, QueueError
 from stacktrans.nft import Nft, NftError, NftTable, QueueSpec
 from stacktrans.queue_rules import XtQueueRules, nft_queue_supported
@@ -59,7 +60,7 @@ log = logging.getLogger("dime.stacktrans")
 
 class DataplaneMode(enum.Enum):
     AUTO = "auto"
-    NFT = "nft"  # kernel rewrites known flows (nft maps); first packets via NFQUEUE
+    NFT = "nft"  # the kernel learns flows and rewrites them (nft maps); notices via NFLOG
     NFQUEUE = "nfqueue"  # every packet through user space
 
 
@@ -73,6 +74,7 @@ class DataplaneConfig:
     queue_out: int = 4731
     queue_in: int = 4732
     ihmp_port: int = 4731
+    log_group: int = 4731  # nft mode: the NFLOG group of flow notices
     sweep_interval: float = 2.0
     udp_idle: float = 120.0  # nfqueue mode: a UDP flow silent this long has ended
     adopt: bool = True
@@ -109,22 +111,35 @@ def check_privileges() -> None:
         )
 
 
-def resolve_mode(mode: DataplaneMode, nft: Nft) -> DataplaneMode:
-    """AUTO -> NFT when the kernel can rewrite with nft maps, else NFQUEUE."""
-    if mode is not DataplaneMode.AUTO:
+def resolve_mode(mode: DataplaneMode, nft: Nft, log_group: int) -> DataplaneMode:
+    """AUTO -> NFT when the kernel can rewrite with nft maps and tell us of new flows
+    through NFLOG, else NFQUEUE. NFT where it cannot: StartError, saying why."""
+    if mode is DataplaneMode.NFQUEUE:
         return mode
+    missing = _nft_mode_missing(nft, log_group)
+    if missing is None:
+        return DataplaneMode.NFT
+    if mode is DataplaneMode.NFT:
+        raise StartError(f"dataplane nft is not possible here: {missing}")
+    log.info("dataplane nfqueue: %s", missing)
+    return DataplaneMode.NFQUEUE
+
+
+def _nft_mode_missing(nft: Nft, log_group: int) -> str | None:
+    """Why the nft data plane cannot run here, or None."""
     probe = (
         "add table inet dime_probe\n"
         "add map inet dime_probe m { type ipv4_addr : ipv4_addr; }\n"
         "add chain inet dime_probe c { type route hook output priority -140; }\n"
         "add rule inet dime_probe c ip daddr @m ip daddr set ip daddr map @m\n"
+        f"add rule inet dime_probe c ct state new log group {log_group}\n"
         "delete table inet dime_probe\n"
     )
     try:
         nft.run(probe)
-    except NftError:
-        return DataplaneMode.NFQUEUE
-    return DataplaneMode.NFT
+    except NftError as exc:
+        return f"the kernel lacks nft map rewriting, conntrack or log ({exc})"
+    return nflog.available(log_group)
 
 
 class StackTrans:
@@ -153,6 +168,8 @@ class StackTrans:
         self.path: UserspacePath | None = None
         self.ghosts = Ghosts(on_record=self._record)
         self.queues: list[PacketQueue] = []
+        self.notices: FlowNotices | None = None
+        self._adopt_task: asyncio.Task[None] | None = None
         self.prompts: Counter[Remedy] = Counter()  # what rto_revert did (status counters)
         self._hid_for = hid_for
         #: Called with each knock that comes in (set by the daemon before start).
@@ -198,7 +215,7 @@ class StackTrans:
             self.nft = Nft()
         except NftError as exc:
             raise StartError(str(exc)) from exc
-        self.mode = resolve_mode(self.config.mode, self.nft)
+        self.mode = resolve_mode(self.config.mode, self.nft, self.config.log_group)
         fast = self.mode is DataplaneMode.NFT
         queue = None
         if nft_queue_supported(self.nft):
@@ -215,6 +232,7 @@ class StackTrans:
             fast_path=fast,
             queue=queue,
             ihmp_port=self.config.ihmp_port,
+            log_group=self.config.log_group if fast else None,
             defer=lambda fn: loop.call_later(0.005, fn),
         )
         self.dataplane = Dataplane(self.kernel, self._hid_for)
@@ -238,6 +256,12 @@ class StackTrans:
             except QueueError as exc:
                 raise StartError(str(exc)) from exc
             self.queues.append(pq)
+        if fast:
+            self.notices = FlowNotices(self.config.log_group, self.path.observe, self._notices_lost)
+            try:
+                self.notices.start(loop)
+            except NflogError as exc:
+                raise StartError(str(exc)) from exc
         existing = self.kernel_flows.existing
         if self.config.adopt and existing is not None:
             flows = await asyncio.to_thread(existing)
@@ -305,10 +329,12 @@ class StackTrans:
         for queue in self.queues:
             queue.stop()
         self.queues.clear()
+        if self.notices is not None:
+            self.notices.stop()
         self.knocker.close()
         if self.kernel is not None:
             self.kernel.flush()  # the table goes next: nothing may be left queued
-        for pending in (self._reconcile_task, self._prompt_task):
+        for pending in (self._reconcile_task, self._prompt_task, self._adopt_task):
             if pending is not None:
                 await asyncio.gather(pending, return_exceptions=True)
         if keep:
@@ -454,7 +480,31 @@ class StackTrans:
             "tcp_flows_prompted": sum(self.prompts.values()),
             "knocks_sent": self.knocker.sent,
             "knocks_received": self.path.knocks if self.path else 0,
+            "flow_notices": self.notices.received if self.notices else 0,
+            "flow_notices_lost": self.notices.overflows if self.notices else 0,
         }
+
+    def _notices_lost(self) -> None:
+        """The kernel dropped flow notices (we fell behind): the flows it learned
+        meanwhile are translated all the same, but missing from the socket table
+        (no sweep, no prompts) and a new host may not have been greeted. Take them
+        from the kernel's sockets, as at start-up; one pass at a time."""
+        log.warning("flow notices were lost (the daemon fell behind): adopting from sockets")
+        if self._adopt_task is None or self._adopt_task.done():
+            self._adopt_task = asyncio.get_running_loop().create_task(self._adopt())
+
+    async def _adopt(self) -> None:
+        existing = self.kernel_flows.existing
+        if existing is None or self.dataplane is None:
+            return
+        try:
+            flows = await asyncio.to_thread(existing)
+        except Exception:
+            log.exception("listing sockets failed")
+            return
+        if self.dataplane is not None:
+            log.info("adopted %d flows", self.dataplane.adopt(flows, self.clock()))
+            self._follow_up()
 
     # -- effects ----------------------------------------------------------------------
 

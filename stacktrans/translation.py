@@ -25,6 +25,10 @@ class HidTranslation:
     # Every address the remote host's packets may come from (its retired ones too:
     # packets in flight across its handoff): they belong to this HID.
     locators: frozenset[IPAddress] = frozenset()
+    # (local address, remote address) pairs a new flow between which the kernel may
+    # learn by itself (nft mode): for these, what this module would compute with the
+    # flow added is what it computes now, so no decision of the daemon is missed.
+    learnable: frozenset[tuple[IPAddress, IPAddress]] = frozenset()
 
     def outbound(self, lid: IPAddress, rid: IPAddress) -> tuple[IPAddress | None, IPAddress | None]:
         """(new source, new destination) for a packet lid -> rid; None = unchanged."""
@@ -48,8 +52,9 @@ def compute(
     there is nobody to agree the addresses with.
     """
     locators = entry.sources()
+    learnable = _learnable(entry, local_addresses)
     if entry.state is HidState.LEGACY:
-        return HidTranslation(entry.hid, locators=locators)
+        return HidTranslation(entry.hid, locators=locators, learnable=learnable)
     remote: dict[IPAddress, IPAddress] = {}
     local: dict[tuple[IPAddress, IPAddress], IPAddress] = {}
     usable_local = [a for a in entry.local if a in local_addresses]
@@ -68,4 +73,27 @@ def compute(
             lloc = _same_family(usable_local, lid)
             if lloc is not None and lloc != lid:
                 local[(lid, rid)] = lloc
-    return HidTranslation(entry.hid, remote, local, locators)
+    return HidTranslation(entry.hid, remote, local, locators, learnable)
+
+
+def _learnable(
+    entry: HostSnapshot, local_addresses: Collection[IPAddress]
+) -> frozenset[tuple[IPAddress, IPAddress]]:
+    """The (local, remote) pairs of :attr:`HidTranslation.learnable`.
+
+    A new flow changes nothing of :func:`compute`'s result when its remote address
+    is an active one (never rewritten) and its local address one the host reaches
+    (never rewritten), or when the host is legacy (nothing is). A host behind a NAT
+    has none: its flows wait for knocks, which the daemon matches. Addresses the
+    host retired are left out too: IHMP gives a new flow to such an address to a new
+    host (whoever has the address now).
+    """
+    if entry.nat:
+        return frozenset()
+    if entry.state is HidState.LEGACY:
+        remotes: Iterable[IPAddress] = entry.addresses()
+        locals_: Iterable[IPAddress] = local_addresses
+    else:
+        remotes = entry.active
+        locals_ = entry.local or local_addresses
+    return frozenset((lid, rid) for rid in remotes for lid in locals_ if lid.version == rid.version)

@@ -28,6 +28,7 @@ from stacktrans.packet import (
     RewriteError,
     l4_payload,
     parse,
+    parse_head,
     rewrite_addresses,
     rewrite_inner_addresses,
     rewrite_ports,
@@ -77,6 +78,7 @@ class UserspacePath:
         self.on_knock = on_knock
         self.translated = 0
         self.knocks = 0
+        self.notices = 0
 
     # -- outbound -------------------------------------------------------------------
 
@@ -125,6 +127,42 @@ class UserspacePath:
         outer_dst = rloc if _addr(info.dst) == key.remote else None
         rewrite_addresses(buf, info, _raw(outer_src), _raw(outer_dst))
         return bytes(buf)
+
+    # -- notices (nft mode) -----------------------------------------------------------
+
+    def observe(self, data: bytes, outbound: bool) -> None:
+        """A flow notice: the head of a packet the kernel has already passed (the
+        ``learn`` chains of :mod:`stacktrans.nft`), with the addresses and ports its
+        socket sees, leaving this host or arriving. Learn its flow (asking IHMP for its
+        host: a new one is greeted), and a SYN's sequence number (for prompting)."""
+        try:
+            info = parse_head(data)
+        except RewriteError:
+            return
+        if info.proto not in (TCP, UDP) or info.l4_offset < 0:
+            return
+        src, dst = _addr(info.src), _addr(info.dst)
+        if outbound:
+            key = FlowKey(info.proto, src, info.sport, dst, info.dport)
+        else:
+            key = FlowKey(info.proto, dst, info.dport, src, info.sport)
+        now = self.clock()
+        entry = self.tr.sockets.get(key)
+        if entry is None:
+            if not _starts_flow(info):
+                return
+            origin = FlowOrigin.OUTBOUND if outbound else FlowOrigin.INBOUND
+            entry = self.tr.flow_seen(key, now, origin)
+            if entry is None:
+                return
+        else:
+            entry.last_seen = now
+        if info.tcp_flags & TCP_SYN:
+            if outbound:
+                entry.isn = _seq(data, info)
+            else:
+                entry.peer_isn = _seq(data, info)
+        self.notices += 1
 
     # -- inbound --------------------------------------------------------------------
 

@@ -7,7 +7,8 @@ nft maps and the chains that use them, with no kernel.
 * :class:`Maps`: what our nft table ``inet dime`` holds, keyed as its maps are keyed
   (one family: IPv4 and IPv6 share each map here);
 * :func:`out_chain` and :func:`in_chain`: what the ``out`` and ``in`` chains of
-  :func:`stacktrans.nft.ruleset` do to a packet with those maps;
+  :func:`stacktrans.nft.ruleset` do to a packet with those maps; :func:`learn_chain`
+  what the learn chains do with a new flow's first packet;
 * :class:`FakeKernel`: :class:`stacktrans.dataplane.KernelMaps` over a :class:`Maps`,
   with the kernel's element semantics (re-adding a key with another value and
   deleting a missing key are refused, and recorded in ``refused``) and NftTable's
@@ -19,6 +20,7 @@ nft maps and the chains that use them, with no kernel.
 
 from __future__ import annotations
 
+import enum
 import re
 import struct
 from collections.abc import Iterable, Mapping
@@ -149,16 +151,26 @@ class Maps:
     rid: dict[InKey, IPAddress] = field(default_factory=dict)
     lid: dict[InKey, IPAddress] = field(default_factory=dict)
     dead: set[FlowTuple] = field(default_factory=set)
+    #: (local, remote) -> HID: what the kernel learns by itself. Not compared: the
+    #: scenarios state flows and rewrites; FakeKernel checks it against NftTable's.
+    learn: dict[tuple[IPAddress, IPAddress], int] = field(default_factory=dict, compare=False)
 
     def copy(self) -> Maps:
         return Maps(
             set(self.flows), dict(self.rloc), dict(self.lloc), dict(self.hid),
-            dict(self.rid), dict(self.lid), set(self.dead),
+            dict(self.rid), dict(self.lid), set(self.dead), dict(self.learn),
         )  # fmt: skip
 
     def only_dead(self) -> Maps:
         """What the table holds without the fast path (nfqueue mode): the reject path."""
         return Maps(dead=set(self.dead))
+
+    def learn_flow(self, key: FlowKey, hid: int) -> None:
+        """What the learn chains add for a flow they learn (dynset ``add``)."""
+        inbound = (hid, key.proto, key.rport, key.lport)
+        self.flows.add(flow_tuple(key))
+        self.rid.setdefault(inbound, key.remote)
+        self.lid.setdefault(inbound, key.local)
 
     def apply(self, op: Op) -> bool:
         """One element command, as the kernel takes it. Returns False if refused."""
@@ -202,6 +214,31 @@ def out_chain(maps: Maps, pkt: Pkt) -> Pkt | None:
         return pkt
     src = maps.lloc.get((pkt.src, pkt.dst), pkt.src)
     return replace(pkt, src=src, dst=maps.rloc.get(pkt.dst, pkt.dst))
+
+
+class Learned(enum.Enum):
+    """What the learn chains did with a first packet (``ct state new``, mark 0)."""
+
+    KNOWN = "known"  # the flow is in ``flows`` already: nothing
+    LEARNED = "learned"  # added by the kernel; a notice goes to the daemon
+    SYNC = "sync"  # marked for the queue: the daemon decides before it goes on
+    UNKNOWN = "unknown"  # an unknown host: passed, a notice goes to the daemon
+
+
+def learn_chain(maps: Maps, key: FlowKey, *also: Maps) -> Learned:
+    """Chains ``learn_out``/``learn_in`` (-160) for a new flow's first packet, ``key``
+    as its socket sees it. A flow learned goes into ``maps`` and each of ``also``
+    (the same kernel seen through other eyes)."""
+    if flow_tuple(key) in maps.flows:
+        return Learned.KNOWN
+    hid = maps.learn.get((key.local, key.remote))
+    if hid is None:
+        return Learned.SYNC if key.remote in maps.hid else Learned.UNKNOWN
+    if (hid, key.proto, key.rport, key.lport) in maps.rid:
+        return Learned.SYNC  # another flow's inbound key
+    for m in (maps, *also):
+        m.learn_flow(key, hid)
+    return Learned.LEARNED
 
 
 def in_chain(maps: Maps, pkt: Pkt) -> Pkt:
@@ -280,15 +317,23 @@ class FakeKernel:
         self._pending += _diff(
             "hid", dict.fromkeys(was.locators, hid), dict.fromkeys(now.locators, hid)
         )
+        self._pending += _diff(
+            "learn", dict.fromkeys(was.learnable, hid), dict.fromkeys(now.learnable, hid)
+        )
         self._nft.update_hid(new, hid)
+
+    def learn(self, key: FlowKey) -> Learned:
+        """The learn chains, on the kernel's maps (and NftTable's view of them)."""
+        return learn_chain(self.nft_view, key, self.nft_text.maps)
 
     def flush(self) -> None:
         ops, self._pending = self._pending, []
         self.refused += [op for op in ops if not self.nft_view.apply(op)]
         self.flushes += 1
         self._nft.flush()
-        assert self.nft_text.maps == self.maps, (
-            f"NftTable's commands left {self.nft_text.maps}, the maps are {self.maps}"
+        mine, theirs = self.nft_text.maps, self.maps
+        assert (mine, mine.learn) == (theirs, theirs.learn), (
+            f"NftTable's commands left {mine}, the maps are {theirs}"
         )
 
 

@@ -53,6 +53,7 @@ from tests.stack_kernel import (
     PSH,
     SYN,
     FakeKernel,
+    Learned,
     Maps,
     Pkt,
     decode,
@@ -167,6 +168,7 @@ class StackHost(Host, Node):
         self.path = UserspacePath(self.dataplane, lambda: self.clock())
         self.conntrack: set[FlowKey] = set()  # as the sockets see them (identifiers)
         self.queued = 0  # packets through the user-space path
+        self.sync_queued = 0  # nft mode: first packets the learn chains queued
         self.ghosts: set[IPAddress] = set()
         self.routes: dict[IPAddress, IPAddress] = {}  # identifier -> locator
         self.effects: list[tuple[float, Effects]] = []
@@ -277,12 +279,29 @@ class StackHost(Host, Node):
         out = handler(encode(pkt))
         return pkt if out is None else decode(out)
 
+    def _first(self, pkt: Pkt, key: FlowKey, outbound: bool) -> Pkt:
+        """nft mode, a packet conntrack saw first (-200): the learn chains (-160), then
+        the queue rules (-150) if they marked it. A notice (NFLOG) reaches the
+        daemon here at once; the real one comes a moment later, which only delays
+        a HELLO."""
+        learned = self.kernel.learn(key)
+        if learned is Learned.SYNC:
+            self.sync_queued += 1
+            return self._queued(self.path.outbound if outbound else self.path.inbound, pkt)
+        if learned is not Learned.KNOWN:
+            self.path.observe(encode(pkt), outbound)
+        return pkt
+
     def egress(self, pkt: Pkt) -> Pkt | None:
         new = self._track(pkt.sent_by())
         if not self.running:
             return pkt
-        if self.mode == "nfqueue" or new or pkt.syn_ack:
+        if self.mode == "nfqueue":
             pkt = self._queued(self.path.outbound, pkt)  # mangle OUTPUT, -150
+        elif new:
+            pkt = self._first(pkt, pkt.sent_by(), outbound=True)
+        elif pkt.syn_ack:
+            self.path.observe(encode(pkt), True)  # logged (learn_out)
         return out_chain(self.kernel.maps, pkt)  # chain out, -140
 
     def ingress(self, pkt: Pkt) -> Pkt:
@@ -294,8 +313,10 @@ class StackHost(Host, Node):
             self._track(pkt.received_by())
             return pkt
         pkt = in_chain(self.kernel.maps, pkt)  # chain in, -300
-        if self._track(pkt.received_by()) or pkt.syn_ack:
-            pkt = self._queued(self.path.inbound, pkt)  # mangle PREROUTING, -150
+        if self._track(pkt.received_by()):
+            pkt = self._first(pkt, pkt.received_by(), outbound=False)
+        elif pkt.syn_ack:
+            self.path.observe(encode(pkt), False)  # logged (learn_in)
         return pkt
 
     def after_packet(self) -> None:

@@ -75,7 +75,9 @@ def test_a_handoff_is_one_kernel_batch_whatever_the_number_of_flows() -> None:
         assert len(rewrites) == 1, (n, nft.batches)
         assert f"add element inet dime rloc4 {{ {PEER} : {PEER2} }}" in rewrites[0]
         assert all("flows4" not in b for b in nft.batches)  # no per-flow update
-        assert tr.translation(hid) == HidTranslation(hid, {PEER: PEER2}, {}, frozenset({PEER2}))
+        learnable = frozenset({(LOCAL, PEER2)})
+        want = HidTranslation(hid, {PEER: PEER2}, {}, frozenset({PEER2}), learnable)
+        assert tr.translation(hid) == want
 
 
 def test_local_side_rewrite_only_when_the_peer_cannot_reach_the_identifier() -> None:
@@ -181,3 +183,38 @@ def test_install_with_a_refused_element_installs_the_rest() -> None:
     assert kernel.installed
     assert any("table inet dime" in b for b in nft.batches)  # the tables alone
     assert any(f"{PEER}" in b and "flows4" in b for b in nft.batches)  # the good flow
+
+
+# -- what the kernel may learn by itself (nft mode) ---------------------------------------
+
+
+def test_the_kernel_learns_flows_only_where_the_daemon_would_decide_nothing_new() -> None:
+    """learnable: a new flow to an active address from an address the peer reaches
+    (or from any of ours while it has none) changes no rewrite; to another address of
+    the host, from an address it does not reach, or to a host behind a NAT, it may."""
+    tr, table, nft, _ = make(1)
+    hid = table.lookup(PEER).hid  # type: ignore[union-attr]
+    other = A("192.0.2.7")
+    tr.set_local_addresses({LOCAL, other, A("2001:db8::1")})
+    assert tr.translation(hid).learnable == {(LOCAL, PEER), (other, PEER)}  # type: ignore[union-attr]
+    table.transition(hid, Trigger.HELLO_ACKED)
+    table.add_local(hid, LOCAL)
+    table.add_active(hid, PEER2, prefer=True)
+    table.mark_unreachable(hid, PEER)
+    tr.set_local_addresses({LOCAL, other})
+    # PEER is unreachable now: flows to it are rewritten, so the daemon decides.
+    assert tr.translation(hid).learnable == {(LOCAL, PEER2)}  # type: ignore[union-attr]
+    batch = "\n".join(nft.batches)
+    assert f"add element inet dime learn4 {{ {LOCAL} . {PEER2} : {hid} }}" in batch
+    assert f"delete element inet dime learn4 {{ {other} . {PEER} }}" in batch
+    table.set_nat(hid, PEER2, A("10.0.0.2"))
+    assert tr.translation(hid).learnable == frozenset()  # type: ignore[union-attr]
+
+
+def test_a_legacy_host_is_learnable_at_all_its_addresses() -> None:
+    tr, table, _, _ = make(1)
+    hid = table.lookup(PEER).hid  # type: ignore[union-attr]
+    table.add_active(hid, PEER2)
+    table.mark_unreachable(hid, PEER2)
+    table.transition(hid, Trigger.HELLO_UNANSWERED)
+    assert tr.translation(hid).learnable == {(LOCAL, PEER), (LOCAL, PEER2)}  # type: ignore[union-attr]

@@ -53,9 +53,40 @@ def test_native_queue_rules_fail_only_on_the_missing_queue_statement(
 def test_native_queue_rules_select_what_the_iptables_rules_select() -> None:
     first = ruleset(fast_path=True, queue=QueueSpec(10, 11, 4731, every_packet=False))
     every = ruleset(fast_path=False, queue=QueueSpec(10, 11, 4731, every_packet=True))
-    assert "ct state new queue num 10 bypass" in first
+    assert "ct state new meta mark != 0 queue num 10 bypass" in first
     assert "chain q_new" in first and "chain q_new" not in every
     assert "meta l4proto { tcp, udp } queue num 11 bypass" in every
     for text in (first, every):
         assert 'oifname "lo" return' in text and "udp dport 4731 return" in text
         assert "icmpv6 type" in text and "packet-too-big" in text
+
+
+def test_the_kernel_learns_first_packets_and_logs_them_in_nft_mode_only() -> None:
+    fast = ruleset(fast_path=True, ihmp_port=4731, log_group=77)
+    slow = ruleset(fast_path=False, ihmp_port=4731, log_group=77)
+    assert "log group" not in slow and "learn_out" not in slow
+    for way in ("out", "in"):
+        assert f"chain learn_{way} {{" in fast
+        for f in ("4", "6"):
+            assert f"chain new_{way}{f} {{" in fast and f"chain learn_{way}{f} {{" in fast
+    # Learned: the flow and its inbound restoration, from the packet path.
+    assert "add @flows4 { meta l4proto . ip saddr . th sport . ip daddr . th dport }" in fast
+    assert "add @rid6 { meta mark . meta l4proto . th sport . th dport : ip6 saddr }" in fast
+    # A known host's other addresses, and a taken inbound key: the daemon decides.
+    assert "ip daddr @hid4 meta mark set 0xd1e6 return" in fast
+    assert "meta mark 0xd1e6 meta mark set 0" in fast  # cleared again both ways
+    assert fast.count("log group 77 snaplen 80") >= 6
+    assert "flags dynamic; size 2097152;" in fast
+
+
+@pytest.mark.parametrize("every_packet", [True, False])
+def test_iptables_queue_rules_take_only_marked_first_packets_in_nft_mode(
+    every_packet: bool,
+) -> None:
+    from stacktrans.queue_rules import XtQueueRules
+
+    rules = XtQueueRules(10, 11, 4731, every_packet)._chains(v6=False)
+    text = "\n".join(rules["mangle"] + rules["raw"])
+    marked = "--ctstate NEW -m mark ! --mark 0 -j NFQUEUE"
+    assert (marked in text) is not every_packet
+    assert "--tcp-flags SYN,ACK SYN,ACK" not in text  # SYN-ACKs are logged, not queued

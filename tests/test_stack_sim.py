@@ -20,9 +20,9 @@ from ihmp.addr import IPAddress
 from ihmp.engine import EngineConfig
 from ihmp.hosts import HidState
 from ihmp.wire import MessageType, decode, public_key_bytes
-from stacktrans.socket_table import TCP, UDP
+from stacktrans.socket_table import TCP, UDP, FlowKey
 from testbed.fig7 import V4, V6, Plan, Subnet
-from tests.stack_kernel import Maps, flow_tuple
+from tests.stack_kernel import Learned, Maps, flow_tuple
 from tests.stack_sim import MODES, Flow, StackHost, StackNet, assert_maps, maps_of
 
 GRACE = EngineConfig().path_loss_grace
@@ -139,9 +139,12 @@ def test_hard_handoff_of_the_mh(mode: str, plan: Plan, gap: float, proto: int) -
     assert ch.moved() == [(moved_at, {h_ch})]
     assert mh.failed() == [] and ch.failed() == []
     if mode == "nft":
-        # Only a flow's first packet and SYN-ACKs went to user space: the kernel
-        # maps carried the rest, across the handoff too.
-        assert (mh.queued, ch.queued) == ((2, 2) if proto == TCP else (1, 1))
+        # Nothing waited for user space: the first packets (to a host not known yet)
+        # and SYN-ACKs passed, and their copies told the daemons; the kernel maps
+        # carried the rest, across the handoff too.
+        assert (mh.queued, ch.queued) == (0, 0)
+        notices = 2 if proto == TCP else 1
+        assert (mh.path.notices, ch.path.notices) == (notices, notices)
     net.assert_clean(flow)
     no_rejections(ch, mh)
 
@@ -491,3 +494,42 @@ def test_strict_mode_refuses_an_unknown_key_but_data_flows(mode: str) -> None:
     assert_maps(ch, maps_of(entry.hid, [flow.server_key], locators=[m1]))
     assert_maps(mh, maps_of(b.hid(mh, c1), [flow.key], locators=[c1]))
     net.assert_clean(flow)
+
+
+# -- new flows learned by the kernel (nft mode) ------------------------------------------
+
+
+def test_new_flows_to_a_known_host_never_wait_for_the_daemon() -> None:
+    """Once the CH is a known host, the kernel learns each new flow to it at both
+    ends by itself (nothing queued) and the daemons hear of it afterwards, before and
+    after a move; a flow to an address the CH left is the daemon's to decide
+    (queued: IHMP gives it to whoever has that address now)."""
+    b = bed("nft")
+    net, ch, mh = b.net, b.ch, b.mh
+    first = net.connect(mh, ch, TCP, b.m1, 40000, b.c1, 5001)
+    h_mh, h_ch = established(b, first)
+    flows = [net.connect(mh, ch, TCP, b.m1, 40001 + i, b.c1, 5001) for i in range(5)]
+    for flow in flows:
+        net.exchange(flow)
+    assert (mh.queued, ch.queued) == (0, 0)
+    keys = [first.key] + [f.key for f in flows]
+    assert_maps(mh, maps_of(h_mh, keys, locators=[b.c1]))
+    assert_maps(ch, maps_of(h_ch, [first.server_key] + [f.server_key for f in flows],
+                            locators=[b.m1]))  # fmt: skip
+    # The daemons know them (from the notices), ISNs included: they can prompt them.
+    for flow in flows:
+        entry = mh.dataplane.sockets.get(flow.key)
+        assert entry is not None and (entry.isn, entry.peer_isn) == (1000, 5000)
+    # The CH moves; its old address is no longer one a new flow is learned at.
+    b.hard_handoff(ch, b.plan.c1, b.plan.c2, 0.0)
+    net.run(5)
+    for flow in [first, *flows]:
+        net.exchange(flow, "after")
+    late = net.connect(mh, ch, TCP, b.m1, 40100, b.c2, 5001)
+    net.exchange(late)
+    assert (mh.queued, ch.queued) == (0, 0)
+    assert flow_tuple(late.key) in mh.kernel.maps.flows
+    net.assert_clean(first, *flows, late)
+    no_rejections(ch, mh)
+    to_old = FlowKey(TCP, b.m1, 40200, b.c1, 5001)
+    assert mh.kernel.learn(to_old) is Learned.SYNC

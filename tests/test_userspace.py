@@ -666,3 +666,44 @@ def test_a_packet_this_host_sends_itself_is_no_flow(net: Net) -> None:
     assert node.path.outbound(pkt(net, TCP, net.p_old, net.l_old, 80, 40000, "A")) is None
     assert node.path.outbound(pkt(net, UDP, net.p_old, net.l_new, 53, 5353)) is None
     assert len(node.tr.sockets) == flows and node.new_hids == hids
+
+
+# --------------------------------------------------------------------------- notices
+
+
+def test_notices_learn_flows_both_ways_with_their_isns(net: Net) -> None:
+    """nft mode: the kernel passed the packets already and sends copies of their
+    heads (cut at the log's snap length): the flows are learned as their sockets see
+    them, and each side's ISN from the SYN and SYN-ACK it sent."""
+    node = Node(net)
+    snap = 80
+    ours = pkt(net, TCP, net.l_old, net.p_old, 40000, 80, "S")
+    node.path.observe(ours[:snap], outbound=True)
+    theirs = bytearray(pkt(net, TCP, net.p_old, net.l_old, 80, 40000, "SA"))
+    hl = 20 if net.family == 4 else 40
+    theirs[hl + 4 : hl + 8] = (7777).to_bytes(4, "big")
+    node.path.observe(bytes(theirs)[:snap], outbound=False)
+    key = FlowKey(TCP, net.l_old, 40000, net.p_old, 80)
+    entry = node.tr.sockets.get(key)
+    assert entry is not None and (entry.isn, entry.peer_isn) == (1000, 7777)
+    assert node.new_hids == [(node.hid(net.p_old), net.l_old)]  # a new host is greeted
+    # A flow the peer opened, told by its SYN arriving.
+    node.path.observe(pkt(net, UDP, net.p_old, net.l_old, 5555, 53)[:snap], outbound=False)
+    assert node.tr.sockets.get(FlowKey(UDP, net.l_old, 53, net.p_old, 5555)) is not None
+    assert len(node.new_hids) == 1 and node.path.notices == 3
+
+
+def test_notices_of_resets_and_garbage_learn_nothing(net: Net) -> None:
+    node = Node(net)
+    node.path.observe(pkt(net, TCP, net.l_old, net.p_old, 40000, 80, "R"), outbound=True)
+    # (A packet cut short, or claiming more bytes than it has, is what a notice is.)
+    for data in GARBAGE[:7]:
+        node.path.observe(data, outbound=True)
+        node.path.observe(data, outbound=False)
+    assert len(node.tr.sockets) == 0 and node.path.notices == 0
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=120), st.booleans())
+def test_notices_never_raise(data: bytes, outbound: bool) -> None:
+    Node(NET4).path.observe(data, outbound)
