@@ -103,6 +103,7 @@ class Node:
             ],
             "ghosts": sorted(map(str, self.service.ghosts.addresses)),
             "new_hids": self.new_hids,
+            "counters": self.service.counters(),
         }
 
     async def serve(self) -> None:

@@ -10,6 +10,7 @@ of every scenario in every combination is checked in memory by tests/test_stack_
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -249,3 +250,72 @@ def test_route_to_the_old_identifier_is_kept(mode: str) -> None:
             ch.stop()
             mh.stop()
         assert ch_ns.ip("route", "show", "proto", "209") == ""
+
+
+SHORT_CONNECTIONS = """
+import hashlib, socket, sys
+addr, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+for i in range(n):
+    data = bytes([i]) * 50_000
+    s = socket.create_connection((addr, port), timeout=10)
+    s.sendall(data); s.shutdown(socket.SHUT_WR)
+    answer = b"".join(iter(lambda: s.recv(65536), b""))
+    assert answer == hashlib.sha256(data).digest(), i
+    s.close()
+print("ok", flush=True)
+"""
+
+SHA_SERVER = """
+import hashlib, socket, sys
+s = socket.socket(socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((sys.argv[1], int(sys.argv[2]))); s.listen(64)
+print("listening", file=sys.stderr, flush=True)
+for _ in range(int(sys.argv[3])):
+    c, _ = s.accept()
+    data = b"".join(iter(lambda: c.recv(65536), b""))
+    c.sendall(hashlib.sha256(data).digest()); c.close()
+"""
+
+
+@pytest.mark.parametrize("pair", [V4, V6], ids=["v4", "v6"], indirect=True)
+def test_the_kernel_learns_new_flows_to_a_known_host_without_queueing_them(pair: Pair) -> None:
+    """nft mode, both ends know each other: new connections each way are learned by
+    the kernel's learn chains (in the kernel's flow set at once), never queued; the
+    daemons learn them from the NFLOG notices; a connection learned so survives a
+    hard handoff."""
+    p = pair.plan
+    ch, mh = start_nodes(pair, "nft")
+    try:
+        mh.send(cmd="host", addr=p.c1.host, active=[p.c1.host], local=[p.m1.host])
+        ch.send(cmd="host", addr=p.m1.host, active=[p.m1.host], local=[p.c1.host])
+        n = 12
+        server = py(pair.ch, "-c", SHA_SERVER, p.c1.host, "5600", str(n))
+        wait_for(server, "listening", 10)
+        client = py(pair.mh, "-c", SHORT_CONNECTIONS, p.c1.host, "5600", str(n))
+        out, err = client.communicate(timeout=60)
+        assert out.strip() == b"ok", err
+        server.wait(timeout=10)
+        sender, receiver = tcp_transfer(pair.mh, pair.ch, p.c1.host, 4_000_000, rate=20)
+        family = "6" if ":" in p.c1.host else "4"
+        for node, ns in ((mh, pair.mh), (ch, pair.ch)):
+            listing = ns.run("nft", "list", "set", "inet", "dime", f"flows{family}")
+            assert len(re.findall(r"\. 5600\b", listing)) == n, listing  # the kernel's own
+            deadline = time.monotonic() + 5
+            while len(node.send(cmd="dump")["flows"]) < n + 1 and time.monotonic() < deadline:
+                time.sleep(0.05)  # the notices are asynchronous
+            dump = node.send(cmd="dump")
+            assert len(dump["flows"]) == n + 1, dump["flows"]
+            counters = dump["counters"]
+            assert counters["packets_queued"] == 0, counters
+            # Notices: each connection's SYN and SYN-ACK (and the transfer's).
+            assert counters["flow_notices"] >= 2 * (n + 1), counters
+            assert counters["flow_notices_lost"] == 0, counters
+        time.sleep(0.5)
+        pair.fig.hard_handoff_mh()
+        moved(ch, mh, p)
+        check_transfer(pair, receiver, sender, 4_000_000)
+    finally:
+        ch.stop()
+        mh.stop()
+
