@@ -189,8 +189,8 @@ def _learn_chains(ihmp_port: int, group: int) -> list[str]:
       to its HID (:attr:`~stacktrans.translation.HidTranslation.learnable`: what the
       daemon would decide is known): the flow goes into ``flows``, and its inbound
       restoration into ``rid``/``lid``; the out chain (-140) rewrites it from this
-      very packet. A copy goes to the daemon (NFLOG ``group``), for its socket table
-      and the SYN's sequence number;
+      very packet. The daemon hears of it from a copy (NFLOG ``group``) for its
+      socket table;
     * **queued** (:data:`SYNC_MARK`, which the queue rules match) when its remote is
       a known host's other address (``hid``) or its inbound key is another flow's:
       the daemon decides before the packet goes on, as it always did;
@@ -198,12 +198,16 @@ def _learn_chains(ihmp_port: int, group: int) -> list[str]:
       host IHMP does not know yet; the daemon learns the flow from the copy (and
       says HELLO) before any move can concern it.
 
-    SYN-ACKs are logged both ways: the daemon needs their sequence numbers to prompt
-    stalled flows (:mod:`stacktrans.rto_revert`). A packet that already carries a
-    mark is left to the queue rules. Outbound, the out chain clears
-    :data:`SYNC_MARK`; inbound, ``unmark`` does, after the queue rules' hook.
+    The copy of a TCP connection is its SYN-ACK, logged both ways: it names the flow
+    and carries both sequence numbers (its own and, acknowledged, the SYN's), which
+    the daemon needs to prompt stalled flows (:mod:`stacktrans.rto_revert`). A SYN
+    is not logged: one notice per connection at each end, not two. A packet that
+    already carries a mark is left to the queue rules. Outbound, the out chain
+    clears :data:`SYNC_MARK`; inbound, ``unmark`` does, after the queue rules' hook.
     """
     log = f"log group {group} snaplen {NOTICE_SNAPLEN}"
+    # A first packet's copy, unless it is a SYN (its SYN-ACK tells).
+    notice = f"tcp flags & (syn | ack) != syn {log}"
     lines: list[str] = []
     for way, hook, dev in (("out", "output", "oifname"), ("in", "prerouting", "iifname")):
         lines += [
@@ -230,17 +234,20 @@ def _learn_chains(ihmp_port: int, group: int) -> list[str]:
                 f"    {flow} @flows{f} return",
                 f"    {pair} @learn{f} goto learn_{way}{f}",
                 f"    {ip} {remote} @hid{f} meta mark set {SYNC_MARK:#x} return",
-                f"    {log}",
+                f"    meta l4proto udp {log}",
+                f"    {notice}",
                 "  }",
                 f"  chain learn_{way}{f} {{",
                 f"    meta mark set {pair} map @learn{f}",
                 f"    {inbound} @rid{f} meta mark set {SYNC_MARK:#x} return",
                 f"    add @flows{f} {{ {flow} }} "
                 f"add @rid{f} {{ {inbound} : {ip} {remote} }} "
-                f"add @lid{f} {{ {inbound} : {ip} {local} }} "
-                f"meta mark set 0 {log} return",
-                # Only if a set was full: the daemon decides (and says so in its log).
-                f"    meta mark set {SYNC_MARK:#x}",
+                f"add @lid{f} {{ {inbound} : {ip} {local} }} meta mark set 0",
+                # The mark still names the HID only if a set was full: then the
+                # daemon decides (and says so in its log).
+                f"    meta mark != 0 meta mark set {SYNC_MARK:#x} return",
+                f"    meta l4proto udp {log}",
+                f"    {notice}",
                 "  }",
             ]
     lines += [

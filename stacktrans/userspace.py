@@ -134,7 +134,9 @@ class UserspacePath:
         """A flow notice: the head of a packet the kernel has already passed (the
         ``learn`` chains of :mod:`stacktrans.nft`), with the addresses and ports its
         socket sees, leaving this host or arriving. Learn its flow (asking IHMP for its
-        host: a new one is greeted), and a SYN's sequence number (for prompting)."""
+        host: a new one is greeted). A TCP connection's notice is its SYN-ACK, which
+        carries both ends' ISNs (for prompting): its own, and the SYN's acknowledged;
+        and whoever sent it did not open the connection."""
         try:
             info = parse_head(data)
         except RewriteError:
@@ -146,22 +148,28 @@ class UserspacePath:
             key = FlowKey(info.proto, src, info.sport, dst, info.dport)
         else:
             key = FlowKey(info.proto, dst, info.dport, src, info.sport)
+        syn_ack = info.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK
         now = self.clock()
         entry = self.tr.sockets.get(key)
         if entry is None:
             if not _starts_flow(info):
                 return
-            origin = FlowOrigin.OUTBOUND if outbound else FlowOrigin.INBOUND
+            opened_here = outbound != syn_ack
+            origin = FlowOrigin.OUTBOUND if opened_here else FlowOrigin.INBOUND
             entry = self.tr.flow_seen(key, now, origin)
             if entry is None:
                 return
         else:
             entry.last_seen = now
         if info.tcp_flags & TCP_SYN:
-            if outbound:
-                entry.isn = _seq(data, info)
-            else:
-                entry.peer_isn = _seq(data, info)
+            sent = _seq(data, info)  # the sender's ISN
+            acked = _ack(data, info) if syn_ack else None
+            opener = None if acked is None else (acked - 1) & 0xFFFFFFFF  # the SYN's
+            mine, theirs = (sent, opener) if outbound else (opener, sent)
+            if mine is not None:
+                entry.isn = mine
+            if theirs is not None:
+                entry.peer_isn = theirs
         self.notices += 1
 
     # -- inbound --------------------------------------------------------------------
@@ -276,6 +284,12 @@ class UserspacePath:
 def _seq(data: bytes, info: PacketInfo) -> int | None:
     """The TCP sequence number of a packet, if its header holds one."""
     at = info.l4_offset + 4
+    return int.from_bytes(data[at : at + 4], "big") if len(data) >= at + 4 else None
+
+
+def _ack(data: bytes, info: PacketInfo) -> int | None:
+    """The TCP acknowledgement number of a packet, if its header holds one."""
+    at = info.l4_offset + 8
     return int.from_bytes(data[at : at + 4], "big") if len(data) >= at + 4 else None
 
 

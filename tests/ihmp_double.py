@@ -18,6 +18,7 @@ class IhmpDouble:
     def __init__(self) -> None:
         self.table = HidTable(self._changed)
         self.new_hids: list[tuple[int, IPAddress]] = []
+        self.origins: list[FlowOrigin] = []  # whose packet made each new host
         self.dataplane: Dataplane | None = None
 
     def attach(self, kernel: KernelMaps) -> Dataplane:
@@ -30,6 +31,7 @@ class IhmpDouble:
         if host is None:
             host = self.table.create([remote], Trigger.HELLO_SENT)
             self.new_hids.append((host.hid, local))
+            self.origins.append(origin)
         return host.hid
 
     def _changed(self, change: HostChanged) -> None:

@@ -55,6 +55,7 @@ class Pkt:
     flags: int = 0  # TCP flags
     seq: int = 0
     payload: bytes = b""
+    ack: int = 0
 
     @property
     def tuple(self) -> FlowTuple:
@@ -102,7 +103,7 @@ _CSUM_AT = {TCP: 16, UDP: 6}
 def encode(p: Pkt) -> bytes:
     """The packet's bytes: IPv4 (no options) or IPv6 (no extension headers)."""
     if p.proto == TCP:
-        l4 = struct.pack("!HHIIBBHHH", p.sport, p.dport, p.seq, 0, 5 << 4, p.flags, 65535, 0, 0)
+        l4 = struct.pack("!HHIIBBHHH", p.sport, p.dport, p.seq, p.ack, 5 << 4, p.flags, 65535, 0, 0)
     else:
         l4 = struct.pack("!HHHH", p.sport, p.dport, 8 + len(p.payload), 0)
     l4 += p.payload
@@ -132,8 +133,8 @@ def decode(data: bytes) -> Pkt:
     assert _sum16(_pseudo(src, dst, proto, len(l4)) + l4) == 0xFFFF, "bad L4 checksum"
     sport, dport = struct.unpack("!HH", l4[:4])
     if proto == TCP:
-        seq, flags = struct.unpack("!I5xB", l4[4:14])
-        return Pkt(proto, src, sport, dst, dport, flags, seq, l4[20:])
+        seq, ack, flags = struct.unpack("!IIxB", l4[4:14])
+        return Pkt(proto, src, sport, dst, dport, flags, seq, l4[20:], ack)
     return Pkt(proto, src, sport, dst, dport, payload=l4[8:])
 
 

@@ -288,7 +288,8 @@ class StackHost(Host, Node):
         if learned is Learned.SYNC:
             self.sync_queued += 1
             return self._queued(self.path.outbound if outbound else self.path.inbound, pkt)
-        if learned is not Learned.KNOWN:
+        plain_syn = pkt.proto == TCP and pkt.flags & (SYN | ACK) == SYN
+        if learned is not Learned.KNOWN and not plain_syn:  # (its SYN-ACK tells)
             self.path.observe(encode(pkt), outbound)
         return pkt
 
@@ -370,11 +371,17 @@ class Flow:
         return FlowKey(k.proto, k.remote, k.rport, k.local, k.lport)
 
     def packet(
-        self, from_client: bool, payload: bytes, flags: int = PSH | ACK, seq: int = 0
+        self,
+        from_client: bool,
+        payload: bytes,
+        flags: int = PSH | ACK,
+        seq: int = 0,
+        ack: int = 0,
     ) -> Pkt:
         k = self.key if from_client else self.server_key
+        tcp = k.proto == TCP
         return Pkt(k.proto, k.local, k.lport, k.remote, k.rport,
-                   flags if k.proto == TCP else 0, seq, payload)  # fmt: skip
+                   flags if tcp else 0, seq, payload, ack if tcp else 0)  # fmt: skip
 
 
 @dataclass
@@ -481,13 +488,14 @@ class StackNet(Net):
         flow = Flow(client, server, FlowKey(proto, local, lport, remote, rport))
         client.sockets[flow.key] = Socket(flow.key)
         if proto == TCP:
-            handshake = [(True, SYN, 1000), (False, SYN | ACK, 5000), (True, ACK, 1001)]
+            handshake = [
+                (True, SYN, 1000, 0), (False, SYN | ACK, 5000, 1001), (True, ACK, 1001, 5001)
+            ]  # fmt: skip
         else:
-            handshake = [(True, 0, 0), (False, 0, 0)]
-        for from_client, flags, seq in handshake:
-            trace = self.transmit(
-                client if from_client else server, flow.packet(from_client, b"", flags, seq)
-            )
+            handshake = [(True, 0, 0, 0), (False, 0, 0, 0)]
+        for from_client, flags, seq, ack in handshake:
+            packet = flow.packet(from_client, b"", flags, seq, ack)
+            trace = self.transmit(client if from_client else server, packet)
             self.assert_delivered(trace, flow, from_client, b"")
         return flow
 

@@ -27,7 +27,7 @@ from scapy.layers.inet6 import ICMPv6DestUnreach, ICMPv6PacketTooBig, IPv6
 from scapy.packet import Packet, Raw
 
 from ihmp.addr import IPAddress
-from ihmp.hosts import HidState, HidTable
+from ihmp.hosts import FlowOrigin, HidState, HidTable
 from ihmp.states import Trigger
 from stacktrans.socket_table import TCP, UDP, FlowKey, SocketEntry
 from stacktrans.userspace import UserspacePath
@@ -682,6 +682,7 @@ def test_notices_learn_flows_both_ways_with_their_isns(net: Net) -> None:
     theirs = bytearray(pkt(net, TCP, net.p_old, net.l_old, 80, 40000, "SA"))
     hl = 20 if net.family == 4 else 40
     theirs[hl + 4 : hl + 8] = (7777).to_bytes(4, "big")
+    theirs[hl + 8 : hl + 12] = (1001).to_bytes(4, "big")  # it acknowledges our SYN
     node.path.observe(bytes(theirs)[:snap], outbound=False)
     key = FlowKey(TCP, net.l_old, 40000, net.p_old, 80)
     entry = node.tr.sockets.get(key)
@@ -691,6 +692,30 @@ def test_notices_learn_flows_both_ways_with_their_isns(net: Net) -> None:
     node.path.observe(pkt(net, UDP, net.p_old, net.l_old, 5555, 53)[:snap], outbound=False)
     assert node.tr.sockets.get(FlowKey(UDP, net.l_old, 53, net.p_old, 5555)) is not None
     assert len(node.new_hids) == 1 and node.path.notices == 3
+
+
+@pytest.mark.parametrize("opener", ["we", "they"])
+def test_a_syn_ack_alone_tells_the_flow_both_isns_and_who_opened_it(net: Net, opener: str) -> None:
+    """The kernel logs no SYN: the SYN-ACK is a TCP connection's one notice at each
+    end. IHMP is told who opened it: only a connection we opened makes it say HELLO
+    to a new host (a SYN's source may be spoofed)."""
+    node = Node(net)
+    hl = 20 if net.family == 4 else 40
+    if opener == "we":
+        syn_ack = bytearray(pkt(net, TCP, net.p_old, net.l_old, 80, 40000, "SA"))
+        key = FlowKey(TCP, net.l_old, 40000, net.p_old, 80)
+        isns = (4321, 7777)
+    else:
+        syn_ack = bytearray(pkt(net, TCP, net.l_old, net.p_old, 22, 5555, "SA"))
+        key = FlowKey(TCP, net.l_old, 22, net.p_old, 5555)
+        isns = (7777, 4321)
+    syn_ack[hl + 4 : hl + 8] = (7777).to_bytes(4, "big")  # the SYN-ACK's sender's
+    syn_ack[hl + 8 : hl + 12] = (4322).to_bytes(4, "big")  # the SYN's, acknowledged
+    node.path.observe(bytes(syn_ack), outbound=opener == "they")
+    entry = node.tr.sockets.get(key)
+    assert entry is not None and (entry.isn, entry.peer_isn) == isns
+    want = FlowOrigin.OUTBOUND if opener == "we" else FlowOrigin.INBOUND
+    assert node.ihmp.origins == [want]
 
 
 def test_notices_of_resets_and_garbage_learn_nothing(net: Net) -> None:
