@@ -72,6 +72,9 @@ class Effects:
     #: Hosts whose locators changed: their stalled TCP flows may send now
     #: (:mod:`stacktrans.rto_revert`).
     moved: set[int] = field(default_factory=set)
+    #: Of those, hosts whose old locator is gone: what we sent there was lost, so
+    #: their flows retransmit and acknowledge again at once.
+    lost: set[int] = field(default_factory=set)
     #: Flows of hosts that are gone: their sockets must fail now.
     failed: list[SocketEntry] = field(default_factory=list)
 
@@ -291,6 +294,8 @@ class Dataplane:
             self._effects.reconcile = True
             if old is not None:
                 self._effects.moved.add(hid)
+                if _locator_lost(old, new, host):
+                    self._effects.lost.add(hid)
 
     # -- hosts behind a NAT ----------------------------------------------------------
 
@@ -505,3 +510,13 @@ class Dataplane:
             log.info("HID %d removed: failing %d flows", hid, len(flows))
             self._effects.failed += flows
         self._effects.reconcile = True
+
+
+def _locator_lost(old: HidTranslation, new: HidTranslation, host: HostSnapshot) -> bool:
+    """Whether a remote identifier's locator changed away from one the host no longer
+    has active (went down, or it handed off): packets in flight to it are lost."""
+    for rid in old.remote.keys() | new.remote.keys():
+        before = old.remote.get(rid, rid)
+        if before != new.remote.get(rid, rid) and before not in host.active:
+            return True
+    return False

@@ -220,6 +220,10 @@ class TcpProgress:
     bytes_received: int = 0
     snd_wnd: int = 0  # the peer's window as TCP has it, in bytes (0: not reported)
     snd_wscale: int = 0
+    unacked: int = 0  # segments sent and not yet acknowledged (in flight or lost)
+    snd_mss: int = 0  # the segment size TCP sends, options it always carries excluded
+    pmtu: int = 0  # the path MTU the socket uses
+    timestamps: bool = False  # every segment carries the timestamp option (12 bytes)
 
 
 @dataclass(frozen=True, slots=True)
@@ -383,7 +387,9 @@ def parse_diag_msg(payload: bytes | memoryview, with_tcp_info: bool = False) -> 
 
 
 # Offsets in the kernel's struct tcp_info (include/uapi/linux/tcp.h).
-_TCPI_RETRANSMITS, _TCPI_BACKOFF, _TCPI_WSCALE = 2, 4, 6  # __u8 each
+_TCPI_RETRANSMITS, _TCPI_BACKOFF, _TCPI_OPTIONS, _TCPI_WSCALE = 2, 4, 5, 6  # __u8 each
+_TCPI_SND_MSS, _TCPI_UNACKED, _TCPI_PMTU = 16, 24, 60  # __u32 each
+_TCPI_OPT_TIMESTAMPS = 1
 _TCPI_BYTES_ACKED, _TCPI_BYTES_RECEIVED = 120, 128  # __u64
 _TCPI_SND_WND = 228  # __u32, the last field read (absent from older kernels)
 
@@ -406,6 +412,10 @@ def parse_tcp_info(raw: bytes) -> TcpProgress:
         bytes_received=field("=Q", _TCPI_BYTES_RECEIVED),
         snd_wnd=field("=I", _TCPI_SND_WND),
         snd_wscale=wscales & 0x0F if sys.byteorder == "little" else wscales >> 4,
+        unacked=field("=I", _TCPI_UNACKED),
+        snd_mss=field("=I", _TCPI_SND_MSS),
+        pmtu=field("=I", _TCPI_PMTU),
+        timestamps=bool(field("=B", _TCPI_OPTIONS) & _TCPI_OPT_TIMESTAMPS),
     )
 
 

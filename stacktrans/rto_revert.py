@@ -1,4 +1,4 @@
-"""Undo TCP's timer backoff when a host's path comes back, so its flows send at once.
+"""Make TCP send at once when a host's path comes back or changes, not at its timer.
 
 While a host has no path (a hard handoff: the old address is gone, the new one not
 yet there), TCP's transmissions fail and its timer backs off exponentially: 0.2,
@@ -28,6 +28,30 @@ SYN-ACK of each flow. Flows adopted at start-up have no known ISNs and are left 
 their timers. A wrong guess costs nothing: the kernel ignores an ICMP error that
 does not quote ``snd_una`` exactly, and answers an ACK outside its window with one
 duplicate ACK.
+
+When the *peer* moved and its old locator is gone (its address went down, or it
+handed off), what this host sent to the old locator while the news travelled is lost,
+before any timer has backed off. Two prompts, both IP versions, for flows of such a
+host (``FlowSeq.peer_lost``):
+
+* **Retransmit now** (data in flight: ``tcpi_unacked`` > 0, no backoff yet). Without a
+  prompt TCP waits for its tail-loss probe or its retransmission timer (at least
+  200 ms + RTT on Linux): nothing else tells it the window is gone. An ICMP "packet too
+  big" / "fragmentation needed" quoting ``snd_una`` with an MTU one byte smaller than
+  the one the socket uses makes Linux (``tcp_v4_mtu_reduced`` / ``tcp_v6_mtu_reduced``)
+  mark every full-sized segment in flight lost and retransmit them at once, *without*
+  reducing the congestion window (``tcp_simple_retransmit``: a loss that is no sign of
+  congestion). Only full-sized segments are marked: a bulk flow's window, where a
+  stall costs most; an application's short writes wait for the timer. The price:
+  segments one byte shorter for the flow, and for ten minutes
+  (the kernel's PMTU expiry) for other flows to that identifier; 0.07 % per move.
+  The same message retransmits a flow whose retransmission timer backed off over IPv6,
+  where RFC 6069 is not implemented.
+* **Acknowledge again** (the ACKs we sent to the old locator were lost). A zero-length
+  segment from the peer far outside the receive window makes TCP answer at once with
+  a duplicate ACK (``tcp_send_dupack``, at most one per 500 ms and socket) and is
+  otherwise dropped. That ACK, through the new translation, tells the peer everything
+  we received: its window opens at once rather than at its timer.
 """
 
 from __future__ import annotations
@@ -47,8 +71,17 @@ from stacktrans.socket_table import TCP, FlowKey
 log = logging.getLogger("dime.rto")
 
 
-ICMP_DEST_UNREACH, ICMP_HOST_UNREACH = 3, 1
-ICMP6_DEST_UNREACH, ICMP6_ADDR_UNREACH = 1, 3
+ICMP_DEST_UNREACH, ICMP_HOST_UNREACH, ICMP_FRAG_NEEDED = 3, 1, 4
+ICMP6_DEST_UNREACH, ICMP6_ADDR_UNREACH, ICMP6_PACKET_TOO_BIG = 1, 3, 2
+#: The smallest path MTU each IP version's TCP accepts from ICMP (Linux's
+#: ``ip_rt_min_pmtu`` default; IPv6's minimum link MTU).
+MIN_PMTU = {4: 552, 6: 1280}
+#: IP and TCP header bytes without options, per IP version.
+HEADERS = {4: 20 + 20, 6: 40 + 20}
+TIMESTAMP_OPTION = 12  # the timestamp option as TCP pads it
+#: How far past the right edge of any receive window (at most 2^30 bytes) a segment
+#: that is only there to draw an ACK claims to start.
+OUT_OF_WINDOW = 0x60000000
 #: The kernel's backoff never exceeds this in practice (TCP_RTO_MAX / TCP_RTO_MIN ~ 2^10).
 MAX_STEPS = 16
 #: IP versions whose TCP implements RFC 6069 in Linux.
@@ -58,29 +91,59 @@ TCP_ACK_FLAG = 0x10
 
 @dataclass(frozen=True)
 class FlowSeq:
-    """A TCP flow and its initial sequence numbers, as the packet path saw them."""
+    """A TCP flow and its initial sequence numbers, as the packet path saw them;
+    ``peer_lost``: the peer's old locator is gone, and with it what we sent there."""
 
     key: FlowKey
     isn: int
     peer_isn: int | None
+    peer_lost: bool = False
 
 
 class Remedy(enum.Enum):
-    NONE = "none"
-    REVERT = "icmp"  # RFC 6069 ICMP errors: retransmission timer
+    REVERT = "icmp"  # RFC 6069 ICMP errors: retransmission timer (IPv4)
     ACK = "ack"  # a pure ACK: probe timer
+    RETRANSMIT = "ptb"  # a path MTU one byte smaller: what is in flight, again, now
+    REACK = "reack"  # an out-of-window segment: our ACK, again, now
 
 
-def remedy(flow: FlowSeq, p: TcpProgress) -> Remedy:
-    """What, if anything, makes this flow send now."""
-    if p.backoff <= 0:
-        return Remedy.NONE  # its timer has not backed off: it is not stalled
+def remedies(flow: FlowSeq, p: TcpProgress) -> list[Remedy]:
+    """What makes this flow send now: nothing, or one remedy per direction of data."""
+    if p.backoff > 0:
+        what = _backed_off(flow, p)
+        return [what] if what is not None else []
+    if not flow.peer_lost:
+        return []  # its timer has not backed off and nothing it sent was lost
+    found = []
+    if p.unacked > 0 and ptb_mtu(flow.key, p) is not None:
+        found.append(Remedy.RETRANSMIT)
+    if flow.peer_isn is not None:
+        found.append(Remedy.REACK)
+    return found
+
+
+def _backed_off(flow: FlowSeq, p: TcpProgress) -> Remedy | None:
     if p.retransmits > 0:
-        return Remedy.REVERT if flow.key.local.version in REVERT_VERSIONS else Remedy.NONE
+        if flow.key.local.version in REVERT_VERSIONS:
+            return Remedy.REVERT
+        return Remedy.RETRANSMIT if ptb_mtu(flow.key, p) is not None else None
     # An ACK must advertise the window TCP has: without it, it would close the window.
     if flow.peer_isn is None or p.snd_wnd <= 0:
-        return Remedy.NONE
+        return None
     return Remedy.ACK
+
+
+def ptb_mtu(key: FlowKey, p: TcpProgress) -> int | None:
+    """The MTU that makes TCP's segments exactly one byte shorter, or None if the
+    kernel would not take it (below its minimum, or not below the path MTU)."""
+    if p.snd_mss <= 0 or p.pmtu <= 0:
+        return None
+    # Computed from the segment size, not from the path MTU: where the peer's MSS
+    # caps segments below what the path allows, only this MTU changes them.
+    mtu = p.snd_mss - 1 + HEADERS[key.local.version] + (TIMESTAMP_OPTION if p.timestamps else 0)
+    if mtu < MIN_PMTU[key.local.version] or mtu >= p.pmtu:
+        return None
+    return mtu
 
 
 def snd_una(isn: int, bytes_acked: int) -> int:
@@ -103,6 +166,17 @@ def _quote(key: FlowKey, seq: int) -> bytes:
     # payload length 20: the quoted segment was at least a bare TCP header
     ip6 = struct.pack("!IHBB16s16s", 6 << 28, 20, TCP, 64, key.local.packed, key.remote.packed)
     return ip6 + tcp8
+
+
+def ptb_message(key: FlowKey, seq: int, mtu: int) -> bytes:
+    """The ICMP "fragmentation needed" / ICMPv6 "packet too big" (no IP header) that
+    sets ``key``'s path MTU to ``mtu``. ICMPv6's checksum is left 0 (the kernel's)."""
+    quote = _quote(key, seq)
+    if key.local.version == 4:
+        head = struct.pack("!BBHHH", ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED, 0, 0, mtu)
+        csum = checksum(head + quote)
+        return head[:2] + struct.pack("!H", csum) + head[4:] + quote
+    return struct.pack("!BBHI", ICMP6_PACKET_TOO_BIG, 0, 0, mtu) + quote
 
 
 def revert_message(key: FlowKey, seq: int) -> bytes:
@@ -139,7 +213,7 @@ def ack_packet(key: FlowKey, seq: int, ack: int, window: int) -> bytes:
 
 def prompt(flows: Iterable[FlowSeq]) -> Counter[Remedy]:
     """Give each TCP flow of a host whose path changed what makes it send now (see
-    the module's docstring). Returns how many flows got each remedy. Blocking
+    the module's docstring). Returns how many prompts of each remedy were given. Blocking
     (sock_diag lookups of these flows only: :func:`.kernel_flows.tcp_progress`): call
     it from a thread.
     """
@@ -152,31 +226,38 @@ def prompt(flows: Iterable[FlowSeq]) -> Counter[Remedy]:
     with _RawSockets() as socks:
         for key, p in progress.items():
             flow = wanted[key]
-            what = remedy(flow, p)
-            if what is Remedy.NONE:
-                continue
-            try:
-                _apply(what, flow, p, socks)
-            except OSError as exc:
-                log.warning("could not prompt %s: %s", key, exc)
-                continue
-            log.info("prompted %s to send (%s, backoff %d)", key, what.value, p.backoff)
-            done[what] += 1
+            for what in remedies(flow, p):
+                try:
+                    _apply(what, flow, p, socks)
+                except OSError as exc:
+                    log.warning("could not prompt %s: %s", key, exc)
+                    continue
+                log.info("prompted %s to send (%s, backoff %d)", key, what.value, p.backoff)
+                done[what] += 1
     return done
 
 
 def _apply(what: Remedy, flow: FlowSeq, p: TcpProgress, socks: _RawSockets) -> None:
     key, dst = flow.key, (str(flow.key.local), 0)
     una = snd_una(flow.isn, p.bytes_acked)
+    version = key.local.version
     if what is Remedy.REVERT:
         msg = revert_message(key, una)
         for _ in range(min(p.backoff, MAX_STEPS)):
-            socks.icmp(key.local.version).sendto(msg, dst)
+            socks.icmp(version).sendto(msg, dst)
+        return
+    if what is Remedy.RETRANSMIT:
+        mtu = ptb_mtu(key, p)
+        assert mtu is not None
+        socks.icmp(version).sendto(ptb_message(key, una, mtu), dst)
         return
     assert flow.peer_isn is not None
     nxt = rcv_nxt(flow.peer_isn, p.bytes_received)
-    pkt = ack_packet(key, nxt, una, min(p.snd_wnd >> p.snd_wscale, 0xFFFF))
-    socks.raw(key.local.version).sendto(pkt, dst)
+    window = min(p.snd_wnd >> p.snd_wscale, 0xFFFF)
+    if what is Remedy.REACK:
+        # Dropped before its ACK field is looked at: only its sequence number matters.
+        nxt = (nxt + OUT_OF_WINDOW) & 0xFFFFFFFF
+    socks.raw(version).sendto(ack_packet(key, nxt, una, window), dst)
 
 
 class _RawSockets:

@@ -177,6 +177,7 @@ class StackTrans:
         self.knocker = Knocker()
         self._tasks: list[asyncio.Task[None]] = []
         self._stalled_hids: set[int] = set()
+        self._lost_hids: set[int] = set()  # of those, hosts whose old locator is gone
         self._prompt_task: asyncio.Task[None] | None = None
         self._reconcile_pending = False
         self._reconcile_task: asyncio.Task[None] | None = None
@@ -478,6 +479,8 @@ class StackTrans:
             "packets_translated_in_user_space": self.path.translated if self.path else 0,
             "packets_queued": sum(q.packets for q in self.queues),
             "tcp_flows_prompted": sum(self.prompts.values()),
+            "tcp_retransmits_prompted": self.prompts[Remedy.RETRANSMIT],
+            "tcp_acks_prompted": self.prompts[Remedy.REACK],
             "knocks_sent": self.knocker.sent,
             "knocks_received": self.path.knocks if self.path else 0,
             "flow_notices": self.notices.received if self.notices else 0,
@@ -517,7 +520,7 @@ class StackTrans:
         if effects.reconcile:
             self.schedule_reconcile()
         if effects.moved:
-            self._prompt_soon(effects.moved)
+            self._prompt_soon(effects.moved, effects.lost)
         tcp = [e for e in effects.failed if e.key.proto == TCP]
         if tcp:
             # The nft reject path answers the next packet; destroying the TCP sockets
@@ -553,28 +556,31 @@ class StackTrans:
         if kernel is not None:
             kernel.set_ghosts(self.ghosts.addresses, dict(senders))
 
-    def _prompt_soon(self, hids: set[int]) -> None:
+    def _prompt_soon(self, hids: set[int], lost: set[int]) -> None:
         if self.kernel_flows.prompt is None:
             return
         self._stalled_hids |= hids
+        self._lost_hids |= lost
         if self._prompt_task is None or self._prompt_task.done():
             self._prompt_task = asyncio.get_running_loop().create_task(self._prompt_stalled())
 
     async def _prompt_stalled(self) -> None:
-        """TCP flows of hosts whose path changed send now, not when their backed-off
-        timer says (:mod:`stacktrans.rto_revert`)."""
+        """TCP flows of hosts whose path changed send now, not when their (backed-off)
+        timer says; where the peer's old locator is gone, they retransmit what was in
+        flight and acknowledge again (:mod:`stacktrans.rto_revert`)."""
         prompt_flows = self.kernel_flows.prompt
         assert prompt_flows is not None
         await asyncio.sleep(0)  # the rest of this burst of table changes first
         while self._stalled_hids and self.dataplane is not None:
             hids, self._stalled_hids = self._stalled_hids, set()
+            lost, self._lost_hids = self._lost_hids, set()
             if self.kernel is not None:
                 self.kernel.flush()  # the new locators must be in the kernel first
             # ... and the ghosts on lo: a prompt is addressed to the flow's local
             # identifier, which must be local again, or it would leave the host.
             await self.settle()
             flows = [
-                FlowSeq(e.key, e.isn, e.peer_isn)
+                FlowSeq(e.key, e.isn, e.peer_isn, peer_lost=hid in lost)
                 for hid in hids
                 for e in self.dataplane.sockets.flows_of(hid)
                 if e.key.proto == TCP and e.isn is not None

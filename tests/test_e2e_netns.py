@@ -153,6 +153,31 @@ def test_hard_handoff_bulk_sender_is_prompted_to_retransmit(tmp_path: Path) -> N
         b.down()
 
 
+@pytest.mark.parametrize("sender", ["mh", "ch"], ids=["mh-sends", "ch-sends"])
+def test_soft_handoff_in_flight_is_recovered_at_once(tmp_path: Path, sender: str) -> None:
+    """A bulk transfer through a 20 Mbit/s bottleneck (50 ms of queue) when the MH's
+    old address goes: what the CH sent to it in the meantime is lost. The CH, on
+    learning the move, acknowledges again what it received (the MH sends) or
+    retransmits its window (the CH sends) at once (stacktrans/rto_revert.py)."""
+    with bed(tmp_path) as b:
+        p = b.plan
+        for dev in ("rc1", "rm1", "rm2"):
+            b.fig.r.run("tc", "qdisc", "replace", "dev", dev, "root", *tbf_args(20, 50))
+        b.up("ch", "mh")
+        nbytes = 12_000_000  # ~5 s at 20 Mbit/s
+        if sender == "mh":
+            server, client = tcp(b.fig.mh, b.fig.ch, p.c1.host, nbytes, rate=0)
+        else:
+            server, client = tcp(b.fig.ch, b.fig.mh, p.m1.host, nbytes, rate=0)
+        b.wait_established()
+        b.fig.soft_handoff_mh(overlap=1.0)
+        check(b, server, client, nbytes)
+        counters = b.daemons["ch"].status()["counters"]
+        prompted = "tcp_acks_prompted" if sender == "mh" else "tcp_retransmits_prompted"
+        assert counters[prompted] == 1, b.logs()
+        b.down()
+
+
 def test_connection_opened_before_dime_up(tmp_path: Path) -> None:
     with bed(tmp_path) as b:
         p = b.plan

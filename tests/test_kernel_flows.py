@@ -10,6 +10,7 @@ or are no flow give nothing) and the sweep's liveness snapshot (conntrack includ
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import socket
@@ -106,7 +107,11 @@ def tcp_info(size: int = 232) -> bytes:
     """A ``struct tcp_info`` with the fields of TcpProgress set, cut to ``size`` bytes."""
     raw = bytearray(232)
     raw[2], raw[4] = 3, 5  # retransmits, backoff
+    raw[5] = 0x07  # options: timestamps, SACK, window scaling
     raw[6] = 0x7A  # snd_wscale:4, rcv_wscale:4 in one byte
+    struct.pack_into("=II", raw, 16, 1448, 1460)  # snd_mss, rcv_mss
+    struct.pack_into("=I", raw, 24, 17)  # unacked
+    struct.pack_into("=I", raw, 60, 1500)  # pmtu
     struct.pack_into("=QQ", raw, 120, 1001, 333)  # bytes_acked, bytes_received
     struct.pack_into("=I", raw, 228, 70656)  # snd_wnd
     return bytes(raw[:size])
@@ -115,11 +120,19 @@ def tcp_info(size: int = 232) -> bytes:
 SND_WSCALE = 0xA if sys.byteorder == "little" else 0x7  # bit fields fill from the LSB on LE
 
 
+FULL = TcpProgress(5, 3, 1001, 333, 70656, SND_WSCALE, 17, 1448, 1500, True)
+
+
 def test_tcp_info_fields_at_the_kernels_offsets() -> None:
-    assert parse_tcp_info(tcp_info()) == TcpProgress(5, 3, 1001, 333, 70656, SND_WSCALE)
+    assert parse_tcp_info(tcp_info()) == FULL
     # An older kernel's shorter struct: what it lacks is 0 ("not reported").
-    assert parse_tcp_info(tcp_info(228)) == TcpProgress(5, 3, 1001, 333, 0, SND_WSCALE)
-    assert parse_tcp_info(tcp_info(104)) == TcpProgress(5, 3, 0, 0, 0, SND_WSCALE)
+    assert parse_tcp_info(tcp_info(228)) == dataclasses.replace(FULL, snd_wnd=0)
+    assert parse_tcp_info(tcp_info(104)) == dataclasses.replace(
+        FULL, bytes_acked=0, bytes_received=0, snd_wnd=0
+    )
+    assert parse_tcp_info(tcp_info(60)) == dataclasses.replace(
+        FULL, bytes_acked=0, bytes_received=0, snd_wnd=0, pmtu=0
+    )
 
 
 def test_tcp_info_is_found_among_the_attributes() -> None:
@@ -129,7 +142,7 @@ def test_tcp_info_is_found_among_the_attributes() -> None:
 
     msg = diag(1, "192.0.2.1", 1000, "198.51.100.1", 80, attrs=attr(8, b"\1") + attr(2, tcp_info()))
     info = parse_diag_msg(msg, with_tcp_info=True).tcp_info
-    assert info == TcpProgress(5, 3, 1001, 333, 70656, SND_WSCALE)
+    assert info == FULL
     assert parse_diag_msg(msg).tcp_info is None  # not asked for
     assert parse_diag_msg(msg[:80], with_tcp_info=True).tcp_info is None  # no INET_DIAG_INFO
 

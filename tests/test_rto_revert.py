@@ -5,16 +5,22 @@ between two namespaces until its timer has backed off to seconds, restores the
 path, and checks that a prompt makes the flow send at once, and that without it the
 flow keeps waiting for its timer. Two stalls: data in flight and the peer silent
 (the retransmission timer; ICMP, RFC 6069) and no route at all, so new data never
-left (the probe timer; a pure ACK).
+left (the probe timer; a pure ACK). Over IPv6 the retransmission timer gets a path MTU
+signal instead. And when the peer's old locator is gone before any timer backed
+off: a window in flight is retransmitted at once, and a receiver acknowledges again.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import struct
 import subprocess
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
 from typing import Any
 
@@ -30,13 +36,15 @@ from stacktrans.rto_revert import (
     Remedy,
     ack_packet,
     prompt,
+    ptb_message,
+    ptb_mtu,
     rcv_nxt,
-    remedy,
+    remedies,
     revert_message,
     snd_una,
 )
 from stacktrans.socket_table import TCP, FlowKey
-from testbed.netns import topology
+from testbed.netns import Namespace, topology
 from tests.netns_util import py, read_line
 
 V4 = FlowKey(TCP, IPv4Address("192.0.2.1"), 40000, IPv4Address("198.51.100.2"), 80)
@@ -49,19 +57,51 @@ def test_sequence_numbers_wrap_around() -> None:
     assert rcv_nxt(0xFFFFFFFF, 5) == 5
 
 
-def _p(backoff: int, retransmits: int, snd_wnd: int = 65535) -> TcpProgress:
-    return TcpProgress(backoff, retransmits, 1, 0, snd_wnd, 0)
+def _p(
+    backoff: int, retransmits: int, snd_wnd: int = 65535, unacked: int = 0, mss: int = 1448
+) -> TcpProgress:
+    return TcpProgress(backoff, retransmits, 1, 0, snd_wnd, 0, unacked, mss, 1500, True)
 
 
 def test_remedy_follows_the_timer_that_backed_off() -> None:
     v4, v6 = FlowSeq(V4, 1, 2), FlowSeq(V6, 1, 2)
-    assert remedy(v4, _p(0, 0)) is Remedy.NONE  # not stalled
-    assert remedy(v4, _p(3, 3)) is Remedy.REVERT  # retransmission timer
-    assert remedy(v6, _p(3, 3)) is Remedy.NONE  # no RFC 6069 for IPv6 in Linux
-    assert remedy(v4, _p(3, 0)) is Remedy.ACK  # probe timer
-    assert remedy(v6, _p(3, 0)) is Remedy.ACK
-    assert remedy(FlowSeq(V4, 1, None), _p(3, 0)) is Remedy.NONE  # peer's ISN unknown
-    assert remedy(v4, _p(3, 0, snd_wnd=0)) is Remedy.NONE  # would close the window
+    assert remedies(v4, _p(0, 0, unacked=5)) == []  # not stalled, nothing lost
+    assert remedies(v4, _p(3, 3)) == [Remedy.REVERT]  # retransmission timer
+    # No RFC 6069 for IPv6 in Linux: a path MTU one byte smaller retransmits instead.
+    assert remedies(v6, _p(3, 3, mss=1428)) == [Remedy.RETRANSMIT]
+    assert remedies(v4, _p(3, 0)) == [Remedy.ACK]  # probe timer
+    assert remedies(v6, _p(3, 0)) == [Remedy.ACK]
+    assert remedies(FlowSeq(V4, 1, None), _p(3, 0)) == []  # peer's ISN unknown
+    assert remedies(v4, _p(3, 0, snd_wnd=0)) == []  # would close the window
+
+
+def test_a_lost_peer_locator_means_retransmit_and_acknowledge_again() -> None:
+    lost = FlowSeq(V4, 1, 2, peer_lost=True)
+    assert remedies(lost, _p(0, 0, unacked=5)) == [Remedy.RETRANSMIT, Remedy.REACK]
+    assert remedies(lost, _p(0, 0)) == [Remedy.REACK]  # nothing in flight: ACK only
+    assert remedies(FlowSeq(V4, 1, None, True), _p(0, 0, unacked=5)) == [Remedy.RETRANSMIT]
+    assert remedies(lost, _p(3, 3)) == [Remedy.REVERT]  # backed off: the timer first
+
+
+def test_the_mtu_shortens_segments_by_one_byte() -> None:
+    # 1448 = 1500 - 20 (IP) - 20 (TCP) - 12 (timestamps)
+    assert ptb_mtu(V4, _p(0, 0)) == 1499
+    assert ptb_mtu(V6, _p(0, 0, mss=1428)) == 1499
+    # The peer's MSS caps segments below the path's: the MTU follows the segments.
+    assert ptb_mtu(V4, _p(0, 0, mss=1200)) == 1251
+    # Below what the kernel accepts from ICMP, or no segment size known: no message.
+    assert ptb_mtu(V6, _p(0, 0, mss=1208)) is None
+    assert ptb_mtu(V4, _p(0, 0, mss=0)) is None
+
+
+def test_ptb_messages_carry_the_mtu_and_quote_the_segment() -> None:
+    msg = ptb_message(V4, 0xDEADBEEF, 1499)
+    assert msg[:2] == bytes([3, 4]) and checksum(msg) == 0  # fragmentation needed
+    assert struct.unpack("!H", msg[6:8]) == (1499,)
+    assert struct.unpack("!HHI", msg[28:36]) == (40000, 80, 0xDEADBEEF)
+    msg6 = ptb_message(V6, 7, 1280)
+    assert msg6[:2] == bytes([2, 0]) and struct.unpack("!I", msg6[4:8]) == (1280,)
+    assert struct.unpack("!HHI", msg6[48:56]) == (40000, 80, 7)
 
 
 def test_ipv4_message_is_a_host_unreachable_quoting_the_segment() -> None:
@@ -112,7 +152,7 @@ import json, socket, struct, sys, threading, time
 from ipaddress import ip_address
 from stacktrans.rto_revert import FlowSeq, prompt
 from stacktrans.socket_table import TCP, FlowKey
-dst, dev, style = sys.argv[1], sys.argv[2], sys.argv[3]
+dst, dev, style, lost = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:] == ["lost"]
 fam = socket.AF_INET6 if ":" in dst else socket.AF_INET
 sniff = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))
 sniff.bind((dev, 0))
@@ -139,20 +179,25 @@ s.setblocking(False)
 def pump():
     while True:
         try:
-            s.send(b"x" * (1000 if style == "bulk" else 20000))
+            if style == "receive":
+                s.recv(65536)
+            else:
+                s.send(b"x" * (65536 if style == "bulk" else 20000))
         except BlockingIOError:
             pass
-        time.sleep(0.005 if style == "bulk" else 0.05)
+        time.sleep(0.005 if style != "bursty" else 0.05)
 threading.Thread(target=pump, daemon=True).start()
 def info():
     raw = s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 144)
     return {"retransmits": raw[2], "probes": raw[3], "backoff": raw[4],
             "rto_us": struct.unpack_from("I", raw, 8)[0],
             "total_retrans": struct.unpack_from("I", raw, 100)[0],
-            "bytes_acked": struct.unpack_from("Q", raw, 120)[0]}
+            "bytes_acked": struct.unpack_from("Q", raw, 120)[0],
+            "bytes_received": struct.unpack_from("Q", raw, 128)[0],
+            "unacked": struct.unpack_from("I", raw, 24)[0]}
 local, remote = s.getsockname(), s.getpeername()
 flow = FlowSeq(FlowKey(TCP, ip_address(local[0]), local[1], ip_address(remote[0]), remote[1]),
-               isn, peer_isn)
+               isn, peer_isn, peer_lost=lost)
 print("ready", flush=True)
 for line in sys.stdin:
     cmd = line.strip()
@@ -178,6 +223,8 @@ s.bind((sys.argv[1], 5000))
 s.listen()
 print("listening", flush=True)
 c, _ = s.accept()
+if sys.argv[2:] == ["send"]:
+    c.sendall(b"y" * 100_000)
 while c.recv(65536):
     pass
 """
@@ -218,12 +265,13 @@ ADDRS = {4: ("10.77.0.1", "10.77.0.2", 24), 6: ("2001:db8:77::1", "2001:db8:77::
         # each timer, prompted and (the control: the test can fail) left alone; the
         # probe timer's ACK both ways (no RFC 6069 in IPv6's TCP)
         ("retransmission", 4, True),
+        ("retransmission", 6, True),  # no RFC 6069 in IPv6: a path MTU signal
         ("retransmission", 4, False),
         ("probe", 6, True),
         ("probe", 4, False),
     ],
-    ids=["prompt-retransmission-4", "no-prompt-retransmission-4", "prompt-probe-6",
-         "no-prompt-probe-4"],
+    ids=["prompt-retransmission-4", "prompt-retransmission-6", "no-prompt-retransmission-4",
+         "prompt-probe-6", "no-prompt-probe-4"],
 )  # fmt: skip
 def test_a_prompt_makes_a_stalled_flow_send_now(timer: str, family: int, prompted: bool) -> None:
     a_addr, b_addr, plen = ADDRS[family]
@@ -275,7 +323,101 @@ def _net(family: int) -> str:
     return "10.77.0.0/24" if family == 4 else "2001:db8:77::/64"
 
 
-def test_ipv6_flows_in_retransmission_backoff_get_nothing() -> None:
-    # Linux's tcp_v6_err has no RFC 6069 revert: nothing to send (remedy NONE).
-    assert remedy(FlowSeq(V6, 1, 2), _p(5, 5)) is Remedy.NONE
+@contextlib.contextmanager
+def _pair(family: int, style: str, lost: bool, send: bool = False) -> Iterator[Pair]:
+    """Namespaces a and b, a TCP flow from a to b (``style`` as SENDER takes it)."""
+    a_addr, b_addr, plen = ADDRS[family]
+    with topology("rto") as topo:
+        a, b = topo.add_ns("a"), topo.add_ns("b")
+        topo.link(a, "va", b, "vb")
+        a.addr_add("va", f"{a_addr}/{plen}")
+        b.addr_add("vb", f"{b_addr}/{plen}")
+        # Timers far from the test's half second: only a prompt can make it send.
+        host = f"{b_addr}/{32 if family == 4 else 128}"
+        a.ip("route", "add", host, "dev", "va", "rto_min", "10s")
+        server = py(b, "-c", SERVER, b_addr, *(["send"] if send else []))
+        sender = None
+        try:
+            assert read_line(server, 10) == "listening"
+            sender = py(a, "-c", SENDER, b_addr, "va", style, *(["lost"] if lost else []))
+            assert read_line(sender, 10) == "ready"
+            yield Pair(a, b, sender)
+        finally:
+            for p in (sender, server):
+                if p is not None:
+                    p.kill()
+                    p.wait()
+
+
+@dataclass
+class Pair:
+    a: Namespace
+    b: Namespace
+    sender: subprocess.Popen[bytes]
+
+
+@pytest.mark.netns
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces)")
+@pytest.mark.parametrize(
+    ("family", "prompted"), [(4, True), (6, True), (4, False)],
+    ids=["prompt-4", "prompt-6", "no-prompt-4"],
+)  # fmt: skip
+def test_a_window_lost_with_the_peers_locator_is_sent_again_now(
+    family: int, prompted: bool
+) -> None:
+    """The peer's old locator went with a window in flight; no timer has backed off
+    (the retransmission timer is 10 s away). The prompt retransmits it at once."""
+    with _pair(family, "bulk", lost=True) as pair:
+        pair.b.run("nft", DROP_TO_5000)  # what is in flight now is lost
+        time.sleep(0.3)  # the tail-loss probe is lost too; the timer is 10 s away
+        pair.b.run("nft", "delete table inet rtotest")
+        res = _cmd(pair.sender, "prompt" if prompted else "wait")
+    before, after = res["before"], res["after"]
+    assert before["backoff"] == 0 and before["unacked"] > 0, res
+    if prompted:
+        assert res["prompted"] == 2, res  # retransmit, and acknowledge again
+        assert after["bytes_acked"] > before["bytes_acked"], res
+    else:
+        assert res["prompted"] == 0 and after["bytes_acked"] == before["bytes_acked"], res
+
+
+@pytest.mark.netns
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces)")
+@pytest.mark.parametrize(
+    ("family", "prompted"), [(4, True), (6, True), (6, False)],
+    ids=["prompt-4", "prompt-6", "no-prompt-6"],
+)  # fmt: skip
+def test_a_receiver_acknowledges_again_when_the_peers_locator_is_lost(
+    family: int, prompted: bool
+) -> None:
+    """Our ACKs to the peer's old locator were lost: the prompt makes TCP send its
+    current ACK once more, and nothing else."""
+    with _pair(family, "receive", lost=True, send=True) as pair:
+        for _ in range(200):
+            if _cmd(pair.sender, "info")["bytes_received"] >= 100_000:
+                break
+            time.sleep(0.02)
+        time.sleep(0.3)  # delayed ACKs are out: the flow is idle
+        pair.a.run("nft", COUNT_TO_5000)
+        res = _cmd(pair.sender, "prompt" if prompted else "wait")
+        out = pair.a.run("nft", "list chain inet rtocount out")
+    sent = int(re.search(r"counter packets (\d+)", out).group(1))  # type: ignore[union-attr]
+    assert res["before"]["bytes_received"] >= 100_000, res
+    if prompted:
+        assert res["prompted"] == 1 and sent == 1, (res, out)  # nothing in flight: no PTB
+    else:
+        assert res["prompted"] == 0 and sent == 0, (res, out)
+
+
+DROP_TO_5000 = (
+    "add table inet rtotest; add chain inet rtotest in { type filter hook input priority 0; }; "
+    "add rule inet rtotest in tcp dport 5000 drop"
+)
+COUNT_TO_5000 = (
+    "add table inet rtocount; add chain inet rtocount out "
+    "{ type filter hook output priority 0; }; add rule inet rtocount out tcp dport 5000 counter"
+)
+
+
+def test_no_flows_no_prompts() -> None:
     assert not prompt([])
