@@ -1070,12 +1070,14 @@ class IhmpEngine:
         # source says, which anyone can write: we challenge src ourselves.
         peer = self._peer(entry.hid)
         if not nat and self._newest_about(peer, src, msg.seq):
-            # Unless we announced dst ourselves: then the ACK of that says when the
-            # peer sends there (it answers this challenge first), and only then may
-            # our flows move to it (their first packets would draw answers to the
-            # address we left).
-            if not self._announcing(peer, dst):
-                self._add_local(entry.hid, dst, reason="PATH_PROBE received")
+            # Where we announced dst ourselves, the peer challenging it means it has
+            # our announcement: it takes our packets from dst. Our flows move now,
+            # a round trip before its ACK (which waits for this answer): their first
+            # packets draw answers to the address we left, which the peer sends
+            # again when it switches to dst (stacktrans.rto_revert, "acknowledge
+            # again"), where TCP would have waited a round trip for nothing.
+            handoff = self._announcing(peer, dst, T.HANDOFF)
+            self._add_local(entry.hid, dst, prefer=handoff, reason="PATH_PROBE received")
             self._validate(entry, src, prefer=False, via=dst, now=now)
         self._ack_applied(entry.hid, msg, src, dst, port, nat=nat, applied=True, nonce=msg.nonce)
 
@@ -1563,11 +1565,15 @@ class IhmpEngine:
         return any(p.msg.type is T.HELLO for p in peer.pending.values())
 
     @staticmethod
-    def _announcing(peer: Peer, addr: IPAddress | None = None) -> bool:
-        """Whether a message announcing a new address of ours (``addr``, if given) is
-        in flight."""
+    def _announcing(
+        peer: Peer, addr: IPAddress | None = None, mtype: MessageType | None = None
+    ) -> bool:
+        """Whether a message announcing a new address of ours (``addr``, if given; of
+        type ``mtype``, if given) is in flight."""
         return any(
-            p.msg.new_addr is not None and addr in (None, p.msg.new_addr)
+            p.msg.new_addr is not None
+            and addr in (None, p.msg.new_addr)
+            and mtype in (None, p.msg.type)
             for p in peer.pending.values()
         )
 

@@ -325,8 +325,10 @@ def test_the_ack_of_a_handoff_comes_once_the_new_address_is_used() -> None:
     order = [(m.type, m.seq) for _, m in sent]
     assert order.index((T.ACK, probe.seq)) < order.index((T.ACK, handoff.seq))
     assert b.entry_for("192.0.2.77").active == [A("192.0.2.77")]
-    # Nor does A move its flows on the challenge (their first packets would draw
-    # answers before B sends there): on the ACK.
+    # A moves its flows on the challenge, a round trip before the ACK: B has its
+    # HANDOFF and takes its packets from there; what B answers before it sends there
+    # B's data plane acknowledges again when it does (stacktrans.rto_revert).
     moved = [e for e in a.events if isinstance(e, ev.HostChanged) and e.after is not None
              and A("192.0.2.77") in e.after.local]  # fmt: skip
-    assert moved and moved[0].reason == "ACK of HANDOFF"
+    assert moved and moved[0].reason == "PATH_PROBE received"
+    assert moved[0].after.local[0] == A("192.0.2.77")  # preferred: it was a HANDOFF
