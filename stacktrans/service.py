@@ -576,15 +576,18 @@ class StackTrans:
             lost, self._lost_hids = self._lost_hids, set()
             if self.kernel is not None:
                 self.kernel.flush()  # the new locators must be in the kernel first
-            # ... and the ghosts on lo: a prompt is addressed to the flow's local
-            # identifier, which must be local again, or it would leave the host.
-            await self.settle()
             flows = [
                 FlowSeq(e.key, e.isn, e.peer_isn, peer_lost=hid in lost)
                 for hid in hids
                 for e in self.dataplane.sockets.flows_of(hid)
                 if e.key.proto == TCP and e.isn is not None
             ]
+            # ... and the ghosts on lo: a prompt is addressed to the flow's local
+            # identifier, which must be local again, or it would leave the host.
+            # (Where every identifier is still a local address, as on the side that
+            # did not move, waiting for the reconciliation would only delay it.)
+            if any(f.key.local not in self.dataplane.local_addresses for f in flows):
+                await self.settle()
             log.debug("path changed for HIDs %s: %d TCP flows with a known ISN", hids, len(flows))
             if not flows:
                 continue
