@@ -795,7 +795,7 @@ def plot(
     axes[0].set_ylabel("goodput (Mbit/s, per 100 ms, mean over runs)")
     n = summary["dime"]["soft"]["n"]
     fig.suptitle(
-        f"TCP handoff goodput, MH -> CH (iperf3 receiver side), {n} run(s) each; "
+        f"TCP handoff goodput, IPv4, MH -> CH (iperf3 receiver side), {n} run(s) each; "
         f"link {em.get('rate_mbit', RATE_MBIT):g} Mbit/s, RTT {rtt or float('nan'):.1f} ms "
         f"({em.get('delay_mode', '?')} delay)",
         fontsize=10,
