@@ -104,26 +104,43 @@ def handoff_gap(
     return Gap(None if dipped else 0.0, pre * 8)
 
 
-class RxSampler(threading.Thread):
-    """The rx bytes of one interface of a namespace every ``SAMPLE`` s, in
-    ``time.monotonic()``'s clock, read through a process in it (/proc/PID/net/dev
-    shows that process's network namespace: no process is started per reading)."""
+def rx_bytes(net_dev: str, devs: tuple[str, ...]) -> int | None:
+    """The rx bytes of ``devs`` summed, from the text of /proc/net/dev; None when none
+    of them is there. A device that is absent is left out (a sum over those present):
+    a device that is down still has its counter, so a moving host's old and new
+    interfaces can be summed across its handoff."""
+    total, found = 0, False
+    for line in net_dev.splitlines():
+        name, sep, rest = line.partition(":")
+        if sep and name.strip() in devs:
+            try:
+                total += int(rest.split()[0])
+            except (ValueError, IndexError):
+                continue
+            found = True
+    return total if found else None
 
-    def __init__(self, pid: int, dev: str) -> None:
+
+class RxSampler(threading.Thread):
+    """The rx bytes of one or more interfaces of a namespace (summed: those present)
+    every ``SAMPLE`` s, in ``time.monotonic()``'s clock, read through a process in it
+    (/proc/PID/net/dev shows that process's network namespace: no process is started
+    per reading)."""
+
+    def __init__(self, pid: int, *devs: str) -> None:
         super().__init__(daemon=True)
+        if not devs:
+            raise ValueError("RxSampler needs at least one device")
         self.path = Path(f"/proc/{pid}/net/dev")
-        self.dev = dev + ":"
+        self.devs = devs
         self.samples: Samples = []
         self._halt = threading.Event()
 
     def read(self) -> int | None:
         try:
-            for line in self.path.read_text().splitlines():
-                if line.strip().startswith(self.dev):
-                    return int(line.split(":", 1)[1].split()[0])
-        except (OSError, ValueError, IndexError):
+            return rx_bytes(self.path.read_text(), self.devs)
+        except OSError:
             return None
-        return None
 
     def run(self) -> None:
         nxt = time.monotonic()

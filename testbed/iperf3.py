@@ -59,9 +59,11 @@ def iperf3_json(proc: subprocess.Popen[bytes], timeout: float) -> dict[str, Any]
         return {"error": f"iperf3 printed no JSON: {err.decode()[-500:]}"}
 
 
-def ping_rtt_ms(ns: Namespace, addr: str, count: int = 5) -> float:
-    """Mean RTT to ``addr`` by ping (what the experiment actually had); NaN if none."""
-    out = ns.run("ping", "-c", str(count), "-i", "0.2", "-q", addr, check=False, timeout=30)
+def ping_rtt_ms(ns: Namespace, addr: str, count: int = 5, family: int | None = None) -> float:
+    """Mean RTT to ``addr`` by ping (what the experiment actually had); NaN if none.
+    ``family`` 4 or 6: ping -4 / -6 (else ping picks it from the address)."""
+    fam = (f"-{family}",) if family else ()
+    out = ns.run("ping", *fam, "-c", str(count), "-i", "0.2", "-q", addr, check=False, timeout=30)
     for line in out.splitlines():
         if "min/avg/max" in line:
             return float(line.split("=")[1].split("/")[1])

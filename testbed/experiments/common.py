@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import os
 import platform
 import shlex
@@ -202,6 +203,18 @@ def median(xs: list[float]) -> float:
         return 0.0
     mid = len(s) // 2
     return s[mid] if len(s) % 2 else (s[mid - 1] + s[mid]) / 2
+
+
+def nearest_rank(xs: list[float], q: float) -> float:
+    """The ``q`` quantile (0 < q <= 1) by the nearest-rank method: the smallest value
+    with at least a share ``q`` of the values at or below it (always one of them; no
+    interpolation). 0.0 for no values, as :func:`median`."""
+    if not 0 < q <= 1:
+        raise ValueError(f"quantile {q} not in (0, 1]")
+    s = sorted(xs)
+    if not s:
+        return 0.0
+    return s[max(math.ceil(q * len(s)), 1) - 1]
 
 
 def plot_path(out: Path, md_dir: Path, name: str) -> str:
