@@ -193,6 +193,33 @@ GOODPUT_BYTES = (
     "3 significant digits). Gap: the receiver's interface rx counter (CH: c1; MH: m1 + m2)"
 )
 
+#: What a dime gap is made of, from captures of single runs (the numbers are one-way
+#: delays of the 30 ms line; see docs/architecture.md, "After an outage, and after the
+#: peer's move").
+GAP_ANATOMY = (
+    "Hard handoff: the MH's HANDOFF reaches the CH, which challenges the new address "
+    "before it sends anything there (a round trip); the MH moves its flows when the "
+    "challenge arrives and prompts its TCP, whose retransmission timer backed off "
+    "during the outage (RFC 6069 over IPv4, a path MTU signal over IPv6: "
+    "`stacktrans/rto_revert.py`). After a retransmission timeout TCP sends one "
+    "segment and waits for its ACK before the rest of its window: a second round "
+    "trip. So the floor is about 2.5 RTT from the new address (HANDOFF, challenge, "
+    "answer and first segment, its ACK, the window), plus half the 100 ms window of "
+    "the definition: the 1 RTT + 50 ms goal cannot be met without sending to an "
+    "address before it is proven, or without TCP skipping its loss recovery. With "
+    "BBR, the kernel's default here, the first ACK after the 5 s outage also finds "
+    "BBR's 10 s min-RTT filter expired: it enters PROBE_RTT (cwnd 4 for 200 ms + 1 "
+    "RTT; `ss -ti` in the MH shows it from about 300 to 600 ms after the new address) "
+    "right after the handoff. Every BBR flow does so every 10 s (the no-handoff runs "
+    "too); MPTCP's fresh subflow does not in the 5 s left. "
+    "Soft handoff: the CH's ACKs (MH -> CH) or data (CH -> MH) sent to the old address "
+    "while the news travelled are lost; when the CH switches to the new address it "
+    "makes its own TCP acknowledge again at once (an out-of-window segment draws a "
+    "duplicate ACK) and retransmit what was in flight at once (a path MTU one byte "
+    "smaller: `tcp_simple_retransmit`, no congestion response), so data flows again "
+    "about one round trip after the old address went."
+)
+
 PAPER = {
     "soft": "all protocols almost identical (constant rate, bound by the links)",
     "hard": "DIME ~2/3 of soft, 'almost exactly'; MIPv6 and HIP noticeably lower",
@@ -929,15 +956,7 @@ def report(doc: dict[str, Any], out: Path, md_dir: Path) -> str:
         lines += [
             "",
             "dime's own reaction on the MH (its log; median from the same reference "
-            "time): " + "; ".join(react) + ". The rest of a gap is TCP's: after a hard "
-            "handoff its retransmission timer had backed off for 5 s, and dime prompts "
-            "it to retransmit at once when the CH acknowledges the new address "
-            "(`stacktrans/rto_revert.py`, RFC 6069); TCP then restarts from a window of "
-            "one segment and needs a few round trips to carry half its earlier rate. "
-            "After a soft handoff the packets and ACKs in flight on the old address "
-            "when it goes are lost, and TCP notices at its retransmission timeout "
-            "(at least 200 ms + RTT here) that nothing prompts earlier: the timer has "
-            "not backed off yet.",
+            "time): " + "; ".join(react) + ". " + GAP_ANATOMY,
         ]
     lines += ["", "### Goals", "", "| goal | soft | hard |", "|---|---|---|"]
     rows = (
