@@ -22,12 +22,13 @@ leave the host (raw sockets, addressed to the flow's local identifier):
   timer changes. Both IP versions.
 
 Sequence numbers: ``tcp_info`` has no ``snd_una``/``rcv_nxt`` but has byte counts;
-``snd_una = ISN + bytes_acked`` (which counts the SYN) and ``rcv_nxt = peer ISN + 1
-+ bytes_received`` (mod 2^32). The packet path records both ISNs from the SYN and
-SYN-ACK of each flow. Flows adopted at start-up have no known ISNs and are left to
-their timers. A wrong guess costs nothing: the kernel ignores an ICMP error that
-does not quote ``snd_una`` exactly, and answers an ACK outside its window with one
-duplicate ACK.
+``snd_una = ISN + bytes_acked`` and ``rcv_nxt = peer ISN + 1 + bytes_received`` (mod
+2^32). ``bytes_acked`` counts the SYN only where the socket sent it: for a socket
+that answered one, the packet path records ISN + 1 (``userspace.acked_from``). It
+records both ISNs from the SYN and SYN-ACK of each flow. Flows adopted at start-up
+have no known ISNs and are left to their timers. A wrong guess costs nothing: the
+kernel ignores an ICMP error that does not quote a sequence number in flight, and
+answers an ACK outside its window with one duplicate ACK.
 
 When the *peer* moved and its old locator is gone (its address went down, or it
 handed off), what this host sent to the old locator while the news travelled is lost,

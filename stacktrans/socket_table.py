@@ -59,8 +59,9 @@ class SocketEntry:
     hid: int
     created: float
     last_seen: float
-    #: TCP: the initial sequence number of our side (its SYN or SYN-ACK), if seen;
-    #: what :mod:`stacktrans.rto_revert` needs to name ``snd_una``.
+    #: TCP: our side's initial sequence number as ``tcpi_bytes_acked`` counts from it
+    #: (:func:`stacktrans.userspace.acked_from`: one more where we answered the SYN),
+    #: if seen; what :mod:`stacktrans.rto_revert` needs to name ``snd_una``.
     isn: int | None = None
     #: TCP: the peer's initial sequence number (its SYN or SYN-ACK), if seen.
     peer_isn: int | None = None

@@ -105,7 +105,7 @@ class UserspacePath:
         else:
             entry.last_seen = self.clock()
         if info.tcp_flags & TCP_SYN:
-            entry.isn = _seq(data, info)
+            entry.isn = acked_from(_seq(data, info), answered=bool(info.tcp_flags & TCP_ACK))
         return self._rewrite(data, info, entry, key.local, key.remote)
 
     def _outbound_icmp(self, data: bytes, info: PacketInfo, inner: PacketInfo) -> bytes | None:
@@ -167,7 +167,7 @@ class UserspacePath:
             opener = None if acked is None else (acked - 1) & 0xFFFFFFFF  # the SYN's
             mine, theirs = (sent, opener) if outbound else (opener, sent)
             if mine is not None:
-                entry.isn = mine
+                entry.isn = acked_from(mine, answered=outbound and syn_ack)
             if theirs is not None:
                 entry.peer_isn = theirs
         self.notices += 1
@@ -295,3 +295,11 @@ def _ack(data: bytes, info: PacketInfo) -> int | None:
 
 def _raw(addr: IPAddress | None) -> bytes | None:
     return None if addr is None else addr.packed
+
+
+def acked_from(isn: int, *, answered: bool) -> int:
+    """The sequence number our socket's ``tcpi_bytes_acked`` counts from, given our
+    ISN: a socket that sent the SYN counts its SYN as acknowledged; one that answered
+    a SYN (a passive open) starts counting after its SYN-ACK (measured on Linux 6.18:
+    after 1000 bytes each way, 1001 at the client, 1000 at the server)."""
+    return (isn + 1) & 0xFFFFFFFF if answered else isn
