@@ -104,8 +104,8 @@ class UserspacePath:
                 return None
         else:
             entry.last_seen = self.clock()
-        if info.tcp_flags & TCP_SYN:
-            entry.isn = acked_from(_seq(data, info), answered=bool(info.tcp_flags & TCP_ACK))
+        if info.tcp_flags & TCP_SYN and (seq := _seq(data, info)) is not None:
+            entry.isn = acked_from(seq, answered=bool(info.tcp_flags & TCP_ACK))
         return self._rewrite(data, info, entry, key.local, key.remote)
 
     def _outbound_icmp(self, data: bytes, info: PacketInfo, inner: PacketInfo) -> bytes | None:
