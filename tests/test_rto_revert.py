@@ -152,12 +152,22 @@ import json, socket, struct, sys, threading, time
 from ipaddress import ip_address
 from stacktrans.rto_revert import FlowSeq, prompt
 from stacktrans.socket_table import TCP, FlowKey
-dst, dev, style, lost = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:] == ["lost"]
+from stacktrans.userspace import acked_from
+dst, dev, style, flags = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
+lost, passive = "lost" in flags, "passive" in flags
 fam = socket.AF_INET6 if ":" in dst else socket.AF_INET
 sniff = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))
 sniff.bind((dev, 0))
-s = socket.socket(fam, socket.SOCK_STREAM)
-s.connect((dst, 5000))
+if passive:  # the peer connects to us: we answer its SYN
+    ls = socket.socket(fam, socket.SOCK_STREAM)
+    ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    ls.bind(("", 5000))
+    ls.listen()
+    print("listening", flush=True)
+    s, _ = ls.accept()
+else:
+    s = socket.socket(fam, socket.SOCK_STREAM)
+    s.connect((dst, 5000))
 isn = peer_isn = None
 while isn is None or peer_isn is None:
     frame = sniff.recv(2048)
@@ -170,10 +180,10 @@ while isn is None or peer_isn is None:
         continue
     ports = struct.unpack("!HH", tcp[:4])
     seq = struct.unpack("!I", tcp[4:8])[0]
-    if ports[1] == 5000 and tcp[13] & 0x12 == 0x02:
-        isn = seq
-    elif ports[0] == 5000 and tcp[13] & 0x12 == 0x12:
-        peer_isn = seq
+    if ports[1] == 5000 and tcp[13] & 0x12 == 0x02:  # the SYN
+        peer_isn, isn = (seq, isn) if passive else (peer_isn, seq)
+    elif ports[0] == 5000 and tcp[13] & 0x12 == 0x12:  # the SYN-ACK
+        isn, peer_isn = (acked_from(seq, answered=True), peer_isn) if passive else (isn, seq)
 sniff.close()
 s.setblocking(False)
 def pump():
@@ -218,11 +228,15 @@ for line in sys.stdin:
 SERVER = r"""
 import socket, sys
 s = socket.socket(socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET)
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind((sys.argv[1], 5000))
-s.listen()
-print("listening", flush=True)
-c, _ = s.accept()
+if sys.argv[2:] == ["connect"]:  # the prompted side listens (it answers the SYN)
+    s.connect((sys.argv[1], 5000))
+    c = s
+else:
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind((sys.argv[1], 5000))
+    s.listen()
+    print("listening", flush=True)
+    c, _ = s.accept()
 if sys.argv[2:] == ["send"]:
     c.sendall(b"y" * 100_000)
 while c.recv(65536):
@@ -324,8 +338,11 @@ def _net(family: int) -> str:
 
 
 @contextlib.contextmanager
-def _pair(family: int, style: str, lost: bool, send: bool = False) -> Iterator[Pair]:
-    """Namespaces a and b, a TCP flow from a to b (``style`` as SENDER takes it)."""
+def _pair(
+    family: int, style: str, lost: bool, send: bool = False, passive: bool = False
+) -> Iterator[Pair]:
+    """Namespaces a and b, a TCP flow from a to b (``style`` as SENDER takes it); b
+    opens it where ``passive``."""
     a_addr, b_addr, plen = ADDRS[family]
     with topology("rto") as topo:
         a, b = topo.add_ns("a"), topo.add_ns("b")
@@ -335,11 +352,17 @@ def _pair(family: int, style: str, lost: bool, send: bool = False) -> Iterator[P
         # Timers far from the test's half second: only a prompt can make it send.
         host = f"{b_addr}/{32 if family == 4 else 128}"
         a.ip("route", "add", host, "dev", "va", "rto_min", "10s")
-        server = py(b, "-c", SERVER, b_addr, *(["send"] if send else []))
-        sender = None
+        flags = [*(["lost"] if lost else []), *(["passive"] if passive else [])]
+        server = sender = None
         try:
-            assert read_line(server, 10) == "listening"
-            sender = py(a, "-c", SENDER, b_addr, "va", style, *(["lost"] if lost else []))
+            if passive:
+                sender = py(a, "-c", SENDER, b_addr, "va", style, *flags)
+                assert read_line(sender, 10) == "listening"
+                server = py(b, "-c", SERVER, a_addr, "connect")
+            else:
+                server = py(b, "-c", SERVER, b_addr, *(["send"] if send else []))
+                assert read_line(server, 10) == "listening"
+                sender = py(a, "-c", SENDER, b_addr, "va", style, *flags)
             assert read_line(sender, 10) == "ready"
             yield Pair(a, b, sender)
         finally:
@@ -359,16 +382,18 @@ class Pair:
 @pytest.mark.netns
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces)")
 @pytest.mark.parametrize(
-    ("family", "prompted"), [(4, True), (6, True), (4, False)],
-    ids=["prompt-4", "prompt-6", "no-prompt-4"],
+    ("family", "prompted", "passive"),
+    [(4, True, False), (6, True, False), (4, True, True), (4, False, False)],
+    ids=["prompt-4", "prompt-6", "prompt-4-server", "no-prompt-4"],
 )  # fmt: skip
 def test_a_window_lost_with_the_peers_locator_is_sent_again_now(
-    family: int, prompted: bool
+    family: int, prompted: bool, passive: bool
 ) -> None:
     """The peer's old locator went with a window in flight; no timer has backed off
-    (the retransmission timer is 10 s away). The prompt retransmits it at once."""
-    with _pair(family, "bulk", lost=True) as pair:
-        pair.b.run("nft", DROP_TO_5000)  # what is in flight now is lost
+    (the retransmission timer is 10 s away). The prompt retransmits it at once; also
+    from a socket that answered the SYN (its byte count starts after it)."""
+    with _pair(family, "bulk", lost=True, passive=passive) as pair:
+        pair.b.run("nft", DROP_FROM_5000 if passive else DROP_TO_5000)  # in flight: lost
         time.sleep(0.3)  # the tail-loss probe is lost too; the timer is 10 s away
         pair.b.run("nft", "delete table inet rtotest")
         res = _cmd(pair.sender, "prompt" if prompted else "wait")
@@ -413,6 +438,7 @@ DROP_TO_5000 = (
     "add table inet rtotest; add chain inet rtotest in { type filter hook input priority 0; }; "
     "add rule inet rtotest in tcp dport 5000 drop"
 )
+DROP_FROM_5000 = DROP_TO_5000.replace("dport", "sport")
 COUNT_TO_5000 = (
     "add table inet rtocount; add chain inet rtocount out "
     "{ type filter hook output priority 0; }; add rule inet rtocount out tcp dport 5000 counter"
