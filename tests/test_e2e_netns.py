@@ -127,10 +127,11 @@ def test_hard_handoff_mh(tmp_path: Path, gap: float) -> None:
         assert mh["counters"]["messages_rejected"] == {}
         if gap:
             # Paced, nothing in flight when the address went: new data could not
-            # leave and TCP's probe timer backed off; dime's ACK restarted it as soon
-            # as the CH acknowledged the new address (stacktrans/rto_revert.py).
-            counters = b.daemons["mh"].status()["counters"]
-            assert counters["tcp_flows_prompted"] == 1, b.logs()
+            # leave and TCP's probe timer backed off. dime's ACK restarts it when the
+            # CH challenges the new address, or the CH's second ACK does when it
+            # switches to it, whichever comes first (stacktrans/rto_revert.py).
+            prompted = [d.status()["counters"]["tcp_flows_prompted"] for d in b.daemons.values()]
+            assert sum(prompted) >= 1, b.logs()
         b.down()
 
 
