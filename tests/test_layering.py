@@ -2,7 +2,8 @@
 
 * ``ihmp/`` (the protocol, and the HID table it keeps) imports nothing of ours;
 * ``stacktrans/`` takes from ``ihmp/`` only the table's and addresses' types;
-* ``dime/`` wires both, and of StackTrans it knows only the service.
+* ``dime/`` wires both, and of StackTrans it knows only the service (and the
+  rtnetlink client, which the address monitor shares with the ghosts).
 
 Imports anywhere in a module count (also inside functions), found with ``ast``.
 """
@@ -10,6 +11,8 @@ Imports anywhere in a module count (also inside functions), found with ``ast``.
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -27,7 +30,7 @@ ALLOWED: dict[str, dict[str, frozenset[str] | None]] = {
     },
     "dime": {
         "ihmp": None,
-        "stacktrans": frozenset({"stacktrans.service", "stacktrans.nat_router"}),
+        "stacktrans": frozenset({"stacktrans.service", "stacktrans.nat_router", "stacktrans.rtnl"}),
         "dime": None,
     },
 }
@@ -92,3 +95,16 @@ def test_no_package_imports_against_the_layering(package: str) -> None:
         if (bad := violations(package, path.read_text()))
     }
     assert found == {}
+
+
+def test_the_daemon_does_not_load_heavy_packages() -> None:
+    """``dime up`` imports neither pyroute2 (22 MiB of RSS for the whole package,
+    whatever part is asked for) nor scapy; ``dime nat`` may, lazily."""
+    code = (
+        "import sys, dime.cli, dime.daemon, stacktrans.service\n"
+        "print(sorted(m for m in ('pyroute2', 'scapy') if m in sys.modules))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
+    )
+    assert out.stdout.strip() == "[]"
