@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
+from weakref import WeakValueDictionary
 
 from ihmp.addr import IPAddress
 
@@ -97,6 +98,10 @@ class SocketTable:
         # id: what translations depend on, kept so they never walk every flow.
         self._pairs: dict[int, Counter[tuple[IPAddress, IPAddress]]] = {}
         self._lids: Counter[IPAddress] = Counter()
+        # One address object per distinct address, shared by every flow's key: each
+        # packet parse makes new ones (80 bytes each, two per flow). Weak: an address
+        # no flow names any more is dropped (keyed by its bytes: a key is held strongly).
+        self._interned: WeakValueDictionary[bytes, IPAddress] = WeakValueDictionary()
 
     def __len__(self) -> int:
         return len(self._by_key)
@@ -128,6 +133,7 @@ class SocketTable:
         existing = self._by_key.get(key)
         if existing is not None:
             return existing
+        key = self._intern(key)
         entry = SocketEntry(key, hid, now, now)
         if entry.inbound_key in self._inbound:
             return None
@@ -137,6 +143,14 @@ class SocketTable:
         self._pairs.setdefault(hid, Counter())[(key.local, key.remote)] += 1
         self._lids[key.local] += 1
         return entry
+
+    def _intern(self, key: FlowKey) -> FlowKey:
+        """``key``, with the addresses the table already holds (equal, shared)."""
+        local = self._interned.setdefault(key.local.packed, key.local)
+        remote = self._interned.setdefault(key.remote.packed, key.remote)
+        if local is key.local and remote is key.remote:
+            return key
+        return FlowKey(key.proto, local, key.lport, remote, key.rport)
 
     def rebind(
         self,
