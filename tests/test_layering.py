@@ -13,9 +13,12 @@ from __future__ import annotations
 import ast
 import subprocess
 import sys
+from ipaddress import ip_address
 from pathlib import Path
 
 import pytest
+
+from ihmp.cookie import CookieJar
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("ihmp", "stacktrans", "dime")
@@ -110,3 +113,23 @@ def test_the_daemon_does_not_load_heavy_packages() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
     )
     assert out.stdout.strip() == "[]"
+
+
+def test_the_dime_program_loads_neither_ssl_nor_libcrypto() -> None:
+    """As ``dime`` (and only then), asyncio goes without ssl and hashlib without
+    _hashlib; the cookies' HMAC is the same with the builtin SHA-256."""
+    code = (
+        "import sys\n"
+        "sys.argv = ['/usr/bin/dime']\n"
+        "import dime.cli, dime.daemon\n"
+        "from ipaddress import ip_address as a\n"
+        "from ihmp.cookie import CookieJar\n"
+        "print([m for m in ('ssl', '_hashlib') if sys.modules.get(m) is not None])\n"
+        "print(CookieJar(bytes(32)).make(a('10.0.0.1'), 5, a('10.0.0.2'), 100.0).hex())\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
+    ).stdout.split()
+    assert out[0] == "[]"
+    mine = CookieJar(bytes(32)).make(ip_address("10.0.0.1"), 5, ip_address("10.0.0.2"), 100.0)
+    assert out[1] == mine.hex()
