@@ -26,7 +26,6 @@ identifiers.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 from collections.abc import Callable, Iterable
@@ -35,6 +34,7 @@ from typing import Any
 
 from ihmp.addr import IPAddress
 from ihmp.flows import KNOCK_MAGIC
+from stacktrans import heap
 from stacktrans.socket_table import TCP, SocketEntry
 from stacktrans.translation import HidTranslation
 
@@ -61,17 +61,8 @@ NOTICE_SNAPLEN = 80
 
 
 # A batch this long (bytes of commands) leaves libnftables' parse of it in freed C
-# heap that glibc keeps: 19 MiB after 10k flows' elements in batches of 2000,
-# returned by malloc_trim. Smaller batches are not worth a trim.
+# heap (see stacktrans.heap); smaller ones are not worth a trim.
 TRIM_AFTER = 64 * 1024
-
-
-def trim_heap() -> None:
-    """Give the C heap's free pages back to the kernel (glibc; elsewhere a no-op)."""
-    import ctypes  # already loaded by the nftables binding
-
-    with contextlib.suppress(AttributeError, OSError):
-        ctypes.CDLL(None).malloc_trim(0)
 
 
 class NftError(RuntimeError):
@@ -97,7 +88,7 @@ class Nft:
     def run(self, commands: str) -> str:
         rc, out, err = self._nft.cmd(commands)
         if len(commands) >= TRIM_AFTER:
-            trim_heap()
+            heap.trim_heap()
         if rc != 0:
             raise NftError(err.strip() or f"nft failed ({rc})")
         return str(out)

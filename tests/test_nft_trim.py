@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from stacktrans import nft
+from stacktrans import heap, nft
 
 
 class FakeLib:
@@ -20,7 +20,7 @@ def _nft() -> nft.Nft:
 
 def test_only_long_batches_trim(monkeypatch: pytest.MonkeyPatch) -> None:
     trims: list[None] = []
-    monkeypatch.setattr(nft, "trim_heap", lambda: trims.append(None))
+    monkeypatch.setattr(heap, "trim_heap", lambda: trims.append(None))
     n = _nft()
     n.run("add element inet dime flows4 { udp . 10.0.0.1 . 1 . 10.0.0.2 . 2 }")
     assert trims == []
@@ -29,4 +29,4 @@ def test_only_long_batches_trim(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_trim_heap_is_harmless() -> None:
-    nft.trim_heap()
+    heap.trim_heap(collect=True)
