@@ -145,7 +145,10 @@ def _memory(pid: int) -> dict[str, int]:
     return out
 
 
+# As the dime program: dime.cli keeps ssl and _hashlib out only there (argv[0]).
 IMPORTS = (
+    "import sys\n"
+    "sys.argv = ['/usr/bin/dime']\n"
     "import re, dime.cli, dime.daemon\n"
     "print(re.search(r'VmRSS:\\s+(\\d+)', open('/proc/self/status').read()).group(1))"
 )
