@@ -49,9 +49,15 @@ def endpoint(addr: IPAddress, port: int) -> str:
     return _ep(addr, port)
 
 
-# (hid, IP version, proto, remote port, local port): a dual-stack host may use the
-# same ports over IPv4 and IPv6.
-InboundKey = tuple[int, int, int, int, int]
+# (hid, IP version, proto, remote port, local port), packed into one int (see
+# inbound_key()): a dual-stack host may use the same ports over IPv4 and IPv6. An
+# int of a small HID is 32 bytes; the tuple was 80, one per flow.
+InboundKey = int
+
+
+def inbound_key(hid: int, version: int, proto: int, rport: int, lport: int) -> InboundKey:
+    """The inbound index's key; distinct for distinct fields (HIDs are >= 0)."""
+    return (((hid << 1 | (version == 6)) << 8 | proto) << 16 | rport) << 16 | lport
 
 
 @dataclass(slots=True)
@@ -84,7 +90,8 @@ class SocketEntry:
 
     @property
     def inbound_key(self) -> InboundKey:
-        return (self.hid, self.key.remote.version, self.key.proto, self.wire_rport, self.key.lport)
+        k = self.key
+        return inbound_key(self.hid, k.remote.version, k.proto, self.wire_rport, k.lport)
 
 
 class SocketTable:
@@ -115,7 +122,7 @@ class SocketTable:
     def inbound(
         self, hid: int, version: int, proto: int, rport: int, lport: int
     ) -> SocketEntry | None:
-        return self._inbound.get((hid, version, proto, rport, lport))
+        return self._inbound.get(inbound_key(hid, version, proto, rport, lport))
 
     def flows_of(self, hid: int) -> list[SocketEntry]:
         return list(self._by_hid.get(hid, {}).values())
@@ -161,7 +168,9 @@ class SocketTable:
         """Carry ``entry``'s packets at ``wire`` (see :attr:`SocketEntry.wire`).
         False, and nothing changed, if another flow of the host has that port."""
         old = entry.inbound_key
-        new = (*old[:3], wire[1] if wire is not None else entry.key.rport, old[4])
+        k = entry.key
+        rport = wire[1] if wire is not None else k.rport
+        new = inbound_key(entry.hid, k.remote.version, k.proto, rport, k.lport)
         holder = self._inbound.get(new)
         if holder is not None and holder is not entry:
             return False

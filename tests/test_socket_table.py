@@ -31,3 +31,24 @@ def test_an_address_no_flow_names_is_forgotten() -> None:
     assert len(table._interned) == 0
     again = table.add(_key(1000), 1, 0.0)
     assert again is not None and again.key == _key(1000)
+
+
+def test_inbound_lookup_tells_versions_protocols_and_ports_apart() -> None:
+    table = SocketTable()
+    v4 = table.add(FlowKey(UDP, ip_address("10.0.0.1"), 1000, ip_address("10.0.0.2"), 53), 1, 0.0)
+    v6 = table.add(FlowKey(UDP, ip_address("::1:1"), 1000, ip_address("::1:2"), 53), 1, 0.0)
+    tcp = table.add(FlowKey(6, ip_address("10.0.0.1"), 1000, ip_address("10.0.0.2"), 53), 1, 0.0)
+    big = table.add(
+        FlowKey(UDP, ip_address("10.0.0.1"), 65535, ip_address("10.0.0.3"), 65535), 2**40, 0.0
+    )
+    assert table.inbound(1, 4, UDP, 53, 1000) is v4
+    assert table.inbound(1, 6, UDP, 53, 1000) is v6
+    assert table.inbound(1, 4, 6, 53, 1000) is tcp
+    assert table.inbound(2**40, 4, UDP, 65535, 65535) is big
+    assert table.inbound(2, 4, UDP, 53, 1000) is None
+    # Behind a NAT the flow's packets carry another port: found by that one only.
+    assert v4 is not None and table.rebind(v4, (ip_address("192.0.2.1"), 4000), None)
+    assert table.inbound(1, 4, UDP, 4000, 1000) is v4
+    assert table.inbound(1, 4, UDP, 53, 1000) is None
+    table.remove(v4.key)
+    assert table.inbound(1, 4, UDP, 4000, 1000) is None
