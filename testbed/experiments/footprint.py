@@ -447,11 +447,28 @@ def _where_it_goes(res: dict[str, Any], cfg: dict[str, Any]) -> list[str]:
         levels = r["levels"]
         if len(levels) >= 2:
             a, b = levels[-2], levels[-1]
-            per = (b["rss_kib"] - a["rss_kib"]) * 1024 / max(b["flows"] - a["flows"], 1)
+            # Per entry in the table, not per flow opened: the daemon may not have
+            # learned every flow yet when RSS is read.
+            entries = max(b["entries"] - a["entries"], 1)
+            per = (b["rss_kib"] - a["rss_kib"]) * 1024 / entries
             text += (
-                f"; from {a['flows']:,} to {b['flows']:,} flows each flow costs "
+                f"; from {a['entries']:,} to {b['entries']:,} entries each costs "
                 f"{per:,.0f} bytes of RSS"
             )
+        peak = next((lv for lv in levels if lv["hwm_kib"] > 1.5 * lv["rss_kib"]), None)
+        if peak is not None:
+            text += (
+                f"; the peak ({peak['hwm_kib'] / 1024:.0f} MiB, reached by {peak['flows']:,} "
+                "flows) is while learning them, not while holding them"
+            )
+        for lv in levels:
+            if lv["entries"] < lv["flows"]:
+                text += (
+                    f"; of {lv['flows']:,} flows opened, only {lv['entries']:,} were in the "
+                    f"table when RSS was read (their datagrams took {lv['learn_s']:g} s to "
+                    f"send; the daemon was still busy, {_f(lv['cpu_pct'], 0)} % CPU over the "
+                    "window), so that row is not a figure for all of them"
+                )
         out.append(f"* {text}.")
     return out
 
