@@ -513,7 +513,8 @@ def _verdict(met: bool, value: float | None, goal: float, unit: str) -> str:
         return "(met)"
     if value is None:
         return "(**missed**: not measured)"
-    return f"(**missed** by {value - goal:.2f} {unit})"
+    digits = 3 if unit == "s" else 2
+    return f"(**missed** by {value - goal:.{digits}f} {unit})"
 
 
 def _split(row: dict[str, Any]) -> str:
