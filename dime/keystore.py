@@ -7,18 +7,14 @@ directory, next to the host key, and add to those of the config file.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from cryptography.hazmat.primitives.serialization import (
-    Encoding,
-    NoEncryption,
-    PrivateFormat,
-    load_pem_private_key,
-)
 
 from dime.config import Config, state_dir
 from ihmp.keys import LocalKeys, TrustStore, parse_scope
@@ -26,6 +22,14 @@ from ihmp.wire import public_key_bytes
 
 HOST_KEY = "host.key"
 BINDINGS = "bindings.json"
+
+# An unencrypted Ed25519 PKCS#8 key (RFC 8410) is this DER prefix and the 32-byte
+# seed, in a PEM "PRIVATE KEY" block: what :func:`generate` writes and ``openssl
+# genpkey -algorithm ed25519`` too. Read and written here, because cryptography's
+# serialization package costs 1.5 MiB of RSS and 10 ms to import; other forms (a
+# key file written by another tool) go through it.
+_PKCS8_ED25519 = bytes.fromhex("302e020100300506032b657004220420")
+_PEM_BEGIN, _PEM_END = b"-----BEGIN PRIVATE KEY-----", b"-----END PRIVATE KEY-----"
 
 
 class KeyFileError(ValueError):
@@ -36,7 +40,7 @@ def generate(path: Path) -> Ed25519PrivateKey:
     """A new Ed25519 key, written to ``path`` with mode 0600 (never readable by others)."""
     key = Ed25519PrivateKey.generate()
     path.parent.mkdir(parents=True, exist_ok=True)
-    pem = key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption())
+    pem = _pem(_PKCS8_ED25519 + key.private_bytes_raw())
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(pem)
@@ -48,6 +52,11 @@ def load(path: Path) -> Ed25519PrivateKey:
         data = path.read_bytes()
     except OSError as exc:
         raise KeyFileError(f"{path}: cannot read key: {exc.strerror}") from exc
+    seed = _ed25519_seed(data)
+    if seed is not None:
+        return Ed25519PrivateKey.from_private_bytes(seed)
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
     try:
         key = load_pem_private_key(data, password=None)
     except (ValueError, TypeError) as exc:
@@ -55,6 +64,28 @@ def load(path: Path) -> Ed25519PrivateKey:
     if not isinstance(key, Ed25519PrivateKey):
         raise KeyFileError(f"{path}: not an Ed25519 key")
     return key
+
+
+def _pem(der: bytes) -> bytes:
+    b64 = base64.b64encode(der)
+    lines = [b64[i : i + 64] for i in range(0, len(b64), 64)]
+    return b"\n".join([_PEM_BEGIN, *lines, _PEM_END]) + b"\n"
+
+
+def _ed25519_seed(data: bytes) -> bytes | None:
+    """The seed of an unencrypted Ed25519 PKCS#8 PEM key; None for anything else."""
+    text = data.strip()
+    if not (text.startswith(_PEM_BEGIN) and text.endswith(_PEM_END)):
+        return None
+    try:
+        der = base64.b64decode(
+            b"".join(text[len(_PEM_BEGIN) : -len(_PEM_END)].split()), validate=True
+        )
+    except (binascii.Error, ValueError):
+        return None
+    if len(der) != len(_PKCS8_ED25519) + 32 or not der.startswith(_PKCS8_ED25519):
+        return None
+    return der[len(_PKCS8_ED25519) :]
 
 
 def load_or_create_host_key(state_dir: Path) -> tuple[Ed25519PrivateKey, bool]:

@@ -7,10 +7,10 @@ Three layers, so that everything but the socket is testable without a kernel:
     :class:`Added` / :class:`Removed` / :class:`Handoff` events out.
 :class:`AddressTable`
     What rtnetlink said about links and addresses (RTM_NEWLINK/DELLINK,
-    RTM_NEWADDR/DELADDR, as pyroute2 decodes them), and which addresses of it are
-    usable locators right now.
+    RTM_NEWADDR/DELADDR, as :mod:`stacktrans.rtnl` decodes them), and which addresses
+    of it are usable locators right now.
 :class:`AddressMonitor`
-    The asyncio part: dumps and subscribes with ``pyroute2.AsyncIPRoute``, keeps an
+    The asyncio part: dumps and subscribes with :class:`stacktrans.rtnl.AsyncRtnl`, keeps an
     :class:`AddressTable`, feeds the differences to a :class:`HandoffDetector` and
     calls the daemon's callbacks.
 
@@ -36,10 +36,8 @@ from dataclasses import dataclass
 from ipaddress import IPv6Address, ip_interface
 from typing import Final
 
-from pyroute2 import AsyncIPRoute
-from pyroute2.netlink.rtnl import RTMGRP_IPV4_IFADDR, RTMGRP_IPV6_IFADDR, RTMGRP_LINK
-
 from ihmp.addr import IPAddress, IPInterface
+from stacktrans.rtnl import RTMGRP_IPV4_IFADDR, RTMGRP_IPV6_IFADDR, RTMGRP_LINK, AsyncRtnl
 
 __all__ = [
     "Added",
@@ -223,7 +221,7 @@ def _int(msg: NetlinkMessage, key: str) -> int:
 class AddressTable:
     """Links and addresses as rtnetlink reports them, and the usable addresses.
 
-    :meth:`apply` takes messages as pyroute2 decodes them (a mapping with ``event``,
+    :meth:`apply` takes messages as :mod:`stacktrans.rtnl` decodes them (a mapping with ``event``,
     the header fields and the attributes by name); plain dicts shaped the same work,
     which is how the tests drive it. Other messages are ignored.
     """
@@ -376,7 +374,7 @@ class AddressMonitor:
         """
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[object] = asyncio.Queue()
-        ipr = AsyncIPRoute()
+        ipr = AsyncRtnl()
         reader: asyncio.Task[None] | None = None
         try:
             # Subscribe before dumping: a change that races with the dump then shows up
@@ -448,7 +446,7 @@ class AddressMonitor:
             log.exception("address event callback failed for %s", event)
 
     @staticmethod
-    async def _read(ipr: AsyncIPRoute, queue: asyncio.Queue[object]) -> None:
+    async def _read(ipr: AsyncRtnl, queue: asyncio.Queue[object]) -> None:
         """Move broadcast messages from the socket to ``queue``, forever."""
         while True:
             try:
@@ -458,7 +456,7 @@ class AddressMonitor:
             except Exception as exc:
                 code = getattr(exc, "code", None) or getattr(exc, "errno", None)
                 if code == errno.ECONNRESET:
-                    # pyroute2's way of saying the socket is gone: nothing more will come.
+                    # The socket is gone: nothing more will come.
                     queue.put_nowait(exc)
                     return
                 # ENOBUFS (we were too slow, messages were dropped) or a message that
@@ -468,7 +466,7 @@ class AddressMonitor:
 
     async def _dump(self) -> AddressTable:
         table = AddressTable(self.require_carrier)
-        async with AsyncIPRoute() as ipr:
+        async with AsyncRtnl() as ipr:
             # Links first, so that every address finds its link.
             async for msg in await ipr.link("dump"):
                 _apply(table, msg)

@@ -16,7 +16,6 @@ from ipaddress import IPv4Address, IPv6Address
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from ihmp.addr import IPAddress
 from ihmp.flows import FlowSpec, NatMapping
@@ -499,7 +498,7 @@ def _signed_bytes(unsigned: bytes) -> bytes:
 
 def public_key_bytes(key: Ed25519PrivateKey) -> bytes:
     """The raw 32-byte public key of ``key``."""
-    return key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+    return key.public_key().public_bytes_raw()
 
 
 def verify(msg: Message, public_key: bytes) -> bool:

@@ -24,17 +24,11 @@ from ipaddress import IPv4Address, ip_address
 from typing import Any
 
 from ihmp.addr import IPAddress
+from stacktrans.rtnl import Rtnl
 
 log = logging.getLogger("dime.ghosts")
 
 ROUTE_PROTO = 0xD1  # marks routes that dime added ("proto 209")
-
-
-async def _collect(result: Any) -> list[Any]:
-    """pyroute2's async calls return a list or an async iterator, depending on the call."""
-    if hasattr(result, "__aiter__"):
-        return [x async for x in result]
-    return list(result)
 
 
 def _plen(addr: IPAddress) -> int:
@@ -54,10 +48,8 @@ class Ghosts:
         self, want_ghosts: set[IPAddress], want_routes: dict[IPAddress, IPAddress]
     ) -> None:
         """Make ghosts and routes exactly what is wanted. Errors are logged, not raised."""
-        from pyroute2 import AsyncIPRoute
-
-        async with AsyncIPRoute() as ipr:
-            lo = (await ipr.link_lookup(ifname="lo"))[0]
+        with Rtnl() as ipr:
+            lo = socket.if_nametoindex("lo")
             for addr in sorted(want_ghosts - self.addresses, key=str):
                 await self._ghost(ipr, "add", lo, addr)
             for addr in sorted(self.addresses - want_ghosts, key=str):
@@ -74,18 +66,15 @@ class Ghosts:
     async def link_senders(self, ghosts: set[IPAddress]) -> dict[int, IPv4Address]:
         """ifindex -> an IPv4 address of that link (not ``lo``, not a ghost): what an
         ARP packet that would name a ghost as its sender names instead."""
-        from pyroute2 import AsyncIPRoute
-
-        async with AsyncIPRoute() as ipr:
-            lo = (await ipr.link_lookup(ifname="lo"))[0]
-            return await _link_addresses(ipr, lo, ghosts)
+        with Rtnl() as ipr:
+            return _link_addresses(ipr, socket.if_nametoindex("lo"), ghosts)
 
     async def clear(self) -> None:
         await self.reconcile(set(), {})
 
-    async def _ghost(self, ipr: Any, verb: str, lo: int, addr: IPAddress) -> None:
+    async def _ghost(self, ipr: Rtnl, verb: str, lo: int, addr: IPAddress) -> None:
         try:
-            await ipr.addr(verb, index=lo, address=str(addr), prefixlen=_plen(addr))
+            ipr.addr(verb, index=lo, address=str(addr), prefixlen=_plen(addr))
         except Exception as exc:  # netlink errors are reported, not fatal
             if verb == "add" and "exists" not in str(exc):
                 log.warning("cannot keep %s on lo: %s", addr, exc)
@@ -97,33 +86,32 @@ class Ghosts:
             self.addresses.discard(addr)
             log.info("ghost address %s removed from lo", addr)
 
-    async def _route_add(self, ipr: Any, rid: IPAddress, loc: IPAddress) -> None:
-        if await _routable(ipr, rid):
+    async def _route_add(self, ipr: Rtnl, rid: IPAddress, loc: IPAddress) -> None:
+        if _routable(ipr, rid):
             return
         try:
-            via = (await _collect(await ipr.route("get", dst=str(loc))))[0]
+            via = ipr.route_get(str(loc))
         except Exception as exc:
             log.warning("no route to locator %s: %s", loc, exc)
             return
-        spec: dict[str, Any] = {
-            "dst": str(rid),
-            "dst_len": _plen(rid),
-            "oif": via.get("RTA_OIF"),
-            "proto": ROUTE_PROTO,
-        }
-        if via.get("RTA_GATEWAY"):
-            spec["gateway"] = via.get("RTA_GATEWAY")
         try:
-            await ipr.route("add", **spec)
+            ipr.route(
+                "add",
+                str(rid),
+                _plen(rid),
+                ROUTE_PROTO,
+                oif=via.get("RTA_OIF"),
+                gateway=via.get("RTA_GATEWAY"),
+            )
         except Exception as exc:
             log.warning("cannot add a route to identifier %s: %s", rid, exc)
             return
         self.routes[rid] = loc
         log.info("route to identifier %s added along locator %s", rid, loc)
 
-    async def _route_del(self, ipr: Any, rid: IPAddress) -> None:
+    async def _route_del(self, ipr: Rtnl, rid: IPAddress) -> None:
         try:
-            await ipr.route("del", dst=str(rid), dst_len=_plen(rid), proto=ROUTE_PROTO)
+            ipr.route("del", str(rid), _plen(rid), ROUTE_PROTO)
         except Exception as exc:
             log.debug("route to %s already gone: %s", rid, exc)
         self.routes.pop(rid, None)
@@ -142,13 +130,13 @@ class Ghosts:
         return c
 
 
-async def _link_addresses(ipr: Any, lo: int, ghosts: set[IPAddress]) -> dict[int, IPv4Address]:
+def _link_addresses(ipr: Rtnl, lo: int, ghosts: set[IPAddress]) -> dict[int, IPv4Address]:
     """ifindex -> the first IPv4 address of each link but ``lo`` (ghosts left out)."""
     out: dict[int, IPv4Address] = {}
     try:
-        for msg in await _collect(await ipr.addr("dump", family=socket.AF_INET)):
-            index = msg.get("index")
-            raw = msg.get_attr("IFA_LOCAL") or msg.get_attr("IFA_ADDRESS")
+        for msg in ipr.addresses(socket.AF_INET):
+            index = msg["index"]
+            raw = msg.get("IFA_LOCAL") or msg.get("IFA_ADDRESS")
             if index == lo or index in out or raw is None:
                 continue
             addr = IPv4Address(raw)
@@ -164,9 +152,9 @@ def _same(have: IPAddress | None, want: IPAddress | None) -> bool:
     return want is not None and (have is None or have == want)
 
 
-async def _routable(ipr: Any, addr: IPAddress) -> bool:
+def _routable(ipr: Rtnl, addr: IPAddress) -> bool:
     try:
-        await _collect(await ipr.route("get", dst=str(addr)))
+        ipr.route_get(str(addr))
     except Exception:  # "network unreachable" is the answer, not a failure
         return False
     return True

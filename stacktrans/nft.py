@@ -34,6 +34,7 @@ from typing import Any
 
 from ihmp.addr import IPAddress
 from ihmp.flows import KNOCK_MAGIC
+from stacktrans import heap
 from stacktrans.socket_table import TCP, SocketEntry
 from stacktrans.translation import HidTranslation
 
@@ -59,6 +60,11 @@ FLOWS_MAX = 1 << 21
 NOTICE_SNAPLEN = 80
 
 
+# A batch this long (bytes of commands) leaves libnftables' parse of it in freed C
+# heap (see stacktrans.heap); smaller ones are not worth a trim.
+TRIM_AFTER = 64 * 1024
+
+
 class NftError(RuntimeError):
     """libnftables refused a command; the message is nft's own."""
 
@@ -81,6 +87,8 @@ class Nft:
 
     def run(self, commands: str) -> str:
         rc, out, err = self._nft.cmd(commands)
+        if len(commands) >= TRIM_AFTER:
+            heap.trim_heap()
         if rc != 0:
             raise NftError(err.strip() or f"nft failed ({rc})")
         return str(out)

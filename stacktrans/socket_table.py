@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
+from weakref import WeakValueDictionary
 
 from ihmp.addr import IPAddress
 
@@ -48,9 +49,15 @@ def endpoint(addr: IPAddress, port: int) -> str:
     return _ep(addr, port)
 
 
-# (hid, IP version, proto, remote port, local port): a dual-stack host may use the
-# same ports over IPv4 and IPv6.
-InboundKey = tuple[int, int, int, int, int]
+# (hid, IP version, proto, remote port, local port), packed into one int (see
+# inbound_key()): a dual-stack host may use the same ports over IPv4 and IPv6. An
+# int of a small HID is 32 bytes; the tuple was 80, one per flow.
+InboundKey = int
+
+
+def inbound_key(hid: int, version: int, proto: int, rport: int, lport: int) -> InboundKey:
+    """The inbound index's key; distinct for distinct fields (HIDs are >= 0)."""
+    return (((hid << 1 | (version == 6)) << 8 | proto) << 16 | rport) << 16 | lport
 
 
 @dataclass(slots=True)
@@ -84,7 +91,8 @@ class SocketEntry:
 
     @property
     def inbound_key(self) -> InboundKey:
-        return (self.hid, self.key.remote.version, self.key.proto, self.wire_rport, self.key.lport)
+        k = self.key
+        return inbound_key(self.hid, k.remote.version, k.proto, self.wire_rport, k.lport)
 
 
 class SocketTable:
@@ -98,6 +106,10 @@ class SocketTable:
         # id: what translations depend on, kept so they never walk every flow.
         self._pairs: dict[int, Counter[tuple[IPAddress, IPAddress]]] = {}
         self._lids: Counter[IPAddress] = Counter()
+        # One address object per distinct address, shared by every flow's key: each
+        # packet parse makes new ones (80 bytes each, two per flow). Weak: an address
+        # no flow names any more is dropped (keyed by its bytes: a key is held strongly).
+        self._interned: WeakValueDictionary[bytes, IPAddress] = WeakValueDictionary()
 
     def __len__(self) -> int:
         return len(self._by_key)
@@ -111,7 +123,7 @@ class SocketTable:
     def inbound(
         self, hid: int, version: int, proto: int, rport: int, lport: int
     ) -> SocketEntry | None:
-        return self._inbound.get((hid, version, proto, rport, lport))
+        return self._inbound.get(inbound_key(hid, version, proto, rport, lport))
 
     def flows_of(self, hid: int) -> list[SocketEntry]:
         return list(self._by_hid.get(hid, {}).values())
@@ -129,6 +141,7 @@ class SocketTable:
         existing = self._by_key.get(key)
         if existing is not None:
             return existing
+        key = self._intern(key)
         entry = SocketEntry(key, hid, now, now)
         if entry.inbound_key in self._inbound:
             return None
@@ -139,6 +152,14 @@ class SocketTable:
         self._lids[key.local] += 1
         return entry
 
+    def _intern(self, key: FlowKey) -> FlowKey:
+        """``key``, with the addresses the table already holds (equal, shared)."""
+        local = self._interned.setdefault(key.local.packed, key.local)
+        remote = self._interned.setdefault(key.remote.packed, key.remote)
+        if local is key.local and remote is key.remote:
+            return key
+        return FlowKey(key.proto, local, key.lport, remote, key.rport)
+
     def rebind(
         self,
         entry: SocketEntry,
@@ -148,7 +169,9 @@ class SocketTable:
         """Carry ``entry``'s packets at ``wire`` (see :attr:`SocketEntry.wire`).
         False, and nothing changed, if another flow of the host has that port."""
         old = entry.inbound_key
-        new = (*old[:3], wire[1] if wire is not None else entry.key.rport, old[4])
+        k = entry.key
+        rport = wire[1] if wire is not None else k.rport
+        new = inbound_key(entry.hid, k.remote.version, k.proto, rport, k.lport)
         holder = self._inbound.get(new)
         if holder is not None and holder is not entry:
             return False

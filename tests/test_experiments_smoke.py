@@ -110,9 +110,15 @@ def _check_overhead(res: dict[str, Any]) -> None:
 
 
 def _check_footprint(res: dict[str, Any]) -> None:
-    for r in res.values():
+    assert res["import_floor_kib"] > 0
+    for mode in ("nft", "nfqueue"):
+        r = res[mode]
         assert r["startup"]["all_s"]
-        assert r["idle"]["rss_kib"] > 0 and r["loaded"]["rss_kib"] > 0
+        assert r["idle"]["rss_kib"] > 0 and r["levels"]
+        for level in r["levels"]:
+            assert level["rss_kib"] >= level["rss_anon_kib"] > 0
+            assert level["entries"] > level["flows"] // 2
+        assert set(res["goals"][mode]) >= {"idle_met", "flows_met", "startup_met"}
 
 
 CHECKS = {

@@ -2,7 +2,9 @@
 
 * ``ihmp/`` (the protocol, and the HID table it keeps) imports nothing of ours;
 * ``stacktrans/`` takes from ``ihmp/`` only the table's and addresses' types;
-* ``dime/`` wires both, and of StackTrans it knows only the service.
+* ``dime/`` wires both, and of StackTrans it knows only the service (and the
+  rtnetlink client, which the address monitor shares with the ghosts, and the heap
+  trim).
 
 Imports anywhere in a module count (also inside functions), found with ``ast``.
 """
@@ -10,9 +12,14 @@ Imports anywhere in a module count (also inside functions), found with ``ast``.
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
+from ipaddress import ip_address
 from pathlib import Path
 
 import pytest
+
+from ihmp.cookie import CookieJar
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("ihmp", "stacktrans", "dime")
@@ -27,7 +34,9 @@ ALLOWED: dict[str, dict[str, frozenset[str] | None]] = {
     },
     "dime": {
         "ihmp": None,
-        "stacktrans": frozenset({"stacktrans.service", "stacktrans.nat_router"}),
+        "stacktrans": frozenset(
+            {"stacktrans.service", "stacktrans.nat_router", "stacktrans.rtnl", "stacktrans.heap"}
+        ),
         "dime": None,
     },
 }
@@ -92,3 +101,38 @@ def test_no_package_imports_against_the_layering(package: str) -> None:
         if (bad := violations(package, path.read_text()))
     }
     assert found == {}
+
+
+def test_the_daemon_does_not_load_heavy_packages() -> None:
+    """``dime up`` imports neither pyroute2 (22 MiB of RSS for the whole package,
+    whatever part is asked for) nor scapy, nor cryptography's serialization package
+    (1.5 MiB; the host key is read without it); ``dime nat`` may load pyroute2."""
+    code = (
+        "import sys, dime.cli, dime.daemon, stacktrans.service\n"
+        "heavy = ('pyroute2', 'scapy', 'cryptography.hazmat.primitives.serialization')\n"
+        "print(sorted(m for m in heavy if m in sys.modules))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
+    )
+    assert out.stdout.strip() == "[]"
+
+
+def test_the_dime_program_loads_neither_ssl_nor_libcrypto() -> None:
+    """As ``dime`` (and only then), asyncio goes without ssl and hashlib without
+    _hashlib; the cookies' HMAC is the same with the builtin SHA-256."""
+    code = (
+        "import sys\n"
+        "sys.argv = ['/usr/bin/dime']\n"
+        "import dime.cli, dime.daemon\n"
+        "from ipaddress import ip_address as a\n"
+        "from ihmp.cookie import CookieJar\n"
+        "print([m for m in ('ssl', '_hashlib') if sys.modules.get(m) is not None])\n"
+        "print(CookieJar(bytes(32)).make(a('10.0.0.1'), 5, a('10.0.0.2'), 100.0).hex())\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
+    ).stdout.split()
+    assert out[0] == "[]"
+    mine = CookieJar(bytes(32)).make(ip_address("10.0.0.1"), 5, ip_address("10.0.0.2"), 100.0)
+    assert out[1] == mine.hex()

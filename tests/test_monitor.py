@@ -516,7 +516,7 @@ def test_monitor_reports_changes_since_current(host: tuple[Topology, Namespace])
 
 
 class FakeIPRoute:
-    """Stands in for pyroute2.AsyncIPRoute: dumps from ``dump``, broadcasts on demand."""
+    """Stands in for stacktrans.rtnl.AsyncRtnl: dumps from ``dump``, broadcasts on demand."""
 
     dump: ClassVar[list[dict[str, object]]] = []
     sockets: ClassVar[list[FakeIPRoute]] = []
@@ -559,7 +559,7 @@ class FakeIPRoute:
 
 
 def test_monitor_run_with_fake_netlink(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("dime.monitor.AsyncIPRoute", FakeIPRoute)
+    monkeypatch.setattr("dime.monitor.AsyncRtnl", FakeIPRoute)
     FakeIPRoute.sockets = []
     FakeIPRoute.dump = [link(LO, UP | IFF_LOOPBACK), link(ETH, UP), addr(ETH, str(A))]
 
