@@ -241,6 +241,41 @@ class Dataplane:
                 del self._dead[e.key]
         return gone
 
+    def tracks(self, key: FlowKey) -> bool:
+        """Whether ``key`` is a flow of the socket table, or of a host that is gone
+        (rejected by the kernel until its socket ends)."""
+        return key in self._dead or self.sockets.get(key) is not None
+
+    def flows_on(self, ports: Container[tuple[int, int]]) -> list[FlowKey]:
+        """Flows tracked whose (protocol, local port) is in ``ports``. Walks the whole
+        table: for the rarer ends that do not name a flow (an unconnected UDP
+        socket, a TCP socket reset), gathered into one walk."""
+        return [
+            k
+            for k in [e.key for e in self.sockets] + list(self._dead)
+            if (k.proto, k.lport) in ports
+        ]
+
+    def flows_ended(self, keys: Iterable[FlowKey], taken_at: float) -> list[SocketEntry]:
+        """The kernel said these flows ended (an event, then a lookup begun at
+        ``taken_at``): drop them now, but not a flow first seen since ``taken_at``
+        (a new socket of the same key, see :meth:`sweep`). Returns the dropped."""
+        keys = set(keys)
+        gone = [e for k in keys if (e := self.sockets.get(k)) is not None and e.created < taken_at]
+        self._missing -= {e.key for e in gone}
+        self._remove_flows(gone)
+        dead_gone = [self._dead.pop(k) for k in keys if k in self._dead]
+        if dead_gone:
+            self.kernel.forget_dead(dead_gone)
+        return gone
+
+    def expire_idle(self, now: float, udp_idle: float) -> list[SocketEntry]:
+        """Drop UDP flows silent for more than ``udp_idle`` seconds (when the caller
+        sees every packet, so that ``last_seen`` means something)."""
+        gone = [e for e in self.sockets if e.key.proto == UDP and now - e.last_seen > udp_idle]
+        self._remove_flows(gone)
+        return gone
+
     def _remove_flows(self, entries: list[SocketEntry]) -> None:
         if not entries:
             return
