@@ -700,10 +700,10 @@ class StackTrans:
             keys = [death.key()]
             if death.conntrack:  # the tuple as the packet went: either end may be ours
                 keys.append(FlowKey(UDP, death.remote, death.rport, death.local, death.lport))
-            keys = [k for k in keys if self.dataplane.tracks(k)]
-            if keys:
-                self.suspects.add(keys, self.clock(), conntrack=death.conntrack)
-                self._suspected.set()
+            # Whether it is a flow of ours is asked when the batch is taken: the notice
+            # of a short flow's first packet may come after its socket's end.
+            self.suspects.add(keys, self.clock(), conntrack=death.conntrack)
+            self._suspected.set()
         elif death.proto == UDP or not death.remote.is_unspecified:
             # An unconnected UDP socket served every flow on its port (its address or
             # the wildcard); a reset TCP socket has lost its remote port. Which flows
@@ -743,6 +743,8 @@ class StackTrans:
             await asyncio.sleep(DEATH_BATCH_S)
             self._port_suspects()
             taken = self.suspects.take(self.clock())
+            if self.dataplane is not None:
+                taken = {k: ct for k, ct in taken.items() if self.dataplane.tracks(k)}
             if not taken:
                 continue
             taken_at = self.clock()
