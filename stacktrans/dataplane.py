@@ -90,6 +90,10 @@ class Dataplane:
         self._translations: dict[int, HidTranslation] = {}
         self._dead: dict[FlowKey, SocketEntry] = {}
         self._missing: set[FlowKey] = set()  # flows the last sweep's snapshot lacked
+        #: HIDs that may have flows bound to a NAT's port (entry.wire): only theirs are
+        #: walked by _refresh, which runs for every new flow (a walk of 100k flows
+        #: each made learning 100k flows quadratic: minutes).
+        self._maybe_wired: set[int] = set()
         #: A flow's NAT port changed since the service last recorded them (bindings()).
         self.bindings_changed = False
         self._effects = Effects()
@@ -309,7 +313,11 @@ class Dataplane:
             return
         # A flow bound to a NAT's port is sent there: our locator for it is looked up
         # by the address it goes to (the kernel rewrites the destination first).
-        wired = {(e.key.local, e.wire[0]) for e in self.sockets.flows_of(hid) if e.wire}
+        wired: set[tuple[IPAddress, IPAddress]] = set()
+        if hid in self._maybe_wired:
+            wired = {(e.key.local, e.wire[0]) for e in self.sockets.flows_of(hid) if e.wire}
+            if not wired:
+                self._maybe_wired.discard(hid)
         new = compute(host, self.sockets.pairs_of(hid) | wired, self.local_addresses)
         old = self._translations.get(hid)
         if new == old:
@@ -523,6 +531,8 @@ class Dataplane:
         if not self.sockets.rebind(entry, wire, bound_to):
             log.warning("flow %s: port %s is another flow's", entry.key, wire)
             return False
+        if wire is not None:
+            self._maybe_wired.add(entry.hid)
         self.kernel.set_wire(entry, old)
         self.bindings_changed = True
         return True
