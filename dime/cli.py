@@ -243,6 +243,13 @@ def format_status(st: dict[str, Any]) -> str:
             f"relayed: {c.get('relays_sent', 0)} sent through rendezvous points, "
             f"{c.get('relayed_received', 0)} received"
         )
+    if "flow_deaths_heard" in c:
+        lines.append(
+            f"flow ends: {c['flow_deaths_heard']} heard from the kernel "
+            f"({c.get('flow_deaths_lost', 0)} losses, {c.get('flow_deaths_malformed', 0)} "
+            f"malformed), {c.get('flows_ended_by_events', 0)} flows ended by them, "
+            f"{c.get('full_sweeps', 0)} full sweeps"
+        )
     if c.get("flows_bound") or c.get("knocks_sent") or c.get("keepalives_sent"):
         lines.append(
             f"NATs: {c.get('flows_bound', 0)} flows bound by knocks, "

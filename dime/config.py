@@ -9,8 +9,11 @@
                                 # /var/lib/dime/netns-<inode> outside the initial one;
                                 # the environment's DIME_STATE_DIR overrides the default)
     handoff_window = 1.0        # s: an address lost and another gained within it is a handoff
-    sweep_interval = 2.0        # s: how often ended flows are dropped from the socket table
-                                # (at most; with many flows a sweep waits 20x its own cost)
+    sweep_interval = 2.0        # s: how often every socket is listed to drop ended flows,
+                                # where the kernel does not announce them (at most; with
+                                # many flows a sweep waits 20x its own cost)
+    safety_sweep = 600.0        # s: the same listing where it does (sock_diag destroy
+                                # events): in case one was missed
     queue_out = 4731            # NFQUEUE numbers (outbound, inbound)
     queue_in = 4732
     log_group = 4731            # NFLOG group through which the kernel tells dime of new
@@ -110,6 +113,7 @@ class Config:
     state_dir: Path | None = None  # None: /var/lib/dime, or a per-namespace subfolder
     handoff_window: float = 1.0
     sweep_interval: float = 2.0
+    safety_sweep: float = 600.0
     queue_out: int = 4731
     queue_in: int = 4732
     log_group: int = 4731
@@ -175,6 +179,7 @@ _SCALARS: dict[str, type] = {
     "state_dir": str,
     "handoff_window": float,
     "sweep_interval": float,
+    "safety_sweep": float,
     "queue_out": int,
     "queue_in": int,
     "log_group": int,
@@ -213,6 +218,7 @@ def from_dict(data: dict[str, Any]) -> Config:
         )
     _positive("handoff_window", cfg.handoff_window)
     _positive("sweep_interval", cfg.sweep_interval)
+    _positive("safety_sweep", cfg.safety_sweep)
     if "state_dir" in data:
         cfg.state_dir = Path(data["state_dir"])
     if cfg.nat_keepalive < 0:

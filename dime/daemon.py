@@ -137,6 +137,7 @@ class Daemon:
                 log_group=cfg.log_group,
                 ihmp_port=cfg.port,
                 sweep_interval=cfg.sweep_interval,
+                safety_sweep=cfg.safety_sweep,
                 adopt=cfg.adopt_existing,
             ),
             clock=self._now,

@@ -93,6 +93,10 @@ class Dataplane:
         self._translations: dict[int, HidTranslation] = {}
         self._dead: dict[FlowKey, SocketEntry] = {}
         self._missing: set[FlowKey] = set()  # flows the last sweep's snapshot lacked
+        #: HIDs that may have flows bound to a NAT's port (entry.wire): only theirs are
+        #: walked by _refresh, which runs for every new flow (a walk of 100k flows
+        #: each made learning 100k flows quadratic: minutes).
+        self._maybe_wired: set[int] = set()
         #: A flow's NAT port changed since the service last recorded them (bindings()).
         self.bindings_changed = False
         self._effects = Effects()
@@ -244,6 +248,41 @@ class Dataplane:
                 del self._dead[e.key]
         return gone
 
+    def tracks(self, key: FlowKey) -> bool:
+        """Whether ``key`` is a flow of the socket table, or of a host that is gone
+        (rejected by the kernel until its socket ends)."""
+        return key in self._dead or self.sockets.get(key) is not None
+
+    def flows_on(self, ports: Container[tuple[int, int]]) -> list[FlowKey]:
+        """Flows tracked whose (protocol, local port) is in ``ports``. Walks the whole
+        table: for the rarer ends that do not name a flow (an unconnected UDP
+        socket, a TCP socket reset), gathered into one walk."""
+        return [
+            k
+            for k in [e.key for e in self.sockets] + list(self._dead)
+            if (k.proto, k.lport) in ports
+        ]
+
+    def flows_ended(self, keys: Iterable[FlowKey], taken_at: float) -> list[SocketEntry]:
+        """The kernel said these flows ended (an event, then a lookup begun at
+        ``taken_at``): drop them now, but not a flow first seen since ``taken_at``
+        (a new socket of the same key, see :meth:`sweep`). Returns the dropped."""
+        keys = set(keys)
+        gone = [e for k in keys if (e := self.sockets.get(k)) is not None and e.created < taken_at]
+        self._missing -= {e.key for e in gone}
+        self._remove_flows(gone)
+        dead_gone = [self._dead.pop(k) for k in keys if k in self._dead]
+        if dead_gone:
+            self.kernel.forget_dead(dead_gone)
+        return gone
+
+    def expire_idle(self, now: float, udp_idle: float) -> list[SocketEntry]:
+        """Drop UDP flows silent for more than ``udp_idle`` seconds (when the caller
+        sees every packet, so that ``last_seen`` means something)."""
+        gone = [e for e in self.sockets if e.key.proto == UDP and now - e.last_seen > udp_idle]
+        self._remove_flows(gone)
+        return gone
+
     def _remove_flows(self, entries: list[SocketEntry]) -> None:
         if not entries:
             return
@@ -277,7 +316,11 @@ class Dataplane:
             return
         # A flow bound to a NAT's port is sent there: our locator for it is looked up
         # by the address it goes to (the kernel rewrites the destination first).
-        wired = {(e.key.local, e.wire[0]) for e in self.sockets.flows_of(hid) if e.wire}
+        wired: set[tuple[IPAddress, IPAddress]] = set()
+        if hid in self._maybe_wired:
+            wired = {(e.key.local, e.wire[0]) for e in self.sockets.flows_of(hid) if e.wire}
+            if not wired:
+                self._maybe_wired.discard(hid)
         new = compute(host, self.sockets.pairs_of(hid) | wired, self.local_addresses)
         old = self._translations.get(hid)
         if new == old:
@@ -493,6 +536,8 @@ class Dataplane:
         if not self.sockets.rebind(entry, wire, bound_to):
             log.warning("flow %s: port %s is another flow's", entry.key, wire)
             return False
+        if wire is not None:
+            self._maybe_wired.add(entry.hid)
         self.kernel.set_wire(entry, old)
         self.bindings_changed = True
         return True

@@ -304,16 +304,37 @@ class SockDiag:
         The kernel's lookup also misses a socket bound to an interface
         (``SO_BINDTODEVICE``), as it is not asked for that interface.
         """
-        wanted = list(dict.fromkeys(k for k in keys if k.proto == TCP))
+        found = self.lookup((k for k in keys if k.proto == TCP), with_tcp_info)
+        return {key: info for key, info in found.items() if info.flow(TCP) == key}
+
+    def lookup(
+        self, keys: Iterable[FlowKey], with_tcp_info: bool = False
+    ) -> dict[FlowKey, DiagSocketInfo]:
+        """The socket the kernel would hand each key's packets to, by exact lookups,
+        as it is (no filtering): for TCP the flow's socket in any state (TIME_WAIT
+        included) or else a socket listening on its local port; for UDP the flow's
+        connected socket or else one bound to its local port (on its local address
+        or the wildcard). Keys with no such socket are not in the result; keys of
+        other protocols are ignored. Without ``udp_diag`` the kernel answers every
+        UDP lookup "no such socket" (see :func:`udp_lookups_work`)."""
+        wanted = list(dict.fromkeys(k for k in keys if k.proto in PROTOCOLS))
         found: dict[FlowKey, DiagSocketInfo] = {}
         for i in range(0, len(wanted), LOOKUP_BATCH):
             asked = {self._next_seq(): key for key in wanted[i : i + LOOKUP_BATCH]}
             ext = 1 << (INET_DIAG_INFO - 1) if with_tcp_info else 0
             self._nl.sendall(b"".join(_lookup(seq, key, ext) for seq, key in asked.items()))
             for seq, info in self._answers(set(asked), with_tcp_info):
-                if info.flow(TCP) == asked[seq]:
-                    found[asked[seq]] = info
+                found[asked[seq]] = info
         return found
+
+    def udp_lookups_work(self) -> bool:
+        """Whether the kernel can look UDP sockets up (it has ``udp_diag``): an empty
+        dump (no state asked for) is refused where it has not."""
+        try:
+            self.dump(socket.AF_INET, UDP, states=0)
+        except DiagError:
+            return False
+        return True
 
     def _answers(
         self, pending: set[int], with_tcp_info: bool
@@ -346,10 +367,15 @@ def _request(seq: int, flags: int, family: int, protocol: int, states: int,
 
 
 def _lookup(seq: int, key: FlowKey, ext: int) -> bytes:
-    """The exact-lookup request for ``key``'s socket (src is the local end). An IPv4
-    key finds IPv6 sockets with the IPv4-mapped addresses too."""
+    """The exact-lookup request for ``key``'s socket. For TCP src is the local end;
+    for UDP the remote one (the kernel's udp_diag swaps them, "for historical
+    reasons", and looks up as for a packet from src to dst). An IPv4 key finds IPv6
+    sockets with the IPv4-mapped addresses (or a dual-stack wildcard) too."""
     family = socket.AF_INET if key.local.version == 4 else socket.AF_INET6
-    sockid = _SOCKID.pack(key.lport, key.rport, key.local.packed, key.remote.packed,
+    src, sport, dst, dport = key.local, key.lport, key.remote, key.rport
+    if key.proto == UDP:
+        src, sport, dst, dport = dst, dport, src, sport
+    sockid = _SOCKID.pack(sport, dport, src.packed, dst.packed,
                           0, INET_DIAG_NOCOOKIE, INET_DIAG_NOCOOKIE)  # fmt: skip
     return _request(seq, NLM_F_REQUEST, family, key.proto, ALL_STATES, ext, sockid)
 

@@ -31,6 +31,7 @@ from ihmp.flows import FlowSpec
 from ihmp.hosts import ChangeKind, HostChanged, HostSnapshot
 from stacktrans import nflog, residue
 from stacktrans.dataplane import Dataplane, HidFor
+from stacktrans.flow_death import Death, DeathWatch, Fate, Suspects, check_flows
 from stacktrans.ghosts import Ghosts
 from stacktrans.kernel_flows import alive_flows, existing_flows
 from stacktrans.knock import Knocker, build
@@ -75,7 +76,8 @@ class DataplaneConfig:
     queue_in: int = 4732
     ihmp_port: int = 4731
     log_group: int = 4731  # nft mode: the NFLOG group of flow notices
-    sweep_interval: float = 2.0
+    sweep_interval: float = 2.0  # the full sweep's period where the kernel announces no deaths
+    safety_sweep: float = 600.0  # ... and where it does (in case an event was missed)
     udp_idle: float = 120.0  # nfqueue mode: a UDP flow silent this long has ended
     adopt: bool = True
 
@@ -91,6 +93,9 @@ class KernelFlows:
     alive: Callable[[bool], Container[FlowKey]] | None = alive_flows
     #: Make stalled TCP flows send now; returns how many got each remedy.
     prompt: Callable[[list[FlowSeq]], Counter[Remedy]] | None = prompt
+    #: What became of flows the kernel said ended (exact lookups); None: no
+    #: destroy events, the periodic sweep alone finds ended flows.
+    check: Callable[[list[FlowKey]], dict[FlowKey, Fate]] | None = check_flows
 
 
 #: A sweep lists every socket (and, in nft mode, conntrack entry): at 10k-100k flows
@@ -102,6 +107,11 @@ SWEEP_DUTY = 20
 def sweep_delay(interval: float, last_sweep: float) -> float:
     """Seconds until the next sweep: ``interval``, or longer after a costly sweep."""
     return max(interval, SWEEP_DUTY * last_sweep)
+
+
+#: Destroy events come in bursts (a server closing many sockets): suspects are looked
+#: up together, this long after the first.
+DEATH_BATCH_S = 0.05
 
 
 def check_privileges() -> None:
@@ -181,6 +191,14 @@ class StackTrans:
         self._prompt_task: asyncio.Task[None] | None = None
         self._reconcile_pending = False
         self._reconcile_task: asyncio.Task[None] | None = None
+        self.deaths: DeathWatch | None = None
+        self.suspects = Suspects()
+        self._suspected = asyncio.Event()
+        self._sweep_now = asyncio.Event()
+        self._sweeps_owed = 0  # full sweeps due now (two: a flow goes on its 2nd miss)
+        self._port_deaths: list[Death] = []  # deaths that named a port, not a flow
+        self.ended_by_events = 0
+        self.full_sweeps = 0
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -263,6 +281,8 @@ class StackTrans:
                 self.notices.start(loop)
             except NflogError as exc:
                 raise StartError(str(exc)) from exc
+        # Before adoption: a flow adopted now must not end unheard.
+        self._watch_deaths(loop)
         existing = self.kernel_flows.existing
         if self.config.adopt and existing is not None:
             flows = await asyncio.to_thread(existing)
@@ -284,6 +304,10 @@ class StackTrans:
         log.info("queue rules: %s", "nft queue" if queue else "iptables NFQUEUE target")
         if self.kernel_flows.alive is not None:
             self._tasks.append(asyncio.create_task(self._sweeper()))
+        if self.deaths is not None:
+            self._tasks.append(asyncio.create_task(self._death_checker()))
+            if self.mode is DataplaneMode.NFQUEUE and self.kernel_flows.alive is not None:
+                self._tasks.append(asyncio.create_task(self._idle_expirer()))
         self._follow_up()
         log.info("StackTrans up: dataplane %s", self.mode.value)
 
@@ -332,6 +356,8 @@ class StackTrans:
         self.queues.clear()
         if self.notices is not None:
             self.notices.stop()
+        if self.deaths is not None:
+            self.deaths.stop()
         self.knocker.close()
         if self.kernel is not None:
             self.kernel.flush()  # the table goes next: nothing may be left queued
@@ -485,6 +511,11 @@ class StackTrans:
             "knocks_received": self.path.knocks if self.path else 0,
             "flow_notices": self.notices.received if self.notices else 0,
             "flow_notices_lost": self.notices.overflows if self.notices else 0,
+            "flow_deaths_heard": self.deaths.events if self.deaths else 0,
+            "flow_deaths_lost": self.deaths.lost if self.deaths else 0,
+            "flow_deaths_malformed": self.deaths.malformed if self.deaths else 0,
+            "flows_ended_by_events": self.ended_by_events,
+            "full_sweeps": self.full_sweeps,
         }
 
     def _notices_lost(self) -> None:
@@ -603,11 +634,16 @@ class StackTrans:
     # -- flows ------------------------------------------------------------------------
 
     async def _sweeper(self) -> None:
+        """The full liveness sweep: every socket (and conntrack entry) listed. Where
+        the kernel announces flow deaths it is a rare safety net (and runs twice at
+        once when events were lost); elsewhere the only way flows end."""
         alive_flows = self.kernel_flows.alive
         assert alive_flows is not None
-        delay = self.config.sweep_interval
+        delay = self._sweep_period()
         while True:
-            await asyncio.sleep(delay)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._sweep_now.wait(), delay)
+            self._sweep_now.clear()
             taken_at = self.clock()
             started = time.monotonic()
             try:
@@ -618,7 +654,14 @@ class StackTrans:
                 log.exception("listing live flows failed")
                 continue
             finally:
-                delay = sweep_delay(self.config.sweep_interval, time.monotonic() - started)
+                self.full_sweeps += 1
+                cost = time.monotonic() - started
+                if self._sweeps_owed > 0:
+                    self._sweeps_owed -= 1
+                    period = self.config.sweep_interval if self._sweeps_owed else None
+                else:
+                    period = None
+                delay = sweep_delay(period or self._sweep_period(), cost)
             if self.dataplane is not None:
                 # In nfqueue mode every packet refreshes last_seen: idle UDP times out.
                 idle = self.config.udp_idle if self.mode is DataplaneMode.NFQUEUE else None
@@ -629,6 +672,135 @@ class StackTrans:
                     more = f" and {len(gone) - 4} more" if len(gone) > 4 else ""
                     log.info("%d flows ended: %s%s", len(gone), shown, more)
                 self._follow_up()
+
+    def _sweep_period(self) -> float:
+        """``safety_sweep`` where every death is announced, else ``sweep_interval``."""
+        if self._deaths_complete():
+            return max(self.config.safety_sweep, self.config.sweep_interval)
+        return self.config.sweep_interval
+
+    def _deaths_complete(self) -> bool:
+        """Whether the kernel announces every end the sweep would find: sockets, and
+        in nft mode the conntrack entries that time UDP flows out."""
+        if self.deaths is None:
+            return False
+        return self.mode is not DataplaneMode.NFT or self.deaths.conntrack_events
+
+    def _watch_deaths(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self.kernel_flows.check is None:
+            return
+        deaths = DeathWatch(
+            self._death_heard, self._deaths_lost, conntrack=self.mode is DataplaneMode.NFT
+        )
+        try:
+            deaths.start(loop)
+        except OSError as exc:
+            log.info("no sock_diag destroy events (%s): sweeping every %g s", exc,
+                     self.config.sweep_interval)  # fmt: skip
+            return
+        self.deaths = deaths
+
+    def _death_heard(self, death: Death) -> None:
+        """A socket or conntrack entry ended: the flows it may have carried become
+        suspects, looked up soon (:meth:`_death_checker`)."""
+        if self.dataplane is None:
+            return
+        if death.connected:
+            keys = [death.key()]
+            if death.conntrack:  # the tuple as the packet went: either end may be ours
+                keys.append(FlowKey(UDP, death.remote, death.rport, death.local, death.lport))
+            # Whether it is a flow of ours is asked when the batch is taken: the notice
+            # of a short flow's first packet may come after its socket's end.
+            self.suspects.add(keys, self.clock(), conntrack=death.conntrack)
+            self._suspected.set()
+        elif death.proto == UDP or not death.remote.is_unspecified:
+            # An unconnected UDP socket served every flow on its port (its address or
+            # the wildcard); a reset TCP socket has lost its remote port. Which flows
+            # those were takes a walk of the table: one per batch (_death_checker).
+            self._port_deaths.append(death)
+            self._suspected.set()
+        # else a TCP listener: its connections have sockets of their own
+
+    def _port_suspects(self) -> None:
+        """The flows of the deaths that named no flow, made suspects (one table walk)."""
+        deaths, self._port_deaths = self._port_deaths, []
+        if not deaths or self.dataplane is None:
+            return
+        keys = [
+            k
+            for k in self.dataplane.flows_on({(d.proto, d.lport) for d in deaths})
+            if any(_on(d, k) for d in deaths)
+        ]
+        self.suspects.add(keys, self.clock())
+
+    def _deaths_lost(self) -> None:
+        """The kernel dropped destroy events: the flows they named are found by two
+        full sweeps (a flow goes on its second miss), starting now."""
+        log.warning("flow destroy events were lost (the daemon fell behind): sweeping")
+        self._sweeps_owed = 2
+        self._sweep_now.set()
+
+    async def _death_checker(self) -> None:
+        check = self.kernel_flows.check
+        assert check is not None
+        while True:
+            due = self.suspects.next_due()
+            wait = None if due is None else max(0.0, due - self.clock())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._suspected.wait(), wait)
+            self._suspected.clear()
+            await asyncio.sleep(DEATH_BATCH_S)
+            self._port_suspects()
+            taken = self.suspects.take(self.clock())
+            if self.dataplane is not None:
+                taken = {k: ct for k, ct in taken.items() if self.dataplane.tracks(k)}
+            if not taken:
+                continue
+            taken_at = self.clock()
+            try:
+                fates = await asyncio.to_thread(check, list(taken))
+            except Exception:
+                log.exception("looking up ended flows failed")
+                fates = {}
+            ended = self.suspects.settle(taken, fates, self.clock())
+            if self.dataplane is not None and ended:
+                self._flows_ended(ended, taken_at)
+
+    def _flows_ended(self, ended: dict[FlowKey, float | None], taken_at: float) -> None:
+        assert self.dataplane is not None
+        # A flow conntrack forgot and the kernel learned again since (a notice:
+        # last_seen) is alive: its new entry reports no "new" packet twice.
+        keys = [
+            k
+            for k, ct_at in ended.items()
+            if ct_at is None or (e := self.dataplane.sockets.get(k)) is None or e.last_seen <= ct_at
+        ]
+        gone = self.dataplane.flows_ended(keys, taken_at)
+        self.ended_by_events += len(gone)
+        if gone:
+            shown = ", ".join(str(e.key) for e in gone[:4])
+            more = f" and {len(gone) - 4} more" if len(gone) > 4 else ""
+            log.info("%d flows ended (destroy events): %s%s", len(gone), shown, more)
+        self._follow_up()
+
+    async def _idle_expirer(self) -> None:
+        """nfqueue mode with destroy events: UDP flows idle past ``udp_idle`` end
+        without waiting for the rare full sweep (a walk of the table, no listing)."""
+        while True:
+            await asyncio.sleep(self.config.udp_idle / 4)
+            if self.dataplane is not None and self.dataplane.expire_idle(
+                self.clock(), self.config.udp_idle
+            ):
+                self._follow_up()
+
+
+def _on(death: Death, key: FlowKey) -> bool:
+    """Whether ``death`` (a socket that named no flow) may have carried ``key``."""
+    if (key.proto, key.lport) != (death.proto, death.lport):
+        return False
+    if not death.local.is_unspecified and key.local != death.local:
+        return False
+    return death.remote.is_unspecified or key.remote == death.remote
 
 
 def previous_run(directory: Path) -> Residue | None:

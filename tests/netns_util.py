@@ -27,8 +27,9 @@ class StNode:
     proc: subprocess.Popen[bytes]
 
     @classmethod
-    def start(cls, ns: Namespace, mode: str, locals_: list[str]) -> StNode:
-        proc = py(ns, "-m", "tests.st_node", mode, *locals_)
+    def start(cls, ns: Namespace, mode: str, locals_: list[str], deaths: bool = False) -> StNode:
+        """``deaths``: drop flows as the kernel's destroy events say they ended."""
+        proc = py(ns, "-m", "tests.st_node", *(["--deaths"] if deaths else []), mode, *locals_)
         node = cls(proc)
         ready = node._reply(timeout=30)
         assert ready.get("ready"), ready

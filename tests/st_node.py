@@ -10,6 +10,10 @@ hands StackTrans the same HostChanged events the engine would.
   {"cmd": "locals", "addrs": [...]}       this host's current addresses
   {"cmd": "dump"}                          HIDs, flows, translations
   {"cmd": "stop"}                          clean up and exit
+
+Flows end only when asked for: with ``--deaths`` (before the mode) the node hears the
+kernel's destroy events and drops ended flows, with the periodic sweep an hour
+away; without it, flows stay in the table whatever becomes of their sockets.
 """
 
 from __future__ import annotations
@@ -23,20 +27,24 @@ from typing import Any
 
 from ihmp.addr import IPAddress
 from ihmp.hosts import ChangeKind, FlowOrigin, HidState, HostChanged, HostSnapshot
-from stacktrans.kernel_flows import existing_flows
+from stacktrans.flow_death import check_flows
+from stacktrans.kernel_flows import alive_flows, existing_flows
 from stacktrans.service import DataplaneConfig, DataplaneMode, KernelFlows, StackTrans
 
 
 class Node:
-    def __init__(self, mode: str, locals_: list[str]) -> None:
+    def __init__(self, mode: str, locals_: list[str], deaths: bool = False) -> None:
         self.hosts: dict[int, HostSnapshot] = {}
         self.new_hids: list[int] = []
         self.loop = asyncio.get_event_loop()
+        kernel_flows = KernelFlows(existing=existing_flows, alive=None, prompt=None, check=None)
+        if deaths:
+            kernel_flows = KernelFlows(existing_flows, alive_flows, prompt=None, check=check_flows)
         self.service = StackTrans(
-            DataplaneConfig(mode=DataplaneMode(mode)),
+            DataplaneConfig(mode=DataplaneMode(mode), sweep_interval=3600, safety_sweep=3600),
             clock=self.loop.time,
             hid_for=self.hid_for,
-            kernel_flows=KernelFlows(existing=existing_flows, alive=None, prompt=None),
+            kernel_flows=kernel_flows,
         )
         self.locals = {ip_address(a) for a in locals_}
 
@@ -98,6 +106,7 @@ class Node:
                     "hid": e.hid,
                     "local": str(e.key.local),
                     "remote": str(e.key.remote),
+                    "rport": e.key.rport,
                 }
                 for e in dp.sockets
             ],
@@ -136,10 +145,12 @@ class Node:
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(name)s: %(message)s")
-    mode, *locals_ = sys.argv[1:]
+    args = sys.argv[1:]
+    deaths = args[:1] == ["--deaths"]
+    mode, *locals_ = args[1:] if deaths else args
 
     async def run() -> None:
-        await Node(mode, locals_).serve()
+        await Node(mode, locals_, deaths).serve()
 
     asyncio.run(run())
 

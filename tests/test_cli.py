@@ -382,6 +382,16 @@ def test_format_status_shows_which_end_is_behind_a_nat() -> None:
     assert "NATs: 3 flows bound by knocks, 0 knocks sent, 2 keepalives" in text
 
 
+def test_format_status_counts_the_flow_ends_the_kernel_announced() -> None:
+    ends = {"flow_deaths_heard": 9, "flow_deaths_lost": 1, "flow_deaths_malformed": 0}
+    counters = {**SAMPLE["counters"], **ends, "flows_ended_by_events": 4, "full_sweeps": 2}
+    text = cli.format_status({**SAMPLE, "counters": counters})
+    assert (
+        "flow ends: 9 heard from the kernel (1 losses, 0 malformed), 4 flows ended by them, "
+        "2 full sweeps" in text
+    )
+
+
 def test_format_status_of_an_idle_daemon() -> None:
     idle = {
         **SAMPLE,
