@@ -15,6 +15,7 @@ stderr and a non-zero exit status.
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 
 # The dime program speaks no TLS, and its one hash (the cookies' HMAC-SHA256) has a
@@ -22,7 +23,13 @@ import sys
 # loading OpenSSL's libcrypto through _hashlib (cryptography brings its own
 # OpenSSL). 4.9 MiB of the daemon's RSS. Only in the program: an importer (tests, the
 # testbed) keeps its ssl.
-if __name__ == "dime.cli" and sys.argv and sys.argv[0].endswith("/dime"):
+if (
+    __name__ == "dime.cli"
+    and sys.argv
+    and sys.argv[0].endswith("/dime")
+    # ... where hashlib has SHA-256 without OpenSSL (some builds leave it out)
+    and any(importlib.util.find_spec(m) is not None for m in ("_sha2", "_sha256"))
+):
     for _module in ("ssl", "_hashlib"):
         # None there makes importing it raise ImportError, which both callers handle.
         sys.modules.setdefault(_module, None)  # type: ignore[arg-type]

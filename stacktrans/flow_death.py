@@ -64,6 +64,8 @@ __all__ = [
 ]
 
 log = logging.getLogger("dime.flow_death")
+#: Datagrams one wake-up of the event loop reads from a destroy-event socket.
+READ_BURST = 64
 
 # include/uapi/linux/sock_diag.h
 SKNLGRP_INET_TCP_DESTROY, SKNLGRP_INET_UDP_DESTROY = 1, 2
@@ -222,8 +224,10 @@ class DeathWatch:
     def read(
         self, sock: socket.socket, parse: Callable[[bytes | memoryview], Death | None]
     ) -> None:
-        """Handle every event waiting on ``sock``; never raises."""
-        while True:
+        """Handle the events waiting on ``sock``, at most :data:`READ_BURST`
+        datagrams (the reader is called again for the rest: a flood of ends must not
+        starve the event loop); never raises."""
+        for _ in range(READ_BURST):
             try:
                 data = sock.recv(1 << 16)
             except BlockingIOError:

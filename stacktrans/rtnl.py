@@ -76,9 +76,20 @@ def _ip(family: int, raw: bytes | memoryview) -> str:
 
 def decode(kind: int, payload: memoryview) -> dict[str, Any] | None:
     """One link, address or route message as a dict (see the module doc); None for
-    any other kind or a truncated one."""
+    any other kind, a truncated one, or an address or route of another family than
+    IPv4 and IPv6 (a dump lists MCTP or Phonet addresses too). Never raises."""
     event = _EVENTS.get(kind)
     if event is None:
+        return None
+    try:
+        return _decode(kind, event, payload)
+    except (ValueError, struct.error):  # an attribute of the wrong length
+        return None
+
+
+def _decode(kind: int, event: str, payload: memoryview) -> dict[str, Any] | None:
+    link = kind in (RTM_NEWLINK, RTM_DELLINK)
+    if not link and len(payload) >= 1 and payload[0] not in (socket.AF_INET, socket.AF_INET6):
         return None
     if kind in (RTM_NEWLINK, RTM_DELLINK):
         if len(payload) < _IFINFO.size:
@@ -87,7 +98,9 @@ def decode(kind: int, payload: memoryview) -> dict[str, Any] | None:
         msg: dict[str, Any] = {"event": event, "family": family, "index": index, "flags": flags}
         for t, value in attributes(payload, _IFINFO.size):
             if t == IFLA_IFNAME:
-                msg["IFLA_IFNAME"] = bytes(value).split(b"\0", 1)[0].decode()
+                # Any bytes but "/", ":" and white space make a valid name.
+                name = bytes(value).split(b"\0", 1)[0]
+                msg["IFLA_IFNAME"] = name.decode(errors="surrogateescape")
         return msg
     if kind in (RTM_NEWADDR, RTM_DELADDR):
         if len(payload) < _IFADDR.size:

@@ -80,6 +80,7 @@ MIN_PMTU = {4: 552, 6: 1280}
 #: IP and TCP header bytes without options, per IP version.
 HEADERS = {4: 20 + 20, 6: 40 + 20}
 TIMESTAMP_OPTION = 12  # the timestamp option as TCP pads it
+LOGGED_FLOWS = 8  # prompts of at most this many flows are logged one by one
 #: How far past the right edge of any receive window (at most 2^30 bytes) a segment
 #: that is only there to draw an ACK claims to start.
 OUT_OF_WINDOW = 0x60000000
@@ -136,13 +137,16 @@ def _backed_off(flow: FlowSeq, p: TcpProgress) -> Remedy | None:
 
 def ptb_mtu(key: FlowKey, p: TcpProgress) -> int | None:
     """The MTU that makes TCP's segments exactly one byte shorter, or None if the
-    kernel would not take it (below its minimum, or not below the path MTU)."""
+    kernel would not take it (below its minimum) or if it is not the path MTU less
+    one byte (segments capped by the peer's MSS)."""
     if p.snd_mss <= 0 or p.pmtu <= 0:
         return None
-    # Computed from the segment size, not from the path MTU: where the peer's MSS
-    # caps segments below what the path allows, only this MTU changes them.
+    # Computed from the segment size: the MTU whose segments are one byte shorter.
     mtu = p.snd_mss - 1 + HEADERS[key.local.version] + (TIMESTAMP_OPTION if p.timestamps else 0)
-    if mtu < MIN_PMTU[key.local.version] or mtu >= p.pmtu:
+    # Only one byte below the path's: the kernel keeps it for every flow to that
+    # identifier (ten minutes). Where the peer's MSS caps segments far below what
+    # the path allows, that would cost other flows much more: no message.
+    if mtu < MIN_PMTU[key.local.version] or mtu != p.pmtu - 1:
         return None
     return mtu
 
@@ -223,6 +227,9 @@ def prompt(flows: Iterable[FlowSeq]) -> Counter[Remedy]:
     if not wanted:
         return done
     progress = tcp_progress(wanted)
+    # A line per flow where a move has few (the demo shows them); a summary (the
+    # caller's) where it has thousands.
+    level = logging.INFO if len(wanted) <= LOGGED_FLOWS else logging.DEBUG
     log.debug("timer state of %d flows: %s", len(wanted), progress)
     with _RawSockets() as socks:
         for key, p in progress.items():
@@ -233,7 +240,7 @@ def prompt(flows: Iterable[FlowSeq]) -> Counter[Remedy]:
                 except OSError as exc:
                     log.warning("could not prompt %s: %s", key, exc)
                     continue
-                log.info("prompted %s to send (%s, backoff %d)", key, what.value, p.backoff)
+                log.log(level, "prompted %s to send (%s, backoff %d)", key, what.value, p.backoff)
                 done[what] += 1
     return done
 

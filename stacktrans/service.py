@@ -196,6 +196,7 @@ class StackTrans:
         self._suspected = asyncio.Event()
         self._sweep_now = asyncio.Event()
         self._sweeps_owed = 0  # full sweeps due now (two: a flow goes on its 2nd miss)
+        self._owed_since = 0.0  # ... counted from sweeps that start after this
         self._port_deaths: list[Death] = []  # deaths that named a port, not a flow
         self.ended_by_events = 0
         self.full_sweeps = 0
@@ -656,7 +657,7 @@ class StackTrans:
             finally:
                 self.full_sweeps += 1
                 cost = time.monotonic() - started
-                if self._sweeps_owed > 0:
+                if self._sweeps_owed > 0 and taken_at >= self._owed_since:
                     self._sweeps_owed -= 1
                     period = self.config.sweep_interval if self._sweeps_owed else None
                 else:
@@ -737,7 +738,13 @@ class StackTrans:
         """The kernel dropped destroy events: the flows they named are found by two
         full sweeps (a flow goes on its second miss), starting now."""
         log.warning("flow destroy events were lost (the daemon fell behind): sweeping")
+        self._owe_sweeps()
+
+    def _owe_sweeps(self) -> None:
+        """Two full sweeps from now: only sweeps that start after this count (one
+        running now may have listed the kernel's flows before the loss)."""
         self._sweeps_owed = 2
+        self._owed_since = self.clock()
         self._sweep_now.set()
 
     async def _death_checker(self) -> None:
@@ -750,21 +757,25 @@ class StackTrans:
                 await asyncio.wait_for(self._suspected.wait(), wait)
             self._suspected.clear()
             await asyncio.sleep(DEATH_BATCH_S)
-            self._port_suspects()
-            taken = self.suspects.take(self.clock())
-            if self.dataplane is not None:
-                taken = {k: ct for k, ct in taken.items() if self.dataplane.tracks(k)}
-            if not taken:
-                continue
-            taken_at = self.clock()
             try:
-                fates = await asyncio.to_thread(check, list(taken))
-            except Exception:
-                log.exception("looking up ended flows failed")
-                fates = {}
-            ended = self.suspects.settle(taken, fates, self.clock())
-            if self.dataplane is not None and ended:
-                self._flows_ended(ended, taken_at)
+                await self._check_suspects(check)
+            except Exception:  # the sweeps stand in for the events until the next
+                log.exception("checking ended flows failed: sweeping")
+                self._owe_sweeps()
+
+    async def _check_suspects(self, check: Callable[[list[FlowKey]], Any]) -> None:
+        """Look up the suspects that are due; drop the flows that ended."""
+        self._port_suspects()
+        taken = self.suspects.take(self.clock())
+        if self.dataplane is not None:
+            taken = {k: ct for k, ct in taken.items() if self.dataplane.tracks(k)}
+        if not taken:
+            return
+        taken_at = self.clock()
+        fates = await asyncio.to_thread(check, list(taken))
+        ended = self.suspects.settle(taken, fates, self.clock())
+        if self.dataplane is not None and ended:
+            self._flows_ended(ended, taken_at)
 
     def _flows_ended(self, ended: dict[FlowKey, float | None], taken_at: float) -> None:
         assert self.dataplane is not None

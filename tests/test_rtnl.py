@@ -37,6 +37,19 @@ def test_other_and_truncated_messages_are_skipped() -> None:
     assert rtnl.decode(rtnl.RTM_NEWADDR, memoryview(b"\0" * 4)) is None
 
 
+def test_other_families_odd_names_and_bad_lengths_never_raise() -> None:
+    # An MCTP address (family 45, one byte), as an AF_UNSPEC dump lists it.
+    mctp = struct.pack("=BBBBI", 45, 0, 0, 0, 7) + attr(rtnl.IFA_ADDRESS, b"\x08")
+    assert rtnl.decode(rtnl.RTM_NEWADDR, memoryview(mctp)) is None
+    # An IPv4 address attribute of the wrong length.
+    bad = struct.pack("=BBBBI", socket.AF_INET, 24, 0, 0, 2) + attr(rtnl.IFA_ADDRESS, b"\1\2")
+    assert rtnl.decode(rtnl.RTM_NEWADDR, memoryview(bad)) is None
+    # A link name that is not UTF-8 (the kernel allows any bytes but "/", ":", space).
+    link = struct.pack("=BxHiII", 0, 1, 9, 0, 0) + attr(rtnl.IFLA_IFNAME, b"wl\xff0\0")
+    msg = rtnl.decode(rtnl.RTM_NEWLINK, memoryview(link))
+    assert msg is not None and msg["IFLA_IFNAME"] == b"wl\xff0".decode(errors="surrogateescape")
+
+
 def test_reads_the_loopback_link_address_and_route() -> None:
     lo = socket.if_nametoindex("lo")
     with rtnl.Rtnl() as r:
