@@ -222,6 +222,10 @@ def _learn_chains(ihmp_port: int, group: int) -> list[str]:
         lines += [
             f"  chain learn_{way} {{",
             f"    type filter hook {hook} priority -160; policy accept;",
+            # Most packets are neither a flow's first nor a SYN-ACK: out at once,
+            # before the skip rules (this chain sees every packet).
+            "    ct state != new meta l4proto != tcp return",
+            "    ct state != new tcp flags & (syn | ack) != syn | ack return",
             *_skip(dev, ihmp_port),
             f"    tcp flags & (syn | ack) == syn | ack jump synack_{way}",
             *(

@@ -87,6 +87,12 @@ def test_notices_of_flows_the_kernel_holds_say_so() -> None:
     held = f'log group 77 snaplen 80 prefix "{IN_KERNEL_PREFIX}"'
     for way in ("out", "in"):
         assert f"jump synack_{way}" in chains[f"learn_{way}"]
+        # What is neither new nor a SYN-ACK leaves the chain by its first rules.
+        rules = [r.strip() for r in chains[f"learn_{way}"].splitlines()[2:4]]
+        assert rules == [
+            "ct state != new meta l4proto != tcp return",
+            "ct state != new tcp flags & (syn | ack) != syn | ack return",
+        ]
         synack = chains[f"synack_{way}"]
         assert f"@flows4 {held} return" in synack and f"@flows6 {held} return" in synack
         assert synack.rstrip().splitlines()[-2].strip() == "log group 77 snaplen 80"
