@@ -22,6 +22,10 @@ Goals: median added latency <= 0.05 ms; new-flow rate >= 0.8 of no dime's.
 from __future__ import annotations
 
 import json
+import os
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -29,12 +33,15 @@ from testbed.experiments.common import PYTHON, RunContext, median, progress, wri
 from testbed.fig7 import V4, Fig7
 from testbed.netns import Namespace, topology
 from testbed.procs import py
+from testbed.procstat import HZ, ProcCpu
 from testbed.runner import Dime, running
 
 NAME = "firstpacket"
 TITLE = "First-packet cost (new flows through the daemon)"
 GOAL_LATENCY_MS = 0.05
 GOAL_RATE_RATIO = 0.8
+#: nft mode with both daemons stopped for the rate phase: the kernel's work alone.
+PAUSED = "dime nft, daemons paused"
 CLIENTS = 1000
 CLIENT_NET = "10.77.0.0/16"
 
@@ -47,6 +54,8 @@ while True:
     c, _ = s.accept(); c.close()
 """
 
+# The rate phase says when it starts and waits to exit until told (a line on stdin),
+# so that its CPU time is read over exactly that phase.
 CLIENT = """
 import json, socket, sys, time
 addr, n, seconds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
@@ -54,34 +63,108 @@ lat = []
 for _ in range(n):
     s = socket.socket(); t = time.perf_counter(); s.connect((addr, 5400))
     lat.append((time.perf_counter() - t) * 1000); s.close()
+print("rate", flush=True)
 count, start = 0, time.perf_counter()
 while time.perf_counter() - start < seconds:
     s = socket.socket(); s.connect((addr, 5400)); s.close(); count += 1
-print(json.dumps({"latency_ms": lat, "flows_per_s": count / (time.perf_counter() - start)}))
+rate = count / (time.perf_counter() - start)
+print(json.dumps({"latency_ms": lat, "flows_per_s": rate}), flush=True)
+sys.stdin.readline()
 """
+#: /proc/stat's first fields: the machine's CPU time by kind.
+STAT_FIELDS = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
 
 
-def _measure(fig: Fig7, n: int, seconds: float) -> dict[str, Any]:
+def _machine_ticks() -> dict[str, int]:
+    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    return dict(zip(STAT_FIELDS, map(int, fields), strict=False))
+
+
+class CpuMeter:
+    """CPU time of some processes and of the whole machine between two reads, in %
+    of one core."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self.pids = pids
+        self._start: dict[str, int] = {}
+        self._t0 = 0.0
+
+    def _read(self) -> dict[str, int]:
+        ticks = {name: ProcCpu(pid).ticks() for name, pid in self.pids.items()}
+        ticks.update({f"machine {k}": v for k, v in _machine_ticks().items()})
+        return ticks
+
+    def start(self) -> None:
+        self._start, self._t0 = self._read(), _now()
+
+    def stop(self) -> dict[str, float]:
+        end, dt = self._read(), _now() - self._t0
+        return {k: round(100.0 * (end[k] - v) / HZ / dt, 1) for k, v in self._start.items()}
+
+
+def _now() -> float:
+    return os.times().elapsed
+
+
+def _measure(
+    fig: Fig7, n: int, seconds: float, daemons: dict[str, int], paused: bool = False
+) -> dict[str, Any]:
+    """Latency over ``n`` connections, then the rate for ``seconds``, with each
+    process's CPU over the rate phase. ``paused``: the daemons are stopped for the
+    rate phase (after the latency phase made the hosts known to each other)."""
     server = fig.ch.popen(PYTHON, "-c", SERVER, V4.c1.host, stdout=-1, stderr=-1)
+    args = (V4.c1.host, str(n), str(seconds))
+    client = fig.mh.popen(PYTHON, "-c", CLIENT, *args, stdin=-1, stdout=-1, stderr=-1)
     try:
-        assert server.stdout is not None
+        assert server.stdout is not None and client.stdout is not None
+        assert client.stdin is not None
         server.stdout.readline()
-        out = fig.mh.run(PYTHON, "-c", CLIENT, V4.c1.host, str(n), str(seconds), timeout=300)
+        meter = CpuMeter({"client": client.pid, "server": server.pid, **daemons})
+        line = client.stdout.readline()
+        assert line.strip() == b"rate", line + client.communicate(timeout=10)[1]
+        with _paused(daemons, paused):
+            meter.start()
+            res = dict(json.loads(client.stdout.readline()))
+            res["cpu_pct"] = meter.stop()
+        client.stdin.close()
+        client.wait(timeout=10)
     finally:
-        server.kill()
-        server.wait()
-    return dict(json.loads(out))
+        for proc in (client, server):
+            proc.kill()
+            proc.wait()
+    return res
 
 
-def _case(ctx: RunContext, mode: str | None, n: int, seconds: float) -> dict[str, Any]:
+@contextmanager
+def _paused(pids: dict[str, int], paused: bool) -> Iterator[None]:
+    """The daemons stopped (SIGSTOP) for the block if ``paused``: the kernel's work
+    alone (its learn chains, conntrack, NFLOG copies nobody reads)."""
+    if paused:
+        for pid in pids.values():
+            os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        if paused:
+            for pid in pids.values():
+                os.kill(pid, signal.SIGCONT)
+
+
+def _case(
+    ctx: RunContext, mode: str | None, n: int, seconds: float, paused: bool = False
+) -> dict[str, Any]:
     with topology("fp") as topo:
         fig = Fig7.build(topo, V4)
         _sysctl_ports(fig.mh)
         if mode is None:
-            return _measure(fig, n, seconds)
+            return _measure(fig, n, seconds, {})
         hosts = [Dime.in_dir(fig.ch, ctx.tmp, "ch"), Dime.in_dir(fig.mh, ctx.tmp, "mh")]
-        with running(hosts, "--dataplane", mode):
-            return _measure(fig, n, seconds)
+        with running(hosts, "--dataplane", mode) as (ch, mh):
+            daemons = {"dime ch": ch.pid, "dime mh": mh.pid}
+            res = _measure(fig, n, seconds, daemons, paused)
+            counters = (d.status()["counters"] for d in (ch, mh))
+            res["learned_by_kernel"] = [c.get("flows_learned_by_kernel") for c in counters]
+            return res
 
 
 MANY = """
@@ -148,13 +231,29 @@ def _server_case(ctx: RunContext, with_dime: bool, n: int, seconds: float) -> di
         _sysctl_ports(fig.mh)
         _add_clients(fig, addrs)
         if not with_dime:
-            return _server_load(fig, addrs, seconds)
-        with running([Dime.in_dir(fig.ch, ctx.tmp, "ch")]) as (ch,):
-            hellos = _hellos(fig, addrs)
+            meter = CpuMeter({})
+            meter.start()
             res = _server_load(fig, addrs, seconds)
+            res["cpu_pct"] = meter.stop()
+            return res
+        with running([Dime.in_dir(fig.ch, ctx.tmp, "ch")]) as (ch,):
+            meter = CpuMeter({"dime ch": ch.pid})
+            meter.start()
+            hellos = _hellos(fig, addrs)
+            hellos["cpu_pct"] = meter.stop()
+            meter.start()
+            res = _server_load(fig, addrs, seconds)
+            res["cpu_pct"] = meter.stop()
             status = ch.status()
         res["hellos"] = hellos
-        wanted = ("peers", "packets_queued", "flow_notices", "flow_notices_lost", "cookies_sent")
+        wanted = (
+            "peers",
+            "packets_queued",
+            "flow_notices",
+            "flow_notices_lost",
+            "flows_learned_by_kernel",
+            "cookies_sent",
+        )
         res["ch_counters"] = {k: v for k, v in status["counters"].items() if k in wanted}
         res["ch_counters"]["dropped"] = status["counters"].get("dropped", {})
         return res
@@ -166,20 +265,32 @@ def _sysctl_ports(ns: Namespace) -> None:
     ns.run("sysctl", "-qw", "net.ipv4.ip_local_port_range=10000 60999")
 
 
+#: (label, dataplane mode or None for no dime, daemons paused for the rate phase)
+CASES: tuple[tuple[str, str | None, bool], ...] = (
+    ("no dime", None, False),
+    ("dime nft", "nft", False),
+    (PAUSED, "nft", True),
+    ("dime nfqueue", "nfqueue", False),
+)
+
+
 def run(ctx: RunContext) -> Path:
     n = 5 if ctx.smoke else 500
     seconds = 0.2 if ctx.smoke else 5.0
     cases: dict[str, dict[str, Any]] = {}
-    for label, mode in (("no dime", None), ("dime nft", "nft"), ("dime nfqueue", "nfqueue")):
+    for label, mode, paused in CASES:
         progress(f"first packet: {label}")
-        raw = _case(ctx, mode, n, seconds)
+        raw = _case(ctx, mode, n, seconds, paused)
         cases[label] = {
             "connect_ms_median": round(median(raw["latency_ms"]), 3),
             "flows_per_s": round(raw["flows_per_s"], 1),
+            "cpu_pct": raw["cpu_pct"],
         }
+        if "learned_by_kernel" in raw:
+            cases[label]["learned_by_kernel"] = raw["learned_by_kernel"]
         progress(f"first packet: {label}: {cases[label]}")
     base = cases["no dime"]
-    for label in ("dime nft", "dime nfqueue"):
+    for label in (c[0] for c in CASES[1:]):
         c = cases[label]
         c["added_ms_median"] = round(c["connect_ms_median"] - base["connect_ms_median"], 3)
         c["rate_ratio"] = round(c["flows_per_s"] / base["flows_per_s"], 3)
@@ -209,6 +320,36 @@ def run(ctx: RunContext) -> Path:
     )
 
 
+CPU_COLUMNS = (
+    "client",
+    "server",
+    "dime mh",
+    "dime ch",
+    "machine user",
+    "machine system",
+    "machine softirq",
+    "machine idle",
+)
+
+
+def _cpu_table(cases: dict[str, dict[str, Any]]) -> list[str]:
+    """CPU over the rate phase, in % of one core (the machine's columns: of all its
+    cores together), per case."""
+    if not any("cpu_pct" in c for c in cases.values()):
+        return []  # a results file from before CPU was measured
+    head = " | ".join(CPU_COLUMNS)
+    lines = [
+        "CPU during the rate phase, % of one core (machine: all cores, user/system/softirq/idle):",
+        "",
+        f"| case | {head} |",
+        "|---|" + "---|" * len(CPU_COLUMNS),
+    ]
+    for label, c in cases.items():
+        cpu = c.get("cpu_pct", {})
+        lines.append(f"| {label} | " + " | ".join(str(cpu.get(k, "-")) for k in CPU_COLUMNS) + " |")
+    return lines
+
+
 def report(doc: dict[str, Any], out: Path, md_dir: Path) -> str:
     meta, res = doc["meta"], doc["results"]
     m = meta["machine"]
@@ -229,7 +370,7 @@ def report(doc: dict[str, Any], out: Path, md_dir: Path) -> str:
         lines.append(
             f"| {label} | {c['connect_ms_median']} | {added} | {c['flows_per_s']} | {ratio} |"
         )
-    lines.append("")
+    lines += ["", *_cpu_table(res["cases"]), ""]
     for label in ("dime nft", "dime nfqueue"):
         c = res["cases"][label]
         ok_l = c["added_ms_median"] <= res["goal_latency_ms"]
