@@ -393,6 +393,8 @@ def _where_the_rate_goes(cases: dict[str, dict[str, Any]], goal: float) -> list[
 
 def _hello_text(c: dict[str, Any]) -> list[str]:
     h, k = c.get("hellos", {}), c.get("ch_counters", {})
+    if "cpu_pct" not in h:
+        return []  # a results file from before the fix
     dropped = k.get("dropped") or {}
     return [
         "The HELLO rate was about 49/s before (898 of 1,000 in 18.2 s). Not a limit "
