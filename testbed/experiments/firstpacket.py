@@ -9,7 +9,8 @@ without added delay, dime on both ends:
 * added connect latency: median ``connect()`` time with dime minus without, over
   sequential TCP connections;
 * new flows per second: sequential TCP connections completed per second, with and
-  without dime.
+  without dime, and in ``nft`` mode with both daemons paused for it (the kernel's
+  part alone); each process's CPU over that phase.
 
 And a server case: the CH (dime or not) accepts connections from 1,000 client
 addresses at once (on the MH's side, no dime there), as fast as two client
@@ -388,6 +389,20 @@ def _where_the_rate_goes(cases: dict[str, dict[str, Any]], goal: float) -> list[
         "(`flows_learned_by_kernel`). What a notice still costs the daemon is reading "
         "and parsing it, asking IHMP for the host, and a socket-table entry.",
         "",
+        "Why the rate did not rise with that: the daemons still used "
+        f"{cpu.get('dime mh', '-')}% and {cpu.get('dime ch', '-')}% of a core for about "
+        f"{nft['flows_per_s']} notices/s each, while the Python work of one notice, "
+        "timed in one process, is about 27 µs (which would be some 13% of a core). The "
+        "rest is per notice outside that work: each notice is its own NFLOG message "
+        "(queue threshold 1), so each wakes the daemon for one `recv`, on the CPUs the "
+        f"client needs; the client got {cpu.get('client', '-')}% of a core while "
+        f"{cpu.get('machine idle', '-')}% of the machine stayed idle, so it waited for "
+        "more than CPU time. The liveness sweep, which lists every socket (tens of "
+        "thousands in TIME_WAIT here), took about a tenth of a daemon's samples. Not "
+        "measured yet, hence not changed: letting the kernel batch notices (a queue "
+        "threshold with a 10 ms timeout, which delays a new host's HELLO by as much) "
+        "is the next step; the kernel's part above stays whatever the daemon does.",
+        "",
     ]
 
 
@@ -396,12 +411,23 @@ def _hello_text(c: dict[str, Any]) -> list[str]:
     if "cpu_pct" not in h:
         return []  # a results file from before the fix
     dropped = k.get("dropped") or {}
+    refused = dropped.get("cookie_rate", 0)
+    now = ", ".join(f"`{r}` {n}" for r, n in dropped.items()) or "none"
+    cookies = (
+        f"with the saves gone, the first HELLOs of all 1,000 hosts at once went over "
+        f"it: {refused} cookies were refused, and those hosts said HELLO again after "
+        "their retransmission timeout (0.5 s, then longer), which is the tail of the "
+        "time above. That limit stays: it bounds what spoofed sources can have the CH "
+        "reflect."
+        if refused
+        else "nor is it now."
+    )
     return [
-        "The HELLO rate was about 49/s before (898 of 1,000 in 18.2 s). Not a limit "
-        "on unverified sources: the CH's `dropped` counters were empty (now: "
-        f"{dropped or 'empty'}), a source's budget (`unverified_rate`, 5/s, burst 20) "
-        "is far from what one HELLO and its cookie take, `max_half_open` bounds only "
-        "hosts we greet first, and `cookie_rate` (500/s) was not reached. Measured in "
+        "The HELLO rate was about 49/s before (898 of 1,000 in 18.2 s), with the CH's "
+        "`dropped` counters empty: no limit on unverified sources was the cause (a "
+        "source's budget, `unverified_rate` 5/s with a burst of 20, is far from what "
+        "one HELLO and its cookie take; `max_half_open` bounds only hosts we greet "
+        "first; `cookie_rate`, 500/s for all sources, was not reached). Measured in "
         "one process (1,000 engines saying HELLO to one), the CH's engine takes "
         "0.5 ms per HELLO, but the daemon saved the engine's whole state (a JSON of "
         "every peer) after each datagram that changed the HID table: 13 ms per HELLO "
@@ -410,7 +436,8 @@ def _hello_text(c: dict[str, Any]) -> list[str]:
         f"{h.get('completed', '-')} of {h.get('hosts', '-')} in "
         f"{round(h['seconds'], 2) if h.get('seconds') else '-'} s "
         f"({h.get('per_s', '-')}/s), the CH's daemon at "
-        f"{h.get('cpu_pct', {}).get('dime ch', '-')}% of a core meanwhile. No limit's "
+        f"{h.get('cpu_pct', {}).get('dime ch', '-')}% of a core meanwhile. Dropped "
+        f"now: {now}. `cookie_rate` was not the limit before; {cookies} No limit's "
         "default changed.",
         "",
     ]
