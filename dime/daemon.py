@@ -230,7 +230,11 @@ class Daemon:
             # The engine refuses bad input with events; anything else is our bug,
             # and a packet must never take the daemon down.
             log.exception("IHMP datagram from %s crashed the engine; dropped", src)
-        self._pump()
+        # One pump for the whole burst the transport reads at once (up to 64): the
+        # engine's state is saved once for all of them, before any answer leaves.
+        # The save is as big as the HID table: per datagram, a server greeted by a
+        # thousand new peers spent nearly all its time saving (about 50 HELLOs/s).
+        self._pump_soon()
 
     def _hid_for(
         self, remote: IPAddress, local: IPAddress, now: float, origin: FlowOrigin

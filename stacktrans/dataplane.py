@@ -99,6 +99,8 @@ class Dataplane:
         self._maybe_wired: set[int] = set()
         #: A flow's NAT port changed since the service last recorded them (bindings()).
         self.bindings_changed = False
+        #: Flows whose elements the kernel learned itself (none added by us).
+        self.learned_by_kernel = 0
         self._effects = Effects()
 
     # -- outputs ----------------------------------------------------------------------
@@ -159,10 +161,20 @@ class Dataplane:
     # -- inputs: flows ----------------------------------------------------------------
 
     def flow_seen(
-        self, key: FlowKey, now: float, origin: FlowOrigin = FlowOrigin.OUTBOUND
+        self,
+        key: FlowKey,
+        now: float,
+        origin: FlowOrigin = FlowOrigin.OUTBOUND,
+        in_kernel: bool = False,
     ) -> SocketEntry | None:
         """The first packet of ``key`` (``origin``: its direction, or adopted: the
         flow existed before this run, see ``HidFor``): record it, and its HID.
+
+        ``in_kernel``: the kernel says it holds the flow's elements already (it
+        learned the flow, :mod:`stacktrans.nft`). They are not added again when the
+        kernel learned them for the same HID: a host known before, for which the
+        pair is learnable (what we put in the kernel's ``learn`` map); else they
+        are, as for any flow.
 
         Returns the flow's entry, or None for traffic dime leaves alone. Never
         waits for IHMP: a new host only *prompts* a HELLO.
@@ -177,24 +189,39 @@ class Dataplane:
             return None
         if key.remote in self.local_addresses or self.sockets.is_local_identifier(key.remote):
             return None  # to this host itself (our own prompts, say): nothing to translate
+        # Whom the kernel could have learned it for: a host known before this flow
+        # (IHMP may create one now, and tell us at once).
+        known = self._by_locator.get(key.remote) if in_kernel else None
         hid = self._hid_for(key.remote, key.local, now, origin)
         if hid is None:
             return None
+        # A flow between addresses another flow of the host already uses changes
+        # nothing of its translation (a new flow has no NAT port yet): no refresh,
+        # which walks the host's flows (a server's thousands, at each new one).
+        new_pair = not self.sockets.has_pair(hid, key.local, key.remote)
         entry = self.sockets.add(key, hid, now)
         if entry is None:
             log.warning("flow %s collides with another flow of HID %d; not translated", key, hid)
             return None
         log.debug("flow %s -> HID %d", key, hid)
-        self.kernel.add_flows([entry])
+        if known == hid and self._learnable(hid, key):
+            self.learned_by_kernel += 1
+        else:
+            self.kernel.add_flows([entry])
         # A host IHMP created just now is not known here until its HostChanged event
         # comes: until then its flows are identities, nothing to rewrite.
-        self._refresh(hid)
+        if new_pair:
+            self._refresh(hid)
         tr, host = self._translations.get(hid), self._hosts.get(hid)
         if tr is not None and host is not None:
             rewritten = tr.outbound(key.local, key.remote) != (None, None)
             if rewritten or key.remote not in host.active:
                 self.kernel.flush()  # its packets need rewriting from the start
         return entry
+
+    def _learnable(self, hid: int, key: FlowKey) -> bool:
+        tr = self._translations.get(hid)
+        return tr is not None and (key.local, key.remote) in tr.learnable
 
     def adopt(self, keys: Iterable[FlowKey], now: float) -> int:
         """Take over flows that existed before we started. Returns how many."""

@@ -40,7 +40,7 @@ NFULNL_MSG_PACKET = NFNL_SUBSYS_ULOG << 8
 NFULNL_MSG_CONFIG = NFNL_SUBSYS_ULOG << 8 | 1
 NFULA_CFG_CMD, NFULA_CFG_QTHRESH = 1, 5
 NFULNL_CFG_CMD_BIND, NFULNL_CFG_CMD_UNBIND = 1, 2
-NFULA_PACKET_HDR, NFULA_PAYLOAD = 1, 9
+NFULA_PACKET_HDR, NFULA_PAYLOAD, NFULA_PREFIX = 1, 9, 10
 NF_INET_LOCAL_OUT = 3
 _NFGEN = struct.Struct("!BBH")  # family, version, resource id (the group)
 _PACKET_HDR = struct.Struct("!HBB")  # hardware protocol, hook, pad
@@ -48,29 +48,32 @@ _PACKET_HDR = struct.Struct("!HBB")  # hardware protocol, hook, pad
 #: net.core.rmem_max).
 RCVBUF = 8 << 20
 
-#: ``on_packet(data, outbound)``: a logged packet's bytes (its headers) and whether
-#: it was leaving this host (output hook) or arriving (prerouting).
-OnPacket = Callable[[bytes, bool], None]
+#: ``on_packet(data, outbound, prefix)``: a logged packet's bytes (its headers),
+#: whether it was leaving this host (output hook) or arriving (prerouting), and the
+#: log rule's prefix ("" for none).
+OnPacket = Callable[[bytes, bool, str], None]
 
 
 class NflogError(RuntimeError):
     pass
 
 
-def parse_packet(payload: memoryview) -> tuple[bytes, bool] | None:
-    """(packet bytes, outbound) of one NFULNL_MSG_PACKET payload (after the netlink
-    header), or None when it lacks either."""
+def parse_packet(payload: memoryview) -> tuple[bytes, bool, str] | None:
+    """(packet bytes, outbound, prefix) of one NFULNL_MSG_PACKET payload (after the
+    netlink header), or None when it lacks the packet or its hook."""
     if len(payload) < _NFGEN.size:
         return None
-    hook, data = None, None
+    hook, data, prefix = None, None, ""
     for kind, value in attributes(payload, _NFGEN.size):
         if kind == NFULA_PACKET_HDR and len(value) >= _PACKET_HDR.size:
             hook = _PACKET_HDR.unpack_from(value)[1]
         elif kind == NFULA_PAYLOAD:
             data = bytes(value)
+        elif kind == NFULA_PREFIX:
+            prefix = bytes(value).split(b"\0", 1)[0].decode("ascii", "replace")
     if hook is None or data is None:
         return None
-    return data, hook == NF_INET_LOCAL_OUT
+    return data, hook == NF_INET_LOCAL_OUT, prefix
 
 
 def _config(group: int, command: int, seq: int) -> bytes:
@@ -185,7 +188,7 @@ def _request(sock: socket.socket, msg: bytes) -> None:
 def available(group: int) -> str | None:
     """None when NFLOG group ``group`` can be bound here (tried, then let go); else
     why not."""
-    notices = FlowNotices(group, lambda data, outbound: None)
+    notices = FlowNotices(group, lambda data, outbound, prefix: None)
     try:
         notices.open()
     except NflogError as exc:

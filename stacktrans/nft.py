@@ -58,6 +58,9 @@ FLOWS_MAX = 1 << 21
 #: Bytes of each logged packet sent to the daemon: IPv6 and TCP headers, options
 #: included up to the sequence number's needs.
 NOTICE_SNAPLEN = 80
+#: The log prefix of a notice whose flow the kernel holds already (learned, or the
+#: daemon's): the daemon need not add its elements again.
+IN_KERNEL_PREFIX = "k"
 
 
 # A batch this long (bytes of commands) leaves libnftables' parse of it in freed C
@@ -212,8 +215,14 @@ def _learn_chains(ihmp_port: int, group: int) -> list[str]:
     is not logged: one notice per connection at each end, not two. A packet that
     already carries a mark is left to the queue rules. Outbound, the out chain
     clears :data:`SYNC_MARK`; inbound, ``unmark`` does, after the queue rules' hook.
+
+    A copy whose flow the kernel holds (in ``flows``: learned, or added by the
+    daemon) says so (prefix :data:`IN_KERNEL_PREFIX`): the daemon then does not add
+    its elements again through libnftables, which would cost it more than the rest
+    of the notice.
     """
     log = f"log group {group} snaplen {NOTICE_SNAPLEN}"
+    held = f'{log} prefix "{IN_KERNEL_PREFIX}"'
     # A first packet's copy, unless it is a SYN (its SYN-ACK tells).
     notice = f"tcp flags & (syn | ack) != syn {log}"
     lines: list[str] = []
@@ -221,8 +230,12 @@ def _learn_chains(ihmp_port: int, group: int) -> list[str]:
         lines += [
             f"  chain learn_{way} {{",
             f"    type filter hook {hook} priority -160; policy accept;",
+            # Most packets are neither a flow's first nor a SYN-ACK: out at once,
+            # before the skip rules (this chain sees every packet).
+            "    ct state != new meta l4proto != tcp return",
+            "    ct state != new tcp flags & (syn | ack) != syn | ack return",
             *_skip(dev, ihmp_port),
-            f"    tcp flags & (syn | ack) == syn | ack {log}",
+            f"    tcp flags & (syn | ack) == syn | ack jump synack_{way}",
             *(
                 f"    meta mark 0 meta l4proto {{ tcp, udp }} ct state new "
                 f"meta nfproto {proto} jump new_{way}{f}"
@@ -230,6 +243,7 @@ def _learn_chains(ihmp_port: int, group: int) -> list[str]:
             ),
             "  }",
         ]
+        synack = [f"  chain synack_{way} {{"]
         for f, ip in (("4", "ip"), ("6", "ip6")):
             # The flow as its socket sees it: (local, remote) both ways.
             local, remote = ("saddr", "daddr") if way == "out" else ("daddr", "saddr")
@@ -237,6 +251,7 @@ def _learn_chains(ihmp_port: int, group: int) -> list[str]:
             flow = f"meta l4proto . {ip} {local} . th {lport} . {ip} {remote} . th {rport}"
             pair = f"{ip} {local} . {ip} {remote}"
             inbound = f"meta mark . meta l4proto . th {rport} . th {lport}"
+            synack.append(f"    {flow} @flows{f} {held} return")
             lines += [
                 f"  chain new_{way}{f} {{",
                 f"    {flow} @flows{f} return",
@@ -254,10 +269,11 @@ def _learn_chains(ihmp_port: int, group: int) -> list[str]:
                 # The mark still names the HID only if a set was full: then the
                 # daemon decides (and says so in its log).
                 f"    meta mark != 0 meta mark set {SYNC_MARK:#x} return",
-                f"    meta l4proto udp {log}",
-                f"    {notice}",
+                f"    meta l4proto udp {held}",
+                f"    tcp flags & (syn | ack) != syn {held}",
                 "  }",
             ]
+        lines += [*synack, f"    {log}", "  }"]
     lines += [
         "  chain unmark {",
         "    type filter hook prerouting priority -149; policy accept;",

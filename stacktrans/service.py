@@ -37,7 +37,7 @@ from stacktrans.kernel_flows import alive_flows, existing_flows
 from stacktrans.knock import Knocker, build
 from stacktrans.nflog import FlowNotices, NflogError
 from stacktrans.nfqueue import Handler, PacketQueue, QueueError
-from stacktrans.nft import Nft, NftError, NftTable, QueueSpec
+from stacktrans.nft import IN_KERNEL_PREFIX, Nft, NftError, NftTable, QueueSpec
 from stacktrans.queue_rules import XtQueueRules, nft_queue_supported
 from stacktrans.residue import Record, Residue
 from stacktrans.rto_revert import FlowSeq, Remedy, prompt
@@ -277,7 +277,12 @@ class StackTrans:
                 raise StartError(str(exc)) from exc
             self.queues.append(pq)
         if fast:
-            self.notices = FlowNotices(self.config.log_group, self.path.observe, self._notices_lost)
+            observe = self.path.observe
+            self.notices = FlowNotices(
+                self.config.log_group,
+                lambda data, outbound, prefix: observe(data, outbound, prefix == IN_KERNEL_PREFIX),
+                self._notices_lost,
+            )
             try:
                 self.notices.start(loop)
             except NflogError as exc:
@@ -499,7 +504,7 @@ class StackTrans:
 
     def carries_flows(self, hid: int) -> bool:
         """Whether host ``hid`` has flows in the socket table (IHMP never evicts it)."""
-        return self.dataplane is not None and bool(self.dataplane.sockets.flows_of(hid))
+        return self.dataplane is not None and self.dataplane.sockets.has_flows(hid)
 
     def counters(self) -> dict[str, int]:
         return {
@@ -517,6 +522,7 @@ class StackTrans:
             "flow_deaths_malformed": self.deaths.malformed if self.deaths else 0,
             "flows_ended_by_events": self.ended_by_events,
             "full_sweeps": self.full_sweeps,
+            "flows_learned_by_kernel": self.dataplane.learned_by_kernel if self.dataplane else 0,
         }
 
     def _notices_lost(self) -> None:

@@ -128,6 +128,13 @@ class SocketTable:
     def flows_of(self, hid: int) -> list[SocketEntry]:
         return list(self._by_hid.get(hid, {}).values())
 
+    def has_flows(self, hid: int) -> bool:
+        return bool(self._by_hid.get(hid))
+
+    def has_pair(self, hid: int, local: IPAddress, remote: IPAddress) -> bool:
+        """Whether some flow of ``hid`` goes between ``local`` and ``remote``."""
+        return (local, remote) in self._pairs.get(hid, ())
+
     def pairs_of(self, hid: int) -> set[tuple[IPAddress, IPAddress]]:
         """The distinct (local identifier, remote identifier) pairs of ``hid``'s flows."""
         return set(self._pairs.get(hid, ()))

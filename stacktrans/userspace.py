@@ -130,13 +130,14 @@ class UserspacePath:
 
     # -- notices (nft mode) -----------------------------------------------------------
 
-    def observe(self, data: bytes, outbound: bool) -> None:
+    def observe(self, data: bytes, outbound: bool, in_kernel: bool = False) -> None:
         """A flow notice: the head of a packet the kernel has already passed (the
         ``learn`` chains of :mod:`stacktrans.nft`), with the addresses and ports its
         socket sees, leaving this host or arriving. Learn its flow (asking IHMP for its
         host: a new one is greeted). A TCP connection's notice is its SYN-ACK, which
         carries both ends' ISNs (for prompting): its own, and the SYN's acknowledged;
-        and whoever sent it did not open the connection."""
+        and whoever sent it did not open the connection. ``in_kernel``: the kernel
+        holds the flow's elements already (see :meth:`Dataplane.flow_seen`)."""
         try:
             info = parse_head(data)
         except RewriteError:
@@ -156,7 +157,7 @@ class UserspacePath:
                 return
             opened_here = outbound != syn_ack
             origin = FlowOrigin.OUTBOUND if opened_here else FlowOrigin.INBOUND
-            entry = self.tr.flow_seen(key, now, origin)
+            entry = self.tr.flow_seen(key, now, origin, in_kernel)
             if entry is None:
                 return
         else:

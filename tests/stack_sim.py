@@ -105,6 +105,10 @@ class Node:
             return True
         return self.is_local(src) and any(a.version == src.version for a in self.links)
 
+    def _held(self, key: FlowKey) -> bool:
+        """Chain ``synack_*``: whether the kernel's flow set holds ``key``."""
+        return flow_tuple(key) in self.kernel.maps.flows
+
     def egress(self, pkt: Pkt) -> Pkt | None:
         """What the kernel makes of a packet a socket sends; None: rejected."""
         return pkt
@@ -290,8 +294,12 @@ class StackHost(Host, Node):
             return self._queued(self.path.outbound if outbound else self.path.inbound, pkt)
         plain_syn = pkt.proto == TCP and pkt.flags & (SYN | ACK) == SYN
         if learned is not Learned.KNOWN and not plain_syn:  # (its SYN-ACK tells)
-            self.path.observe(encode(pkt), outbound)
+            self.path.observe(encode(pkt), outbound, learned is Learned.LEARNED)
         return pkt
+
+    def _held(self, key: FlowKey) -> bool:
+        """Chain ``synack_*``: whether the kernel's flow set holds ``key``."""
+        return flow_tuple(key) in self.kernel.maps.flows
 
     def egress(self, pkt: Pkt) -> Pkt | None:
         new = self._track(pkt.sent_by())
@@ -301,8 +309,8 @@ class StackHost(Host, Node):
             pkt = self._queued(self.path.outbound, pkt)  # mangle OUTPUT, -150
         elif new:
             pkt = self._first(pkt, pkt.sent_by(), outbound=True)
-        elif pkt.syn_ack:
-            self.path.observe(encode(pkt), True)  # logged (learn_out)
+        elif pkt.syn_ack:  # logged (learn_out), saying whether the kernel holds it
+            self.path.observe(encode(pkt), True, self._held(pkt.sent_by()))
         return out_chain(self.kernel.maps, pkt)  # chain out, -140
 
     def ingress(self, pkt: Pkt) -> Pkt:
@@ -316,8 +324,8 @@ class StackHost(Host, Node):
         pkt = in_chain(self.kernel.maps, pkt)  # chain in, -300
         if self._track(pkt.received_by()):
             pkt = self._first(pkt, pkt.received_by(), outbound=False)
-        elif pkt.syn_ack:
-            self.path.observe(encode(pkt), False)  # logged (learn_in)
+        elif pkt.syn_ack:  # logged (learn_in)
+            self.path.observe(encode(pkt), False, self._held(pkt.received_by()))
         return pkt
 
     def after_packet(self) -> None:

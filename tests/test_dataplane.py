@@ -211,6 +211,55 @@ def test_the_kernel_learns_flows_only_where_the_daemon_would_decide_nothing_new(
     assert tr.translation(hid).learnable == frozenset()  # type: ignore[union-attr]
 
 
+def test_a_flow_the_kernel_learned_is_not_added_again_and_still_moves() -> None:
+    """A notice says the kernel holds the flow (it learned it): no element goes
+    through libnftables again when the pair is one the kernel learns for that host;
+    for a host the kernel could not have learned it for, its elements are added. A
+    learned flow moves with its host all the same, and is removed when it ends."""
+    tr, table, nft, _ = make(1)
+    hid = table.lookup(PEER).hid  # type: ignore[union-attr]
+    nft.batches.clear()
+    learned = FlowKey(TCP, LOCAL, 41000, PEER, 80)
+    assert tr.flow_seen(learned, 0.0, in_kernel=True) is not None
+    assert not any(":41000" in b or " 41000 " in b for b in nft.batches), nft.batches
+    assert tr.learned_by_kernel == 1
+    # A new host has no translation yet: the kernel learned nothing for it.
+    stranger = FlowKey(TCP, LOCAL, 41001, A("198.51.100.9"), 80)
+    tr.flow_seen(stranger, 0.0, in_kernel=True)
+    assert any("flows4" in b and " 41001 " in b for b in nft.batches), nft.batches
+    assert tr.learned_by_kernel == 1
+    # The host moves: its rewrite covers the learned flow (keyed by identifier).
+    table.transition(hid, Trigger.HELLO_ACKED)
+    table.add_active(hid, PEER2, prefer=True)
+    table.remove_address(hid, PEER)
+    assert tr.translation(hid).outbound(LOCAL, PEER) == (None, PEER2)  # type: ignore[union-attr]
+    assert any(f"rloc4 {{ {PEER} : {PEER2} }}" in b for b in nft.batches), nft.batches
+    nft.batches.clear()
+    tr.sweep(alive=set(), now=1.0)
+    tr.sweep(alive=set(), now=2.0)
+    assert any("delete element" in b and " 41000 " in b for b in nft.batches), nft.batches
+
+
+def test_a_flow_on_a_pair_in_use_leaves_the_translation_as_it_was() -> None:
+    """A new flow between addresses the host's flows use already changes nothing of
+    its translation; a new pair does."""
+    tr, table, nft, _ = make(1)
+    hid = table.lookup(PEER).hid  # type: ignore[union-attr]
+    other = A("192.0.2.7")
+    tr.set_local_addresses({LOCAL, other})
+    table.transition(hid, Trigger.HELLO_ACKED)
+    table.add_local(hid, LOCAL)  # the peer reaches us at LOCAL only
+    before = tr.translation(hid)
+    nft.batches.clear()
+    for i in range(5):
+        tr.flow_seen(FlowKey(TCP, LOCAL, 42000 + i, PEER, 80), 0.0)
+    assert tr.translation(hid) == before
+    assert not any("rloc4" in b or "lloc4" in b for b in nft.batches)
+    tr.flow_seen(FlowKey(TCP, other, 42100, PEER, 80), 0.0)
+    assert tr.translation(hid).outbound(other, PEER) == (LOCAL, None)  # type: ignore[union-attr]
+    assert any(f"lloc4 {{ {other} . {PEER} : {LOCAL} }}" in b for b in nft.batches)
+
+
 def test_a_legacy_host_is_learnable_at_all_its_addresses() -> None:
     tr, table, _, _ = make(1)
     hid = table.lookup(PEER).hid  # type: ignore[union-attr]

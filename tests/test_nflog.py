@@ -18,24 +18,28 @@ from stacktrans import nflog
 from stacktrans.netlink import attr, message
 
 
-def packet_message(data: bytes, hook: int, group: int = 7) -> bytes:
+def packet_message(data: bytes, hook: int, group: int = 7, prefix: str | None = None) -> bytes:
     body = struct.pack("!BBH", socket.AF_INET, 0, group)
     body += attr(nflog.NFULA_PACKET_HDR, struct.pack("!HBB", 0x0800, hook, 0))
     body += attr(2, struct.pack("!I", 0))  # NFULA_MARK: skipped
+    if prefix is not None:
+        body += attr(nflog.NFULA_PREFIX, prefix.encode() + b"\0")
     body += attr(nflog.NFULA_PAYLOAD, data)
     return message(nflog.NFULNL_MSG_PACKET, 0, 0, body)
 
 
-def collector() -> tuple[nflog.FlowNotices, list[tuple[bytes, bool]]]:
-    got: list[tuple[bytes, bool]] = []
-    return nflog.FlowNotices(7, lambda data, out: got.append((data, out))), got
+def collector() -> tuple[nflog.FlowNotices, list[tuple[bytes, bool, str]]]:
+    got: list[tuple[bytes, bool, str]] = []
+    return nflog.FlowNotices(7, lambda *notice: got.append(notice)), got
 
 
-def test_each_packet_of_a_batch_reaches_the_handler_with_its_direction() -> None:
+def test_each_packet_of_a_batch_reaches_the_handler_with_its_direction_and_prefix() -> None:
     notices, got = collector()
-    batch = packet_message(b"\x45out", nflog.NF_INET_LOCAL_OUT) + packet_message(b"\x45in!", 0)
+    batch = packet_message(b"\x45out", nflog.NF_INET_LOCAL_OUT) + packet_message(
+        b"\x45in!", 0, prefix="k"
+    )
     notices.feed(batch)
-    assert got == [(b"\x45out", True), (b"\x45in!", False)]
+    assert got == [(b"\x45out", True, ""), (b"\x45in!", False, "k")]
     assert notices.received == 2
 
 
@@ -51,7 +55,7 @@ def test_messages_without_a_header_or_a_payload_are_skipped() -> None:
 def test_a_failing_handler_is_counted_and_the_next_notice_still_handled() -> None:
     calls: list[bytes] = []
 
-    def handler(data: bytes, outbound: bool) -> None:
+    def handler(data: bytes, outbound: bool, prefix: str) -> None:
         calls.append(data)
         if data == b"bad":
             raise ValueError("boom")
@@ -77,7 +81,7 @@ class OverflowingSocket:
 def test_an_overflow_is_counted_reported_and_reading_goes_on() -> None:
     lost: list[bool] = []
     got: list[bytes] = []
-    notices = nflog.FlowNotices(7, lambda d, o: got.append(d), lambda: lost.append(True))
+    notices = nflog.FlowNotices(7, lambda d, o, p: got.append(d), lambda: lost.append(True))
     notices._sock = OverflowingSocket(packet_message(b"after", 3))  # type: ignore[assignment]
     notices.read()
     assert lost == [True] and notices.overflows == 1 and got == [b"after"]

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from stacktrans.nft import QueueSpec, ruleset
+from stacktrans.nft import IN_KERNEL_PREFIX, QueueSpec, ruleset
 from testbed.netns import topology
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for a namespace")
@@ -77,6 +77,28 @@ def test_the_kernel_learns_first_packets_and_logs_them_in_nft_mode_only() -> Non
     assert "meta mark 0xd1e6 meta mark set 0" in fast  # cleared again both ways
     assert fast.count("log group 77 snaplen 80") >= 6
     assert "flags dynamic; size 2097152;" in fast
+
+
+def test_notices_of_flows_the_kernel_holds_say_so() -> None:
+    """Learned in the packet path, or a SYN-ACK of a flow in the flow set: prefix
+    "k" (the daemon adds nothing); a flow passed unknown: no prefix."""
+    fast = ruleset(fast_path=True, ihmp_port=4731, log_group=77)
+    chains = {c.split(" {", 1)[0]: c for c in fast.split("  chain ")[1:]}
+    held = f'log group 77 snaplen 80 prefix "{IN_KERNEL_PREFIX}"'
+    for way in ("out", "in"):
+        assert f"jump synack_{way}" in chains[f"learn_{way}"]
+        # What is neither new nor a SYN-ACK leaves the chain by its first rules.
+        rules = [r.strip() for r in chains[f"learn_{way}"].splitlines()[2:4]]
+        assert rules == [
+            "ct state != new meta l4proto != tcp return",
+            "ct state != new tcp flags & (syn | ack) != syn | ack return",
+        ]
+        synack = chains[f"synack_{way}"]
+        assert f"@flows4 {held} return" in synack and f"@flows6 {held} return" in synack
+        assert synack.rstrip().splitlines()[-2].strip() == "log group 77 snaplen 80"
+        for f in ("4", "6"):
+            assert held in chains[f"learn_{way}{f}"]
+            assert "prefix" not in chains[f"new_{way}{f}"]
 
 
 @pytest.mark.parametrize("every_packet", [True, False])

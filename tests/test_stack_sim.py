@@ -520,6 +520,9 @@ def test_new_flows_to_a_known_host_never_wait_for_the_daemon() -> None:
     for flow in flows:
         entry = mh.dataplane.sockets.get(flow.key)
         assert entry is not None and (entry.isn, entry.peer_isn) == (1000, 5000)
+    # Their elements are the kernel's own: no daemon added them again (the first
+    # flow's host was unknown when it started: that one the daemons added).
+    assert mh.dataplane.learned_by_kernel == ch.dataplane.learned_by_kernel == len(flows)
     # The CH moves; its old address is no longer one a new flow is learned at.
     b.hard_handoff(ch, b.plan.c1, b.plan.c2, 0.0)
     net.run(5)
@@ -529,6 +532,7 @@ def test_new_flows_to_a_known_host_never_wait_for_the_daemon() -> None:
     net.exchange(late)
     assert (mh.queued, ch.queued) == (0, 0)
     assert flow_tuple(late.key) in mh.kernel.maps.flows
+    assert mh.dataplane.learned_by_kernel == len(flows) + 1
     net.assert_clean(first, *flows, late)
     no_rejections(ch, mh)
     to_old = FlowKey(TCP, b.m1, 40200, b.c1, 5001)

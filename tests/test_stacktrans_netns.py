@@ -311,6 +311,8 @@ def test_the_kernel_learns_new_flows_to_a_known_host_without_queueing_them(pair:
             # Notices: each connection's SYN-ACK (and the transfer's).
             assert counters["flow_notices"] >= n + 1, counters
             assert counters["flow_notices_lost"] == 0, counters
+            # Each notice said the kernel holds the flow: no daemon added it again.
+            assert counters["flows_learned_by_kernel"] == n + 1, counters
         time.sleep(0.5)
         pair.fig.hard_handoff_mh()
         moved(ch, mh, p)
