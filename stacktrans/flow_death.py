@@ -35,7 +35,7 @@ import errno
 import logging
 import socket
 import struct
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
@@ -356,7 +356,7 @@ _CLOSING = frozenset(
 )
 
 
-def check_flows(keys: Iterable[FlowKey]) -> dict[FlowKey, Fate]:
+def check_flows(keys: Collection[FlowKey]) -> dict[FlowKey, Fate]:
     """The :class:`Fate` of each key, by exact sock_diag lookups (a cost per key,
     whatever the number of sockets). OSError if sock_diag is unavailable. Blocking:
     call it from a thread."""

@@ -233,3 +233,8 @@ def smoke_note(meta: dict[str, Any]) -> list[str]:
     if meta.get("smoke"):
         return ["*Smoke run: tiny sizes and one short run; the figures are not meaningful.*", ""]
     return []
+
+
+def fixed(v: Any, digits: int) -> str:
+    """``v`` with ``digits`` decimals, "-" for None (a report's empty cell)."""
+    return "-" if v is None else f"{v:.{digits}f}"

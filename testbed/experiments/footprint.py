@@ -30,6 +30,7 @@ from testbed.experiments.common import (
     ROOT,
     UNSHAPED,
     RunContext,
+    fixed,
     machine_line,
     median,
     plot_path,
@@ -380,7 +381,7 @@ def report(doc: dict[str, Any], out: Path, md_dir: Path) -> str:
         i = r["idle"]
         lines.append(
             f"| {m} | idle | {i['entries']} | {i['rss_kib'] / 1024:.1f} | {_split(i)} | - | "
-            f"{_f(i['cpu_pct'], 1)} | <= {cfg.get('goal_idle_mib', GOAL_IDLE_MIB):g} MiB "
+            f"{fixed(i['cpu_pct'], 1)} | <= {cfg.get('goal_idle_mib', GOAL_IDLE_MIB):g} MiB "
             "| none given |"
         )
         for lv in _levels(r, cfg.get("flows", 0)):
@@ -389,9 +390,9 @@ def report(doc: dict[str, Any], out: Path, md_dir: Path) -> str:
                     if n == GOAL_10K_FLOWS else "reported")  # fmt: skip
             lines += [
                 f"| {m} | learning {n:,} flows ({_learned(lv)}) | - | - | - | - | "
-                f"{_f(lv['learn_cpu_pct'], 1)} | none set | none given |",
+                f"{fixed(lv['learn_cpu_pct'], 1)} | none set | none given |",
                 f"| {m} | holding {n:,} flows | {_entries(lv)} | {lv['rss_kib'] / 1024:.1f} "
-                f"| {_split(lv)} | {lv['hwm_kib'] / 1024:.1f} | {_f(lv['cpu_pct'], 1)} "
+                f"| {_split(lv)} | {lv['hwm_kib'] / 1024:.1f} | {fixed(lv['cpu_pct'], 1)} "
                 f"| {goal} | none given |",
             ]
     lines += [
@@ -403,8 +404,8 @@ def report(doc: dict[str, Any], out: Path, md_dir: Path) -> str:
     for m in cfg["modes"]:
         s = res[m]["startup"]
         lines.append(
-            f"| {m} | {_f(s['first_s'], 2)} | {_f(s['median_s'], 2)} "
-            f"| {_f(s['min_s'], 2)}-{_f(s['max_s'], 2)} | {s['failed']} "
+            f"| {m} | {fixed(s['first_s'], 2)} | {fixed(s['median_s'], 2)} "
+            f"| {fixed(s['min_s'], 2)}-{fixed(s['max_s'], 2)} | {s['failed']} "
             f"| <= {cfg.get('goal_startup_s', GOAL_STARTUP_S):g} s | none given |"
         )
     lines += ["", f"Paper: {PAPER}. The CH's daemon, idle: "
@@ -426,7 +427,7 @@ def report(doc: dict[str, Any], out: Path, md_dir: Path) -> str:
             start = _verdict(g["startup_met"], g["startup_s"], cfg["goal_startup_s"], "s")
             lines.append(
                 f"* {m}: idle {g['idle_mib']:.1f} MiB {idle}; {g['flows']:,} flows "
-                f"{g['flows_mib']:.1f} MiB {held}; start-up {_f(g['startup_s'], 2)} s {start}."
+                f"{g['flows_mib']:.1f} MiB {held}; start-up {fixed(g['startup_s'], 2)} s {start}."
             )
         lines += ["", *_where_it_goes(res, cfg)]
     lines.append("")
@@ -489,7 +490,7 @@ def _where_it_goes(res: dict[str, Any], cfg: dict[str, Any]) -> list[str]:
                 text += (
                     f"; of {lv['flows']:,} flows opened, only {lv['entries']:,} were in the "
                     f"table when RSS was read (their datagrams took {lv['learn_s']:g} s to "
-                    f"send; the daemon was still busy, {_f(lv['cpu_pct'], 0)} % CPU over the "
+                    f"send; the daemon was still busy, {fixed(lv['cpu_pct'], 0)} % CPU over the "
                     "window), so that row is not a figure for all of them"
                 )
         out.append(f"* {text}.")
@@ -521,7 +522,3 @@ def _split(row: dict[str, Any]) -> str:
     if "rss_anon_kib" not in row:
         return "-"
     return f"{row['rss_anon_kib'] / 1024:.1f} / {row['rss_file_kib'] / 1024:.1f}"
-
-
-def _f(v: Any, digits: int) -> str:
-    return "-" if v is None else f"{v:.{digits}f}"

@@ -26,6 +26,7 @@ from typing import Any
 
 from testbed.experiments.common import (
     RunContext,
+    fixed,
     machine_line,
     mean,
     plot_path,
@@ -295,13 +296,13 @@ def report(doc: dict[str, Any], out: Path, md_dir: Path) -> str:
             else:
                 rate = None if key == "unshaped" else int(key.removesuffix("mbit"))
                 expect = GOALS[(c, rate)]
-                ratio = _f(e.get("after_ratio"), 3)
+                ratio = fixed(e.get("after_ratio"), 3)
                 miss = _miss(c, rate, e)
                 if miss:
                     misses.append((c, f"{c} on the {link} link: {miss}"))
             lines.append(
                 f"| {link} | {'no dime' if c == 'none' else 'dime ' + c} "
-                f"| {_f(e.get('before_gbps'), 3)} | {_f(e.get('after_gbps'), 3)} | {mm} "
+                f"| {fixed(e.get('before_gbps'), 3)} | {fixed(e.get('after_gbps'), 3)} | {mm} "
                 f"| {ratio} | {expect} | {'-' if c == 'none' else 'no figure (below)'} |"
             )
     lines += [
@@ -325,7 +326,3 @@ def _miss(config: str, rate: int | None, e: dict[str, Any]) -> str | None:
         return f"{g:.3f} Gbit/s (goal >= 1)" if g is not None and g < 1.0 else None
     r = e.get("after_ratio")
     return f"{r:.3f} of no dime (goal >= 0.95)" if r is not None and r < 0.95 else None
-
-
-def _f(v: Any, digits: int) -> str:
-    return "-" if v is None else f"{v:.{digits}f}"

@@ -43,6 +43,7 @@ from testbed.capture import Capture
 from testbed.experiments.common import (
     UNSHAPED,
     RunContext,
+    fixed,
     machine_line,
     mean,
     median,
@@ -539,8 +540,8 @@ def report(doc: dict[str, Any], out: Path, md_dir: Path) -> str:
         f"* Link: {meta.get('link')}; RTT (ping MH -> CH) {meta.get('rtt_ms')} ms; no delay added",
         f"* Runs of {cfg['run_s']:g} s; {cfg['iperf3']}",
         f"* The same runs without dime on the same links (context; the ratios are to "
-        f"dime's own 0-entry figure): {_f(res.get('no_dime', {}).get('rx_gbps'), 3)} Gbit/s "
-        f"received, loss {_f(res.get('no_dime', {}).get('lost_pct'), 1)} %",
+        f"dime's own 0-entry figure): {fixed(res.get('no_dime', {}).get('rx_gbps'), 3)} Gbit/s "
+        f"received, loss {fixed(res.get('no_dime', {}).get('lost_pct'), 1)} %",
         "",
         f"![socket-table scalability]({plot_path(out, md_dir, NAME + '.png')})",
         "",
@@ -562,10 +563,10 @@ def report(doc: dict[str, Any], out: Path, md_dir: Path) -> str:
             ci_s = f"{ci[0]:.3f}-{ci[1]:.3f}" if ci else "-"
             lines.append(
                 f"| {mode} | {lv['n']:,} | {lv['entries_before']:,} | {lv['runs_ok']} "
-                f"| {_f(lv['rx_gbps_median'], 3)} | {mm} | {_f(lv.get('lost_pct'), 1)} "
-                f"| {_f(lv.get('ratio'), 3)} | {ci_s} | {goal} "
-                f"| {_f(lv.get('daemon_cpu_pct'), 0)} | {lv.get('full_sweeps_in_blocks', 0)} "
-                f"| {_f(lv.get('learn_rate_per_s'), 0)} | {lv.get('errors', 0)} |"
+                f"| {fixed(lv['rx_gbps_median'], 3)} | {mm} | {fixed(lv.get('lost_pct'), 1)} "
+                f"| {fixed(lv.get('ratio'), 3)} | {ci_s} | {goal} "
+                f"| {fixed(lv.get('daemon_cpu_pct'), 0)} | {lv.get('full_sweeps_in_blocks', 0)} "
+                f"| {fixed(lv.get('learn_rate_per_s'), 0)} | {lv.get('errors', 0)} |"
             )
     lines += [
         "",
@@ -582,7 +583,9 @@ def report(doc: dict[str, Any], out: Path, md_dir: Path) -> str:
         g = res["goal"][mode]
         ci = g.get("ci95")
         ci_s = f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "-"
-        lines.append(f"* {mode}: {_f(g['ratio_at_max'], 3)}, 95 % CI {ci_s}: {g.get('verdict')}.")
+        lines.append(
+            f"* {mode}: {fixed(g['ratio_at_max'], 3)}, 95 % CI {ci_s}: {g.get('verdict')}."
+        )
     for mode in cfg["modes"]:
         lines += _shortfall(mode, res[mode], res["goal"][mode], top, cfg["goal_ratio"])
     for mode in cfg["modes"]:
@@ -630,8 +633,8 @@ def _sequential(meta: dict[str, Any], cfg: dict[str, Any], res: dict[str, Any]) 
                 else "-"
             )
             out.append(
-                f"| {mode} | {lv['n']:,} | {_f(lv.get('rx_gbps'), 3)} | {mm} "
-                f"| {_f(lv.get('ratio'), 3)} |"
+                f"| {mode} | {lv['n']:,} | {fixed(lv.get('rx_gbps'), 3)} | {mm} "
+                f"| {fixed(lv.get('ratio'), 3)} |"
             )
     return [*out, ""]
 
@@ -650,13 +653,7 @@ def _shortfall(
         f"the 95 % interval is {ci[1] - ci[0]:.3f} wide, so the shortfall is "
         + ("within" if ci[1] >= target else "beyond")
         + " this machine's run-to-run spread. The MH daemon used "
-        f"{_f(zero.get('daemon_cpu_pct'), 0)} % of a core at 0 entries and "
-        f"{_f(full.get('daemon_cpu_pct'), 0)} % at {top:,}; "
+        f"{fixed(zero.get('daemon_cpu_pct'), 0)} % of a core at 0 entries and "
+        f"{fixed(full.get('daemon_cpu_pct'), 0)} % at {top:,}; "
         f"{full.get('full_sweeps_in_blocks', 0)} full sweeps fell in the {top:,} blocks."
     ]
-
-
-def _f(v: Any, digits: int) -> str:
-    if v is None:
-        return "-"
-    return f"{v:.{digits}f}"
