@@ -93,6 +93,22 @@ def check(b: Bed, server: Popen[bytes], client: Popen[bytes], nbytes: int) -> No
     check_transfer((b.fig.ch, b.fig.mh), server, client, nbytes, b.logs())
 
 
+def bulk_through_bottleneck(b: Bed, sender: str, nbytes: int) -> tuple[Popen[bytes], Popen[bytes]]:
+    """dime up at both ends, 20 Mbit/s (50 ms of queue) on the router's way to each,
+    and an unpaced transfer from ``sender`` ("mh": to the CH; "ch": to the MH's old
+    address), running once both daemons know each other."""
+    p = b.plan
+    for dev in ("rc1", "rm1", "rm2"):
+        b.fig.r.run("tc", "qdisc", "replace", "dev", dev, "root", *tbf_args(20, 50))
+    b.up("ch", "mh")
+    if sender == "mh":
+        transfer = tcp(b.fig.mh, b.fig.ch, p.c1.host, nbytes, rate=0)
+    else:
+        transfer = tcp(b.fig.ch, b.fig.mh, p.m1.host, nbytes, rate=0)
+    b.wait_established()
+    return transfer
+
+
 def hid_of(status: dict[str, object], addr: str) -> dict[str, object]:
     for h in status["hids"]:  # type: ignore[attr-defined]
         if addr in h["active"]:
@@ -149,16 +165,8 @@ def test_hard_handoff_bulk_sender_is_prompted_to_retransmit(
     IPv6) once the path is back, instead of leaving it to the timer: the MH when the
     CH challenges its new address, the CH when the MH answers."""
     with bed(tmp_path, plan) as b:
-        p = b.plan
-        for dev in ("rc1", "rm1", "rm2"):
-            b.fig.r.run("tc", "qdisc", "replace", "dev", dev, "root", *tbf_args(20, 50))
-        b.up("ch", "mh")
         nbytes = 16_000_000  # ~6.5 s at 20 Mbit/s
-        if sender == "mh":
-            server, client = tcp(b.fig.mh, b.fig.ch, p.c1.host, nbytes, rate=0)
-        else:
-            server, client = tcp(b.fig.ch, b.fig.mh, p.m1.host, nbytes, rate=0)
-        b.wait_established()  # the transfer runs and the peers know each other
+        server, client = bulk_through_bottleneck(b, sender, nbytes)
         # Backed off to 0.8 s: the timer fires about 1.4 s and 3 s after the first
         # loss; the path comes back between the two, where only a prompt helps.
         b.fig.hard_handoff_mh(2.2)
@@ -179,16 +187,8 @@ def test_soft_handoff_in_flight_is_recovered_at_once(tmp_path: Path, sender: str
     learning the move, acknowledges again what it received (the MH sends) or
     retransmits its window (the CH sends) at once (stacktrans/rto_revert.py)."""
     with bed(tmp_path) as b:
-        p = b.plan
-        for dev in ("rc1", "rm1", "rm2"):
-            b.fig.r.run("tc", "qdisc", "replace", "dev", dev, "root", *tbf_args(20, 50))
-        b.up("ch", "mh")
         nbytes = 12_000_000  # ~5 s at 20 Mbit/s
-        if sender == "mh":
-            server, client = tcp(b.fig.mh, b.fig.ch, p.c1.host, nbytes, rate=0)
-        else:
-            server, client = tcp(b.fig.ch, b.fig.mh, p.m1.host, nbytes, rate=0)
-        b.wait_established()
+        server, client = bulk_through_bottleneck(b, sender, nbytes)
         b.fig.soft_handoff_mh(overlap=1.0)
         check(b, server, client, nbytes)
         counters = b.daemons["ch"].status()["counters"]

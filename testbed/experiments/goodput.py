@@ -968,12 +968,7 @@ def report(doc: dict[str, Any], out: Path, md_dir: Path) -> str:
     for text, key in rows:
         lines.append(f"| {text} | {_yes(cmp_['soft'][key])} | {_yes(cmp_['hard'][key])} |")
     missed = [f"{text} ({h})" for text, key in rows for h in ("soft", "hard") if not cmp_[h][key]]
-    lines.append("")
-    if missed:
-        lines.append("**dime misses:** " + "; ".join(missed) + ".")
-    else:
-        lines.append("dime meets every goal of this experiment.")
-    lines.append("")
+    lines += _verdict(missed, "dime misses", "dime meets every goal of this experiment.")
     if res.get("paths"):
         lines += _paths_report(res["paths"])
     return "\n".join(lines)
@@ -1055,10 +1050,10 @@ def _paths_report(paths: dict[str, Any]) -> list[str]:
             cells = [_yes(cmp_[h][k]) if h in ran else "not run" for h in ("soft", "hard")]
             lines.append(f"| {key} | {row} | {' | '.join(cells)} |")
             missed += [f"{key}: {row} ({h})" for h in ran if not cmp_[h][k]]
-    lines.append("")
-    if missed:
-        lines.append("**dime misses (all paths):** " + "; ".join(missed) + ".")
-    else:
-        lines.append("dime meets every goal on every path.")
-    lines.append("")
-    return lines
+    return lines + _verdict(missed, "dime misses (all paths)", "dime meets every goal on every path.")
+
+
+def _verdict(missed: list[str], heading: str, all_met: str) -> list[str]:
+    """The goals' closing line: what is missed, or that nothing is."""
+    text = f"**{heading}:** " + "; ".join(missed) + "." if missed else all_met
+    return ["", text, ""]
