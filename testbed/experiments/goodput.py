@@ -1050,7 +1050,8 @@ def _paths_report(paths: dict[str, Any]) -> list[str]:
             cells = [_yes(cmp_[h][k]) if h in ran else "not run" for h in ("soft", "hard")]
             lines.append(f"| {key} | {row} | {' | '.join(cells)} |")
             missed += [f"{key}: {row} ({h})" for h in ran if not cmp_[h][k]]
-    return lines + _verdict(missed, "dime misses (all paths)", "dime meets every goal on every path.")
+    everything = "dime meets every goal on every path."
+    return lines + _verdict(missed, "dime misses (all paths)", everything)
 
 
 def _verdict(missed: list[str], heading: str, all_met: str) -> list[str]:
