@@ -388,7 +388,9 @@ def one_run(
         try:
             em = emulate(fig.r, ROUTER_DEVS, delay_ms, rate_mbit)
             if run.system == "dime":
-                tag = f"{run.system}-{run.handoff}-{run.index}"
+                # One log per run: the path too ("v6-CH-MH"), or later paths overwrite it.
+                where = run.path.key.replace(" ", "-").replace("->", "-")
+                tag = f"{run.system}-{where}-{run.handoff}-{run.index}"
                 dimes = [Dime.in_dir(ns, ctx.tmp, f"{tag}-{n}") for ns, n in
                          ((fig.mh, "mh"), (fig.ch, "ch"))]  # fmt: skip
                 up_all(dimes, "-v")
