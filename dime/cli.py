@@ -21,11 +21,13 @@ import sys
 # The dime program speaks no TLS, and its one hash (the cookies' HMAC-SHA256) has a
 # builtin implementation: keep asyncio from loading ssl, and hashlib and hmac from
 # loading OpenSSL's libcrypto through _hashlib (cryptography brings its own
-# OpenSSL). 4.9 MiB of the daemon's RSS. Only in the program: an importer (tests, the
-# testbed) keeps its ssl.
+# OpenSSL). 4.9 MiB of the daemon's RSS. Only in the daemon (`dime up`): an importer
+# (tests, the testbed) keeps its ssl, and so does `dime nat`, which loads pyroute2
+# (which imports ssl); the daemon's own pyroute2 fallback takes ssl back first
+# (stacktrans.kernel_flows.conntrack_udp4).
 if (
     __name__ == "dime.cli"
-    and sys.argv
+    and sys.argv[1:2] == ["up"]
     and sys.argv[0].endswith("/dime")
     # ... where hashlib has SHA-256 without OpenSSL (some builds leave it out)
     and any(importlib.util.find_spec(m) is not None for m in ("_sha2", "_sha256"))

@@ -726,6 +726,10 @@ def conntrack_line(line: str) -> Flow | None:
 def conntrack_udp4() -> set[Flow] | None:
     """IPv4 UDP conntrack entries, both orientations (pyroute2's ctnetlink dump);
     None if conntrack is unavailable."""
+    # `dime up` keeps ssl and _hashlib out (dime.cli: memory); pyroute2 imports ssl.
+    for name in ("ssl", "_hashlib"):
+        if name in sys.modules and sys.modules[name] is None:
+            del sys.modules[name]
     from pyroute2 import Conntrack
 
     out: set[Flow] = set()

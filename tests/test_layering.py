@@ -119,11 +119,11 @@ def test_the_daemon_does_not_load_heavy_packages() -> None:
 
 
 def test_the_dime_program_loads_neither_ssl_nor_libcrypto() -> None:
-    """As ``dime`` (and only then), asyncio goes without ssl and hashlib without
+    """As ``dime up`` (and only then), asyncio goes without ssl and hashlib without
     _hashlib; the cookies' HMAC is the same with the builtin SHA-256."""
     code = (
         "import sys\n"
-        "sys.argv = ['/usr/bin/dime']\n"
+        "sys.argv = ['/usr/bin/dime', 'up']\n"
         "import dime.cli, dime.daemon\n"
         "from ipaddress import ip_address as a\n"
         "from ihmp.cookie import CookieJar\n"
@@ -136,3 +136,22 @@ def test_the_dime_program_loads_neither_ssl_nor_libcrypto() -> None:
     assert out[0] == "[]"
     mine = CookieJar(bytes(32)).make(ip_address("10.0.0.1"), 5, ip_address("10.0.0.2"), 100.0)
     assert out[1] == mine.hex()
+
+
+def test_other_dime_commands_keep_ssl_and_the_fallback_takes_it_back() -> None:
+    """``dime nat`` loads pyroute2, which imports ssl: only ``dime up`` keeps ssl out,
+    and its own pyroute2 fallback (no /proc/net/nf_conntrack) takes ssl back first."""
+    code = (
+        "import sys\n"
+        "sys.argv = ['/usr/bin/dime', 'nat']\n"
+        "import dime.cli\n"
+        "print(sys.modules.get('ssl', 'absent') is None)\n"
+        "sys.modules['ssl'] = None\n"
+        "from stacktrans.kernel_flows import conntrack_udp4\n"
+        "conntrack_udp4()\n"
+        "print('pyroute2' in sys.modules)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
+    ).stdout.split()
+    assert out == ["False", "True"]
