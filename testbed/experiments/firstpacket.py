@@ -114,12 +114,13 @@ def _measure(
     process's CPU over the rate phase. ``paused``: the daemons are stopped for the
     rate phase (after the latency phase made the hosts known to each other)."""
     server = fig.ch.popen(PYTHON, "-c", SERVER, V4.c1.host, stdout=-1, stderr=-1)
-    args = (V4.c1.host, str(n), str(seconds))
-    client = fig.mh.popen(PYTHON, "-c", CLIENT, *args, stdin=-1, stdout=-1, stderr=-1)
+    client = None
     try:
-        assert server.stdout is not None and client.stdout is not None
-        assert client.stdin is not None
-        server.stdout.readline()
+        assert server.stdout is not None
+        server.stdout.readline()  # listening: the client's first connect must find it
+        args = (V4.c1.host, str(n), str(seconds))
+        client = fig.mh.popen(PYTHON, "-c", CLIENT, *args, stdin=-1, stdout=-1, stderr=-1)
+        assert client.stdout is not None and client.stdin is not None
         meter = CpuMeter({"client": client.pid, "server": server.pid, **daemons})
         line = client.stdout.readline()
         assert line.strip() == b"rate", line + client.communicate(timeout=10)[1]
@@ -131,8 +132,9 @@ def _measure(
         client.wait(timeout=10)
     finally:
         for proc in (client, server):
-            proc.kill()
-            proc.wait()
+            if proc is not None:
+                proc.kill()
+                proc.wait()
     return res
 
 
