@@ -112,10 +112,7 @@ def test_the_daemon_does_not_load_heavy_packages() -> None:
         "heavy = ('pyroute2', 'scapy', 'cryptography.hazmat.primitives.serialization')\n"
         "print(sorted(m for m in heavy if m in sys.modules))\n"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
-    )
-    assert out.stdout.strip() == "[]"
+    assert _python(code) == ["[]"]
 
 
 def test_the_dime_program_loads_neither_ssl_nor_libcrypto() -> None:
@@ -130,9 +127,7 @@ def test_the_dime_program_loads_neither_ssl_nor_libcrypto() -> None:
         "print([m for m in ('ssl', '_hashlib') if sys.modules.get(m) is not None])\n"
         "print(CookieJar(bytes(32)).make(a('10.0.0.1'), 5, a('10.0.0.2'), 100.0).hex())\n"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
-    ).stdout.split()
+    out = _python(code)
     assert out[0] == "[]"
     mine = CookieJar(bytes(32)).make(ip_address("10.0.0.1"), 5, ip_address("10.0.0.2"), 100.0)
     assert out[1] == mine.hex()
@@ -151,7 +146,11 @@ def test_other_dime_commands_keep_ssl_and_the_fallback_takes_it_back() -> None:
         "conntrack_udp4()\n"
         "print('pyroute2' in sys.modules)\n"
     )
-    out = subprocess.run(
+    assert _python(code) == ["False", "True"]
+
+
+def _python(code: str) -> list[str]:
+    """What ``code`` prints, run by a fresh interpreter in the repository, word by word."""
+    return subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
     ).stdout.split()
-    assert out == ["False", "True"]
