@@ -50,7 +50,14 @@ from stacktrans.kernel_flows import (
     TcpState,
     parse_diag_msg,
 )
-from stacktrans.netlink import NETLINK_NETFILTER, attribute, attributes, messages
+from stacktrans.netlink import (
+    EVENT_RCVBUF,
+    NETLINK_NETFILTER,
+    attribute,
+    attributes,
+    messages,
+    open_socket,
+)
 from stacktrans.socket_table import TCP, UDP, FlowKey
 
 __all__ = [
@@ -89,8 +96,6 @@ NFGENMSG_SIZE = 4
 
 #: Room for about 20,000 destroy messages while the daemon is busy (a TCP one carries
 #: tcp_info: ~400 bytes).
-RCVBUF = 8 << 20
-SO_RCVBUFFORCE = 33
 #: Linux's TCP_TIMEWAIT_LEN: how long a TIME_WAIT socket lives (a fixed 60 s).
 TIME_WAIT_S = 60.0
 
@@ -256,17 +261,8 @@ class DeathWatch:
 
 
 def _subscribed(protocol: int, groups: int) -> socket.socket:
-    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, protocol)
-    try:
-        sock.bind((0, groups))
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RCVBUF)
-        except OSError:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)
-        sock.setblocking(False)
-    except OSError:
-        sock.close()
-        raise
+    sock = open_socket(protocol, groups, rcvbuf=EVENT_RCVBUF)
+    sock.setblocking(False)
     return sock
 
 

@@ -7,6 +7,7 @@ decoders are worth their cost (ctnetlink events of ``dime nat``).
 
 from __future__ import annotations
 
+import socket
 import struct
 from collections.abc import Iterator
 
@@ -17,6 +18,11 @@ NETLINK_NETFILTER = 12
 NLMSG = struct.Struct("=IHHII")  # len, type, flags, seq, pid
 NLA = struct.Struct("=HH")  # attribute length (header included), type
 NLA_TYPE_MASK = 0x3FFF  # without the nested / byte-order flags
+SO_RCVBUFFORCE = 33  # not in Python's socket module
+#: The receive buffer of sockets that take bursts from the kernel (events, notices:
+#: room for about 30,000 NFLOG notices while the daemon is busy); what overflows it
+#: is lost (ENOBUFS).
+EVENT_RCVBUF = 8 << 20
 
 
 def frames(data: bytes) -> Iterator[memoryview]:
@@ -70,3 +76,21 @@ def attr(kind: int, value: bytes) -> bytes:
 
 def message(kind: int, flags: int, seq: int, payload: bytes) -> bytes:
     return NLMSG.pack(NLMSG.size + len(payload), kind, flags, seq, 0) + payload
+
+
+def open_socket(protocol: int, groups: int = 0, *, rcvbuf: int | None = None) -> socket.socket:
+    """A netlink socket of ``protocol`` bound to the multicast ``groups``; with
+    ``rcvbuf``, that receive buffer (beyond the sysctl's limit where we may: root
+    has SO_RCVBUFFORCE). OSError if the kernel refuses; nothing is left open then."""
+    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, protocol)
+    try:
+        sock.bind((0, groups))
+        if rcvbuf is not None:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, rcvbuf)
+            except OSError:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    except OSError:
+        sock.close()
+        raise
+    return sock

@@ -22,6 +22,7 @@ import struct
 from collections.abc import Callable
 
 from stacktrans.netlink import (
+    EVENT_RCVBUF,
     NETLINK_NETFILTER,
     NLM_F_ACK,
     NLM_F_REQUEST,
@@ -31,6 +32,7 @@ from stacktrans.netlink import (
     error_code,
     message,
     messages,
+    open_socket,
 )
 
 log = logging.getLogger("dime.nflog")
@@ -44,10 +46,6 @@ NFULA_PACKET_HDR, NFULA_PAYLOAD, NFULA_PREFIX = 1, 9, 10
 NF_INET_LOCAL_OUT = 3
 _NFGEN = struct.Struct("!BBH")  # family, version, resource id (the group)
 _PACKET_HDR = struct.Struct("!HBB")  # hardware protocol, hook, pad
-#: Room for about 30,000 notices while the daemon is busy (a root socket may exceed
-#: net.core.rmem_max).
-RCVBUF = 8 << 20
-
 #: ``on_packet(data, outbound, prefix)``: a logged packet's bytes (its headers),
 #: whether it was leaving this host (output hook) or arriving (prerouting), and the
 #: log rule's prefix ("" for none).
@@ -106,15 +104,10 @@ class FlowNotices:
         """Bind the group. NflogError says why not (no nfnetlink_log, or another
         program has the group)."""
         try:
-            sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+            sock = open_socket(NETLINK_NETFILTER, rcvbuf=EVENT_RCVBUF)
         except OSError as exc:
             raise NflogError(f"no netfilter netlink socket: {exc}") from exc
         try:
-            sock.bind((0, 0))
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, 33, RCVBUF)  # SO_RCVBUFFORCE
-            except OSError:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)
             _request(sock, _config(self.group, NFULNL_CFG_CMD_BIND, 1))
         except (OSError, NflogError) as exc:
             sock.close()

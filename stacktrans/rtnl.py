@@ -34,6 +34,7 @@ from stacktrans.netlink import (
     error_code,
     message,
     messages,
+    open_socket,
 )
 
 __all__ = ["RTMGRP_IPV4_IFADDR", "RTMGRP_IPV6_IFADDR", "RTMGRP_LINK", "AsyncRtnl", "Rtnl"]
@@ -129,13 +130,7 @@ def _decode(kind: int, event: str, payload: memoryview) -> dict[str, Any] | None
 
 
 def _open(groups: int = 0) -> socket.socket:
-    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
-    try:
-        sock.bind((0, groups))
-    except OSError:
-        sock.close()
-        raise
-    return sock
+    return open_socket(socket.NETLINK_ROUTE, groups)
 
 
 class Rtnl:
