@@ -469,8 +469,18 @@ class Dataplane:
     def awaits_knock(self, hid: int, at: IPAddress, proto: int, lport: int) -> bool:
         """Whether a packet from ``at`` (a NAT in front of ``hid``) to our ``lport`` on a
         port we do not know may be a flow of ``hid`` whose knock has not come yet:
-        then it must not reach our stack (which would answer with a reset)."""
+        then it must not reach our stack (which would answer with a reset).
+
+        So too a TCP segment that is no SYN from an address the host claims that we
+        have not proven (our challenge is out) to a port of its TCP flows: the peer
+        moves its flows when our challenge reaches it
+        (``IhmpEngine._on_path_probe``), a round trip before we take the
+        address; behind a NAT that chose new ports, nothing names the flow yet."""
         host = self._hosts.get(hid)
+        if host is not None and at in host.unreachable and at not in host.active:
+            return proto == TCP and any(
+                e.key.proto == TCP and e.key.lport == lport for e in self.sockets.flows_of(hid)
+            )
         behind = host.behind(at) if host is not None and at == host.locator else None
         if behind is None:
             return False  # (a NAT it left may have other hosts behind it: their flows)

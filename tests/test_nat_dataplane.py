@@ -120,6 +120,23 @@ def test_a_new_address_behind_the_same_nat_waits_for_new_knocks() -> None:
     assert not tr.awaits_knock(hid, NAT1, TCP, 5001)
 
 
+def test_a_flow_that_moved_ahead_of_our_proof_is_held_from_our_stack() -> None:
+    """The peer moved its flows when our challenge to its new address (a NAT that
+    chose new ports) reached it: until the answer comes, its TCP segments to our
+    flows' ports are dropped (our stack would reset the flow), nothing else is."""
+    tr, table, _, hid = natted()
+    table.mark_unreachable(hid, NAT2)  # claimed by a HANDOFF, our challenge is out
+    assert tr.awaits_knock(hid, NAT2, TCP, 5001)
+    assert not tr.awaits_knock(hid, NAT2, TCP, 5002)  # no flow of its there
+    assert not tr.awaits_knock(hid, NAT2, UDP, 5001)
+    path = UserspacePath(tr, lambda: 0.0)
+    assert path.inbound(_tcp(str(NAT2), 61001, str(LOCAL), 5001, b"data")) == DROP
+    assert path.inbound(_syn(str(NAT2), 61002, str(LOCAL), 5001)) != DROP  # a new flow
+    table.add_active(hid, NAT2, prefer=True)  # proven: now its knock binds it
+    table.set_nat(hid, NAT2, A("10.77.2.20"))
+    assert tr.awaits_knock(hid, NAT2, TCP, 5001)  # (the NAT's rule, as before)
+
+
 def test_an_aware_nats_entry_binds_by_the_peers_port_and_names_native_flows() -> None:
     native = FlowKey(UDP, LOCAL, 6001, NAT1, 50123)  # started behind NAT1
     tr, _, _, hid = natted()
