@@ -157,6 +157,8 @@ class Counters:
     registrations_sent: int = 0  # REGISTERs to rendezvous points, retransmissions included
     relays_sent: int = 0  # our messages sent through a rendezvous point
     relayed_received: int = 0  # peers' messages a rendezvous point forwarded, taken in
+    flow_moves_sent: int = 0  # FLOW_MOVEs of ours (one per flow moved), not retransmissions
+    flow_moves_received: int = 0  # peers' FLOW_MOVEs applied
 
 
 SAVE_VERSION = 1
@@ -600,6 +602,48 @@ class IhmpEngine:
         self._commit(msg, entry.hid, window, pin, now)
         self.counters.flows_bound += 1
         return entry.hid, msg.flow
+
+    # == per-flow moves (a multihomed host's locator policy) ===========================
+
+    def move_flow(self, hid: int, flow: FlowSpec, via: IPAddress, now: float) -> int | None:
+        """Ask peer ``hid`` to send ``flow`` (as our socket sees it) to our address
+        ``via``: a FLOW_MOVE from ``via``, retransmitted until ACKed. Returns its
+        sequence number (an :class:`~ihmp.events.ExchangeCompleted` or
+        :class:`~ihmp.events.ExchangeFailed` of that number ends it), or None when the
+        peer cannot be asked: gone, not established, nowhere to send to in ``via``'s
+        family, or ``via`` is no address of ours the peer has verified (it would refuse
+        the move: it never challenges for one)."""
+        if hid not in self.table:
+            return None
+        entry = self.table.get(hid)
+        if entry.state is not HidState.ESTABLISHED or via not in entry.local:
+            return None
+        remote = next((a for a in entry.active if a.version == via.version), None)
+        if remote is None or via not in self._local:
+            return None
+        peer = self._peer(hid)
+        msg = self._message(
+            peer, T.FLOW_MOVE, host_id=self._host_id(entry), new_addr=via, flow=flow
+        )
+        self._send(hid, msg, via, remote, now, track=True)
+        self.counters.flow_moves_sent += 1
+        return msg.seq
+
+    def _on_flow_move(
+        self, msg: Message, entry: HostEntry, src: IPAddress, dst: IPAddress, port: int | None
+    ) -> None:
+        """The peer moves one of its flows to another of its addresses. Only to one we
+        verified: the signature says the host asks, the challenge that made the
+        address active says the host is there. Anything else is refused."""
+        assert msg.new_addr is not None and msg.flow is not None
+        if msg.new_addr not in entry.active:
+            raise _Reject(
+                RejectReason.UNVERIFIED_ADDRESS,
+                f"FLOW_MOVE to {msg.new_addr}: not a verified address of HID {entry.hid}",
+            )
+        self.counters.flow_moves_received += 1
+        self._events.append(ev.FlowMoveReceived(entry.hid, msg.flow, msg.new_addr))
+        self._ack_applied(entry.hid, msg, src, dst, port, nat=False, applied=True)
 
     # == IHMP-aware NATs ================================================================
 
@@ -1052,6 +1096,8 @@ class IhmpEngine:
             self._completed(pending, msg, src, now)
         elif msg.type is T.PATH_PROBE:
             self._on_path_probe(msg, entry, src, dst, port, now)
+        elif msg.type is T.FLOW_MOVE:
+            self._on_flow_move(msg, entry, src, dst, port)
         else:
             self._on_address_event(msg, entry, src, dst, port, now, relayed)
 

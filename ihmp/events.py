@@ -12,7 +12,7 @@ import enum
 from dataclasses import dataclass
 
 from ihmp.addr import IPAddress
-from ihmp.flows import NatMapping
+from ihmp.flows import FlowSpec, NatMapping
 from ihmp.hosts import HostChanged
 from ihmp.wire import MessageType
 
@@ -47,6 +47,7 @@ class RejectReason(enum.Enum):
     NOT_A_LOCATOR = "not_a_locator"  # sent to an address that is no locator of ours
     BAD_NONCE = "bad_nonce"  # the ACK of a path challenge does not echo its nonce
     UNVERIFIED_SOURCE = "unverified_source"  # a knock from no verified address of its host
+    UNVERIFIED_ADDRESS = "unverified_address"  # a FLOW_MOVE to no verified address of its host
 
 
 class DropReason(enum.Enum):
@@ -166,6 +167,17 @@ class FlowsNeedBinding:
     identifiers: frozenset[IPAddress] | None = None
 
 
+@dataclass(frozen=True)
+class FlowMoveReceived:
+    """The peer ``hid`` asks that its ``flow`` (as the peer's socket sees it) be sent to
+    its verified address ``addr`` (FLOW_MOVE). Its ACK goes once this event is handled:
+    the data plane must send there before the datagrams that follow are sent."""
+
+    hid: int
+    flow: FlowSpec
+    addr: IPAddress
+
+
 Event = (
     HostChanged
     | PeerEstablished
@@ -179,4 +191,5 @@ Event = (
     | NatDetected
     | NatEntryReceived
     | FlowsNeedBinding
+    | FlowMoveReceived
 )

@@ -49,6 +49,7 @@ class MessageType(enum.IntEnum):
     REGISTER = 12  # host -> rendezvous point: "I am at the source of this", signed
     RELAY = 13  # host -> rendezvous point: "forward PAYLOAD to the host of key TARGET"
     RELAYED = 14  # rendezvous point -> host: PAYLOAD, as ORIGIN sent it
+    FLOW_MOVE = 15  # "send this flow of ours to NEW_ADDR (an address of ours you verified)"
 
 
 #: What a RELAY may carry: a host's address events. Challenges and their answers
@@ -139,6 +140,7 @@ _REQUIRED: dict[MessageType, frozenset[Tag]] = {
     MessageType.HANDOFF_UNREACHABLE: frozenset({Tag.NEW_ADDR, Tag.OLD_ADDRS}),
     MessageType.NAT_ENTRY: frozenset({Tag.NAT_MAPPING}),
     MessageType.FLOW_BIND: frozenset({Tag.FLOW}),
+    MessageType.FLOW_MOVE: frozenset({Tag.NEW_ADDR, Tag.FLOW}),
     MessageType.REGISTER: frozenset({Tag.ADVERTISED, Tag.SRC_ADDR, Tag.PUBLIC_KEY, Tag.NONCE}),
     MessageType.RELAY: frozenset({Tag.PUBLIC_KEY, Tag.TARGET, Tag.PAYLOAD}),
     MessageType.RELAYED: frozenset({Tag.ORIGIN, Tag.PAYLOAD}),

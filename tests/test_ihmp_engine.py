@@ -1268,3 +1268,87 @@ def test_a_hello_said_again_from_a_new_address_keeps_its_host_id() -> None:
     # ... and A1, which A left before the two knew each other, is withdrawn there.
     assert entry.addresses() == {A("192.0.2.77")}
     assert_symmetric(a, "192.0.2.77", b, B1)
+
+
+# -- FLOW_MOVE (per-flow locators of a multihomed host) --------------------------------
+
+A2 = "203.0.113.5"
+MOVED = FlowSpec(6, A(A1), 40312, A(B1), 22)  # as A's socket sees it
+
+
+def multihomed(net: Net) -> tuple[Host, Host]:
+    """A with a second address B has verified."""
+    a, b = established(net)
+    a.engine.address_added(ip_interface(A2 + "/24"), net.now)
+    net.run(5)
+    assert A(A2) in b.entry_for(A1).active and A(A2) in a.entry_for(B1).local
+    return a, b
+
+
+def test_flow_move_to_a_verified_address_is_applied_then_acked() -> None:
+    net = Net()
+    a, b = multihomed(net)
+    hid = a.entry_for(B1).hid
+    since = net.now
+    seq = a.engine.move_flow(hid, MOVED, A(A2), net.now)
+    assert seq is not None
+    net.run(1)
+    assert net.types_sent(since=since) == [T.FLOW_MOVE, T.ACK]
+    sent = net.log[-2].datagram
+    assert (sent.src, sent.dst) == (A(A2), A(B1))  # from the address it moves to
+    assert b.events_of(ev.FlowMoveReceived) == [
+        ev.FlowMoveReceived(b.entry_for(A1).hid, MOVED, A(A2))
+    ]
+    done = [e for e in a.events_of(ev.ExchangeCompleted) if e.type is T.FLOW_MOVE]
+    assert [e.seq for e in done] == [seq]
+    assert a.engine.counters.flow_moves_sent == 1
+    assert b.engine.counters.flow_moves_received == 1
+
+
+def test_flow_move_is_not_sent_for_an_address_the_peer_has_not_verified() -> None:
+    net = Net()
+    a, _ = established(net)
+    hid = a.entry_for(B1).hid
+    assert a.engine.move_flow(hid, MOVED, A(A2), net.now) is None  # not ours
+    assert a.engine.move_flow(hid + 99, MOVED, A(A1), net.now) is None  # no such peer
+    assert a.engine.datagrams_to_send(net.now) == []
+
+
+def test_flow_move_to_an_unverified_address_is_refused_and_changes_nothing() -> None:
+    """A signed FLOW_MOVE naming an address the receiver never verified (an attacker's
+    address, say, from a peer whose key it holds) is refused, not challenged."""
+    net = Net()
+    a, b = established(net)
+    hid = a.entry_for(B1).hid
+    peer = a.engine._peer(hid)
+    entry = a.entry_for(B1)
+    evil = a.engine._message(
+        peer, T.FLOW_MOVE, host_id=entry.local[0], new_addr=A("192.0.2.66"), flow=MOVED
+    )
+    a.engine._send(hid, evil, A(A1), A(B1), net.now, track=False)
+    net.run(1)
+    rejected = b.events_of(ev.MessageRejected)
+    assert [r.reason for r in rejected] == [RejectReason.UNVERIFIED_ADDRESS]
+    assert b.events_of(ev.FlowMoveReceived) == []
+    assert T.ACK not in net.types_sent(since=net.now - 1)
+    assert b.engine.counters.messages_rejected == {"unverified_address": 1}
+
+
+def test_a_lost_flow_move_is_sent_again_until_acked() -> None:
+    net = Net()
+    a, b = multihomed(net)
+    lost = [True]
+
+    def drop_first(d: Datagram) -> bool:
+        if lost and decode(d.data).type is T.FLOW_MOVE:
+            lost.clear()
+            return True
+        return False
+
+    net.drop = drop_first
+    since = net.now
+    seq = a.engine.move_flow(a.entry_for(B1).hid, MOVED, A(A2), net.now)
+    net.run(5)
+    assert net.types_sent(since=since) == [T.FLOW_MOVE, T.FLOW_MOVE, T.ACK]
+    assert [e.seq for e in a.events_of(ev.ExchangeCompleted) if e.type is T.FLOW_MOVE] == [seq]
+    assert len(b.events_of(ev.FlowMoveReceived)) == 1

@@ -488,6 +488,7 @@ SPEC: dict[MessageType, tuple[frozenset[str], frozenset[str], Flags]] = {
     T.HANDOFF_UNREACHABLE: (frozenset({"new_addr", "old_addrs"}), frozenset(), Flags.OU),
     T.NAT_ENTRY: (frozenset({"nat_mapping"}), frozenset({"public_key"}), Flags.NONE),
     T.FLOW_BIND: (frozenset({"flow"}), frozenset(), Flags.NONE),
+    T.FLOW_MOVE: (frozenset({"new_addr", "flow"}), frozenset(), Flags.NONE),
     T.REGISTER: (
         frozenset({"advertised", "src_addr", "public_key", "nonce"}),
         frozenset(),
@@ -838,7 +839,7 @@ ENCODE_REFUSALS: list[tuple[str, Message, str]] = [
         Message(T.NAT_ENTRY, 1, A, nat_mapping=replace(GOOD_NAT, proto=256)),
         "field",
     ),
-    ("unknown-type", Message(15, 1, A), "type"),  # type: ignore[arg-type]
+    ("unknown-type", Message(16, 1, A), "type"),  # type: ignore[arg-type]
     ("scoped-host-id", Message(T.ACK, 1, IPv6Address("fe80::1%eth0")), "address"),
     (
         "scoped-addresses-differing-only-in-scope",
