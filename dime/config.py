@@ -65,6 +65,16 @@
     key = "hex or base64 of the 32-byte Ed25519 public key"
     addr = "192.0.2.7"
 
+    [[policy]]                  # which local interface a flow uses; the first rule that
+                                # matches it applies (a rule with no match keys: all)
+    proto = "tcp"               # tcp | udp
+    remote = "192.0.2.0/24"     # the peer's identifier: an address or prefix
+    remote_port = 22
+    local_port = 5001
+    via = ["wlan0", "eth0"]     # interfaces or local addresses, most preferred first
+    backup = ["wwan0"]          # used only when nothing in via works
+    return = true               # go back when a preferred one returns
+
 A bad value is one line naming the key; unknown keys are refused.
 """
 
@@ -74,18 +84,23 @@ import base64
 import binascii
 import os
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
+from ipaddress import IPv4Network, IPv6Address, IPv6Network, ip_network
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from ihmp.engine import EngineConfig
 from ihmp.keys import parse_scope
 from ihmp.registration import RendezvousAddressError, RendezvousPoint
 from ihmp.rendezvous import ServerConfig
+from stacktrans.policy import PROTOS, Policy, Rule, parse_address
 
 DEFAULT_STATE_DIR = Path("/var/lib/dime")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 DATAPLANES = ("auto", "nft", "nfqueue")
+
+_T = TypeVar("_T")
 
 
 class ConfigError(ValueError):
@@ -125,6 +140,7 @@ class Config:
     trust: list[TrustBinding] = field(default_factory=list)
     rendezvous: list[RendezvousPoint] = field(default_factory=list)
     rendezvous_server: ServerConfig = field(default_factory=ServerConfig)
+    policy: Policy = field(default_factory=Policy)
 
 
 def parse_public_key(text: str, where: str) -> bytes:
@@ -192,7 +208,14 @@ _SCALARS: dict[str, type] = {
 def from_dict(data: dict[str, Any]) -> Config:
     """Validate a parsed TOML document. Raises ConfigError."""
     cfg = Config()
-    allowed = set(_SCALARS) | {"ihmp", "local_key", "trust", "rendezvous", "rendezvous_server"}
+    allowed = set(_SCALARS) | {
+        "ihmp",
+        "local_key",
+        "trust",
+        "rendezvous",
+        "rendezvous_server",
+        "policy",
+    }
     for key in data:
         if key not in allowed:
             raise ConfigError(f"{key}: unknown key (known: {', '.join(sorted(allowed))})")
@@ -229,6 +252,8 @@ def from_dict(data: dict[str, Any]) -> Config:
     cfg.trust = [_trust(i, item) for i, item in enumerate(_tables("trust", data))]
     cfg.rendezvous = _rendezvous(data.get("rendezvous", []))
     cfg.rendezvous_server = _rendezvous_server(data.get("rendezvous_server", {}))
+    rules = [_policy_rule(i, item) for i, item in enumerate(_tables("policy", data))]
+    cfg.policy = Policy(tuple(rules))
     return cfg
 
 
@@ -321,6 +346,89 @@ def _trust(i: int, item: dict[str, Any]) -> TrustBinding:
     if addr == "*":
         raise ConfigError(f"{where}.addr: a trusted key needs an address or prefix, not '*'")
     return TrustBinding(key, addr)
+
+
+_POLICY_KEYS = ("proto", "remote", "remote_port", "local_port", "via", "backup", "return")
+
+
+def _policy_rule(i: int, item: dict[str, Any]) -> Rule:
+    where = f"policy[{i}]"
+    extra = set(item) - set(_POLICY_KEYS)
+    if extra:
+        known = ", ".join(sorted(_POLICY_KEYS))
+        raise ConfigError(f"{where}.{sorted(extra)[0]}: unknown key (known: {known})")
+    if "via" not in item:
+        raise ConfigError(f"{where}.via: missing")
+    via = _locators(f"{where}.via", item["via"])
+    if not via:
+        raise ConfigError(f"{where}.via: must name at least one interface or address")
+    return Rule(
+        index=i,
+        proto=_optional(where, item, "proto", _proto),
+        remote=_optional(where, item, "remote", _remote),
+        remote_port=_optional(where, item, "remote_port", _rule_port),
+        local_port=_optional(where, item, "local_port", _rule_port),
+        via=via,
+        backup=_locators(f"{where}.backup", item.get("backup", [])),
+        return_=_boolean(f"{where}.return", item.get("return", True)),
+    )
+
+
+def _optional(
+    where: str, item: dict[str, Any], key: str, parse: Callable[[str, Any], _T]
+) -> _T | None:
+    return parse(f"{where}.{key}", item[key]) if key in item else None
+
+
+def _proto(where: str, value: Any) -> int:
+    if not isinstance(value, str) or value not in PROTOS:
+        raise ConfigError(f"{where}: must be one of {', '.join(PROTOS)}, got {value!r}")
+    return PROTOS[value]
+
+
+def _remote(where: str, value: Any) -> IPv4Network | IPv6Network:
+    value = _check_type(where, value, str)
+    try:
+        return ip_network(value, strict=False)  # host bits ignored, as in trust.addr
+    except ValueError:
+        raise ConfigError(f"{where}: not an address or prefix: {value!r}") from None
+
+
+def _rule_port(where: str, value: Any) -> int:
+    return _port(where, _check_type(where, value, int))
+
+
+def _boolean(where: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{where}: must be a boolean")
+    return value
+
+
+def _locators(where: str, value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{where}: must be a list of interface names or addresses")
+    for entry in value:
+        _locator(where, entry)
+    return tuple(value)
+
+
+def _locator(where: str, entry: str) -> None:
+    addr = parse_address(entry)
+    if isinstance(addr, IPv6Address) and addr.scope_id:
+        # Working addresses carry no zone, so a zoned one would never match.
+        raise ConfigError(f"{where}: an address with a zone is not a locator: {entry!r}")
+    if addr is None and not _ifname(entry):
+        raise ConfigError(f"{where}: not an interface name or address: {entry!r}")
+
+
+def _ifname(name: str) -> bool:
+    # The kernel's dev_valid_name(): under IFNAMSIZ bytes, not "." or "..", and
+    # no '/', ':' (alias labels) or whitespace.
+    return (
+        0 < len(name.encode()) < 16
+        and name not in (".", "..")
+        and not any(c in "/:\0" or c.isspace() for c in name)
+    )
 
 
 def load(path: Path | None) -> Config:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import os
 import tomllib
+from ipaddress import ip_network
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,8 @@ from dime.config import (
     parse_public_key,
 )
 from ihmp.engine import EngineConfig
+from stacktrans.policy import Policy, Rule
+from stacktrans.socket_table import TCP, UDP
 
 KEY = bytes(range(32))
 KEY_HEX = KEY.hex()
@@ -65,6 +68,7 @@ def test_no_file_gives_the_defaults() -> None:
     assert cfg.adopt_existing is True
     assert cfg.ihmp == EngineConfig()
     assert cfg.local_key == [] and cfg.trust == []
+    assert cfg.policy == Policy()
 
 
 def test_an_empty_file_gives_the_defaults(tmp_path: Path) -> None:
@@ -159,6 +163,7 @@ def test_the_documented_example_is_a_valid_config() -> None:
     assert cfg.local_key == [KeyBinding(Path("/etc/dime/lab.key"), "198.51.100.0/24")]
     assert cfg.trust == [TrustBinding(KEY, "192.0.2.7")]
     assert cfg.ihmp == EngineConfig()
+    assert len(cfg.policy.rules) == 1 and cfg.policy.rules[0].proto == TCP
 
 
 def test_one_key_changes_only_that_key() -> None:
@@ -463,3 +468,124 @@ def test_rendezvous_server_keys() -> None:
 def test_bad_rendezvous_server_keys(table: dict[str, object], key: str) -> None:
     with pytest.raises(ConfigError, match=rf"^{key}: "):
         from_dict({"rendezvous_server": table})
+
+
+# -- [[policy]] -------------------------------------------------------------------------
+
+POLICY = """
+[[policy]]
+proto = "tcp"
+remote = "192.0.2.0/24"
+remote_port = 22
+local_port = 5001
+via = ["m1", "10.0.2.1"]
+backup = ["m3"]
+return = false
+
+[[policy]]
+proto = "udp"
+remote = "2001:db8::1"
+via = ["2001:db8:1::1"]
+
+[[policy]]
+via = ["wlan0"]
+"""
+
+
+def test_policy_rules_parse_in_order(tmp_path: Path) -> None:
+    cfg = load(write(tmp_path, POLICY))
+    assert cfg.policy == Policy(
+        (
+            Rule(
+                0,
+                proto=TCP,
+                remote=ip_network("192.0.2.0/24"),
+                remote_port=22,
+                local_port=5001,
+                via=("m1", "10.0.2.1"),
+                backup=("m3",),
+                return_=False,
+            ),
+            Rule(1, proto=UDP, remote=ip_network("2001:db8::1/128"), via=("2001:db8:1::1",)),
+            Rule(2, via=("wlan0",)),
+        )
+    )
+    assert cfg.policy.rules[2].return_ is True
+
+
+def test_a_rule_in_its_config_form_parses_back_to_itself() -> None:
+    rules = load_policy(tomllib.loads(POLICY))
+    again = from_dict({"policy": [rule.to_json() for rule in rules]}).policy.rules
+    assert again == rules
+
+
+def load_policy(data: dict[str, object]) -> tuple[Rule, ...]:
+    return from_dict(data).policy.rules
+
+
+def test_a_remote_with_host_bits_is_its_prefix() -> None:
+    rules = load_policy({"policy": [{"remote": "192.0.2.9/24", "via": ["m1"]}]})
+    assert rules[0].remote == ip_network("192.0.2.0/24")
+
+
+def test_interface_names_at_the_limits_are_accepted() -> None:
+    names = ["a", "x" * 15, "eth0.100", "wlp0s20f3", "br-lan", "1234"]
+    assert load_policy({"policy": [{"via": names}]})[0].via == tuple(names)
+
+
+def rule_error(rule: dict[str, object], index: int = 0) -> str:
+    good = {"via": ["m1"]}
+    return error({"policy": [good] * index + [rule]})
+
+
+@pytest.mark.parametrize(
+    ("rule", "start"),
+    [
+        ({"proto": "icmp", "via": ["m1"]}, "policy[0].proto: must be one of tcp, udp"),
+        ({"proto": "TCP", "via": ["m1"]}, "policy[0].proto: must be one of tcp, udp"),
+        ({"proto": 6, "via": ["m1"]}, "policy[0].proto: must be one of tcp, udp"),
+        ({"proto": ["tcp"], "via": ["m1"]}, "policy[0].proto: must be one of tcp, udp"),
+        ({"remote": "x", "via": ["m1"]}, "policy[0].remote: not an address or prefix: 'x'"),
+        ({"remote": "192.0.2.0/33", "via": ["m1"]}, "policy[0].remote: not an address or prefix"),
+        ({"remote": "*", "via": ["m1"]}, "policy[0].remote: not an address or prefix"),
+        ({"remote": 3, "via": ["m1"]}, "policy[0].remote: expected a string"),
+        ({"remote_port": 0, "via": ["m1"]}, "policy[0].remote_port: must be between 1 and 65535"),
+        ({"remote_port": 65536, "via": ["m1"]}, "policy[0].remote_port: must be between 1"),
+        ({"remote_port": "22", "via": ["m1"]}, "policy[0].remote_port: expected an integer"),
+        ({"remote_port": True, "via": ["m1"]}, "policy[0].remote_port: expected an integer"),
+        ({"local_port": -1, "via": ["m1"]}, "policy[0].local_port: must be between 1 and 65535"),
+        ({"local_port": 1.5, "via": ["m1"]}, "policy[0].local_port: expected an integer"),
+        ({}, "policy[0].via: missing"),
+        ({"proto": "tcp"}, "policy[0].via: missing"),
+        ({"via": []}, "policy[0].via: must name at least one"),
+        ({"via": "m1"}, "policy[0].via: must be a list of interface names or addresses"),
+        ({"via": ["m1", 2]}, "policy[0].via: must be a list of interface names or addresses"),
+        ({"via": ["x" * 16]}, "policy[0].via: not an interface name or address: 'xxxx"),
+        ({"via": [""]}, "policy[0].via: not an interface name or address: ''"),
+        ({"via": ["."]}, "policy[0].via: not an interface name or address: '.'"),
+        ({"via": [".."]}, "policy[0].via: not an interface name or address: '..'"),
+        ({"via": ["a/b"]}, "policy[0].via: not an interface name or address: 'a/b'"),
+        ({"via": ["eth 0"]}, "policy[0].via: not an interface name or address: 'eth 0'"),
+        ({"via": ["eth\t0"]}, "policy[0].via: not an interface name or address"),
+        ({"via": ["eth0:1"]}, "policy[0].via: not an interface name or address: 'eth0:1'"),
+        ({"via": ["fe80::1%m1"]}, "policy[0].via: an address with a zone is not a locator"),
+        ({"via": ["m1"], "backup": "m2"}, "policy[0].backup: must be a list of interface"),
+        ({"via": ["m1"], "backup": [None]}, "policy[0].backup: must be a list of interface"),
+        ({"via": ["m1"], "backup": ["a/b"]}, "policy[0].backup: not an interface name or address"),
+        ({"via": ["m1"], "return": "yes"}, "policy[0].return: must be a boolean"),
+        ({"via": ["m1"], "return": 1}, "policy[0].return: must be a boolean"),
+        ({"via": ["m1"], "interface": "m2"}, "policy[0].interface: unknown key (known: backup"),
+        ({"via": ["m1"], "return_": False}, "policy[0].return_: unknown key"),
+    ],
+)
+def test_bad_policy_rules_name_the_key(rule: dict[str, object], start: str) -> None:
+    assert rule_error(rule).startswith(start)
+
+
+def test_the_index_of_the_bad_rule_is_named() -> None:
+    assert rule_error({"via": ["m1"], "return": "no"}, 2).startswith("policy[2].return: ")
+
+
+def test_policy_must_be_an_array_of_tables() -> None:
+    assert error({"policy": {"via": ["m1"]}}).startswith("policy: must be an array of tables")
+    assert error({"policy": ["m1"]}).startswith("policy: must be an array of tables")

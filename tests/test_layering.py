@@ -3,8 +3,8 @@
 * ``ihmp/`` (the protocol, and the HID table it keeps) imports nothing of ours;
 * ``stacktrans/`` takes from ``ihmp/`` only the table's and addresses' types;
 * ``dime/`` wires both, and of StackTrans it knows only the service (and the
-  rtnetlink client, which the address monitor shares with the ghosts, and the heap
-  trim).
+  rtnetlink client, which the address monitor shares with the ghosts, the heap
+  trim, and the per-flow locator policy the config parses into).
 
 Imports anywhere in a module count (also inside functions), found with ``ast``.
 """
@@ -35,7 +35,13 @@ ALLOWED: dict[str, dict[str, frozenset[str] | None]] = {
     "dime": {
         "ihmp": None,
         "stacktrans": frozenset(
-            {"stacktrans.service", "stacktrans.nat_router", "stacktrans.rtnl", "stacktrans.heap"}
+            {
+                "stacktrans.service",
+                "stacktrans.nat_router",
+                "stacktrans.rtnl",
+                "stacktrans.heap",
+                "stacktrans.policy",
+            }
         ),
         "dime": None,
     },
