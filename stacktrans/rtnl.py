@@ -43,6 +43,7 @@ __all__ = ["RTMGRP_IPV4_IFADDR", "RTMGRP_IPV6_IFADDR", "RTMGRP_LINK", "AsyncRtnl
 RTM_NEWLINK, RTM_DELLINK, RTM_GETLINK = 16, 17, 18
 RTM_NEWADDR, RTM_DELADDR, RTM_GETADDR = 20, 21, 22
 RTM_NEWROUTE, RTM_DELROUTE, RTM_GETROUTE = 24, 25, 26
+RTM_NEWRULE, RTM_DELRULE, RTM_GETRULE = 32, 33, 34
 RTMGRP_LINK: Final = 0x1
 RTMGRP_IPV4_IFADDR: Final = 0x10
 RTMGRP_IPV6_IFADDR: Final = 0x100
@@ -50,8 +51,12 @@ NLM_F_EXCL, NLM_F_CREATE = 0x200, 0x400
 
 IFA_ADDRESS, IFA_LOCAL, IFA_FLAGS = 1, 2, 8
 IFLA_IFNAME = 3
-RTA_DST, RTA_OIF, RTA_GATEWAY, RTA_PREFSRC = 1, 4, 5, 7
-RT_TABLE_MAIN, RT_SCOPE_UNIVERSE, RTN_UNICAST = 254, 0, 1
+RTA_DST, RTA_OIF, RTA_GATEWAY, RTA_PRIORITY, RTA_PREFSRC, RTA_TABLE = 1, 4, 5, 6, 7, 15
+RT_TABLE_MAIN, RT_SCOPE_UNIVERSE, RT_SCOPE_LINK, RTN_UNICAST = 254, 0, 253, 1
+# <linux/fib_rules.h>
+FRA_DST, FRA_SRC, FRA_PRIORITY, FRA_TABLE, FRA_PROTOCOL = 1, 2, 6, 15, 21
+FRA_IP_PROTO, FRA_SPORT_RANGE, FRA_DPORT_RANGE = 22, 23, 24
+FR_ACT_TO_TBL = 1
 
 _EVENTS: Final = {
     RTM_NEWLINK: "RTM_NEWLINK",
@@ -59,11 +64,19 @@ _EVENTS: Final = {
     RTM_NEWADDR: "RTM_NEWADDR",
     RTM_DELADDR: "RTM_DELADDR",
     RTM_NEWROUTE: "RTM_NEWROUTE",
+    RTM_NEWRULE: "RTM_NEWRULE",
 }
 _IFINFO = struct.Struct("=BxHiII")  # family, type, index, flags, change
 _IFADDR = struct.Struct("=BBBBI")  # family, prefixlen, flags, scope, index
 # family, dst_len, src_len, tos, table, protocol, scope, type, flags
 _RTMSG = struct.Struct("=BBBBBBBBI")
+# fib_rule_hdr: family, dst_len, src_len, tos, table, res1, res2, action, flags
+_FIBRULE = struct.Struct("=BBBBBBBBI")
+_PORTS = struct.Struct("=HH")  # fib_rule_port_range: start, end (host order)
+_ROUTE_ADDRS: Final = {RTA_DST: "RTA_DST", RTA_GATEWAY: "RTA_GATEWAY", RTA_PREFSRC: "RTA_PREFSRC"}
+_ROUTE_U32S: Final = {RTA_OIF: "RTA_OIF", RTA_PRIORITY: "RTA_PRIORITY", RTA_TABLE: "RTA_TABLE"}
+_RULE_ADDRS: Final = {FRA_DST: "FRA_DST", FRA_SRC: "FRA_SRC"}
+_RULE_PORTS: Final = {FRA_SPORT_RANGE: "FRA_SPORT_RANGE", FRA_DPORT_RANGE: "FRA_DPORT_RANGE"}
 RECV_BUF = 1 << 16
 
 
@@ -76,7 +89,7 @@ def _ip(family: int, raw: bytes | memoryview) -> str:
 
 
 def decode(kind: int, payload: memoryview) -> dict[str, Any] | None:
-    """One link, address or route message as a dict (see the module doc); None for
+    """One link, address, route or rule message as a dict (see the module doc); None for
     any other kind, a truncated one, or an address or route of another family than
     IPv4 and IPv6 (a dump lists MCTP or Phonet addresses too). Never raises."""
     event = _EVENTS.get(kind)
@@ -115,17 +128,46 @@ def _decode(kind: int, event: str, payload: memoryview) -> dict[str, Any] | None
             elif t == IFA_FLAGS and len(value) >= 4:
                 msg["IFA_FLAGS"] = struct.unpack_from("=I", value)[0]
         return msg
+    if kind == RTM_NEWRULE:
+        return _decode_rule(event, payload)
+    return _decode_route(event, payload)
+
+
+def _decode_route(event: str, payload: memoryview) -> dict[str, Any] | None:
     if len(payload) < _RTMSG.size:
         return None
-    family, dst_len = _RTMSG.unpack_from(payload)[:2]
-    msg = {"event": event, "family": family, "dst_len": dst_len}
+    family, dst_len, _, _, table, proto, scope, rtype, _ = _RTMSG.unpack_from(payload)
+    msg = {"event": event, "family": family, "dst_len": dst_len, "table": table}
+    msg |= {"proto": proto, "scope": scope, "type": rtype}
     for t, value in attributes(payload, _RTMSG.size):
-        if t in (RTA_DST, RTA_GATEWAY, RTA_PREFSRC):
-            msg[{RTA_DST: "RTA_DST", RTA_GATEWAY: "RTA_GATEWAY", RTA_PREFSRC: "RTA_PREFSRC"}[t]] = (
-                _ip(family, value)
-            )
-        elif t == RTA_OIF and len(value) >= 4:
-            msg["RTA_OIF"] = struct.unpack_from("=I", value)[0]
+        if t in _ROUTE_ADDRS:
+            msg[_ROUTE_ADDRS[t]] = _ip(family, value)
+        elif t in _ROUTE_U32S and len(value) >= 4:
+            msg[_ROUTE_U32S[t]] = struct.unpack_from("=I", value)[0]
+    if "RTA_TABLE" in msg:  # the header holds only tables up to 255
+        msg["table"] = msg["RTA_TABLE"]
+    return msg
+
+
+def _decode_rule(event: str, payload: memoryview) -> dict[str, Any] | None:
+    if len(payload) < _FIBRULE.size:
+        return None
+    family, dst_len, src_len, _, table, _, _, action, _ = _FIBRULE.unpack_from(payload)
+    msg = {"event": event, "family": family, "dst_len": dst_len, "src_len": src_len}
+    msg |= {"table": table, "action": action}
+    for t, value in attributes(payload, _FIBRULE.size):
+        if t in _RULE_ADDRS:
+            msg[_RULE_ADDRS[t]] = _ip(family, value)
+        elif t in (FRA_PRIORITY, FRA_TABLE) and len(value) >= 4:
+            msg["FRA_PRIORITY" if t == FRA_PRIORITY else "FRA_TABLE"] = struct.unpack_from(
+                "=I", value
+            )[0]
+        elif t in (FRA_IP_PROTO, FRA_PROTOCOL) and len(value) >= 1:
+            msg["FRA_IP_PROTO" if t == FRA_IP_PROTO else "FRA_PROTOCOL"] = value[0]
+        elif t in _RULE_PORTS:
+            msg[_RULE_PORTS[t]] = _PORTS.unpack_from(value)
+    if "FRA_TABLE" in msg:  # the header holds only tables up to 255
+        msg["table"] = msg["FRA_TABLE"]
     return msg
 
 
@@ -188,6 +230,14 @@ class Rtnl:
     def addresses(self, family: int = socket.AF_UNSPEC) -> list[dict[str, Any]]:
         return self.request(RTM_GETADDR, NLM_F_DUMP, _IFADDR.pack(family, 0, 0, 0, 0))
 
+    def routes(self, family: int) -> list[dict[str, Any]]:
+        """Every route of ``family`` in every table (``table`` says which)."""
+        return self.request(RTM_GETROUTE, NLM_F_DUMP, _RTMSG.pack(family, 0, 0, 0, 0, 0, 0, 0, 0))
+
+    def rules(self, family: int = socket.AF_UNSPEC) -> list[dict[str, Any]]:
+        """Every policy routing rule of ``family`` (AF_UNSPEC: IPv4 and IPv6)."""
+        return self.request(RTM_GETRULE, NLM_F_DUMP, _FIBRULE.pack(family, 0, 0, 0, 0, 0, 0, 0, 0))
+
     def route_get(self, dst: str) -> dict[str, Any]:
         """The route the kernel picks to ``dst`` (``RTA_OIF``, ``RTA_GATEWAY`` if any).
         OSError (e.g. ENETUNREACH) if there is none."""
@@ -220,21 +270,74 @@ class Rtnl:
         proto: int,
         oif: int | None = None,
         gateway: str | None = None,
+        *,
+        table: int = RT_TABLE_MAIN,
+        prefsrc: str | None = None,
+        priority: int | None = None,
+        scope: int = RT_SCOPE_UNIVERSE,
     ) -> None:
-        """Add (``"add"``) or delete (``"del"``) a unicast route in the main table."""
+        """Add (``"add"``) or delete (``"del"``) a unicast route in ``table`` (a
+        default route: ``dst`` "0.0.0.0" or "::" with ``dst_len`` 0)."""
         family = _family(dst)
-        body = _RTMSG.pack(
-            family, dst_len, 0, 0, RT_TABLE_MAIN, proto, RT_SCOPE_UNIVERSE, RTN_UNICAST, 0
-        )
+        # Tables above 255 go in RTA_TABLE only, as iproute2 sends them.
+        head = table if table < 256 else 0
+        body = _RTMSG.pack(family, dst_len, 0, 0, head, proto, scope, RTN_UNICAST, 0)
         body += attr(RTA_DST, socket.inet_pton(family, dst))
+        if table >= 256:
+            body += attr(RTA_TABLE, struct.pack("=I", table))
         if oif is not None:
             body += attr(RTA_OIF, struct.pack("=I", oif))
         if gateway is not None:
             body += attr(RTA_GATEWAY, socket.inet_pton(_family(gateway), gateway))
+        if prefsrc is not None:
+            body += attr(RTA_PREFSRC, socket.inet_pton(family, prefsrc))
+        if priority is not None:
+            body += attr(RTA_PRIORITY, struct.pack("=I", priority))
+        self._write(verb, RTM_NEWROUTE, RTM_DELROUTE, body)
+
+    def rule(
+        self,
+        verb: str,
+        family: int,
+        table: int,
+        priority: int,
+        *,
+        src: tuple[str, int] | None = None,
+        dst: tuple[str, int] | None = None,
+        ip_proto: int | None = None,
+        sport: int | None = None,
+        dport: int | None = None,
+        protocol: int | None = None,
+    ) -> None:
+        """Add (``"add"``) or delete (``"del"``) the rule ``priority: [from SRC/LEN]
+        [to DST/LEN] [ipproto P] [sport N] [dport N] lookup table``; ``protocol``
+        marks who added it (``ip rule`` shows "proto N"). A delete removes the first
+        rule that has every given attribute. Ports and ``ip_proto`` need Linux 4.17."""
+        src_len = src[1] if src else 0
+        dst_len = dst[1] if dst else 0
+        head = table if table < 256 else 0
+        body = _FIBRULE.pack(family, dst_len, src_len, 0, head, 0, 0, FR_ACT_TO_TBL, 0)
+        body += attr(FRA_PRIORITY, struct.pack("=I", priority))
+        body += attr(FRA_TABLE, struct.pack("=I", table))
+        if src is not None:
+            body += attr(FRA_SRC, socket.inet_pton(family, src[0]))
+        if dst is not None:
+            body += attr(FRA_DST, socket.inet_pton(family, dst[0]))
+        if ip_proto is not None:
+            body += attr(FRA_IP_PROTO, bytes([ip_proto]))
+        if sport is not None:
+            body += attr(FRA_SPORT_RANGE, _PORTS.pack(sport, sport))
+        if dport is not None:
+            body += attr(FRA_DPORT_RANGE, _PORTS.pack(dport, dport))
+        if protocol is not None:
+            body += attr(FRA_PROTOCOL, bytes([protocol]))
+        self._write(verb, RTM_NEWRULE, RTM_DELRULE, body)
+
+    def _write(self, verb: str, new: int, delete: int, body: bytes) -> None:
         if verb == "add":
-            self.request(RTM_NEWROUTE, NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL, body)
+            self.request(new, NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL, body)
         else:
-            self.request(RTM_DELROUTE, NLM_F_ACK, body)
+            self.request(delete, NLM_F_ACK, body)
 
 
 class AsyncRtnl:
