@@ -1,6 +1,8 @@
 """The ``dime`` command line.
 
     dime up [--config FILE] [--dataplane auto|nft|nfqueue] [--port N] [--strict] [-v]
+    dime move (--flow "PROTO LOCAL REMOTE" | --peer ADDR) --via IFACE|ADDR
+    dime reload
     dime rendezvous [--port N] [--config FILE] [-v]
     dime nat [--config FILE] [-v]
     dime down
@@ -103,7 +105,7 @@ def up(
     _logging(cfg, verbose)
     from dime.daemon import Daemon
 
-    _serve(Daemon(cfg).run(), "dime")
+    _serve(Daemon(cfg, config_path).run(), "dime")
 
 
 @main.command()
@@ -189,6 +191,50 @@ def down(timeout: float, keep: bool) -> None:
 
 
 @main.command()
+@click.option(
+    "--flow", "flow", metavar='"PROTO LOCAL REMOTE"', help="One flow, as status shows it."
+)
+@click.option("--peer", "peer", metavar="ADDR", help="Every flow to this peer (its address).")
+@click.option("--via", required=True, metavar="IFACE|ADDR", help="Our interface or address.")
+def move(flow: str | None, peer: str | None, via: str) -> None:
+    """Move a live flow, or every flow to a peer, to another local link or address.
+
+    Signed with the peer (IHMP FLOW_MOVE); returns once the peer has acknowledged and
+    the data plane uses the new address. It stays there while that address works;
+    then the policy (if a rule matches) decides again.
+
+    \b
+    dime move --flow "tcp 198.51.100.2:41080 192.0.2.1:5001" --via wlan0
+    dime move --peer 192.0.2.1 --via 203.0.113.7
+    """
+    if (flow is None) == (peer is None):
+        fail("name a flow (--flow) or a peer (--peer)", EXIT_USAGE)
+    try:
+        reply = control.request("move", timeout=30, flow=flow, peer=peer, via=via)
+    except control.NotRunning as exc:
+        fail(str(exc))
+    if "error" in reply:
+        fail(reply["error"])
+    for name, addr in reply.get("moved", []):
+        click.echo(f"{name}: via {addr}")
+
+
+@main.command()
+def reload() -> None:
+    """Read the config file again: its [[policy]] applies to new and existing flows.
+
+    The daemon also reloads on SIGHUP. A bad file changes nothing (exit 1). Other
+    keys take effect at the next `dime up`."""
+    try:
+        reply = control.request("reload")
+    except control.NotRunning as exc:
+        fail(str(exc))
+    if "error" in reply:
+        fail(reply["error"])
+    click.echo(f"reloaded: {reply.get('rules', 0)} policy rules")
+
+
+@main.command()
 @click.option("--json", "as_json", is_flag=True, help="One JSON object.")
 def status(as_json: bool) -> None:
     """Show HIDs, sockets and counters."""
@@ -231,8 +277,19 @@ def format_status(st: dict[str, Any]) -> str:
         ),
         "",
         _table(
-            ["PROTO", "LOCAL", "REMOTE", "HID"],
-            [[s["proto"], s["local"], s["remote"], str(s["hid"])] for s in st["sockets"]],
+            ["PROTO", "LOCAL", "REMOTE", "HID", "VIA", "TO", "RULE"],
+            [
+                [
+                    s["proto"],
+                    s["local"],
+                    s["remote"],
+                    str(s["hid"]),
+                    s.get("via", "-"),
+                    s.get("to", "-"),
+                    "-" if s.get("rule") is None else str(s["rule"]),
+                ]
+                for s in st["sockets"]
+            ],
         ),
         "",
     ]

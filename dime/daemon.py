@@ -33,22 +33,27 @@ import random
 import signal
 import socket
 import time
+from pathlib import Path
 from typing import Any
 
-from dime import control, keystore, status, systemd
-from dime.config import Config, run_dir
+from dime import control, keystore, moves, status, systemd
+from dime.config import Config, ConfigError, load, run_dir
 from dime.monitor import AddressMonitor
 from dime.transport import IhmpTransport
 from ihmp import events as ev
 from ihmp.addr import IPAddress, IPInterface
 from ihmp.engine import IhmpEngine
+from ihmp.flows import FlowSpec
 from ihmp.hosts import FlowOrigin
+from ihmp.wire import MessageType
 from stacktrans.heap import trim_heap
 from stacktrans.service import (
     DataplaneConfig,
     DataplaneMode,
+    FlowKey,
     Residue,
     StackTrans,
+    StartError,
     check_privileges,
     previous_run,
 )
@@ -59,9 +64,20 @@ KNOCK_ROUNDS = (0.3, 1.0)
 log = logging.getLogger("dime")
 
 
+#: How long `dime move` waits for the peer's ACK (its FLOW_MOVE is sent again
+#: meanwhile, every initial_rto doubling up to max_rto).
+MOVE_TIMEOUT = 10.0
+
+
 class Daemon:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, config_path: Path | None = None) -> None:
+        """``config_path``: the file ``config`` came from (`dime reload` reads it again)."""
         self.config = config
+        self.config_path = config_path
+        #: Our FLOW_MOVEs in flight: (HID, sequence number) -> (the flow, our address).
+        self._moves: dict[tuple[int, int], tuple[FlowSpec, IPAddress]] = {}
+        #: `dime move` requests waiting, per flow: set when its move ends either way.
+        self._move_waiters: dict[FlowKey, list[asyncio.Event]] = {}
         self.loop: asyncio.AbstractEventLoop | None = None
         self.engine: IhmpEngine | None = None
         self.service: StackTrans | None = None
@@ -86,6 +102,7 @@ class Daemon:
             await self._start(ctl)
             for sig in (signal.SIGTERM, signal.SIGINT):
                 self.loop.add_signal_handler(sig, self._stop.set)
+            self.loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
             # What start-up freed (the ruleset's parse, key and config loading,
             # netlink dumps) goes back to the kernel: 1 MiB and more of idle RSS.
             trim_heap(collect=True)
@@ -115,6 +132,10 @@ class Daemon:
             soft_immediate=True,
         )
         addresses = await self.monitor.current()
+        try:
+            cfg.policy.check_interfaces(self.monitor.table.names())
+        except ValueError as exc:
+            raise StartError(f"config: {exc}") from exc
         self.engine = IhmpEngine(
             counter_start=time.time_ns() // 1000,
             rng=random.SystemRandom(),
@@ -145,11 +166,14 @@ class Daemon:
             residue_dir=run_dir(),
         )
         self.service.on_knock = self._on_knock
+        self.service.on_move = self._ask_move
         # The port first: if it is taken, nothing has been installed yet.
         self.transport = IhmpTransport(cfg.port, self._on_datagram)
         assert self.loop is not None
         self.transport.open(self.loop)
         await self.service.start({i.ip for i in addresses}, hosts=hosts, previous=previous)
+        self.service.set_links(self.monitor.table.links())
+        self.service.set_policy(cfg.policy)
         # A resumed engine believes in the addresses it saved: the monitor reports
         # what changed since as ordinary events, then the peers are re-synchronised.
         known = self.engine.local_interfaces if resumed else addresses
@@ -252,14 +276,14 @@ class Daemon:
         assert self.engine is not None and self.service is not None
         self.service.local_added(iface.ip)
         self.engine.address_added(iface, self._now())
-        self._pump()
+        self._links_changed()
 
     def _on_removed(self, iface: IPInterface) -> None:
         log.info("address down: %s", iface)
         assert self.engine is not None and self.service is not None
         self.service.local_removed(iface.ip)
         self.engine.address_removed(iface, self._now())
-        self._pump()
+        self._links_changed()
 
     def _on_handoff(self, old: IPInterface, new: IPInterface) -> None:
         log.info("handoff: %s -> %s", old, new)
@@ -267,6 +291,11 @@ class Daemon:
         self.service.local_removed(old.ip)
         self.service.local_added(new.ip)
         self.engine.handoff(old, new, self._now())
+        self._links_changed()
+
+    def _links_changed(self) -> None:
+        assert self.service is not None and self.monitor is not None
+        self.service.set_links(self.monitor.table.links())
         self._pump()
 
     def _on_timer(self) -> None:
@@ -334,6 +363,14 @@ class Daemon:
             assert self.service is not None
             m = event.mapping
             self.service.bind_port(event.hid, m.proto, m.internal_port, m.external, m.external_port)
+        elif isinstance(event, ev.FlowMoveReceived):
+            assert self.service is not None
+            if not self.service.pin(event.hid, event.flow, event.addr):
+                log.info("FLOW_MOVE of HID %d: no flow %s here", event.hid, event.flow)
+        elif isinstance(event, ev.ExchangeCompleted | ev.ExchangeFailed) and (
+            event.type is MessageType.FLOW_MOVE
+        ):
+            self._move_ended(event)
         elif isinstance(event, ev.FlowsNeedBinding) and event.udp_only:
             self._knock(event.hid, event.local, udp_only=True)  # the NAT keepalive
         elif isinstance(event, ev.FlowsNeedBinding):
@@ -364,6 +401,85 @@ class Daemon:
             payload = lambda f: engine.flow_binding(hid, f, local)  # noqa: E731
             service.knock(hid, local, payload, protos, identifiers)
 
+    # -- per-flow moves ---------------------------------------------------------------
+
+    def _ask_move(self, hid: int, flow: FlowSpec, via: IPAddress) -> bool:
+        """StackTrans wants ``flow`` on our ``via``: ask the peer (FLOW_MOVE)."""
+        assert self.engine is not None
+        seq = self.engine.move_flow(hid, flow, via, self._now())
+        if seq is None:
+            return False
+        self._moves[(hid, seq)] = (flow, via)
+        self._pump_soon()
+        return True
+
+    def _move_ended(self, event: ev.ExchangeCompleted | ev.ExchangeFailed) -> None:
+        asked = self._moves.pop((event.hid, event.seq), None)
+        if asked is None or self.service is None:
+            return
+        flow, via = asked
+        if isinstance(event, ev.ExchangeCompleted):
+            log.info("IHMP FLOW_MOVE #%d of %s to %s acknowledged", event.seq, flow, via)
+            self.service.move_done(flow, via)
+        else:
+            log.warning("IHMP FLOW_MOVE #%d of %s to %s: no answer", event.seq, flow, via)
+            self.service.move_failed(flow)
+        key = FlowKey(flow.proto, flow.local, flow.lport, flow.remote, flow.rport)
+        for waiter in self._move_waiters.pop(key, []):
+            waiter.set()
+
+    async def _move(self, request: dict[str, Any]) -> dict[str, Any]:
+        """`dime move`: the flows it names to the address it names, once acknowledged."""
+        assert self.service is not None
+        links = self.monitor.table.links() if self.monitor is not None else {}
+        try:
+            keys = moves.select(request, self.service.flow_keys())
+            targets = moves.resolve(str(request.get("via", "")), links, keys)
+        except ValueError as exc:
+            return {"error": str(exc)}
+        waits = []
+        for key, via in targets.items():
+            error = self.service.request_move(key, via)
+            if error is not None:
+                return {"error": error}
+            if not self.service.is_at(key, via):
+                waiter = asyncio.Event()
+                self._move_waiters.setdefault(key, []).append(waiter)
+                waits.append(waiter.wait())
+        self._pump()
+        try:
+            async with asyncio.timeout(MOVE_TIMEOUT):
+                await asyncio.gather(*waits)
+        except TimeoutError:
+            pass
+        late = [f"{k}" for k, via in targets.items() if not self.service.is_at(k, via)]
+        if late:
+            return {"error": f"the peer did not acknowledge the move of {late[0]}"}
+        return {"ok": True, "moved": [[moves.describe(k), str(v)] for k, v in targets.items()]}
+
+    # -- reload -----------------------------------------------------------------------
+
+    def _on_sighup(self) -> None:
+        reply = self._reload()
+        if "error" in reply:
+            log.error("reload refused, the old policy stays: %s", reply["error"])
+
+    def _reload(self) -> dict[str, Any]:
+        """Read the config file again; its policy applies to new and existing flows.
+        A bad file changes nothing. (Other keys take effect at the next start.)"""
+        try:
+            cfg = load(self.config_path)
+            names = self.monitor.table.names() if self.monitor is not None else set()
+            cfg.policy.check_interfaces(names)
+        except (ConfigError, ValueError) as exc:
+            return {"error": f"config: {exc}"}
+        assert self.service is not None
+        self.config.policy = cfg.policy
+        self.service.set_policy(cfg.policy)
+        self._pump()
+        log.info("config reloaded: %d policy rules", len(cfg.policy.rules))
+        return {"ok": True, "rules": len(cfg.policy.rules)}
+
     def _on_knock(self, src: IPAddress, port: int, data: bytes) -> None:
         """A knock came in: if IHMP verifies it, its flow is at ``src``:``port`` now."""
         assert self.engine is not None and self.service is not None
@@ -389,6 +505,10 @@ class Daemon:
             self.engine.local_keys, self.engine.trust = keyring.local, keyring.trust
             log.info("key bindings reloaded")
             return {"ok": True}
+        if cmd == "move":
+            return await self._move(request)
+        if cmd == "reload":
+            return self._reload()
         if cmd == "down":
             assert self.loop is not None
             self._keep = bool(request.get("keep"))

@@ -38,6 +38,7 @@ from typing import Final
 
 from ihmp.addr import IPAddress, IPInterface
 from stacktrans.rtnl import RTMGRP_IPV4_IFADDR, RTMGRP_IPV6_IFADDR, RTMGRP_LINK, AsyncRtnl
+from stacktrans.service import LocalLink
 
 __all__ = [
     "Added",
@@ -229,6 +230,7 @@ class AddressTable:
     def __init__(self, require_carrier: bool = True) -> None:
         self.require_carrier = require_carrier
         self._links: dict[int, int] = {}  # ifindex -> IFF_* flags
+        self._names: dict[int, str] = {}  # ifindex -> name
         self._addrs: dict[tuple[int, IPAddress], _Addr] = {}
 
     def apply(self, msg: NetlinkMessage) -> bool:
@@ -240,9 +242,13 @@ class AddressTable:
         event = msg.get("event")
         if event == "RTM_NEWLINK":
             self._links[_int(msg, "index")] = _int(msg, "flags")
+            name = msg.get("IFLA_IFNAME")
+            if isinstance(name, str):
+                self._names[_int(msg, "index")] = name
         elif event == "RTM_DELLINK":
             index = _int(msg, "index")
             self._links.pop(index, None)
+            self._names.pop(index, None)
             # The kernel also sends RTM_DELADDR for them, but do not rely on it.
             for key in [k for k in self._addrs if k[0] == index]:
                 del self._addrs[key]
@@ -263,6 +269,21 @@ class AddressTable:
         for addr in self._addrs.values():
             if self._link_ok(addr.index) and _eligible(addr.iface.ip, addr.flags):
                 out.setdefault(addr.iface.ip, addr.iface)
+        return out
+
+    def names(self) -> set[str]:
+        """The name of every link there is (up or not)."""
+        return set(self._names.values())
+
+    def links(self) -> dict[IPAddress, LocalLink]:
+        """Each usable address's link: its name and index, and the prefix length."""
+        out: dict[IPAddress, LocalLink] = {}
+        for addr in self._addrs.values():
+            if self._link_ok(addr.index) and _eligible(addr.iface.ip, addr.flags):
+                name = self._names.get(addr.index, "")
+                out.setdefault(
+                    addr.iface.ip, LocalLink(name, addr.index, addr.iface.network.prefixlen)
+                )
         return out
 
     def _link_ok(self, index: int) -> bool:
@@ -345,13 +366,15 @@ class AddressMonitor:
         self.on_handoff = on_handoff
         self.handoff_window = handoff_window
         self.require_carrier = require_carrier
+        #: The links and addresses as last heard (read :meth:`AddressTable.links`).
+        self.table = AddressTable(require_carrier)
 
     async def current(self) -> list[IPInterface]:
         """The usable addresses now (see the module doc).
 
         One netlink dump on a socket of its own; in the kernel's order.
         """
-        table = await self._dump()
+        table = self.table = await self._dump()
         return list(table.usable().values())
 
     async def run(
@@ -381,7 +404,7 @@ class AddressMonitor:
             # as a message after it, where re-announcing what we have is a no-op.
             await ipr.bind(groups=_GROUPS)
             reader = asyncio.create_task(self._read(ipr, queue))
-            table = await self._dump()
+            table = self.table = await self._dump()
             usable = table.usable()
             seen = usable if known is None else {i.ip: i for i in known}
             detector = HandoffDetector(
@@ -402,7 +425,7 @@ class AddressMonitor:
                 if isinstance(item, BaseException):
                     raise item
                 if item is _RESYNC:
-                    table = await self._dump()
+                    table = self.table = await self._dump()
                 elif isinstance(item, Mapping):
                     _apply(table, item)
                 seen = self._sync(detector, seen, table.usable(), loop.time())

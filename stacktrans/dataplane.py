@@ -31,6 +31,7 @@ from typing import Any, Protocol
 from ihmp.addr import IPAddress, usable
 from ihmp.flows import FlowSpec
 from ihmp.hosts import ChangeKind, FlowOrigin, HostChanged, HostSnapshot
+from stacktrans.policy import Policy, Rule, rank
 from stacktrans.socket_table import TCP, UDP, FlowKey, SocketEntry, SocketTable
 from stacktrans.translation import HidTranslation, compute
 
@@ -59,6 +60,9 @@ class KernelMaps(Protocol):
     def set_wire(self, entry: SocketEntry, old: tuple[IPAddress, int] | None) -> None:
         """``entry.wire`` changed from ``old`` (its per-flow NAT elements)."""
 
+    def set_via(self, entry: SocketEntry, old: IPAddress | None) -> None:
+        """``entry.via`` changed from ``old`` (its per-flow source locator)."""
+
     def flush(self) -> None:
         """Apply deferred element updates now."""
 
@@ -77,9 +81,12 @@ class Effects:
     lost: set[int] = field(default_factory=set)
     #: Flows of hosts that are gone: their sockets must fail now.
     failed: list[SocketEntry] = field(default_factory=list)
+    #: Flows to move to another local locator of ours: the peer must be asked
+    #: (FLOW_MOVE, :meth:`Dataplane.move_started` then :meth:`Dataplane.move_done`).
+    moves: dict[FlowKey, IPAddress] = field(default_factory=dict)
 
     def __bool__(self) -> bool:
-        return self.reconcile or bool(self.moved) or bool(self.failed)
+        return self.reconcile or bool(self.moved) or bool(self.failed) or bool(self.moves)
 
 
 class Dataplane:
@@ -102,6 +109,13 @@ class Dataplane:
         #: Flows whose elements the kernel learned itself (none added by us).
         self.learned_by_kernel = 0
         self._effects = Effects()
+        #: The locator policy (:mod:`stacktrans.policy`), and each local address's
+        #: interface name, which its rules name.
+        self.policy = Policy()
+        self.interfaces: dict[IPAddress, str] = {}
+        self._manual: dict[FlowKey, IPAddress] = {}  # `dime move`: the user's choice
+        self._moving: dict[FlowKey, IPAddress] = {}  # asked of the peer, not yet ACKed
+        self._ever_steered = False  # some flow had a locator of its own
 
     # -- outputs ----------------------------------------------------------------------
 
@@ -145,6 +159,8 @@ class Dataplane:
         self._learn(change.after)
         self._unbind_stale(change.hid)
         self._refresh(change.hid)
+        if self._steering:
+            self._steer(self.sockets.flows_of(change.hid))
 
     def _learn(self, host: HostSnapshot) -> None:
         self._forget(host.hid)
@@ -217,6 +233,8 @@ class Dataplane:
             rewritten = tr.outbound(key.local, key.remote) != (None, None)
             if rewritten or key.remote not in host.active:
                 self.kernel.flush()  # its packets need rewriting from the start
+        if self.policy.rules:
+            self._steer([entry])
         return entry
 
     def _learnable(self, hid: int, key: FlowKey) -> bool:
@@ -315,6 +333,8 @@ class Dataplane:
             return
         for e in entries:
             self.sockets.remove(e.key)
+            self._manual.pop(e.key, None)
+            self._moving.pop(e.key, None)
         self.kernel.remove_flows(entries)
         for hid in {e.hid for e in entries}:
             self._refresh(hid)
@@ -327,6 +347,8 @@ class Dataplane:
         for hid in list(self._translations):
             self._refresh(hid)
         self._effects.reconcile = True
+        if self._steering:
+            self._steer(self.sockets)
 
     def local_added(self, addr: IPAddress) -> None:
         self.set_local_addresses(self.local_addresses | {addr})
@@ -366,6 +388,145 @@ class Dataplane:
                 self._effects.moved.add(hid)
                 if _locator_lost(old, new, host):
                     self._effects.lost.add(hid)
+
+    # -- per-flow locators: the policy, `dime move`, the peer's FLOW_MOVE ---------------
+
+    def set_policy(self, policy: Policy) -> None:
+        """A new locator policy: every flow goes where it says (moves asked of peers)."""
+        self.policy = policy
+        self._steer(self.sockets)
+
+    def set_interfaces(self, names: dict[IPAddress, str]) -> None:
+        """Each local address's interface name (what policy rules and moves name)."""
+        if names != self.interfaces:
+            self.interfaces = dict(names)
+            if self._steering:
+                self._steer(self.sockets)
+
+    def request_move(self, key: FlowKey, via: IPAddress) -> str | None:
+        """``dime move``: the user wants ``key`` on our address ``via`` (until that
+        address stops working; then its policy rule, if any, decides again). Returns
+        why it cannot be, or None (then :attr:`Effects.moves` may hold the move)."""
+        entry = self.sockets.get(key)
+        if entry is None:
+            return f"no flow {key}"
+        host = self._hosts.get(entry.hid)
+        if host is None or via not in host.local or via not in self.local_addresses:
+            return f"the peer of {key} does not reach us at {via} (not verified)"
+        if via.version != key.local.version:
+            return f"{via} is not of the flow's IP version"
+        self._manual[key] = via
+        self._steer([entry])
+        return None
+
+    def is_at(self, key: FlowKey, via: IPAddress) -> bool:
+        """Whether ``key`` uses our ``via`` now, both ways, with no move in flight."""
+        entry = self.sockets.get(key)
+        return entry is not None and key not in self._moving and self.via_of(entry) == via
+
+    def via_of(self, entry: SocketEntry) -> IPAddress:
+        """The local locator ``entry`` uses now: its own, or its host's for its
+        identifier, or its identifier itself."""
+        if entry.via is not None:
+            return entry.via
+        tr = self._translations.get(entry.hid)
+        remote = entry.wire[0] if entry.wire is not None else entry.key.remote
+        lloc = tr.local.get((entry.key.local, remote)) if tr is not None else None
+        return lloc or entry.key.local
+
+    def remote_of(self, entry: SocketEntry) -> IPAddress:
+        """The peer's locator ``entry``'s packets go to now."""
+        if entry.wire is not None:
+            return entry.wire[0]
+        tr = self._translations.get(entry.hid)
+        return tr.remote.get(entry.key.remote, entry.key.remote) if tr else entry.key.remote
+
+    def move_started(self, key: FlowKey, via: IPAddress) -> None:
+        self._moving[key] = via
+
+    def move_done(self, key: FlowKey, via: IPAddress) -> None:
+        """The peer acknowledged that it sends ``key`` to our ``via``: so do we now."""
+        if self._moving.get(key) == via:
+            del self._moving[key]
+        entry = self.sockets.get(key)
+        if entry is None or via not in self.local_addresses:
+            return
+        self._set_via(entry, None if via == key.local else via)
+        log.info("flow %s: now from %s", key, via)
+        self._steer([entry])  # the policy may have changed meanwhile
+
+    def move_failed(self, key: FlowKey) -> None:
+        self._moving.pop(key, None)
+
+    def pin(self, hid: int, flow: FlowSpec, at: IPAddress) -> SocketEntry | None:
+        """The peer's FLOW_MOVE (verified by IHMP: ``at`` is an active address of
+        ``hid``): send ``flow`` (as the peer's socket sees it) to ``at``; its own
+        address (its identifier) is host-wide again. Returns the flow, or None if we
+        have no such flow, or it is bound to a NAT's port (moved by knocks only)."""
+        key = FlowKey(flow.proto, flow.remote, flow.rport, flow.local, flow.lport)
+        entry = self.sockets.get(key)
+        host = self._hosts.get(hid)
+        if entry is None or entry.hid != hid or host is None or at not in host.active:
+            return None
+        if entry.bound_to is not None:
+            return None
+        entry.pinned = None if at == key.remote else at
+        wire = (at, key.rport) if entry.pinned is not None else None
+        if not self._rewire(entry, wire, None):
+            return None
+        self._refresh(hid)
+        log.info("flow %s of HID %d: now to %s", key, hid, at)
+        self.kernel.flush()
+        return entry
+
+    @property
+    def _steering(self) -> bool:
+        """Whether any flow may need steering (else no flow is walked for it)."""
+        return bool(self.policy.rules or self._manual or self._moving or self._ever_steered)
+
+    def _steer(self, entries: Iterable[SocketEntry]) -> None:
+        """Put each flow where the user or the policy wants it. A flow whose own
+        locator left this host falls back to its host's at once; a flow wanted
+        elsewhere is a move to ask of the peer (:attr:`Effects.moves`)."""
+        for e in entries:
+            if e.via is not None and e.via not in self.local_addresses:
+                self._set_via(e, None)
+            target = self._target(e)
+            if target is None or self._moving.get(e.key) == target:
+                continue
+            if target == e.key.local and e.via is None:
+                continue  # where it is
+            if target == e.via:
+                continue
+            self._effects.moves[e.key] = target
+
+    def _target(self, e: SocketEntry) -> IPAddress | None:
+        """The local locator ``e`` should use, or None: no opinion (its host's)."""
+        host = self._hosts.get(e.hid)
+        if host is None or not host.local:
+            return None
+        working = {a: self.interfaces.get(a, "") for a in host.local if a in self.local_addresses}
+        manual = self._manual.get(e.key)
+        if manual is not None:
+            if manual in working:
+                return manual
+            del self._manual[e.key]
+        rule = self.policy.rule_for(e.key)
+        placed = rule is not None and e.rule == rule.index
+        e.rule = rule.index if rule is not None else None
+        if rule is None:
+            # No rule (any more): back to the host's locator, if the peer reaches
+            # us at the flow's own address (else it stays: no way to say so).
+            return e.key.local if e.via is not None and e.key.local in working else None
+        return _placed(rule, working, e, self.via_of(e) if placed else None)
+
+    def _set_via(self, entry: SocketEntry, via: IPAddress | None) -> None:
+        old, entry.via = entry.via, via
+        if via is not None:
+            self._ever_steered = True
+        if old != via:
+            self.kernel.set_via(entry, old)
+            self.kernel.flush()
 
     # -- hosts behind a NAT ----------------------------------------------------------
 
@@ -549,6 +710,13 @@ class Dataplane:
             return
         loc = host.locator
         for e in self.sockets.flows_of(hid):
+            if e.pinned is not None and e.pinned not in host.active:
+                e.pinned = None  # the address it was sent to left the host: host-wide
+            if e.pinned is not None:
+                want: tuple[IPAddress, int] | None = (e.pinned, e.key.rport)
+                if e.wire != want:
+                    self._rewire(e, want, None)
+                continue
             want = None
             moved = loc is not None and loc != e.key.remote and loc.version == e.key.remote.version
             if e.wire is not None and e.wire[0] == loc and e.bound_to is None:
@@ -592,6 +760,21 @@ class Dataplane:
             log.info("HID %d removed: failing %d flows", hid, len(flows))
             self._effects.failed += flows
         self._effects.reconcile = True
+
+
+def _placed(
+    rule: Rule, working: dict[IPAddress, str], e: SocketEntry, current: IPAddress | None
+) -> IPAddress | None:
+    """Where ``rule`` puts ``e``: the first working address it ranks; once it has
+    placed the flow (``current``), with ``return = false``, wherever the flow is as
+    long as that works (it does not go back). None: nothing it names works (the
+    flow keeps any working address: its host's)."""
+    if not rule.return_ and current is not None and current in working:
+        return current
+    ranked = rank(rule, working, e.key.local)
+    if ranked:
+        return ranked[0]
+    return e.key.local if e.via is not None and e.key.local in working else None
 
 
 def _locator_lost(old: HidTranslation, new: HidTranslation, host: HostSnapshot) -> bool:

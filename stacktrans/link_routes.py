@@ -54,6 +54,15 @@ T = TypeVar("T")
 
 
 @dataclass(frozen=True)
+class LocalLink:
+    """The link a local address is on: its name, its index, the address's prefix."""
+
+    name: str
+    index: int
+    prefixlen: int
+
+
+@dataclass(frozen=True)
 class LocalAddress:
     """An address of this host, on the link of index ``ifindex``."""
 
@@ -213,6 +222,24 @@ def route_of(msg: dict[str, Any]) -> Route | None:
         metric=msg.get("RTA_PRIORITY", 0),
         scope=msg["scope"],
     )
+
+
+def clear_leftovers(open_rtnl: Callable[[], Rtnl] = Rtnl) -> int:
+    """Remove the rules and routes a run that did not stop cleanly left (marked
+    :data:`PROTO`, in our tables and at our priorities). Returns how many."""
+    ours = range(TABLE_BASE, TABLE_BASE + 0x10000)
+    removed = 0
+    with open_rtnl() as ipr:
+        for msg in _dump(ipr.rules, socket.AF_UNSPEC):
+            rule = rule_of(msg)
+            if rule.table in ours and PRIORITY_BASE <= rule.priority < MAIN_PRIORITY:
+                removed += _apply(_rule, ipr, "del", rule)
+        for family in (socket.AF_INET, socket.AF_INET6):
+            for msg in _dump(ipr.routes, family):
+                route = route_of(msg)
+                if route is not None and route.table in ours and msg.get("proto") == PROTO:
+                    removed += _apply(_route, ipr, "del", route)
+    return removed
 
 
 def rule_of(msg: dict[str, Any]) -> Rule:

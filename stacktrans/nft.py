@@ -333,6 +333,9 @@ def ruleset(
             f"  map wdst{f} {{ type {flow} : {t}; }}",
             f"  map wport{f} {{ type {flow} : inet_service; }}",
             f"  map rport{f} {{ type {inbound} : inet_service; }}",
+            # A flow's own local locator (a locator policy, `dime move`), keyed by the
+            # flow as the packet is when it is looked up (after a NAT's rewrite).
+            f"  map wsrc{f} {{ type {flow} : {t}; }}",
         ]
     out = [f"    type route hook output priority {OUT_PRIORITY}; policy accept;"]
     inn = [f"    type filter hook prerouting priority {IN_PRIORITY}; policy accept;"]
@@ -363,8 +366,15 @@ def ruleset(
             lines += [
                 f"  chain out{f} {{",
                 f"    {key} @wdst{f} goto nat{f}",
+                f"    {key} @wsrc{f} goto via{f}",
                 f"    {ip} saddr . {ip} daddr @lloc{f} "
                 f"{ip} saddr set {ip} saddr . {ip} daddr map @lloc{f}",
+                f"    {ip} daddr @rloc{f} {ip} daddr set {ip} daddr map @rloc{f}",
+                "  }",
+                # A flow with a local locator of its own: from there (the type route
+                # chain routes it again: by source, stacktrans.link_routes).
+                f"  chain via{f} {{",
+                f"    {ip} saddr set {key} map @wsrc{f}",
                 f"    {ip} daddr @rloc{f} {ip} daddr set {ip} daddr map @rloc{f}",
                 "  }",
                 # Behind a NAT: to the NAT's address, at the port it gave the flow;
@@ -374,6 +384,7 @@ def ruleset(
                 f"    {ip} daddr set {key} map @wdst{f}",
                 f"    meta l4proto tcp tcp dport set {key} map @wport{f}",
                 f"    meta l4proto udp udp dport set {key} map @wport{f}",
+                f"    {key} @wsrc{f} {ip} saddr set {key} map @wsrc{f} return",
                 f"    {ip} saddr . {ip} daddr @lloc{f} "
                 f"{ip} saddr set {ip} saddr . {ip} daddr map @lloc{f}",
                 "  }",
@@ -528,6 +539,15 @@ class NftTable:
                 + _elements("add", f, _wire_elements(entry, entry.wire))
             )
 
+    def set_via(self, entry: SocketEntry, old: IPAddress | None) -> None:
+        """``entry``'s own local locator (:attr:`SocketEntry.via`) was ``old``."""
+        if self.fast_path:
+            f = _fam(entry.key.local)
+            self._apply(
+                _elements("delete", f, _via_elements(entry, entry.wire, old))
+                + _elements("add", f, _via_elements(entry, entry.wire, entry.via))
+            )
+
     def kill_flows(self, entries: Iterable[SocketEntry]) -> None:
         """Make the flows' next outbound packet fail: a TCP reset or ICMP error."""
         self._apply(self._dead_cmds("add", entries))
@@ -629,7 +649,19 @@ def _wire_elements(
             ("wdst", flow, wire[0]),
             ("wport", f"{proto} . {k.local} . {k.lport} . {wire[0]} . {k.rport}", wire[1]),
         ]
-    return out
+    return out + _via_elements(e, wire, e.via)
+
+
+def _via_elements(
+    e: SocketEntry, wire: tuple[IPAddress, int] | None, via: IPAddress | None
+) -> list[tuple[str, str, object]]:
+    """The ``wsrc`` element of a flow with its own local locator ``via``, keyed as
+    the packet is when the out chains look it up: after a NAT's rewrite, if any."""
+    if via is None:
+        return []
+    k = e.key
+    remote, rport = wire if wire is not None else (k.remote, k.rport)
+    return [("wsrc", f"{_proto(k.proto)} . {k.local} . {k.lport} . {remote} . {rport}", via)]
 
 
 def _elements(verb: str, f: str, elements: list[tuple[str, str, object]]) -> list[str]:

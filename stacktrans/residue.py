@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from stacktrans import link_routes
 from stacktrans.ghosts import Ghosts
 from stacktrans.nft import Nft, NftError, NftTable
 from stacktrans.queue_rules import XtQueueRules
@@ -37,6 +38,8 @@ class Residue:
     control: dict[str, Any] | None = None
     #: Flows of peers behind NATs: their ports there (Dataplane.bindings()).
     bindings: list[dict[str, Any]] = field(default_factory=list)
+    #: Routing tables and rules by source address (:mod:`stacktrans.link_routes`).
+    link_routes: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -45,6 +48,7 @@ class Residue:
             "ghosts": self.ghosts,
             "control": self.control,
             "bindings": self.bindings,
+            "link_routes": self.link_routes,
         }
 
     @classmethod
@@ -59,6 +63,7 @@ class Residue:
             dict(ghosts),
             control if isinstance(control, dict) else None,
             list(bindings) if isinstance(bindings, list) else [],
+            bool(data.get("link_routes")),
         )
 
 
@@ -113,6 +118,12 @@ async def remove(residue: Residue, nft: Nft | None, ghosts: Ghosts | None = None
         except NftError as exc:
             log.warning("removing queue rules: %s", exc)
         residue.xt_rules = None
+    if residue.link_routes:
+        try:
+            link_routes.clear_leftovers()
+        except OSError as exc:
+            log.warning("removing routing by source: %s", exc)
+        residue.link_routes = False
     if residue.nft_table and nft is not None:
         try:
             NftTable(nft, fast_path=False).uninstall()

@@ -35,9 +35,12 @@ from stacktrans.flow_death import Death, DeathWatch, Fate, Suspects, check_flows
 from stacktrans.ghosts import Ghosts
 from stacktrans.kernel_flows import alive_flows, existing_flows
 from stacktrans.knock import Knocker, build
+from stacktrans.link_routes import LinkRoutes, LocalAddress, LocalLink, Selector
+from stacktrans.link_routes import clear_leftovers as clear_routes
 from stacktrans.nflog import FlowNotices, NflogError
 from stacktrans.nfqueue import Handler, PacketQueue, QueueError
 from stacktrans.nft import IN_KERNEL_PREFIX, Nft, NftError, NftTable, QueueSpec
+from stacktrans.policy import Policy, parse_address
 from stacktrans.queue_rules import XtQueueRules, nft_queue_supported
 from stacktrans.residue import Record, Residue
 from stacktrans.rto_revert import FlowSeq, Remedy, prompt
@@ -45,14 +48,19 @@ from stacktrans.socket_table import TCP, UDP, FlowKey, SocketEntry, endpoint
 from stacktrans.userspace import OnKnock, UserspacePath
 
 __all__ = [
+    "TCP",
+    "UDP",
     "DataplaneConfig",
     "DataplaneMode",
+    "FlowKey",
     "KernelFlows",
+    "LocalLink",
     "Residue",
     "StackTrans",
     "StartError",
     "check_privileges",
     "clean_leftovers",
+    "endpoint",
     "previous_run",
 ]
 
@@ -184,6 +192,14 @@ class StackTrans:
         self._hid_for = hid_for
         #: Called with each knock that comes in (set by the daemon before start).
         self.on_knock: OnKnock | None = None
+        #: ``on_move(hid, flow, via)``: ask the peer to send ``flow`` (as our socket
+        #: sees it) to our ``via`` (IHMP FLOW_MOVE); True if asked. The answer comes
+        #: back as :meth:`move_done` or :meth:`move_failed`. Set by the daemon.
+        self.on_move: Callable[[int, FlowSpec, IPAddress], bool] | None = None
+        #: Routing by source address and policy selectors: only once a policy or a
+        #: move asks for it (without, routing is the host's own, as it always was).
+        self.links: LinkRoutes | None = None
+        self._local_links: dict[IPAddress, LocalLink] = {}
         self.knocker = Knocker()
         self._tasks: list[asyncio.Task[None]] = []
         self._stalled_hids: set[int] = set()
@@ -259,6 +275,9 @@ class StackTrans:
         self.dataplane.set_local_addresses(local_addresses)
         for host in hosts:
             self.dataplane.host_changed(HostChanged(ChangeKind.CREATED, host.hid, None, host))
+        if previous is not None and previous.link_routes:
+            # Its routing by source is redone, if this run's policy wants it.
+            await asyncio.to_thread(clear_routes)
         if previous is not None:
             log.info("taking over what an earlier dime left here")
             # Its ghosts are ours now: removed only once no flow needs them.
@@ -373,6 +392,9 @@ class StackTrans:
         if keep:
             self._record()
             return
+        if self.links is not None:
+            await asyncio.to_thread(self.links.close)
+            self.residue.link_routes = False
         await residue.remove(self.residue, self.nft, self.ghosts)
         self._record()
         self.record.discard()
@@ -470,6 +492,109 @@ class StackTrans:
         self._follow_up()
         return bound
 
+    # -- per-flow locators ------------------------------------------------------------
+
+    def set_policy(self, policy: Policy) -> None:
+        """The locator policy: for the flows there are (moves), and for new ones
+        (routing rules that give a new socket the address the policy wants)."""
+        if self.dataplane is None:
+            return
+        if policy.rules:
+            self._route_by_source()
+        self.dataplane.set_policy(policy)
+        self._update_links()
+        self._follow_up()
+
+    def set_links(self, links: dict[IPAddress, LocalLink]) -> None:
+        """Each local address's link (name, index, prefix), as the monitor sees them."""
+        self._local_links = dict(links)
+        if self.dataplane is not None:
+            self.dataplane.set_interfaces({a: link.name for a, link in links.items()})
+            self._update_links()
+            self._follow_up()
+
+    def request_move(self, key: FlowKey, via: IPAddress) -> str | None:
+        """``dime move``: see :meth:`Dataplane.request_move`."""
+        if self.dataplane is None:
+            return "StackTrans is not running"
+        error = self.dataplane.request_move(key, via)
+        if error is None:
+            self._route_by_source()
+        self._follow_up()
+        return error
+
+    def _route_by_source(self) -> None:
+        """From now on, packets from each local address leave by its own link."""
+        if self.links is None:
+            self.links = LinkRoutes()
+            self.residue.link_routes = True
+            self._record()
+            self._update_links()
+
+    def _update_links(self) -> None:
+        if self.links is None or self.dataplane is None:
+            return
+        addrs = [
+            LocalAddress(a, link.prefixlen, link.index)
+            for a, link in self._local_links.items()
+            if a in self.dataplane.local_addresses
+        ]
+        try:
+            self.links.update(addrs)
+            self.links.set_selectors(self._selectors())
+        except OSError as exc:
+            log.warning("routing by source: %s", exc)
+
+    def _selectors(self) -> list[Selector]:
+        """The policy's rules as routing selectors: each rule's addresses in order."""
+        assert self.dataplane is not None
+        out = []
+        for rule in self.dataplane.policy.rules:
+            via: list[IPAddress] = []
+            for name in rule.via + rule.backup:
+                addr = parse_address(name)
+                on = (
+                    [addr]
+                    if addr is not None
+                    else [a for a, link in self._local_links.items() if link.name == name]
+                )
+                via += [a for a in on if a in self._local_links and a not in via]
+            out.append(
+                Selector(rule.proto, rule.remote, rule.remote_port, rule.local_port, tuple(via))
+            )
+        return out
+
+    def is_at(self, key: FlowKey, via: IPAddress) -> bool:
+        return self.dataplane is not None and self.dataplane.is_at(key, via)
+
+    def move_done(self, flow: FlowSpec, via: IPAddress) -> None:
+        if self.dataplane is not None:
+            self.dataplane.move_done(_key(flow), via)
+            self._follow_up()
+
+    def move_failed(self, flow: FlowSpec) -> None:
+        if self.dataplane is not None:
+            self.dataplane.move_failed(_key(flow))
+
+    def pin(self, hid: int, flow: FlowSpec, at: IPAddress) -> bool:
+        """The peer's FLOW_MOVE: its ``flow`` (as its socket sees it) goes to ``at``."""
+        if self.dataplane is None or self.dataplane.pin(hid, flow, at) is None:
+            return False
+        self._follow_up()
+        return True
+
+    def _ask_moves(self, moves: dict[FlowKey, IPAddress]) -> None:
+        assert self.dataplane is not None
+        for key, via in moves.items():
+            entry = self.dataplane.sockets.get(key)
+            if entry is None or self.on_move is None:
+                continue
+            spec = FlowSpec(key.proto, key.local, key.lport, key.remote, key.rport)
+            if self.on_move(entry.hid, spec, via):
+                self.dataplane.move_started(key, via)
+            else:
+                log.info("flow %s: the peer cannot be asked to send to %s", key, via)
+
     def flush(self) -> None:
         """Put every rewrite decided so far into the kernel now (one batch)."""
         if self.kernel is not None:
@@ -498,9 +623,15 @@ class StackTrans:
                 "local": endpoint(e.key.local, e.key.lport),
                 "remote": endpoint(e.key.remote, e.key.rport),
                 "hid": e.hid,
+                "via": str(self.dataplane.via_of(e)),
+                "to": str(self.dataplane.remote_of(e)),
+                "rule": e.rule,
             }
             for e in self.dataplane.sockets
         ]
+
+    def flow_keys(self) -> list[FlowKey]:
+        return [e.key for e in self.dataplane.sockets] if self.dataplane is not None else []
 
     def carries_flows(self, hid: int) -> bool:
         """Whether host ``hid`` has flows in the socket table (IHMP never evicts it)."""
@@ -559,6 +690,8 @@ class StackTrans:
             self.schedule_reconcile()
         if effects.moved:
             self._prompt_soon(effects.moved, effects.lost)
+        if effects.moves:
+            self._ask_moves(effects.moves)
         tcp = [e for e in effects.failed if e.key.proto == TCP]
         if tcp:
             # The nft reject path answers the next packet; destroying the TCP sockets
@@ -809,6 +942,11 @@ class StackTrans:
                 self.clock(), self.config.udp_idle
             ):
                 self._follow_up()
+
+
+def _key(flow: FlowSpec) -> FlowKey:
+    """The flow as our socket sees it, from IHMP's name for it (ours, not the peer's)."""
+    return FlowKey(flow.proto, flow.local, flow.lport, flow.remote, flow.rport)
 
 
 def _on(death: Death, key: FlowKey) -> bool:

@@ -83,6 +83,14 @@ class SocketEntry:
     #: port its own socket has, when an IHMP-aware NAT said (NAT_ENTRY). Its knocks
     #: name that port.
     peer_port: int | None = None
+    #: Our local locator for this flow alone (a locator policy, ``dime move``), once
+    #: the peer acknowledged it (FLOW_MOVE); None: the host's (its translation's).
+    via: IPAddress | None = None
+    #: The peer's locator for this flow alone: its FLOW_MOVE named it. Its packets go
+    #: there (``wire``) while the address is one of the host's active ones.
+    pinned: IPAddress | None = None
+    #: The index of the policy rule that placed it (:mod:`stacktrans.policy`), if any.
+    rule: int | None = None
 
     @property
     def wire_rport(self) -> int:

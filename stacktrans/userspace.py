@@ -268,6 +268,8 @@ class UserspacePath:
     ) -> bytes | None:
         tr = self.tr.translation(entry.hid)
         lloc, rloc = tr.outbound(lid, rid) if tr is not None else (None, None)
+        if entry.via is not None:  # a locator of its own (policy, `dime move`)
+            lloc = entry.via
         if entry.wire is not None:  # behind a NAT: where its knock came from
             buf = bytearray(data)
             rewrite_addresses(buf, info, _raw(lloc), _raw(entry.wire[0]))

@@ -337,7 +337,15 @@ SAMPLE: dict[str, Any] = {
         },
     ],
     "sockets": [
-        {"proto": "tcp", "local": "198.51.100.2:40000", "remote": "192.0.2.1:5001", "hid": 1},
+        {
+            "proto": "tcp",
+            "local": "198.51.100.2:40000",
+            "remote": "192.0.2.1:5001",
+            "hid": 1,
+            "via": "203.0.113.7",
+            "to": "192.0.2.1",
+            "rule": 0,
+        },
         {"proto": "udp", "local": "[2001:db8:1::2]:53", "remote": "[2001:db8::9]:53", "hid": 23},
     ],
     "counters": {
@@ -366,9 +374,13 @@ def test_format_status_renders_tables() -> None:
             assert row[header.index(column) - 1] == " "
             assert row[header.index(column)] != " "
     sock_header = next(i for i, line in enumerate(lines) if line.startswith("PROTO"))
-    assert lines[sock_header].split() == ["PROTO", "LOCAL", "REMOTE", "HID"]
-    assert lines[sock_header + 1].split() == ["tcp", "198.51.100.2:40000", "192.0.2.1:5001", "1"]
-    assert lines[sock_header + 2].split()[0] == "udp"
+    assert lines[sock_header].split() == ["PROTO", "LOCAL", "REMOTE", "HID", "VIA", "TO", "RULE"]
+    assert lines[sock_header + 1].split() == [
+        *("tcp", "198.51.100.2:40000", "192.0.2.1:5001", "1", "203.0.113.7", "192.0.2.1", "0")
+    ]
+    assert lines[sock_header + 2].split() == [
+        *("udp", "[2001:db8:1::2]:53", "[2001:db8::9]:53", "23", "-", "-", "-")
+    ]
     assert lines[-1] == "IHMP: 7 sent, 5 received, rejected: bad_signature 2, replay 1"
     assert all(line == line.rstrip() for line in lines)
 
