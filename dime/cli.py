@@ -49,7 +49,15 @@ from typing import Any, NoReturn
 import click
 
 from dime import control, keystore
-from dime.config import Config, ConfigError, load, parse_public_key, run_dir, state_dir
+from dime.config import (
+    Config,
+    ConfigError,
+    interface_names,
+    load,
+    parse_public_key,
+    run_dir,
+    state_dir,
+)
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -96,6 +104,10 @@ def up(
 ) -> None:
     """Run the daemon in the foreground in this network namespace."""
     cfg = _config(config_path)
+    try:
+        cfg.policy.check_interfaces(interface_names())
+    except ValueError as exc:
+        fail(f"config: {exc}", EXIT_USAGE)
     if dataplane is not None:
         cfg.dataplane = dataplane
     if port is not None:

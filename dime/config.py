@@ -83,6 +83,7 @@ from __future__ import annotations
 import base64
 import binascii
 import os
+import socket
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
@@ -429,6 +430,11 @@ def _ifname(name: str) -> bool:
         and name not in (".", "..")
         and not any(c in "/:\0" or c.isspace() for c in name)
     )
+
+
+def interface_names() -> set[str]:
+    """The names of this network namespace's interfaces (what policy rules name)."""
+    return {name for _, name in socket.if_nameindex()}
 
 
 def load(path: Path | None) -> Config:

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from dime import control, keystore, moves, status, systemd
-from dime.config import Config, ConfigError, load, run_dir
+from dime.config import Config, ConfigError, interface_names, load, run_dir
 from dime.monitor import AddressMonitor
 from dime.transport import IhmpTransport
 from ihmp import events as ev
@@ -53,7 +53,6 @@ from stacktrans.service import (
     FlowKey,
     Residue,
     StackTrans,
-    StartError,
     check_privileges,
     previous_run,
 )
@@ -132,10 +131,6 @@ class Daemon:
             soft_immediate=True,
         )
         addresses = await self.monitor.current()
-        try:
-            cfg.policy.check_interfaces(self.monitor.table.names())
-        except ValueError as exc:
-            raise StartError(f"config: {exc}") from exc
         self.engine = IhmpEngine(
             counter_start=time.time_ns() // 1000,
             rng=random.SystemRandom(),
@@ -469,8 +464,7 @@ class Daemon:
         A bad file changes nothing. (Other keys take effect at the next start.)"""
         try:
             cfg = load(self.config_path)
-            names = self.monitor.table.names() if self.monitor is not None else set()
-            cfg.policy.check_interfaces(names)
+            cfg.policy.check_interfaces(interface_names())
         except (ConfigError, ValueError) as exc:
             return {"error": f"config: {exc}"}
         assert self.service is not None

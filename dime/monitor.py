@@ -271,10 +271,6 @@ class AddressTable:
                 out.setdefault(addr.iface.ip, addr.iface)
         return out
 
-    def names(self) -> set[str]:
-        """The name of every link there is (up or not)."""
-        return set(self._names.values())
-
     def links(self) -> dict[IPAddress, LocalLink]:
         """Each usable address's link: its name and index, and the prefix length."""
         out: dict[IPAddress, LocalLink] = {}

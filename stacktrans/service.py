@@ -297,11 +297,13 @@ class StackTrans:
             self.queues.append(pq)
         if fast:
             observe = self.path.observe
-            self.notices = FlowNotices(
-                self.config.log_group,
-                lambda data, outbound, prefix: observe(data, outbound, prefix == IN_KERNEL_PREFIX),
-                self._notices_lost,
-            )
+
+            def notice(data: bytes, outbound: bool, prefix: str) -> None:
+                observe(data, outbound, prefix == IN_KERNEL_PREFIX)
+                if self.dataplane is not None and self.dataplane.has_effects:
+                    self._follow_up()  # (a new flow the policy wants elsewhere)
+
+            self.notices = FlowNotices(self.config.log_group, notice, self._notices_lost)
             try:
                 self.notices.start(loop)
             except NflogError as exc:

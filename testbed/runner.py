@@ -74,6 +74,7 @@ class KernelState(NamedTuple):
     addresses: str  # ip -o addr show
     routes: str  # ip route show table all
     iptables: str  # iptables-save + ip6tables-save, without their time-stamped comments
+    rules: str = ""  # ip rule show + ip -6 rule show
 
 
 def kernel_state(ns: Namespace) -> KernelState:
@@ -82,6 +83,7 @@ def kernel_state(ns: Namespace) -> KernelState:
         ns.run("ip", "-o", "addr", "show"),
         ns.run("ip", "route", "show", "table", "all"),
         _no_comments(ns.run("iptables-save") + ns.run("ip6tables-save")),
+        ns.run("ip", "rule", "show") + ns.run("ip", "-6", "rule", "show"),
     )
 
 
@@ -107,6 +109,11 @@ def residue(before: KernelState, after: KernelState) -> list[str]:
         found.append("nft ruleset differs after dime down")
     if after.iptables != before.iptables:
         found.append("iptables rules differ after dime down")
+    if after.rules != before.rules:
+        found.append("routing rules differ after dime down")
+    ours = [r for r in after.routes.splitlines() if "proto 209" in r]
+    if ours and ours != [r for r in before.routes.splitlines() if "proto 209" in r]:
+        found.append(f"route left behind: {ours[0]}")
     lo_before, lo_after = lo_addresses(before), lo_addresses(after)
     if lo_after != lo_before:
         extra = [a for a in lo_after if a not in lo_before] or lo_after
