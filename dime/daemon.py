@@ -413,13 +413,13 @@ class Daemon:
         if asked is None or self.service is None:
             return
         flow, via = asked
+        key = FlowKey(flow.proto, flow.local, flow.lport, flow.remote, flow.rport)
         if isinstance(event, ev.ExchangeCompleted):
-            log.info("IHMP FLOW_MOVE #%d of %s to %s acknowledged", event.seq, flow, via)
+            log.info("IHMP FLOW_MOVE #%d (%s via %s) acknowledged", event.seq, key, via)
             self.service.move_done(flow, via)
         else:
-            log.warning("IHMP FLOW_MOVE #%d of %s to %s: no answer", event.seq, flow, via)
+            log.warning("IHMP FLOW_MOVE #%d (%s via %s): no answer", event.seq, key, via)
             self.service.move_failed(flow)
-        key = FlowKey(flow.proto, flow.local, flow.lport, flow.remote, flow.rport)
         for waiter in self._move_waiters.pop(key, []):
             waiter.set()
 

@@ -611,17 +611,19 @@ class IhmpEngine:
         sequence number (an :class:`~ihmp.events.ExchangeCompleted` or
         :class:`~ihmp.events.ExchangeFailed` of that number ends it), or None when the
         peer cannot be asked: gone, not established, nowhere to send to in ``via``'s
-        family, or ``via`` is no address of ours the peer has verified (it would refuse
-        the move: it never challenges for one)."""
+        family, ``via`` is no address of ours the peer has verified (it would refuse
+        the move: it never challenges for one), or we reach it through a NAT."""
         if hid not in self.table:
             return None
         entry = self.table.get(hid)
         if entry.state is not HidState.ESTABLISHED or via not in entry.local:
             return None
         remote = next((a for a in entry.active if a.version == via.version), None)
-        if remote is None or via not in self._local:
-            return None
         peer = self._peer(hid)
+        if remote is None or via not in self._local or peer.observed is not None:
+            # (Behind a NAT the peer knows our flows by the NAT's ports: they move
+            # by knocks, after a handoff, not one by one.)
+            return None
         msg = self._message(
             peer, T.FLOW_MOVE, host_id=self._host_id(entry), new_addr=via, flow=flow
         )

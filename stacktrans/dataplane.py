@@ -502,6 +502,10 @@ class Dataplane:
 
     def _target(self, e: SocketEntry) -> IPAddress | None:
         """The local locator ``e`` should use, or None: no opinion (its host's)."""
+        rule = self.policy.rule_for(e.key)
+        placed = rule is not None and e.rule == rule.index
+        # (A flow to a host without dime is placed by routing alone, at its start.)
+        e.rule = rule.index if rule is not None else None
         host = self._hosts.get(e.hid)
         if host is None or not host.local:
             return None
@@ -509,11 +513,9 @@ class Dataplane:
         manual = self._manual.get(e.key)
         if manual is not None:
             if manual in working:
+                e.rule = None  # the user's choice, not a rule's
                 return manual
             del self._manual[e.key]
-        rule = self.policy.rule_for(e.key)
-        placed = rule is not None and e.rule == rule.index
-        e.rule = rule.index if rule is not None else None
         if rule is None:
             # No rule (any more): back to the host's locator, if the peer reaches
             # us at the flow's own address (else it stays: no way to say so).
