@@ -34,6 +34,10 @@ def _family(addr: str) -> int:
     return socket.AF_INET6 if ":" in addr else socket.AF_INET
 
 
+GAP_MIN = 0.02  # s: silences shorter than this are not recorded
+MAX_GAPS = 10_000
+
+
 class Tally:
     """The bytes of one direction of a transfer: how many, their SHA-256, and how
     many in each 100 ms from ``start`` (the timeline a test reads stalls from)."""
@@ -43,6 +47,10 @@ class Tally:
         self.bytes = 0
         self.digest = hashlib.sha256()
         self.timeline: list[int] = []
+        #: (when, how long) of each silence of GAP_MIN or more between two reads: a
+        #: move's gap, finer than the timeline's slots (at most MAX_GAPS kept).
+        self.gaps: list[tuple[float, float]] = []
+        self._last: float | None = None
 
     def add(self, chunk: bytes, at: float) -> None:
         self.digest.update(chunk)
@@ -51,6 +59,9 @@ class Tally:
         while len(self.timeline) <= slot:
             self.timeline.append(0)
         self.timeline[slot] += len(chunk)
+        if self._last is not None and at - self._last >= GAP_MIN and len(self.gaps) < MAX_GAPS:
+            self.gaps.append((self._last, round(at - self._last, 4)))
+        self._last = at
 
     def result(self, error: str | None) -> dict[str, object]:
         return {
@@ -58,6 +69,7 @@ class Tally:
             "sha256": self.digest.hexdigest(),
             "error": error,
             "timeline": self.timeline,
+            "gaps": self.gaps,
         }
 
 
