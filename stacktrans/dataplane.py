@@ -769,11 +769,11 @@ def _placed(
 ) -> IPAddress | None:
     """Where ``rule`` puts ``e``: the first working address it ranks; once it has
     placed the flow (``current``), with ``return = false``, wherever the flow is as
-    long as that works (it does not go back). None: nothing it names works (the
-    flow keeps any working address: its host's)."""
-    if not rule.return_ and current is not None and current in working:
-        return current
+    long as the rule allows that and it works (it does not go back). None: nothing
+    it names works (the flow keeps any working address: its host's)."""
     ranked = rank(rule, working, e.key.local)
+    if not rule.return_ and current is not None and current in ranked:
+        return current
     if ranked:
         return ranked[0]
     return e.key.local if e.via is not None and e.key.local in working else None
