@@ -3,7 +3,7 @@ down, signals, crash cleanup, failed starts and non-root refusal.
 
 Every daemon runs in a namespace of its own (a veth pair to a second one), and
 every check of "nothing left behind" compares the namespace's whole kernel state
-(nft ruleset, addresses, routes, iptables-save) with the state before ``dime up``.
+(nft ruleset, addresses, routes, iptables-save, ip rules) with the state before ``dime up``.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ IHMP_PORT = 4731
 READY_TIMEOUT = 20.0
 STOP_TIMEOUT = 20.0
 
-State = tuple[str, str, str, str]
+State = tuple[str, str, str, str, str]
 COUNTER = re.compile(r"counter packets \d+ bytes \d+")
 XT_COUNTER = re.compile(r"\[\d+:\d+\]")
 
@@ -59,7 +59,7 @@ def settled_state(ns: Namespace, timeout: float = 5.0) -> State:
 
 
 def diff(before: State, after: State) -> str:
-    names = ("nft ruleset", "addresses", "routes", "iptables-save")
+    names = ("nft ruleset", "addresses", "routes", "iptables-save", "ip rules")
     parts = [
         f"-- {name} before:\n{b}\n-- after:\n{a}"
         for name, b, a in zip(names, before, after, strict=True)
@@ -70,8 +70,8 @@ def diff(before: State, after: State) -> str:
 
 def no_counters(state: State) -> State:
     """``state`` without rule counters, which traffic (e.g. IPv6 multicast) moves."""
-    nft, addrs, routes, xt = state
-    return (COUNTER.sub("counter", nft), addrs, routes, XT_COUNTER.sub("[]", xt))
+    nft, addrs, routes, xt, rules = state
+    return (COUNTER.sub("counter", nft), addrs, routes, XT_COUNTER.sub("[]", xt), rules)
 
 
 ELEMENTS = re.compile(r"\n\t*elements = \{[^}]*\}")
@@ -80,8 +80,8 @@ ELEMENTS = re.compile(r"\n\t*elements = \{[^}]*\}")
 def rules_only(state: State) -> State:
     """``state`` without counters and set/map elements, which the daemon's own flows
     move (a flow ends, the liveness sweep drops its elements)."""
-    nft, addrs, routes, xt = no_counters(state)
-    return (ELEMENTS.sub("", nft), addrs, routes, xt)
+    nft, addrs, routes, xt, rules = no_counters(state)
+    return (ELEMENTS.sub("", nft), addrs, routes, xt, rules)
 
 
 def one_line(text: str) -> str:
