@@ -321,6 +321,8 @@ def format_status(st: dict[str, Any]) -> str:
             f"relayed: {c.get('relays_sent', 0)} sent through rendezvous points, "
             f"{c.get('relayed_received', 0)} received"
         )
+    if st.get("policy"):
+        lines.append(f"locator policy: {len(st['policy'])} rules (dime status --json shows them)")
     if "flow_deaths_heard" in c:
         lines.append(
             f"flow ends: {c['flow_deaths_heard']} heard from the kernel "

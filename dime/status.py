@@ -36,6 +36,8 @@ def build(
         "limits": _limits(engine),
         # Each configured rendezvous point: {server (as configured), registered, ...}.
         "rendezvous": engine.rendezvous_status(now) if engine is not None else [],
+        # The locator policy in force (the config's [[policy]], as `dime reload` left it).
+        "policy": service.policy_json() if service is not None else [],
     }
 
 

@@ -632,6 +632,10 @@ class StackTrans:
             for e in self.dataplane.sockets
         ]
 
+    def policy_json(self) -> list[dict[str, Any]]:
+        """The locator policy's rules, as the config file writes them."""
+        return [r.to_json() for r in self.dataplane.policy.rules] if self.dataplane else []
+
     def flow_keys(self) -> list[FlowKey]:
         return [e.key for e in self.dataplane.sockets] if self.dataplane is not None else []
 

@@ -208,7 +208,7 @@ def test_policy_places_flows_per_link_and_moves_them_live(tmp_path: Path, datapl
 def test_a_bad_policy_is_one_line_at_start_and_at_reload(tmp_path: Path) -> None:
     """An unknown interface or a malformed match: `dime up` exits 2 with one line
     naming the key; `dime reload` of such a file exits 1 and keeps the old policy,
-    and a good one is taken (its rule shows in status)."""
+    and a good one is taken (status shows the policy), by `dime reload` or SIGHUP."""
     with fig7_testbed("mhbad") as fig:
         bad = tmp_path / "bad.toml"
         bad.write_text('[[policy]]\nvia = ["m9"]\n')
@@ -221,6 +221,8 @@ def test_a_bad_policy_is_one_line_at_start_and_at_reload(tmp_path: Path) -> None
         good.write_text('[[policy]]\nproto = "udp"\nvia = ["m1"]\n')
         with daemons_stopped(lambda: [d], lambda: d.log_tail(60)):
             d.up("-v", "--config", str(good))
+            first = [{"proto": "udp", "via": ["m1"], "backup": [], "return": True}]
+            assert d.status()["policy"] == first
             for text, key in (
                 ('[[policy]]\nvia = ["m9"]\n', "policy[0].via"),
                 ('[[policy]]\nremote_port = "x"\nvia = ["m1"]\n', "policy[0].remote_port"),
@@ -229,9 +231,15 @@ def test_a_bad_policy_is_one_line_at_start_and_at_reload(tmp_path: Path) -> None
                 res = d.cli("reload")
                 assert res.returncode == 1
                 assert len(res.stderr.strip().splitlines()) == 1 and key in res.stderr
+                assert d.status()["policy"] == first, "a bad file changed the policy"
             good.write_text('[[policy]]\nproto = "tcp"\nvia = ["m1"]\n')
             res = d.cli("reload")
             assert res.returncode == 0, res.stderr
+            assert d.status()["policy"][0]["proto"] == "tcp"
+            # SIGHUP reloads too.
+            good.write_text('[[policy]]\nremote_port = 53\nvia = ["m1"]\n')
+            d.ns.run("kill", "-HUP", str(d.pid))
+            d.wait_status(lambda st: st["policy"][0].get("remote_port") == 53, 10, "SIGHUP")
             res = d.cli("move", "--peer", "192.0.2.77", "--via", "m1")
             assert res.returncode == 1 and "no flow to 192.0.2.77" in res.stderr
             d.down().check()
