@@ -79,16 +79,11 @@ def to_ipv6(
     data = bytes(packet)
     if len(data) < IPV4_HEADER.size or data[0] != 0x45:
         return None  # not IPv4, or options (not carried across)
-    ver_ihl, tos, total, _ident, frag, ttl, proto, _csum, old_src, old_dst = (
-        IPV4_HEADER.unpack_from(data)
-    )
-    if (
-        proto not in CSUM_AT
-        or frag & 0x3FFF
-        or total > len(data)
-        or total < 20 + CSUM_AT[proto] + 2
-    ):
-        return None  # a fragment (MF or an offset), or truncated
+    _, tos, total, _, frag, ttl, proto, _, old_src, old_dst = IPV4_HEADER.unpack_from(data)
+    if proto not in CSUM_AT or frag & 0x3FFF:
+        return None  # not TCP/UDP, or a fragment (MF or an offset)
+    if total > len(data) or total < 20 + CSUM_AT[proto] + 2:
+        return None  # truncated
     l4 = bytearray(data[20:total])
     new_src, new_dst = src.packed, dst.packed
     if proto == UDP and l4[6:8] == b"\0\0":
