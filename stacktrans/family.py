@@ -14,13 +14,12 @@ IPv4 packet gets DF set (IPv6 routers do not fragment), identification 0 and its
 header checksum. Refused (None): IPv4 fragments, IPv4 options (not carried), IPv6
 extension headers, and anything but TCP and UDP.
 
-The transport checksum changes by the difference of the two pseudo-headers' sums,
-which is the difference of the addresses' sums alone: the length and protocol words
-add up to the same in both (RFC 1071 arithmetic, as in :mod:`stacktrans.packet`). An
-IPv4 UDP packet without a checksum (0) gets a full one: IPv6 requires it. A packet
-whose transport checksum is *partial* (``partial``: the kernel handed over a GSO
-packet whose checksum it completes later, so the field holds the folded
-pseudo-header sum, not complemented) gets the same difference added uncomplemented.
+The transport checksum is computed afresh over the new pseudo-header: whatever the
+field held (a full checksum, none in an IPv4 UDP datagram, or the partial sum of a
+packet the kernel handed over before completing it: a GSO packet), the packet sent
+on is complete, as a packet injected through a raw socket must be. A TCP packet
+larger than the path allows (a GSO packet) is cut into segments first
+(:func:`segment`).
 """
 
 from __future__ import annotations
@@ -41,80 +40,87 @@ CSUM_AT = {TCP: 16, UDP: 6}
 DF = 0x4000
 
 
-def _words(data: bytes) -> int:
-    """The 16-bit word sum of ``data`` (an even length), modulo 0xFFFF."""
-    return int.from_bytes(data, "big") % 0xFFFF
-
-
-def _adjust(l4: bytearray, proto: int, delta: int, partial: bool) -> None:
-    """Add the pseudo-header change ``delta`` to the transport checksum in ``l4``."""
+def _l4_checksum(l4: bytearray, proto: int, src: bytes, dst: bytes) -> None:
+    """Compute the transport checksum in ``l4`` from scratch, for ``src`` -> ``dst``."""
     at = CSUM_AT[proto]
-    old = int.from_bytes(l4[at : at + 2], "big")
-    if partial:
-        # The kernel's own field: the folded pseudo-header sum, not complemented.
-        total = old + delta % 0xFFFF
-        new = (total & 0xFFFF) + (total >> 16)
-        new = new if new != 0xFFFF else 0  # one's complement: 0xFFFF and 0 are both 0
-    else:
-        total = (~old & 0xFFFF) + delta % 0xFFFF
-        total = (total & 0xFFFF) + (total >> 16)
-        new = ~total & 0xFFFF
-        if proto == UDP and new == 0:
-            new = 0xFFFF  # 0 means "no checksum" in UDP
-    l4[at : at + 2] = new.to_bytes(2, "big")
-
-
-def _full_udp_checksum(l4: bytearray, src: bytes, dst: bytes) -> None:
-    """Compute a UDP checksum from scratch (an IPv4 datagram that carried none)."""
-    l4[6:8] = b"\0\0"
-    pseudo = src + dst + struct.pack("!IxxxB", len(l4), UDP)
+    l4[at : at + 2] = b"\0\0"
+    pseudo = src + dst + struct.pack("!IxxxB", len(l4), proto)  # (v4's sums the same)
     value = checksum(pseudo + bytes(l4))
-    l4[6:8] = (value or 0xFFFF).to_bytes(2, "big")
+    if proto == UDP and value == 0:
+        value = 0xFFFF  # 0 means "no checksum" in UDP
+    l4[at : at + 2] = value.to_bytes(2, "big")
 
 
-def to_ipv6(
-    packet: Buffer, src: IPv6Address, dst: IPv6Address, *, partial: bool = False
-) -> bytes | None:
+def to_ipv6(packet: Buffer, src: IPv6Address, dst: IPv6Address) -> bytes | None:
     """The IPv4 TCP/UDP ``packet`` as IPv6 from ``src`` to ``dst``; None if refused."""
     data = bytes(packet)
     if len(data) < IPV4_HEADER.size or data[0] != 0x45:
         return None  # not IPv4, or options (not carried across)
-    _, tos, total, _, frag, ttl, proto, _, old_src, old_dst = IPV4_HEADER.unpack_from(data)
+    _, tos, total, _, frag, ttl, proto, _, _, _ = IPV4_HEADER.unpack_from(data)
     if proto not in CSUM_AT or frag & 0x3FFF:
         return None  # not TCP/UDP, or a fragment (MF or an offset)
     if total > len(data) or total < 20 + CSUM_AT[proto] + 2:
         return None  # truncated
     l4 = bytearray(data[20:total])
-    new_src, new_dst = src.packed, dst.packed
-    if proto == UDP and l4[6:8] == b"\0\0":
-        _full_udp_checksum(l4, new_src, new_dst)
-    else:
-        delta = _words(new_src + new_dst) - _words(old_src + old_dst)
-        _adjust(l4, proto, delta, partial)
-    head = IPV6_HEADER.pack((6 << 28) | (tos << 20), len(l4), proto, ttl, new_src, new_dst)
+    _l4_checksum(l4, proto, src.packed, dst.packed)
+    head = IPV6_HEADER.pack((6 << 28) | (tos << 20), len(l4), proto, ttl, src.packed, dst.packed)
     return head + bytes(l4)
 
 
-def to_ipv4(
-    packet: Buffer, src: IPv4Address, dst: IPv4Address, *, partial: bool = False
-) -> bytes | None:
+def to_ipv4(packet: Buffer, src: IPv4Address, dst: IPv4Address) -> bytes | None:
     """The IPv6 TCP/UDP ``packet`` as IPv4 from ``src`` to ``dst``; None if refused."""
     data = bytes(packet)
     if len(data) < IPV6_HEADER.size or data[0] >> 4 != 6:
         return None
-    first, plen, proto, hops, old_src, old_dst = IPV6_HEADER.unpack_from(data)
+    first, plen, proto, hops, _, _ = IPV6_HEADER.unpack_from(data)
     end = IPV6_HEADER.size + plen
     if proto not in CSUM_AT or end > len(data) or plen < CSUM_AT[proto] + 2:
         return None  # an extension header, or truncated
     if 20 + plen > 0xFFFF:
         return None  # (a jumbogram would not fit an IPv4 header)
     l4 = bytearray(data[IPV6_HEADER.size : end])
-    new_src, new_dst = src.packed, dst.packed
-    delta = _words(new_src + new_dst) - _words(old_src + old_dst)
-    _adjust(l4, proto, delta, partial)
+    _l4_checksum(l4, proto, src.packed, dst.packed)
     tclass = (first >> 20) & 0xFF
     head = bytearray(
-        IPV4_HEADER.pack(0x45, tclass, 20 + plen, 0, DF, hops, proto, 0, new_src, new_dst)
+        IPV4_HEADER.pack(0x45, tclass, 20 + plen, 0, DF, hops, proto, 0, src.packed, dst.packed)
     )
     head[10:12] = checksum(head).to_bytes(2, "big")
     return bytes(head) + bytes(l4)
+
+
+def segment(packet: bytes, mtu: int) -> list[bytes]:
+    """``packet`` (IPv4 without options, or IPv6 without extension headers, as this
+    module builds them) as packets of at most ``mtu`` bytes: a TCP packet's data is
+    cut into segments (sequence numbers advanced; FIN and PSH on the last only, CWR
+    on the first only; checksums computed), as the kernel's GSO would have done.
+    Anything else comes back whole, however large."""
+    v6 = packet[0] >> 4 == 6
+    ip_len = IPV6_HEADER.size if v6 else 20
+    proto = packet[6] if v6 else packet[9]
+    if len(packet) <= mtu or proto != TCP:
+        return [packet]
+    head_len = ip_len + (packet[ip_len + 12] >> 4) * 4
+    room = mtu - head_len
+    if room <= 0:
+        return [packet]
+    src, dst = (packet[8:24], packet[24:40]) if v6 else (packet[12:16], packet[16:20])
+    seq = int.from_bytes(packet[ip_len + 4 : ip_len + 8], "big")
+    flags = packet[ip_len + 13]
+    data = packet[head_len:]
+    out = []
+    for start in range(0, len(data), room):
+        chunk = data[start : start + room]
+        last = start + room >= len(data)
+        l4 = bytearray(packet[ip_len:head_len]) + chunk
+        l4[4:8] = ((seq + start) & 0xFFFFFFFF).to_bytes(4, "big")
+        l4[13] = flags & ~(0x01 | 0x08 if not last else 0) & ~(0x80 if start else 0)
+        _l4_checksum(l4, TCP, src, dst)
+        ip = bytearray(packet[:ip_len])
+        if v6:
+            ip[4:6] = len(l4).to_bytes(2, "big")
+        else:
+            ip[2:4] = (ip_len + len(l4)).to_bytes(2, "big")
+            ip[10:12] = b"\0\0"
+            ip[10:12] = checksum(ip).to_bytes(2, "big")
+        out.append(bytes(ip) + bytes(l4))
+    return out

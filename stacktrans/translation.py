@@ -29,6 +29,13 @@ class HidTranslation:
     # learn by itself (nft mode): for these, what this module would compute with the
     # flow added is what it computes now, so no decision of the daemon is missed.
     learnable: frozenset[tuple[IPAddress, IPAddress]] = frozenset()
+    # (local identifier, remote identifier) -> (local locator, remote locator) of the
+    # other IP version: the flows between them have no locator of their own version
+    # left at one end or the other, and are carried across (stacktrans.family) in
+    # user space, packet by packet.
+    cross: dict[tuple[IPAddress, IPAddress], tuple[IPAddress, IPAddress]] = field(
+        default_factory=dict
+    )
 
     def outbound(self, lid: IPAddress, rid: IPAddress) -> tuple[IPAddress | None, IPAddress | None]:
         """(new source, new destination) for a packet lid -> rid; None = unchanged."""
@@ -64,16 +71,32 @@ def compute(
     # Nor is a flow named by a NAT's address (it started behind that NAT): other hosts
     # behind it have flows named by it too. Such a flow moves by its own knock.
     nat_ids = {public for public, _ in entry.nat}
+    cross: dict[tuple[IPAddress, IPAddress], tuple[IPAddress, IPAddress]] = {}
     for lid, rid in pairs:
-        if rid not in entry.active and not natted and rid not in nat_ids:
-            rloc = _same_family(entry.active, rid)
-            if rloc is not None:
-                remote[rid] = rloc
-        if entry.local and lid not in entry.local:
-            lloc = _same_family(usable_local, lid)
-            if lloc is not None and lloc != lid:
-                local[(lid, rid)] = lloc
-    return HidTranslation(entry.hid, remote, local, locators, learnable)
+        rloc = rid if rid in entry.active else _same_family(entry.active, rid)
+        if rloc is not None and rloc != rid and not natted and rid not in nat_ids:
+            remote[rid] = rloc
+        lloc = lid if not entry.local or lid in entry.local else _same_family(usable_local, lid)
+        if lloc is not None and lloc != lid:
+            local[(lid, rid)] = lloc
+        if (rloc is None or lloc is None) and not natted and rid not in nat_ids:
+            # Nothing of the flow's own version left at one end: the other version's,
+            # if both ends have one (the host is not behind a NAT: ports are its own).
+            other = _other_family(entry, usable_local, lid)
+            if other is not None:
+                cross[(lid, rid)] = other
+    return HidTranslation(entry.hid, remote, local, locators, learnable, cross)
+
+
+def _other_family(
+    entry: HostSnapshot, usable_local: list[IPAddress], lid: IPAddress
+) -> tuple[IPAddress, IPAddress] | None:
+    """(local locator, remote locator) of the IP version other than ``lid``'s."""
+    rloc = next((a for a in entry.active if a.version != lid.version), None)
+    if rloc is None:
+        return None
+    lloc = _same_family(usable_local, rloc)
+    return (lloc, rloc) if lloc is not None else None
 
 
 def _learnable(

@@ -9,7 +9,7 @@ from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.inet6 import IPv6
 from scapy.packet import Raw
 
-from stacktrans.family import to_ipv4, to_ipv6
+from stacktrans.family import segment, to_ipv4, to_ipv6
 from stacktrans.packet import checksum
 
 V4S, V4D = "198.51.100.2", "192.0.2.1"
@@ -46,20 +46,37 @@ def test_an_ipv4_udp_datagram_without_checksum_gets_one() -> None:
     assert v6 == bytes(IPv6(src=V6S, dst=V6D, hlim=64) / UDP(sport=1, dport=2) / Raw(b"abc"))
 
 
-def test_a_partial_checksum_moves_with_the_pseudo_header() -> None:
-    """A GSO packet's field holds the folded pseudo-header sum: completed over the
-    payload afterwards, the translated one is what a full checksum over IPv6 gives."""
+def test_whatever_the_checksum_field_held_the_packet_leaves_complete() -> None:
+    """A GSO packet's field holds the folded pseudo-header sum (the kernel completes
+    it later): the translated packet carries the full checksum all the same."""
     seg = TCP(sport=1, dport=2, seq=7, flags="A") / Raw(PAYLOAD)
-    full6 = IPv6(bytes(IPv6(src=V6S, dst=V6D) / seg))
+    want = bytes(IPv6(src=V6S, dst=V6D) / seg)
     v4 = bytearray(bytes(IP(src=V4S, dst=V4D) / seg))
-    pseudo4 = IPv4Address(V4S).packed + IPv4Address(V4D).packed
-    pseudo4 += (6).to_bytes(2, "big") + (len(v4) - 20).to_bytes(2, "big")
-    folded = (~_csum(pseudo4)) & 0xFFFF  # what the kernel leaves in a partial field
-    v4[36:38] = folded.to_bytes(2, "big")
-    v6 = bytearray(to_ipv6(v4, IPv6Address(V6S), IPv6Address(V6D), partial=True) or b"")
-    # Complete it as the kernel does: the sum from the transport header on, stored ~.
-    done = (~_csum_raw(v6[40:])) & 0xFFFF
-    assert done == full6[TCP].chksum
+    for field in (b"\x12\x34", b"\0\0"):
+        v4[36:38] = field
+        assert to_ipv6(v4, IPv6Address(V6S), IPv6Address(V6D)) == want
+
+
+@pytest.mark.parametrize("version", [4, 6])
+def test_a_large_tcp_packet_is_cut_into_segments_as_gso_would(version: int) -> None:
+    ip = IP(src=V4S, dst=V4D) if version == 4 else IPv6(src=V6S, dst=V6D)
+    big = bytes(ip / TCP(sport=1, dport=2, seq=0xFFFFFF00, flags="FPA") / Raw(PAYLOAD))
+    parts = segment(big, 600)
+    assert all(len(p) <= 600 for p in parts) and len(parts) == 3
+    layer = IP if version == 4 else IPv6
+    got = [layer(p) for p in parts]
+    assert b"".join(bytes(g[TCP].payload) for g in got) == PAYLOAD
+    seqs = [g[TCP].seq for g in got]
+    assert seqs[0] == 0xFFFFFF00 and seqs[1] == (0xFFFFFF00 + len(got[0][TCP].payload)) % 2**32
+    assert [str(g[TCP].flags) for g in got] == ["A", "A", "FPA"]
+    for g, raw in zip(got, parts, strict=True):  # each checksum is right (scapy recomputes)
+        fresh = g.copy()
+        del fresh[TCP].chksum
+        if version == 4:
+            del fresh[IP].chksum
+        assert bytes(layer(bytes(fresh))) == raw
+    small = bytes(ip / UDP() / Raw(PAYLOAD))
+    assert segment(small, 600) == [small]  # (only TCP is cut)
 
 
 @pytest.mark.parametrize(
@@ -82,16 +99,3 @@ def test_ipv6_with_an_extension_header_is_refused() -> None:
     packet = bytes(IPv6(src=V6S, dst=V6D) / IPv6ExtHdrDestOpt() / TCP())
     assert to_ipv4(packet, IPv4Address(V4S), IPv4Address(V4D)) is None
     assert to_ipv4(bytes(IP() / TCP()), IPv4Address(V4S), IPv4Address(V4D)) is None
-
-
-def _csum_raw(data: bytes | bytearray) -> int:
-    """The folded one's complement sum (not complemented)."""
-    raw = bytes(data) + (b"\0" if len(data) % 2 else b"")
-    total = sum(int.from_bytes(raw[i : i + 2], "big") for i in range(0, len(raw), 2))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return total
-
-
-def _csum(data: bytes) -> int:
-    return (~_csum_raw(data)) & 0xFFFF
