@@ -63,6 +63,15 @@ class KernelMaps(Protocol):
     def set_via(self, entry: SocketEntry, old: IPAddress | None) -> None:
         """``entry.via`` changed from ``old`` (its per-flow source locator)."""
 
+    def set_cross(
+        self,
+        pairs: Iterable[tuple[IPAddress, IPAddress]],
+        inbound: Iterable[tuple[int, FlowKey, IPAddress]],
+        old_pairs: Iterable[tuple[IPAddress, IPAddress]],
+        old_inbound: Iterable[tuple[int, FlowKey, IPAddress]],
+    ) -> None:
+        """The flows carried across IP versions (see :class:`~stacktrans.nft.NftTable`)."""
+
     def flush(self) -> None:
         """Apply deferred element updates now."""
 
@@ -116,6 +125,9 @@ class Dataplane:
         self._manual: dict[FlowKey, IPAddress] = {}  # `dime move`: the user's choice
         self._moving: dict[FlowKey, IPAddress] = {}  # asked of the peer, not yet ACKed
         self._ever_steered = False  # some flow had a locator of its own
+        #: Per HID carrying flows across IP versions: what the kernel was told
+        #: (:meth:`KernelMaps.set_cross`): the pairs, and (HID, flow, locator) inbound.
+        self._cross: dict[int, tuple[set[tuple[IPAddress, IPAddress]], set[Any]]] = {}
 
     # -- outputs ----------------------------------------------------------------------
 
@@ -229,6 +241,8 @@ class Dataplane:
         if new_pair:
             self._refresh(hid)
         tr, host = self._translations.get(hid), self._hosts.get(hid)
+        if tr is not None and (key.local, key.remote) in tr.cross:
+            self._sync_cross(hid, tr)  # (its pair was carried across already)
         if tr is not None and host is not None:
             rewritten = tr.outbound(key.local, key.remote) != (None, None)
             if rewritten or key.remote not in host.active:
@@ -372,6 +386,7 @@ class Dataplane:
                 self._maybe_wired.discard(hid)
         new = compute(host, self.sockets.pairs_of(hid) | wired, self.local_addresses)
         old = self._translations.get(hid)
+        self._sync_cross(hid, new)
         if new == old:
             return
         self._translations[hid] = new
@@ -429,6 +444,9 @@ class Dataplane:
         identifier, or its identifier itself."""
         if entry.via is not None:
             return entry.via
+        cross = self.cross_of(entry)
+        if cross is not None:
+            return cross[0]
         tr = self._translations.get(entry.hid)
         remote = entry.wire[0] if entry.wire is not None else entry.key.remote
         lloc = tr.local.get((entry.key.local, remote)) if tr is not None else None
@@ -438,6 +456,9 @@ class Dataplane:
         """The peer's locator ``entry``'s packets go to now."""
         if entry.wire is not None:
             return entry.wire[0]
+        cross = self.cross_of(entry)
+        if cross is not None:
+            return cross[1]
         tr = self._translations.get(entry.hid)
         return tr.remote.get(entry.key.remote, entry.key.remote) if tr else entry.key.remote
 
@@ -529,6 +550,42 @@ class Dataplane:
         if old != via:
             self.kernel.set_via(entry, old)
             self.kernel.flush()
+
+    # -- flows carried across IP versions ---------------------------------------------
+
+    def _sync_cross(self, hid: int, tr: HidTranslation) -> None:
+        """The kernel sends the packets of ``hid``'s flows that ``tr`` carries across IP
+        versions to the daemon: outbound by their identifiers, inbound by their key on
+        the wire (from the remote locator, in its version)."""
+        old = self._cross.get(hid, (set(), set()))
+        if not tr.cross and not old[0]:
+            return
+        pairs = set(tr.cross)
+        inbound = {
+            (hid, e.key, tr.cross[(e.key.local, e.key.remote)][1])
+            for e in self.sockets.flows_of(hid)
+            if (e.key.local, e.key.remote) in tr.cross
+        }
+        if (pairs, inbound) == old:
+            return
+        if pairs and not old[0]:
+            log.info("HID %d: flows carried across IP versions: %s", hid, _pairs(tr.cross))
+        self.kernel.set_cross(pairs, inbound, *old)
+        self.kernel.flush()
+        if pairs:
+            self._cross[hid] = (pairs, inbound)
+        else:
+            self._cross.pop(hid, None)
+
+    def cross_of(self, entry: SocketEntry) -> tuple[IPAddress, IPAddress] | None:
+        """(local locator, remote locator) of the other IP version, if ``entry`` is
+        carried across."""
+        tr = self._translations.get(entry.hid)
+        return tr.cross.get((entry.key.local, entry.key.remote)) if tr is not None else None
+
+    def crossing(self, hid: int) -> bool:
+        """Whether some flow of ``hid`` is carried across IP versions."""
+        return hid in self._cross
 
     # -- hosts behind a NAT ----------------------------------------------------------
 
@@ -750,6 +807,9 @@ class Dataplane:
         return True
 
     def _host_gone(self, hid: int) -> None:
+        old = self._cross.pop(hid, None)
+        if old is not None:
+            self.kernel.set_cross((), (), *old)
         self._forget(hid)
         flows = self.sockets.remove_hid(hid)
         self._translations.pop(hid, None)
@@ -762,6 +822,10 @@ class Dataplane:
             log.info("HID %d removed: failing %d flows", hid, len(flows))
             self._effects.failed += flows
         self._effects.reconcile = True
+
+
+def _pairs(cross: dict[tuple[IPAddress, IPAddress], tuple[IPAddress, IPAddress]]) -> str:
+    return ", ".join(f"{lid}>{rid} over {a}>{b}" for (lid, rid), (a, b) in cross.items())
 
 
 def _placed(

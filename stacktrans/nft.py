@@ -35,7 +35,7 @@ from typing import Any
 from ihmp.addr import IPAddress
 from ihmp.flows import KNOCK_MAGIC
 from stacktrans import heap
-from stacktrans.socket_table import TCP, SocketEntry
+from stacktrans.socket_table import TCP, FlowKey, SocketEntry
 from stacktrans.translation import HidTranslation
 
 log = logging.getLogger("dime.nft")
@@ -43,6 +43,7 @@ log = logging.getLogger("dime.nft")
 TABLE = "dime"
 FAMILIES = ("inet", "arp")  # our tables: table inet dime, table arp dime
 OUT_PRIORITY = -140
+XFAM_PRIORITY = -155
 IN_PRIORITY = -300
 #: The mark of an inbound knock: no translation here, and the queue rules send it to
 #: the daemon whatever conntrack thinks of it (a knock on a port the flow already has
@@ -52,6 +53,12 @@ KNOCK_MARK = 0xD1E5
 #: host whose flows need a decision of the daemon): the queue rules send it to the
 #: daemon, and our chains clear the mark again after the queue's hook.
 SYNC_MARK = 0xD1E6
+#: The mark of a packet of a flow carried across IP versions (``xout``/``xin``): the
+#: queue rules send it to the daemon, which translates it (:mod:`stacktrans.family`).
+XFAM_MARK = 0xD1E7
+#: The mark of the packets the daemon injects (raw sockets): nothing of ours queues,
+#: learns or translates them again.
+INJECT_MARK = 0xD1E8
 #: Elements the per-flow sets and maps hold at most: the kernel adds to them from
 #: the packet path, and such a set needs a size (its default is 65,535).
 FLOWS_MAX = 1 << 21
@@ -142,6 +149,7 @@ def _skip(dev: str, ihmp_port: int) -> list[str]:
     """What is never queued nor learned: loopback, IHMP, multicast and broadcast."""
     return [
         f'    {dev} "lo" return',
+        f"    meta mark {INJECT_MARK:#x} return",
         f"    udp sport {ihmp_port} return",
         f"    udp dport {ihmp_port} return",
         "    ip daddr { 224.0.0.0/4, 255.255.255.255 } return",
@@ -167,6 +175,7 @@ def _queue_chains(q: QueueSpec) -> list[str]:
         "  chain q_out {",
         "    type filter hook output priority -150; policy accept;",
         *skip("oifname"),
+        f"    meta mark {XFAM_MARK:#x} {to(q.out_queue)}",
         f"    meta l4proto {{ tcp, udp }}{new} {to(q.out_queue)}",
         *icmp,
         "  }",
@@ -184,6 +193,7 @@ def _queue_chains(q: QueueSpec) -> list[str]:
             "    type filter hook prerouting priority -150; policy accept;",
             *skip("iifname"),
             f"    meta mark {KNOCK_MARK:#x} {to(q.in_queue)}",
+            f"    meta mark {XFAM_MARK:#x} {to(q.in_queue)}",
             f"    meta l4proto {{ tcp, udp }}{new} {to(q.in_queue)}",
             "  }",
         ]
@@ -336,8 +346,14 @@ def ruleset(
             # A flow's own local locator (a locator policy, `dime move`), keyed by the
             # flow as the packet is when it is looked up (after a NAT's rewrite).
             f"  map wsrc{f} {{ type {flow} : {t}; }}",
+            # Flows carried across IP versions: outbound by their identifiers' pair,
+            # inbound by their key on the wire (in the locators' version).
+            f"  set xout{f} {{ type {t} . {t}; }}",
+            f"  set xin{f} {{ type {inbound}; }}",
         ]
     out = [f"    type route hook output priority {OUT_PRIORITY}; policy accept;"]
+    # Before the queue rules (-150): a flow carried across IP versions goes to the daemon.
+    xfam = [f"    type filter hook output priority {XFAM_PRIORITY}; policy accept;"]
     inn = [f"    type filter hook prerouting priority {IN_PRIORITY}; policy accept;"]
     if fast_path:
         # A knock (UDP, or TCP without options, as dime builds them) is marked for the
@@ -355,10 +371,15 @@ def ruleset(
         ]
         if fast_path:
             out.append(f"    meta l4proto {{ tcp, udp }} {key} @flows{f} jump out{f}")
+            xfam.append(
+                f"    meta mark 0 {ip} saddr . {ip} daddr @xout{f} meta mark set {XFAM_MARK:#x}"
+            )
             inn.append(f"    meta mark 0 meta l4proto {{ tcp, udp }} {ip} saddr @hid{f} jump in{f}")
     if fast_path:
         out.insert(1, f"    meta mark {SYNC_MARK:#x} meta mark set 0")  # (after the hook line)
     lines += ["  chain out {", *out, "  }", "  chain in {", *inn, "  }"]
+    if fast_path:
+        lines += ["  chain xfam_out {", *xfam, "  }"]
     if fast_path:
         for f, ip in (("4", "ip"), ("6", "ip6")):
             fkey = "meta mark . meta l4proto . th sport . th dport"
@@ -390,6 +411,7 @@ def ruleset(
                 "  }",
                 f"  chain in{f} {{",
                 f"    meta mark set {ip} saddr map @hid{f}",
+                f"    {fkey} @xin{f} meta mark set {XFAM_MARK:#x} return",
                 f"    {fkey} @rid{f} {ip} saddr set {fkey} map @rid{f}",
                 f"    {fkey} @lid{f} {ip} daddr set {fkey} map @lid{f}",
                 f"    meta l4proto tcp {fkey} @rport{f} tcp sport set {fkey} map @rport{f}",
@@ -547,6 +569,32 @@ class NftTable:
                 _elements("delete", f, _via_elements(entry, entry.wire, old))
                 + _elements("add", f, _via_elements(entry, entry.wire, entry.via))
             )
+
+    def set_cross(
+        self,
+        pairs: Iterable[tuple[IPAddress, IPAddress]],
+        inbound: Iterable[tuple[int, FlowKey, IPAddress]],
+        old_pairs: Iterable[tuple[IPAddress, IPAddress]],
+        old_inbound: Iterable[tuple[int, FlowKey, IPAddress]],
+    ) -> None:
+        """The flows carried across IP versions changed: ``pairs`` are (local id,
+        remote id) whose packets go to the daemon; ``inbound``, (HID, flow, remote
+        locator) whose packets from that locator do. ``old_*``: what was there."""
+        if not self.fast_path:
+            return
+
+        def pair(p: tuple[IPAddress, IPAddress]) -> tuple[str, str]:
+            return f"xout{_fam(p[0])}", f"{p[0]} . {p[1]}"
+
+        def inb(item: tuple[int, FlowKey, IPAddress]) -> tuple[str, str]:
+            hid, k, loc = item
+            return f"xin{_fam(loc)}", f"{hid} . {_proto(k.proto)} . {k.rport} . {k.lport}"
+
+        new = {pair(p) for p in pairs} | {inb(i) for i in inbound}
+        old = {pair(p) for p in old_pairs} | {inb(i) for i in old_inbound}
+        cmds = [f"delete element inet {TABLE} {m} {{ {k} }}" for m, k in sorted(old - new)]
+        cmds += [f"add element inet {TABLE} {m} {{ {k} }}" for m, k in sorted(new - old)]
+        self._apply(cmds)
 
     def kill_flows(self, entries: Iterable[SocketEntry]) -> None:
         """Make the flows' next outbound packet fail: a TCP reset or ICMP error."""

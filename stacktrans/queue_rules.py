@@ -31,7 +31,7 @@ from __future__ import annotations
 import subprocess
 from dataclasses import dataclass, field
 
-from stacktrans.nft import KNOCK_MARK, Nft, NftError
+from stacktrans.nft import INJECT_MARK, KNOCK_MARK, XFAM_MARK, Nft, NftError
 
 COMMENT = "dime"
 ICMP4_ERRORS = ("3", "4", "11", "12")  # unreachable, source quench, time exceeded, param
@@ -80,6 +80,7 @@ class XtQueueRules:
         def skip(chain: str, iface: str) -> list[str]:
             return [
                 f"-A {chain} {iface} lo -j RETURN",
+                f"-A {chain} -m mark --mark {INJECT_MARK:#x} -j RETURN",
                 f"-A {chain} -p udp --sport {port} -j RETURN",
                 f"-A {chain} -p udp --dport {port} -j RETURN",
                 f"-A {chain} -m addrtype --dst-type MULTICAST -j RETURN",
@@ -95,6 +96,7 @@ class XtQueueRules:
             ":DIME_OUT - [0:0]",
             f"-I OUTPUT 1 {hook} -j DIME_OUT",
             *skip("DIME_OUT", "-o"),
+            queue("DIME_OUT", f"-m mark --mark {XFAM_MARK:#x}", self.out_queue),
             *(queue("DIME_OUT", f"-p {p}{new}", self.out_queue) for p in ("tcp", "udp")),
             *(queue("DIME_OUT", m, self.out_queue) for m in icmp),
         ]
@@ -113,6 +115,7 @@ class XtQueueRules:
                 f"-I PREROUTING 1 {hook} -j DIME_NEW",
                 *skip("DIME_NEW", "-i"),
                 queue("DIME_NEW", f"-m mark --mark {KNOCK_MARK:#x}", self.in_queue),
+                queue("DIME_NEW", f"-m mark --mark {XFAM_MARK:#x}", self.in_queue),
                 *(queue("DIME_NEW", f"-p {p}{new}", self.in_queue) for p in ("tcp", "udp")),
             ]
         return {"mangle": mangle, "raw": raw}

@@ -386,6 +386,8 @@ class StackTrans:
         if self.deaths is not None:
             self.deaths.stop()
         self.knocker.close()
+        if self.path is not None:
+            self.path.carrier.close()
         if self.kernel is not None:
             self.kernel.flush()  # the table goes next: nothing may be left queued
         for pending in (self._reconcile_task, self._prompt_task, self._adopt_task):
@@ -628,6 +630,8 @@ class StackTrans:
                 "via": str(self.dataplane.via_of(e)),
                 "to": str(self.dataplane.remote_of(e)),
                 "rule": e.rule,
+                # Carried across IP versions (via and to are of the other version).
+                "across": self.dataplane.cross_of(e) is not None,
             }
             for e in self.dataplane.sockets
         ]
@@ -650,6 +654,9 @@ class StackTrans:
             "tcp_flows_prompted": sum(self.prompts.values()),
             "tcp_retransmits_prompted": self.prompts[Remedy.RETRANSMIT],
             "tcp_acks_prompted": self.prompts[Remedy.REACK],
+            "packets_carried_across": self.path.carried if self.path else 0,
+            "packets_not_carried": self.path.not_carried if self.path else 0,
+            "path_mtu_prompts": self.path.carrier.mtu_prompts if self.path else 0,
             "knocks_sent": self.knocker.sent,
             "knocks_received": self.path.knocks if self.path else 0,
             "flow_notices": self.notices.received if self.notices else 0,

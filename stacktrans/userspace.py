@@ -21,7 +21,9 @@ from ipaddress import ip_address
 from ihmp.addr import IPAddress
 from ihmp.flows import KNOCK_MAGIC
 from ihmp.hosts import FlowOrigin
+from stacktrans.carry import Carrier
 from stacktrans.dataplane import Dataplane
+from stacktrans.family import to_ipv4, to_ipv6
 from stacktrans.nfqueue import DROP
 from stacktrans.packet import (
     PacketInfo,
@@ -79,6 +81,10 @@ class UserspacePath:
         self.translated = 0
         self.knocks = 0
         self.notices = 0
+        #: Flows carried across IP versions: their packets, translated, go back in here.
+        self.carrier = Carrier()
+        self.carried = 0  # packets translated across IP versions, both ways
+        self.not_carried = 0  # packets of such flows that could not be (fragments, ...)
 
     # -- outbound -------------------------------------------------------------------
 
@@ -106,7 +112,26 @@ class UserspacePath:
             entry.last_seen = self.clock()
         if info.tcp_flags & TCP_SYN and (seq := _seq(data, info)) is not None:
             entry.isn = acked_from(seq, answered=bool(info.tcp_flags & TCP_ACK))
+        cross = self.tr.cross_of(entry)
+        if cross is not None:
+            return self._carry(data, cross[0], cross[1], entry.key, _seq(data, info))
         return self._rewrite(data, info, entry, key.local, key.remote)
+
+    def _carry(
+        self, data: bytes, src: IPAddress, dst: IPAddress, key: FlowKey, seq: int | None
+    ) -> bytes:
+        """Send ``data`` on as a packet of the other IP version, src -> dst (out to the
+        peer, or into our own stack); the original goes no further."""
+        new = to_ipv6(data, src, dst) if dst.version == 6 else to_ipv4(data, src, dst)  # type: ignore[arg-type]
+        if new is None:
+            self.not_carried += 1
+            return DROP
+        self.carried += 1
+        if dst == key.local:
+            self.carrier.into(new, dst)
+        else:
+            self.carrier.out(new, dst, key, seq)
+        return DROP
 
     def _outbound_icmp(self, data: bytes, info: PacketInfo, inner: PacketInfo) -> bytes | None:
         # Our stack complains about a packet it received: the quote holds the
@@ -198,6 +223,13 @@ class UserspacePath:
         entry = None
         if hid is not None:
             entry = self.tr.sockets.inbound(hid, info.version, info.proto, info.sport, info.dport)
+            if entry is None and self.tr.crossing(hid):
+                other = 10 - info.version  # (4 <-> 6)
+                entry = self.tr.sockets.inbound(hid, other, info.proto, info.sport, info.dport)
+                if entry is not None and self.tr.cross_of(entry) is not None:
+                    entry.last_seen = self.clock()
+                    return self._carry(data, entry.key.remote, entry.key.local, entry.key, None)
+                entry = None
         if entry is None:
             if (
                 hid is not None

@@ -99,6 +99,15 @@ class KernelStub:
     def update_hid(self, new: Any, hid: int) -> None:
         self.calls.append(("update_hid", (hid, new)))
 
+    def set_wire(self, entry: SocketEntry, old: Any) -> None:
+        self.calls.append(("set_wire", (entry.key, entry.wire, old)))
+
+    def set_via(self, entry: SocketEntry, old: Any) -> None:
+        self.calls.append(("set_via", (entry.key, entry.via, old)))
+
+    def set_cross(self, pairs: Any, inbound: Any, old_pairs: Any, old_inbound: Any) -> None:
+        self.calls.append(("set_cross", (set(pairs), set(inbound))))
+
     def flush(self) -> None:
         self.calls.append(("flush", None))
 

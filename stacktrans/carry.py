@@ -1,0 +1,118 @@
+"""Putting the packets of flows carried across IP versions back into the kernel.
+
+A packet of such a flow was queued, translated to the other IP version
+(:mod:`stacktrans.family`) and dropped; its translation goes in through a raw socket
+(``IPPROTO_RAW``: we give the IP header), marked :data:`~stacktrans.nft.INJECT_MARK`
+so that nothing of ours queues, learns or translates it again:
+
+* **out**: to the peer's locator, routed like any packet of this host;
+* **in**: to our own identifier, which the kernel delivers to the flow's socket
+  (through ``lo``; conntrack takes it as the connection's own).
+
+IPv6's header is 20 bytes longer than IPv4's: a full-size IPv4 segment does not fit
+the IPv6 path. A TCP packet that does not is cut into segments
+(:func:`stacktrans.family.segment`, which also takes GSO packets apart), and the
+flow's own stack is told the path MTU its segments must fit (an ICMP "fragmentation
+needed" / "packet too big" quoting the segment, :func:`stacktrans.rto_revert.ptb_message`),
+so that its next segments fit whole: no black hole, and after one round trip no
+segment cut in two.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+
+from ihmp.addr import IPAddress
+from stacktrans.family import GROWTH, segment
+from stacktrans.nft import INJECT_MARK
+from stacktrans.rto_revert import MIN_PMTU, ptb_message
+from stacktrans.socket_table import TCP, FlowKey
+
+log = logging.getLogger("dime.carry")
+
+IP_MTU, IPV6_MTU = 14, 24  # <linux/in.h>, <linux/in6.h>: a connected socket's path MTU
+DEFAULT_MTU = 1500
+
+
+class Carrier:
+    """Raw sockets (opened on first use) and what they sent."""
+
+    def __init__(self) -> None:
+        self._socks: dict[tuple[int, int], socket.socket] = {}
+        self._mtu: dict[IPAddress, int] = {}
+        self.sent = 0
+        self.failed = 0
+        self.mtu_prompts = 0
+
+    def close(self) -> None:
+        for sock in self._socks.values():
+            sock.close()
+        self._socks.clear()
+
+    def out(self, packet: bytes, dst: IPAddress, key: FlowKey, seq: int | None) -> None:
+        """Send ``packet`` (to the peer's locator ``dst``) for flow ``key`` (as its
+        socket sees it; ``seq``: the TCP sequence number of the packet it was)."""
+        mtu = self.path_mtu(dst)
+        parts = segment(packet, mtu) if len(packet) > mtu else [packet]
+        if len(parts) > 1 and key.proto == TCP and seq is not None:
+            self._prompt_mtu(key, seq, mtu)
+        for part in parts:
+            self._send(part, dst)
+
+    def into(self, packet: bytes, dst: IPAddress) -> None:
+        """Deliver ``packet`` to our own address ``dst`` (the flow's identifier)."""
+        self._send(packet, dst)
+
+    def path_mtu(self, dst: IPAddress) -> int:
+        """The route's MTU towards ``dst`` (asked once: a connected UDP socket's)."""
+        mtu = self._mtu.get(dst)
+        if mtu is None:
+            family = socket.AF_INET if dst.version == 4 else socket.AF_INET6
+            level, name = (
+                (socket.IPPROTO_IP, IP_MTU) if dst.version == 4 else (socket.IPPROTO_IPV6, IPV6_MTU)
+            )
+            try:
+                with socket.socket(family, socket.SOCK_DGRAM) as probe:
+                    probe.connect((str(dst), 9))
+                    mtu = probe.getsockopt(level, name)
+            except OSError:
+                mtu = DEFAULT_MTU
+            self._mtu[dst] = mtu
+        return mtu
+
+    def _prompt_mtu(self, key: FlowKey, seq: int, mtu: int) -> None:
+        """Tell the flow's stack its segments must fit ``mtu`` once translated."""
+        own = max(
+            mtu - GROWTH if key.local.version == 4 else mtu + GROWTH, MIN_PMTU[key.local.version]
+        )
+        try:
+            self._sock(key.local.version, icmp=True).sendto(
+                ptb_message(key, seq, own), (str(key.local), 0)
+            )
+            self.mtu_prompts += 1
+        except OSError as exc:
+            log.debug("path MTU prompt for %s: %s", key, exc)
+
+    def _send(self, packet: bytes, dst: IPAddress) -> None:
+        try:
+            self._sock(dst.version).sendto(packet, (str(dst), 0))
+            self.sent += 1
+        except OSError as exc:
+            self.failed += 1
+            if exc.errno not in (errno.ENETUNREACH, errno.EHOSTUNREACH, errno.EMSGSIZE):
+                log.warning("carrying a packet to %s: %s", dst, exc)
+
+    def _sock(self, version: int, icmp: bool = False) -> socket.socket:
+        sock = self._socks.get((version, icmp))
+        if sock is None:
+            family = socket.AF_INET if version == 4 else socket.AF_INET6
+            proto = socket.IPPROTO_RAW
+            if icmp:
+                proto = socket.IPPROTO_ICMP if version == 4 else socket.IPPROTO_ICMPV6
+            sock = socket.socket(family, socket.SOCK_RAW, proto)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, INJECT_MARK)
+            sock.setblocking(False)
+            self._socks[(version, icmp)] = sock
+        return sock
