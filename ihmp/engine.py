@@ -1474,7 +1474,7 @@ class IhmpEngine:
                 old_addrs=msg.old_addrs,
                 flags=msg.flags,
             )
-            self._send(hid, fallback, entry.local[0], entry.locator, now, track=True)
+            self._send_known(entry, fallback, now)
         elif msg.type is T.HANDOFF:
             self._orphan(hid, now)
 
@@ -1528,7 +1528,17 @@ class IhmpEngine:
             msg = self._message(
                 peer, T.ADDR_UP_UNREACHABLE, host_id=self._host_id(entry), new_addr=new
             )
-            self._send(entry.hid, msg, entry.local[0], entry.locator, now, track=True)
+            self._send_known(entry, msg, now)
+
+    def _send_known(self, entry: HostEntry, msg: Message, now: float) -> None:
+        """Send ``msg`` (tracked) along a path the peer has verified: from the first of
+        our addresses it reaches to its locator, or failing that (they are of two IP
+        versions: ours of the locator's version are gone) the first such pair of one
+        version."""
+        pairs = [(entry.local[0], entry.locator)] if entry.locator is not None else []
+        pairs += [(lo, re) for lo in entry.local for re in entry.active]
+        src, dst = next(((lo, re) for lo, re in pairs if lo.version == re.version), pairs[0])
+        self._send(entry.hid, msg, src, dst, now, track=True)
 
     def _send_addr_down(self, entry: HostEntry, now: float) -> None:
         peer = self._peers[entry.hid]
@@ -1540,7 +1550,7 @@ class IhmpEngine:
         msg = self._message(
             peer, mtype, host_id=self._host_id(entry), old_addrs=tuple(peer.withdrawn)
         )
-        self._send(entry.hid, msg, entry.local[0], entry.locator, now, track=True)
+        self._send_known(entry, msg, now)
 
     def _send_handoff(self, entry: HostEntry, new: IPAddress, now: float) -> None:
         peer = self._peers[entry.hid]
@@ -1569,7 +1579,7 @@ class IhmpEngine:
                 old_addrs=olds,
                 flags=flags,
             )
-            self._send(entry.hid, msg, entry.local[0], entry.locator, now, track=True)
+            self._send_known(entry, msg, now)
         else:
             self._orphan(entry.hid, now)
 

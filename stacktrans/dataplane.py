@@ -158,6 +158,9 @@ class Dataplane:
         out: dict[IPAddress, IPAddress] = {}
         for tr in self._translations.values():
             out.update(tr.remote)
+            # A flow carried across IP versions needs a route of its own version to
+            # reach the hook that queues it: the locator's link will do.
+            out.update({rid: rloc for (_, rid), (_, rloc) in tr.cross.items()})
         return out
 
     # -- inputs: IHMP -------------------------------------------------------------------

@@ -24,7 +24,7 @@ from ipaddress import IPv4Address, ip_address
 from typing import Any
 
 from ihmp.addr import IPAddress
-from stacktrans.rtnl import Rtnl
+from stacktrans.rtnl import RT_SCOPE_LINK, RT_SCOPE_UNIVERSE, Rtnl
 
 log = logging.getLogger("dime.ghosts")
 
@@ -94,6 +94,9 @@ class Ghosts:
         except Exception as exc:
             log.warning("no route to locator %s: %s", loc, exc)
             return
+        # A locator of the other IP version (a flow carried across): its link, no
+        # gateway; the packets only need to reach the hook that queues them.
+        gateway = via.get("RTA_GATEWAY") if loc.version == rid.version else None
         try:
             ipr.route(
                 "add",
@@ -101,7 +104,8 @@ class Ghosts:
                 _plen(rid),
                 ROUTE_PROTO,
                 oif=via.get("RTA_OIF"),
-                gateway=via.get("RTA_GATEWAY"),
+                gateway=gateway,
+                scope=RT_SCOPE_UNIVERSE if gateway is not None else RT_SCOPE_LINK,
             )
         except Exception as exc:
             log.warning("cannot add a route to identifier %s: %s", rid, exc)

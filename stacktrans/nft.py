@@ -260,6 +260,7 @@ def _learn_chains(ihmp_port: int, group: int) -> list[str]:
             lport, rport = ("sport", "dport") if way == "out" else ("dport", "sport")
             flow = f"meta l4proto . {ip} {local} . th {lport} . {ip} {remote} . th {rport}"
             pair = f"{ip} {local} . {ip} {remote}"
+            other, inward = ("6" if f == "4" else "4"), int(way == "in")
             inbound = f"meta mark . meta l4proto . th {rport} . th {lport}"
             synack.append(f"    {flow} @flows{f} {held} return")
             lines += [
@@ -273,6 +274,9 @@ def _learn_chains(ihmp_port: int, group: int) -> list[str]:
                 f"  chain learn_{way}{f} {{",
                 f"    meta mark set {pair} map @learn{f}",
                 f"    {inbound} @rid{f} meta mark set {SYNC_MARK:#x} return",
+                # A flow of the host's in the other IP version, carried across before
+                # we knew (the peer decided first): the daemon's (stacktrans.carry).
+                *([f"    {inbound} @rid{other} meta mark set {SYNC_MARK:#x} return"] * inward),
                 f"    add @flows{f} {{ {flow} }} "
                 f"add @rid{f} {{ {inbound} : {ip} {remote} }} "
                 f"add @lid{f} {{ {inbound} : {ip} {local} }} meta mark set 0",

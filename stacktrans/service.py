@@ -30,6 +30,7 @@ from ihmp.addr import IPAddress
 from ihmp.flows import FlowSpec
 from ihmp.hosts import ChangeKind, HostChanged, HostSnapshot
 from stacktrans import nflog, residue
+from stacktrans.carry import Carrier
 from stacktrans.dataplane import Dataplane, HidFor
 from stacktrans.flow_death import Death, DeathWatch, Fate, Suspects, check_flows
 from stacktrans.ghosts import Ghosts
@@ -282,7 +283,7 @@ class StackTrans:
             log.info("taking over what an earlier dime left here")
             # Its ghosts are ours now: removed only once no flow needs them.
             self.ghosts = Ghosts.from_state(previous.ghosts, on_record=self._record)
-        self.path = UserspacePath(self.dataplane, self.clock, self.on_knock)
+        self.path = UserspacePath(self.dataplane, self.clock, self.on_knock, Carrier())
         # The queues listen before the snapshot of existing flows is taken, so that
         # a flow that starts meanwhile is seen one way or the other.
         for num, handler in (
@@ -386,7 +387,7 @@ class StackTrans:
         if self.deaths is not None:
             self.deaths.stop()
         self.knocker.close()
-        if self.path is not None:
+        if self.path is not None and self.path.carrier is not None:
             self.path.carrier.close()
         if self.kernel is not None:
             self.kernel.flush()  # the table goes next: nothing may be left queued
@@ -656,7 +657,9 @@ class StackTrans:
             "tcp_acks_prompted": self.prompts[Remedy.REACK],
             "packets_carried_across": self.path.carried if self.path else 0,
             "packets_not_carried": self.path.not_carried if self.path else 0,
-            "path_mtu_prompts": self.path.carrier.mtu_prompts if self.path else 0,
+            "path_mtu_prompts": self.path.carrier.mtu_prompts
+            if self.path and self.path.carrier
+            else 0,
             "knocks_sent": self.knocker.sent,
             "knocks_received": self.path.knocks if self.path else 0,
             "flow_notices": self.notices.received if self.notices else 0,

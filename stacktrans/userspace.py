@@ -73,8 +73,15 @@ class UserspacePath:
     :data:`~stacktrans.nfqueue.DROP` (a knock: for dime, not for an application)."""
 
     def __init__(
-        self, dataplane: Dataplane, clock: Callable[[], float], on_knock: OnKnock | None = None
+        self,
+        dataplane: Dataplane,
+        clock: Callable[[], float],
+        on_knock: OnKnock | None = None,
+        carrier: Carrier | None = None,
     ) -> None:
+        """``carrier``: where packets carried across IP versions go back into the
+        kernel (raw sockets); None: nowhere, they are dropped (tests, which must not
+        send anything from the host's own network namespace)."""
         self.tr = dataplane
         self.clock = clock
         self.on_knock = on_knock
@@ -82,7 +89,7 @@ class UserspacePath:
         self.knocks = 0
         self.notices = 0
         #: Flows carried across IP versions: their packets, translated, go back in here.
-        self.carrier = Carrier()
+        self.carrier = carrier
         self.carried = 0  # packets translated across IP versions, both ways
         self.not_carried = 0  # packets of such flows that could not be (fragments, ...)
 
@@ -123,7 +130,7 @@ class UserspacePath:
         """Send ``data`` on as a packet of the other IP version, src -> dst (out to the
         peer, or into our own stack); the original goes no further."""
         new = to_ipv6(data, src, dst) if dst.version == 6 else to_ipv4(data, src, dst)  # type: ignore[arg-type]
-        if new is None:
+        if new is None or self.carrier is None:
             self.not_carried += 1
             return DROP
         self.carried += 1
@@ -223,13 +230,15 @@ class UserspacePath:
         entry = None
         if hid is not None:
             entry = self.tr.sockets.inbound(hid, info.version, info.proto, info.sport, info.dport)
-            if entry is None and self.tr.crossing(hid):
+            if entry is None and not info.tcp_flags & TCP_SYN:
+                # A flow of the host in the other IP version, carried across: by our
+                # translation, or by the peer's before ours followed (a packet from a
+                # verified address of the host, with the flow's own ports).
                 other = 10 - info.version  # (4 <-> 6)
                 entry = self.tr.sockets.inbound(hid, other, info.proto, info.sport, info.dport)
-                if entry is not None and self.tr.cross_of(entry) is not None:
+                if entry is not None:
                     entry.last_seen = self.clock()
                     return self._carry(data, entry.key.remote, entry.key.local, entry.key, None)
-                entry = None
         if entry is None:
             if (
                 hid is not None

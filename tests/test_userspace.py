@@ -29,6 +29,7 @@ from scapy.packet import Packet, Raw
 from ihmp.addr import IPAddress
 from ihmp.hosts import FlowOrigin, HidState, HidTable
 from ihmp.states import Trigger
+from stacktrans.nfqueue import DROP
 from stacktrans.socket_table import TCP, UDP, FlowKey, SocketEntry
 from stacktrans.userspace import UserspacePath
 from tests.ihmp_double import IhmpDouble
@@ -565,16 +566,43 @@ def test_icmp_error_with_a_cut_quote_is_translated(net: Net) -> None:
 # --------------------------------------------------------------------------- dual stack
 
 
-def test_dual_stack_peer_flows_of_the_other_family_do_not_match() -> None:
-    """A dual-stack peer has one HID for its IPv4 and IPv6 addresses; a v6 packet with
-    the ports of a v4 flow is not that flow's (it used to raise RewriteError)."""
+class RecordingCarrier:
+    """What the user-space path would put back into the kernel (nothing is sent)."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, bytes, Any]] = []
+
+    def out(self, packet: bytes, dst: Any, key: Any, seq: Any) -> None:
+        self.sent.append(("out", packet, dst))
+
+    def into(self, packet: bytes, dst: Any) -> None:
+        self.sent.append(("into", packet, dst))
+
+
+def test_dual_stack_peer_packets_of_the_other_family_with_a_flows_ports() -> None:
+    """A dual-stack peer has one HID for its IPv4 and IPv6 addresses. A v6 segment
+    from it with the ports of a v4 flow is that flow's, carried across by the peer
+    (before our translation followed): it goes into our stack as the v4 flow's. A v6
+    SYN is a new flow; ICMP errors are left alone (it used to raise RewriteError)."""
     node = node_with_flow(NET4)
+    carrier = RecordingCarrier()
+    node.path.carrier = carrier  # type: ignore[assignment]
     hid = node.hid(NET4.p_old)
     node.tr.set_local_addresses({NET4.l_old, NET6.l_old})
     node.table.add_active(hid, NET6.p_old)
     node.peer_moves(hid, NET4.p_old, NET4.p_new)  # the v4 flow is translated
     v6 = pkt(NET6, TCP, NET6.p_old, NET6.l_old, 80, 40000)
-    assert node.path.inbound(v6) is None
+    assert node.path.inbound(v6) == DROP
+    [(way, packet, dst)] = carrier.sent
+    assert (way, dst) == ("into", NET4.l_old)
+    assert_valid(packet)
+    want = IP(pkt(NET4, TCP, NET4.p_old, NET4.l_old, 80, 40000))
+    got = IP(packet)
+    assert (got.src, got.dst) == (str(NET4.p_old), str(NET4.l_old))
+    assert bytes(got[ScapyTCP]) == bytes(want[ScapyTCP])  # the segment, checksum included
+    syn = bytearray(pkt(NET6, TCP, NET6.p_old, NET6.l_old, 80, 40001))
+    syn[40 + 13] = 0x02
+    assert node.path.inbound(bytes(syn)) != DROP and len(carrier.sent) == 1
     err = icmp_error(
         "packet-too-big6", NET6.p_old, NET6.l_old, pkt(NET6, TCP, NET6.l_old, NET6.p_old, 40000, 80)
     )

@@ -1,0 +1,169 @@
+"""IPv4 <-> IPv6 handover on the real kernel: a flow outlives the loss of every address
+of its own IP version at one end (stacktrans.family, stacktrans.carry).
+
+The Fig. 7 testbed made dual-stack on the CH's and the MH's first links (the router
+forwards both). `dime up` in the CH and the MH. Each scenario carries a paced TCP
+transfer each way and a UDP request/response stream in the flows' IP version, then
+one end loses its addresses of that version (the address goes, and with it its
+routes): the flows go on in the other version, carried across by both daemons; the
+address comes back: they go on in their own again. A bulk transfer started while
+they are carried across sends full-size segments from its first byte (no path MTU
+black hole). Every byte intact (SHA-256), no reset, UDP answered at the end; `dime
+down` leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from testbed.fig7 import V4, Fig7
+from testbed.netns import Namespace, rst_count
+from testbed.runner import Dime
+from tests.netns_util import (
+    XFER,
+    daemons_stopped,
+    fig7_testbed,
+    py,
+    result,
+    tcp_transfer,
+    wait_for,
+)
+
+pytestmark = pytest.mark.netns
+
+RATE = 2.0  # Mbit/s each way
+CH6, MH6 = "2001:db8:c1::1", "2001:db8:1::2"
+ADDRS = {("ch", 4): V4.c1.host, ("ch", 6): CH6, ("mh", 4): V4.m1.host, ("mh", 6): MH6}
+PLEN = {("ch", 4): V4.c1.plen, ("mh", 4): V4.m1.plen, ("ch", 6): 64, ("mh", 6): 64}
+ROUTERS = {("ch", 4): V4.c1.router, ("ch", 6): "2001:db8:c1::fe",
+           ("mh", 4): V4.m1.router, ("mh", 6): "2001:db8:1::fe"}  # fmt: skip
+DEVS = {"ch": "c1", "mh": "m1"}
+
+
+@dataclass
+class Bed:
+    fig: Fig7
+    tmp: Path
+    daemons: dict[str, Dime] = field(default_factory=dict)
+
+    def ns(self, name: str) -> Namespace:
+        ns: Namespace = getattr(self.fig, name)
+        return ns
+
+    def dime(self, name: str) -> Dime:
+        if name not in self.daemons:
+            self.daemons[name] = Dime.in_dir(self.ns(name), self.tmp, name)
+        return self.daemons[name]
+
+    def logs(self) -> str:
+        return "\n".join(d.log_tail(80) for d in self.daemons.values())
+
+    def drop(self, who: str, version: int) -> None:
+        """``who`` loses its address of ``version`` (its routes go with it)."""
+        addr = f"{ADDRS[(who, version)]}/{PLEN[(who, version)]}"
+        self.ns(who).ip(*(["-6"] if version == 6 else []), "addr", "del", addr, "dev", DEVS[who])
+
+    def restore(self, who: str, version: int) -> None:
+        family = ["-6"] if version == 6 else []
+        addr = f"{ADDRS[(who, version)]}/{PLEN[(who, version)]}"
+        self.ns(who).ip(*family, "addr", "add", addr, "dev", DEVS[who], "nodad")
+        self.ns(who).ip(*family, "route", "replace", "default", "via", ROUTERS[(who, version)])
+
+    def across(self, name: str, want: bool, timeout: float = 30) -> None:
+        """Until every flow in ``name``'s socket table is carried across (or none)."""
+
+        def ok(st: dict[str, Any]) -> bool:
+            flows = st["sockets"]
+            return bool(flows) and all(s["across"] is want for s in flows)
+
+        self.dime(name).wait_status(ok, timeout, f"flows across = {want}")
+
+
+@contextlib.contextmanager
+def dual_stack(tmp_path: Path, tag: str, args: tuple[str, ...]) -> Iterator[Bed]:
+    with fig7_testbed(tag) as fig:
+        fig.r.ip("-6", "addr", "add", "2001:db8:c1::fe/64", "dev", "rc1", "nodad")
+        fig.r.ip("-6", "addr", "add", "2001:db8:1::fe/64", "dev", "rm1", "nodad")
+        b = Bed(fig, tmp_path)
+        for who in ("ch", "mh"):
+            b.restore(who, 6)
+        b.ns("mh").run("ping", "-6", "-c", "1", "-W", "5", CH6)  # (neighbours resolved)
+        with daemons_stopped(b.daemons.values, b.logs):
+            b.dime("ch").up("-v", *args)
+            b.dime("mh").up("-v", *args)
+            yield b
+
+
+@pytest.mark.parametrize(
+    ("version", "who", "dataplane"),
+    [(4, "mh", "nft"), (6, "mh", "nft"), (4, "ch", "nft"), (4, "mh", "nfqueue")],
+    ids=[
+        "v4-flow-mh-to-v6-only",
+        "v6-flow-mh-to-v4-only",
+        "v4-flow-ch-to-v6-only",
+        "v4-flow-mh-nfqueue",
+    ],
+)
+def test_flows_outlive_the_loss_of_their_ip_version(
+    tmp_path: Path, version: int, who: str, dataplane: str
+) -> None:
+    with dual_stack(
+        tmp_path, f"xf{version}{who[0]}{dataplane[1]}", ("--dataplane", dataplane)
+    ) as b:
+        ch, mh = ADDRS[("ch", version)], ADDRS[("mh", version)]
+        nbytes = int(RATE * 1e6 / 8 * 20)
+        up = tcp_transfer(b.ns("mh"), b.ns("ch"), ch, nbytes, RATE, 5001, 90, hold_open=True)
+        down = tcp_transfer(b.ns("ch"), b.ns("mh"), mh, nbytes, RATE, 5002, 90, hold_open=True)
+        echo = py(b.ns("ch"), XFER, "udp-echo", "--bind", ch, "--port", "5300", "--duration", "90")
+        wait_for(echo, "listening", 10)
+        t0 = time.time()
+        client = py(b.ns("mh"), XFER, "udp-client", "--connect", ch, "--port", "5300",
+                    "--duration", "120", "--interval", "0.05")  # fmt: skip
+        wait_for(client, "ready", 10)
+        # The mover's peer has verified its address of the other version.
+        b.dime("ch" if who == "mh" else "mh").wait_status(
+            lambda st: any(ADDRS[(who, 10 - version)] in h["active"] for h in st["hids"]),
+            20, "the mover's other address verified")  # fmt: skip
+        time.sleep(1.0)
+
+        b.drop(who, version)
+        for name in ("ch", "mh"):
+            b.across(name, True)
+        st = b.dime("mh").status()
+        carried = [s for s in st["sockets"] if s["across"]]
+        assert all(":" in s["to"] if version == 4 else "." in s["to"] for s in carried), carried
+        # A bulk transfer while carried across: full-size segments from the start.
+        big = int(8e6)
+        bulk = tcp_transfer(b.ns("mh"), b.ns("ch"), ch, big, 0, 5003, 90)
+        time.sleep(3.0)
+
+        b.restore(who, version)
+        for name in ("ch", "mh"):
+            b.across(name, False)
+        moved_back = time.time()
+        time.sleep(2.0)
+
+        for name, (server, sender), size in (("up", up, nbytes), ("down", down, nbytes),
+                                             ("bulk", bulk, big)):  # fmt: skip
+            sent, got = result(sender, 120), result(server, 120)
+            assert sent["error"] is None and got["error"] is None, (name, sent, got, b.logs())
+            assert got["bytes"] == sent["bytes"] == size, name
+            assert got["sha256"] == sent["sha256"], name
+        for ns in (b.ns("ch"), b.ns("mh")):
+            assert rst_count(ns) == 0, f"TCP reset in {ns.name}\n{b.logs()}"
+        client.terminate()
+        udp = result(client, 30)
+        echo.terminate()
+        echo.wait(10)
+        assert any(r > moved_back - t0 for r in udp["reply_times"]), "no UDP reply at the end"
+        counters = b.dime("mh").status()["counters"]
+        assert counters["packets_carried_across"] > 0
+        for d in b.daemons.values():
+            d.down().check()
