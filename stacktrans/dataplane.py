@@ -394,7 +394,7 @@ class Dataplane:
             return
         self._translations[hid] = new
         self.kernel.update_hid(new, hid)
-        if old is None or old.remote != new.remote or old.local != new.local:
+        if old is None or (old.remote, old.local, old.cross) != (new.remote, new.local, new.cross):
             log.info(
                 "HID %d: rewrite remote %s local %s",
                 hid,

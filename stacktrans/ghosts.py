@@ -16,6 +16,7 @@ add is recorded, so a later run (``dime down`` after a crash) can remove it.
 
 from __future__ import annotations
 
+import errno
 import logging
 import socket
 from collections.abc import Callable
@@ -24,11 +25,18 @@ from ipaddress import IPv4Address, ip_address
 from typing import Any
 
 from ihmp.addr import IPAddress
-from stacktrans.rtnl import RT_SCOPE_LINK, RT_SCOPE_UNIVERSE, Rtnl
+from stacktrans.rtnl import RT_SCOPE_LINK, RT_SCOPE_UNIVERSE, RT_TABLE_MAIN, Rtnl
 
 log = logging.getLogger("dime.ghosts")
 
 ROUTE_PROTO = 0xD1  # marks routes that dime added ("proto 209")
+#: Routes to identifiers of flows carried across IP versions live in a table of their
+#: own, looked up after ``main`` (rule priority 32800, past main's 32766 and default's
+#: 32767): they serve only while the identifier's version has no route at all, and
+#: never stand in the way of one that comes back (the address event that says so).
+CROSS_TABLE = 0xD1E9
+CROSS_PRIORITY = 32800
+SCOPE_ANY = 255  # RT_SCOPE_NOWHERE: a route delete that matches any scope
 
 
 def _plen(addr: IPAddress) -> int:
@@ -42,6 +50,8 @@ class Ghosts:
     addresses: set[IPAddress] = field(default_factory=set)
     # identifier -> the locator whose path the route follows (None: a predecessor's)
     routes: dict[IPAddress, IPAddress | None] = field(default_factory=dict)
+    # of those, the routes in CROSS_TABLE (a locator of the other IP version)
+    cross: set[IPAddress] = field(default_factory=set)
     on_record: Callable[[], None] = lambda: None  # persist state after each change
 
     async def reconcile(
@@ -87,7 +97,8 @@ class Ghosts:
             log.info("ghost address %s removed from lo", addr)
 
     async def _route_add(self, ipr: Rtnl, rid: IPAddress, loc: IPAddress) -> None:
-        if _routable(ipr, rid):
+        across = loc.version != rid.version
+        if not across and _routable(ipr, rid):
             return
         try:
             via = ipr.route_get(str(loc))
@@ -96,8 +107,10 @@ class Ghosts:
             return
         # A locator of the other IP version (a flow carried across): its link, no
         # gateway; the packets only need to reach the hook that queues them.
-        gateway = via.get("RTA_GATEWAY") if loc.version == rid.version else None
+        gateway = via.get("RTA_GATEWAY") if not across else None
         try:
+            if across:
+                self._cross_rule(ipr, "add", rid.version)
             ipr.route(
                 "add",
                 str(rid),
@@ -105,8 +118,11 @@ class Ghosts:
                 ROUTE_PROTO,
                 oif=via.get("RTA_OIF"),
                 gateway=gateway,
+                table=CROSS_TABLE if across else RT_TABLE_MAIN,
                 scope=RT_SCOPE_UNIVERSE if gateway is not None else RT_SCOPE_LINK,
             )
+            if across:
+                self.cross.add(rid)
         except Exception as exc:
             log.warning("cannot add a route to identifier %s: %s", rid, exc)
             return
@@ -114,14 +130,34 @@ class Ghosts:
         log.info("route to identifier %s added along locator %s", rid, loc)
 
     async def _route_del(self, ipr: Rtnl, rid: IPAddress) -> None:
+        table = CROSS_TABLE if rid in self.cross else RT_TABLE_MAIN
         try:
-            ipr.route("del", str(rid), _plen(rid), ROUTE_PROTO)
+            # (any scope: RT_SCOPE_NOWHERE, as iproute2 deletes)
+            ipr.route("del", str(rid), _plen(rid), ROUTE_PROTO, table=table, scope=SCOPE_ANY)
         except Exception as exc:
             log.debug("route to %s already gone: %s", rid, exc)
         self.routes.pop(rid, None)
+        if rid in self.cross:
+            self.cross.discard(rid)
+            if not any(a.version == rid.version for a in self.cross):
+                self._cross_rule(ipr, "del", rid.version)
+
+    @staticmethod
+    def _cross_rule(ipr: Rtnl, verb: str, version: int) -> None:
+        """The rule that looks CROSS_TABLE up after main, for IP ``version``."""
+        family = socket.AF_INET if version == 4 else socket.AF_INET6
+        try:
+            ipr.rule(verb, family, CROSS_TABLE, CROSS_PRIORITY, protocol=ROUTE_PROTO)
+        except OSError as exc:
+            if exc.errno not in (errno.EEXIST, errno.ENOENT):
+                raise
 
     def state(self) -> dict[str, Any]:
-        return {"ghosts": sorted(map(str, self.addresses)), "routes": sorted(map(str, self.routes))}
+        return {
+            "ghosts": sorted(map(str, self.addresses)),
+            "routes": sorted(map(str, self.routes)),
+            "cross": sorted(map(str, self.cross)),
+        }
 
     @classmethod
     def from_state(
@@ -131,6 +167,7 @@ class Ghosts:
         c = cls(on_record=on_record)
         c.addresses = {ip_address(a) for a in state.get("ghosts", [])}
         c.routes = {ip_address(a): None for a in state.get("routes", [])}
+        c.cross = {ip_address(a) for a in state.get("cross", [])}
         return c
 
 

@@ -312,6 +312,11 @@ def _untracked_ihmp(port: int) -> list[str]:
         "  chain ihmp_out {",
         "    type filter hook output priority raw; policy accept;",
         f"    udp sport {port} notrack",
+        # What the daemon carried across IP versions to the peer: no connection of
+        # ours (the peer's answers, in that version, must come to the daemon as new
+        # packets, which the learn chains send it, never to a stack that would reset
+        # them). What it delivers to us keeps conntrack's view of the flow itself.
+        f"    meta mark {INJECT_MARK:#x} fib daddr type != local notrack",
         "  }",
     ]
 
