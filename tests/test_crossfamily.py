@@ -1,0 +1,110 @@
+"""Flows carried across IP versions, without a kernel: the decision (translation),
+the kernel elements that send their packets to the daemon, and the user-space path
+that translates them (into a recording carrier: nothing is sent)."""
+
+from __future__ import annotations
+
+from ipaddress import ip_address
+from typing import Any
+
+from scapy.layers.inet import IP
+from scapy.layers.inet import TCP as ScapyTCP
+from scapy.layers.inet6 import IPv6
+from scapy.packet import Raw
+
+from ihmp.states import Trigger
+from stacktrans.nfqueue import DROP
+from stacktrans.socket_table import TCP, FlowKey
+from stacktrans.userspace import UserspacePath
+from tests.test_dataplane import FakeNft, dataplane
+
+A = ip_address
+L4, L6 = A("198.51.100.2"), A("2001:db8:1::2")  # ours
+P4, P6 = A("192.0.2.1"), A("2001:db8:c1::1")  # the peer's
+FLOW = FlowKey(TCP, L4, 40000, P4, 5001)
+
+
+class Carrier:
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, bytes, Any]] = []
+
+    def out(self, packet: bytes, dst: Any, key: Any, seq: Any) -> None:
+        self.sent.append(("out", packet, dst))
+
+    def into(self, packet: bytes, dst: Any) -> None:
+        self.sent.append(("into", packet, dst))
+
+
+def dual_stack() -> tuple[Any, Any, FakeNft, int]:
+    """A v4 flow to a dual-stack peer that reaches us at both our addresses."""
+    nft = FakeNft()
+    tr, table, _ = dataplane(nft)
+    tr.set_local_addresses({L4, L6})
+    tr.flow_seen(FLOW, now=0.0)
+    entry = table.lookup(P4)
+    assert entry is not None
+    hid = entry.hid
+    table.transition(hid, Trigger.HELLO_ACKED)
+    table.add_active(hid, P6)
+    table.add_local(hid, L4)
+    table.add_local(hid, L6)
+    nft.batches.clear()
+    return tr, table, nft, hid
+
+
+def test_a_flow_with_no_locator_of_its_version_left_is_carried_across() -> None:
+    tr, table, nft, hid = dual_stack()
+    assert tr.translation(hid).cross == {}
+    tr.local_removed(L4)  # we lost IPv4 (IHMP: the peer no longer reaches us there)
+    table.remove_local(hid, L4)
+    assert tr.translation(hid).cross == {(L4, P4): (L6, P6)}
+    entry = tr.sockets.get(FLOW)
+    assert (tr.via_of(entry), tr.remote_of(entry)) == (L6, P6)
+    text = "\n".join(nft.batches)
+    assert f"add element inet dime xout4 {{ {L4} . {P4} }}" in text
+    assert f"add element inet dime xin6 {{ {hid} . tcp . 5001 . 40000 }}" in text
+    # The peer's own IPv4 needs a route of its version to reach the queue: along P6.
+    assert tr.translated_remotes()[P4] == P6
+    # IPv4 back, and verified by the peer: its own version again, elements gone.
+    nft.batches.clear()
+    tr.local_added(L4)
+    table.add_local(hid, L4)
+    assert tr.translation(hid).cross == {}
+    text = "\n".join(nft.batches)
+    assert f"delete element inet dime xout4 {{ {L4} . {P4} }}" in text
+    assert f"delete element inet dime xin6 {{ {hid} . tcp . 5001 . 40000 }}" in text
+
+
+def test_the_peer_losing_its_version_carries_across_too() -> None:
+    tr, table, _, hid = dual_stack()
+    table.remove_address(hid, P4)
+    assert tr.translation(hid).cross == {(L4, P4): (L6, P6)}
+
+
+def test_nothing_is_carried_across_without_both_ends_in_the_other_version() -> None:
+    tr, table, _, hid = dual_stack()
+    table.remove_local(hid, L6)  # the peer does not reach us over IPv6
+    tr.local_removed(L4)
+    table.remove_local(hid, L4)
+    assert tr.translation(hid).cross == {}
+
+
+def test_the_user_space_path_carries_both_ways() -> None:
+    tr, table, _, hid = dual_stack()
+    tr.local_removed(L4)
+    table.remove_local(hid, L4)
+    carrier = Carrier()
+    path = UserspacePath(tr, lambda: 0.0, carrier=carrier)  # type: ignore[arg-type]
+    seg = ScapyTCP(sport=40000, dport=5001, seq=7, flags="PA") / Raw(b"data" * 100)
+    assert path.outbound(bytes(IP(src=str(L4), dst=str(P4)) / seg)) == DROP
+    way, packet, dst = carrier.sent[-1]
+    assert (way, dst) == ("out", P6)
+    assert packet == bytes(IPv6(src=str(L6), dst=str(P6), hlim=64) / seg)
+    back = ScapyTCP(sport=5001, dport=40000, seq=9, flags="A") / Raw(b"ok")
+    assert path.inbound(bytes(IPv6(src=str(P6), dst=str(L6)) / back)) == DROP
+    way, packet, dst = carrier.sent[-1]
+    assert (way, dst) == ("into", L4)
+    got = IP(packet)
+    assert (got.src, got.dst) == (str(P4), str(L4))
+    assert bytes(got[ScapyTCP]) == bytes(IP(bytes(IP(src=str(P4), dst=str(L4)) / back))[ScapyTCP])
+    assert path.carried == 2
