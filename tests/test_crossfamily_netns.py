@@ -7,9 +7,10 @@ transfer each way and a UDP request/response stream in the flows' IP version, th
 one end loses its addresses of that version (the address goes, and with it its
 routes): the flows go on in the other version, carried across by both daemons; the
 address comes back: they go on in their own again. A bulk transfer sends
-full-size segments all along (no path MTU black hole: 20 bytes more of IPv6 header).
-(A connection opened while its IP version is gone is refused: not carried across.) Every byte intact (SHA-256), no reset, UDP answered at the end; `dime
-down` leaves nothing behind.
+full-size segments all along (no path MTU black hole: IPv6's header is 20 bytes
+longer). Every byte intact (SHA-256), no reset, UDP answered at the end; `dime down`
+leaves nothing behind. (A connection opened while its IP version is gone is refused:
+it is not carried across.)
 """
 
 from __future__ import annotations
