@@ -17,22 +17,12 @@ from stacktrans.nfqueue import DROP
 from stacktrans.socket_table import TCP, FlowKey
 from stacktrans.userspace import UserspacePath
 from tests.test_dataplane import FakeNft, dataplane
+from tests.test_userspace import RecordingCarrier
 
 A = ip_address
 L4, L6 = A("198.51.100.2"), A("2001:db8:1::2")  # ours
 P4, P6 = A("192.0.2.1"), A("2001:db8:c1::1")  # the peer's
 FLOW = FlowKey(TCP, L4, 40000, P4, 5001)
-
-
-class Carrier:
-    def __init__(self) -> None:
-        self.sent: list[tuple[str, bytes, Any]] = []
-
-    def out(self, packet: bytes, dst: Any, key: Any, seq: Any) -> None:
-        self.sent.append(("out", packet, dst))
-
-    def into(self, packet: bytes, dst: Any) -> None:
-        self.sent.append(("into", packet, dst))
 
 
 def dual_stack() -> tuple[Any, Any, FakeNft, int]:
@@ -93,7 +83,7 @@ def test_the_user_space_path_carries_both_ways() -> None:
     tr, table, _, hid = dual_stack()
     tr.local_removed(L4)
     table.remove_local(hid, L4)
-    carrier = Carrier()
+    carrier = RecordingCarrier()
     path = UserspacePath(tr, lambda: 0.0, carrier=carrier)  # type: ignore[arg-type]
     seg = ScapyTCP(sport=40000, dport=5001, seq=7, flags="PA") / Raw(b"data" * 100)
     assert path.outbound(bytes(IP(src=str(L4), dst=str(P4)) / seg)) == DROP
