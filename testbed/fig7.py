@@ -86,6 +86,13 @@ PRIVATE = Plan(
 )
 
 
+#: The IPv6 side of a dual-stack V4 testbed (Fig7.add_ipv6): the CH's and MH's first links.
+DUAL = {
+    "ch": Subnet("2001:db8:c1::/64", "2001:db8:c1::fe", "2001:db8:c1::1", 64),
+    "mh": Subnet("2001:db8:1::/64", "2001:db8:1::fe", "2001:db8:1::2", 64),
+}
+
+
 @dataclass
 class Fig7:
     topo: Topology
@@ -112,6 +119,17 @@ class Fig7:
         ch.ip("link", "set", "c2", "down")
         mh.ip("link", "set", "m2", "down")
         return fig
+
+    def add_ipv6(self) -> dict[str, str]:
+        """Make the CH's and the MH's first links dual-stack (an IPv4 plan): IPv6
+        addresses on c1 and m1 and the router's sides, with default routes. Returns
+        the hosts' IPv6 addresses by name ("ch", "mh")."""
+        assert self.plan.family == 4
+        for host, dev, v6 in ((self.ch, "c1", DUAL["ch"]), (self.mh, "m1", DUAL["mh"])):
+            self.r.ip("-6", "addr", "add", f"{v6.router}/64", "dev", f"r{dev}", "nodad")
+            host.ip("-6", "addr", "add", f"{v6.host}/64", "dev", dev, "nodad")
+            host.ip("-6", "route", "replace", "default", "via", v6.router)
+        return {name: sub.host for name, sub in DUAL.items()}
 
     def _ip(self, ns: Namespace, *args: str) -> None:
         ns.ip(*(("-6",) if self.plan.family == 6 else ()), *args)

@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from testbed.fig7 import V4, Fig7
+from testbed.fig7 import DUAL, V4, Fig7
 from testbed.netns import Namespace, rst_count
 from testbed.runner import Dime
 from tests.netns_util import (
@@ -41,11 +41,9 @@ pytestmark = pytest.mark.netns
 
 RATE = 2.0  # Mbit/s each way
 BULK = 40.0  # Mbit/s: full-size segments, as fast as the user-space path may need to go
-CH6, MH6 = "2001:db8:c1::1", "2001:db8:1::2"
-ADDRS = {("ch", 4): V4.c1.host, ("ch", 6): CH6, ("mh", 4): V4.m1.host, ("mh", 6): MH6}
-PLEN = {("ch", 4): V4.c1.plen, ("mh", 4): V4.m1.plen, ("ch", 6): 64, ("mh", 6): 64}
-ROUTERS = {("ch", 4): V4.c1.router, ("ch", 6): "2001:db8:c1::fe",
-           ("mh", 4): V4.m1.router, ("mh", 6): "2001:db8:1::fe"}  # fmt: skip
+SUBNETS = {("ch", 4): V4.c1, ("mh", 4): V4.m1, ("ch", 6): DUAL["ch"], ("mh", 6): DUAL["mh"]}
+ADDRS = {k: sub.host for k, sub in SUBNETS.items()}
+CH6 = ADDRS[("ch", 6)]
 DEVS = {"ch": "c1", "mh": "m1"}
 
 
@@ -69,14 +67,14 @@ class Bed:
 
     def drop(self, who: str, version: int) -> None:
         """``who`` loses its address of ``version`` (its routes go with it)."""
-        addr = f"{ADDRS[(who, version)]}/{PLEN[(who, version)]}"
+        addr = SUBNETS[(who, version)].host_cidr()
         self.ns(who).ip(*(["-6"] if version == 6 else []), "addr", "del", addr, "dev", DEVS[who])
 
     def restore(self, who: str, version: int) -> None:
         family = ["-6"] if version == 6 else []
-        addr = f"{ADDRS[(who, version)]}/{PLEN[(who, version)]}"
-        self.ns(who).ip(*family, "addr", "add", addr, "dev", DEVS[who], "nodad")
-        self.ns(who).ip(*family, "route", "replace", "default", "via", ROUTERS[(who, version)])
+        sub = SUBNETS[(who, version)]
+        self.ns(who).ip(*family, "addr", "add", sub.host_cidr(), "dev", DEVS[who], "nodad")
+        self.ns(who).ip(*family, "route", "replace", "default", "via", sub.router)
 
     def across(self, name: str, want: bool, timeout: float = 30) -> None:
         """Until every flow in ``name``'s socket table is carried across (or none)."""
@@ -91,11 +89,8 @@ class Bed:
 @contextlib.contextmanager
 def dual_stack(tmp_path: Path, tag: str, args: tuple[str, ...]) -> Iterator[Bed]:
     with fig7_testbed(tag) as fig:
-        fig.r.ip("-6", "addr", "add", "2001:db8:c1::fe/64", "dev", "rc1", "nodad")
-        fig.r.ip("-6", "addr", "add", "2001:db8:1::fe/64", "dev", "rm1", "nodad")
+        fig.add_ipv6()
         b = Bed(fig, tmp_path)
-        for who in ("ch", "mh"):
-            b.restore(who, 6)
         b.ns("mh").run("ping", "-6", "-c", "1", "-W", "5", CH6)  # (neighbours resolved)
         with daemons_stopped(b.daemons.values, b.logs):
             b.dime("ch").up("-v", *args)

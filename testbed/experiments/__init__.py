@@ -13,7 +13,15 @@ import importlib
 from types import ModuleType
 
 # In the order they run and appear in RESULTS.md.
-NAMES = ("goodput", "scalability", "signaling", "overhead", "footprint", "firstpacket")
+NAMES = (
+    "goodput",
+    "scalability",
+    "signaling",
+    "overhead",
+    "crossfamily",
+    "footprint",
+    "firstpacket",
+)
 
 
 def load(name: str) -> ModuleType:
