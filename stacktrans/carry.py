@@ -20,7 +20,6 @@ segment cut in two.
 
 from __future__ import annotations
 
-import errno
 import logging
 import socket
 
@@ -56,7 +55,10 @@ class Carrier:
         socket sees it; ``seq``: the TCP sequence number of the packet it was)."""
         mtu = self.path_mtu(dst)
         parts = segment(packet, mtu) if len(packet) > mtu else [packet]
-        if len(parts) > 1 and key.proto == TCP and seq is not None:
+        # A segment the flow's own path takes whole, which grew past this one: its
+        # stack must know (a GSO packet, far larger, is the kernel's to cut anyway).
+        grew = len(packet) <= mtu + GROWTH
+        if len(parts) > 1 and grew and key.proto == TCP and seq is not None:
             self._prompt_mtu(key, seq, mtu)
         for part in parts:
             self._send(part, dst)
@@ -101,8 +103,8 @@ class Carrier:
             self.sent += 1
         except OSError as exc:
             self.failed += 1
-            if exc.errno not in (errno.ENETUNREACH, errno.EHOSTUNREACH, errno.EMSGSIZE):
-                log.warning("carrying a packet to %s: %s", dst, exc)
+            if self.failed & (self.failed - 1) == 0:  # (1st, 2nd, 4th, ...: not a flood)
+                log.warning("carrying a packet to %s: %s (%d lost)", dst, exc, self.failed)
 
     def _sock(self, version: int, icmp: bool = False) -> socket.socket:
         sock = self._socks.get((version, icmp))

@@ -660,6 +660,9 @@ class StackTrans:
             "path_mtu_prompts": self.path.carrier.mtu_prompts
             if self.path and self.path.carrier
             else 0,
+            "packets_carried_lost": self.path.carrier.failed
+            if self.path and self.path.carrier
+            else 0,
             "knocks_sent": self.knocker.sent,
             "knocks_received": self.path.knocks if self.path else 0,
             "flow_notices": self.notices.received if self.notices else 0,
