@@ -18,6 +18,7 @@ windows are the plain path.
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -100,6 +101,12 @@ PAPER = (
 )
 
 
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process so far (its threads included), in seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def windows(report: dict[str, Any], sch: Schedule) -> tuple[float, float]:
     """(before, after) receiver throughput in bit/s from the server's intervals."""
     before, after = [], []
@@ -143,6 +150,7 @@ def measure(ctx: RunContext, config: str, rate: int | None) -> dict[str, Any]:
                 srv = iperf3_server(fig.ch, "-i", f"{sch.interval:g}")
                 cli = iperf3_client(fig.mh, fig.plan.c1.host, "-t", f"{sch.total:g}")
                 t0 = time.monotonic()
+                cpu0 = sum(cpu_seconds(p.pid) for p in procs)
                 moved = False
                 if procs:
                     time.sleep(max(0.0, t0 + sch.before - time.monotonic()))
@@ -158,6 +166,7 @@ def measure(ctx: RunContext, config: str, rate: int | None) -> dict[str, Any]:
                         if p.poll() is None:
                             p.kill()
                             p.wait()
+                cpu = sum(cpu_seconds(p.pid) for p in procs) - cpu0
                 run: dict[str, Any] = {"moved": moved}
                 if "error" in crep or "error" in srep:
                     run["error"] = str(crep.get("error") or srep.get("error"))
@@ -168,6 +177,12 @@ def measure(ctx: RunContext, config: str, rate: int | None) -> dict[str, Any]:
                         after_bps=aft,
                         retransmits=crep.get("end", {}).get("sum_sent", {}).get("retransmits"),
                     )
+                    gbit = srep.get("end", {}).get("sum_received", {}).get("bytes", 0) * 8 / 1e9
+                    if procs and gbit:
+                        # Both daemons' CPU over the whole run, per Gbit received: CPU
+                        # seconds per Gbit = CPUs busy per Gbit/s.
+                        run["daemons_cpu_s"] = round(cpu, 3)
+                        run["daemons_cpu_s_per_gbit"] = round(cpu / gbit, 3)
                 if procs:
                     st = procs[1].status()
                     run["mh_translated_in_user_space"] = st["counters"].get(
@@ -185,6 +200,8 @@ def measure(ctx: RunContext, config: str, rate: int | None) -> dict[str, Any]:
         out[f"{key}_gbps"] = round(mean(xs) / 1e9, 4) if xs else None
         out[f"{key}_gbps_min"] = round(min(xs) / 1e9, 4) if xs else None
         out[f"{key}_gbps_max"] = round(max(xs) / 1e9, 4) if xs else None
+    cpus = [r["daemons_cpu_s_per_gbit"] for r in ok if "daemons_cpu_s_per_gbit" in r]
+    out["daemons_cpu_s_per_gbit"] = round(mean(cpus), 3) if cpus else None
     progress_done(
         f"   {label}: before {out['before_gbps']} Gbit/s, after {out['after_gbps']} Gbit/s"
     )
@@ -218,6 +235,8 @@ def run(ctx: RunContext) -> Path:
         f"{sch.interval:g} s intervals",
         "tbf": " ".join(TBF),
         "handoff": "hard, gap 0, in the middle of each run (dime only)",
+        "cpu": "daemons' CPU: utime + stime of both daemons (/proc/<pid>/stat) over each "
+        "whole run (both windows and the move), divided by the Gbit the receiver got",
     }
     rtts = [
         results[k][c]["rtt_ms"]
@@ -278,8 +297,8 @@ def report(doc: dict[str, Any], out: Path, md_dir: Path) -> str:
         f"![throughput overhead]({plot_path(out, md_dir, NAME + '.png')})",
         "",
         "| link | system | before move (Gbit/s) | after move, translated (Gbit/s) | min-max "
-        "after | ratio after / no dime | goal | paper |",
-        "|---|---|---|---|---|---|---|---|",
+        "after | ratio after / no dime | daemons' CPU s per Gbit | goal | paper |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     misses = []
     for key, rows in res.items():
@@ -303,11 +322,15 @@ def report(doc: dict[str, Any], out: Path, md_dir: Path) -> str:
             lines.append(
                 f"| {link} | {'no dime' if c == 'none' else 'dime ' + c} "
                 f"| {fixed(e.get('before_gbps'), 3)} | {fixed(e.get('after_gbps'), 3)} | {mm} "
-                f"| {ratio} | {expect} | {'-' if c == 'none' else 'no figure (below)'} |"
+                f"| {ratio} | {fixed(e.get('daemons_cpu_s_per_gbit'), 2)} | {expect} "
+                f"| {'-' if c == 'none' else 'no figure (below)'} |"
             )
     lines += [
         "",
-        f"Paper: {PAPER}. Goals: the StackTrans issue's.",
+        f"Paper: {PAPER}. Goals: the StackTrans issue's. Daemons' CPU: "
+        + cfg.get("cpu", "not measured in this run")
+        + " (CPU seconds per Gbit = CPUs "
+        "busy per Gbit/s).",
         "",
     ]
     if misses:
