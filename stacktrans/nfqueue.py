@@ -27,7 +27,13 @@ What it does:
   pseudo-header sum only. The kernel marks a packet it gets back with a payload
   ``CHECKSUM_NONE`` (``nfqnl_mangle``), so a rewritten partial packet must leave
   with a complete checksum: :func:`~stacktrans.packet.fill_l4_checksum` computes it
-  (the handler's incremental update of that field is meaningless and overwritten);
+  (the handler's incremental update of that field is meaningless and overwritten).
+  One exception saves that sum over 64 kB: a TCP GSO packet on its way out (hooks
+  LOCAL_OUT, POST_ROUTING) is segmented on transmit, and ``tcp4/6_gso_segment``
+  rewrites the pseudo-header checksum of a GSO packet that is not CHECKSUM_PARTIAL
+  from its (rewritten) IP header first, so its field is never read (checked end to
+  end: tests/test_nfqueue_netns.py). An inbound GSO packet (GRO) is delivered as it
+  is: TCP then checks the whole checksum, so it is completed;
 * a malformed message is counted (``malformed``) and skipped; a handler exception
   passes the packet unchanged and is counted (``errors``); a packet the kernel cut
   short (``NFQA_CAP_LEN``) is passed unchanged (a verdict would truncate it).
@@ -63,6 +69,7 @@ NFQNL_COPY_PACKET = 2
 NFQA_CFG_F_FAIL_OPEN, NFQA_CFG_F_GSO = 0x1, 0x4
 NFQA_SKB_CSUMNOTREADY, NFQA_SKB_GSO = 0x1, 0x2
 NF_DROP, NF_ACCEPT = 0, 1
+NF_INET_PRE_ROUTING, NF_INET_LOCAL_OUT, NF_INET_POST_ROUTING = 0, 3, 4
 SOL_NETLINK, NETLINK_NO_ENOBUFS = 270, 5
 SO_SNDBUFFORCE = 32
 
@@ -142,13 +149,26 @@ def payload_verdict(num: int, packet_id: int, payload: bytes) -> list[bytes]:
 class Packet:
     """A queued packet as the kernel described it."""
 
-    __slots__ = ("cut", "id", "payload", "skb_info")
+    __slots__ = ("cut", "hook", "id", "payload", "skb_info")
 
-    def __init__(self, packet_id: int, payload: bytes, skb_info: int, cut: bool) -> None:
+    def __init__(
+        self, packet_id: int, payload: bytes, skb_info: int, cut: bool, hook: int = 0
+    ) -> None:
         self.id = packet_id
         self.payload = payload
         self.skb_info = skb_info
         self.cut = cut
+        self.hook = hook
+
+    def needs_checksum(self, new: bytes) -> bool:
+        """Whether ``new``, this packet rewritten, must get its L4 checksum computed:
+        its checksum was partial, and it is not a TCP GSO packet going out (whose
+        segmentation sets the checksum up from the IP header)."""
+        if not self.skb_info & NFQA_SKB_CSUMNOTREADY:
+            return False
+        if self.skb_info & NFQA_SKB_GSO and self.hook in (NF_INET_LOCAL_OUT, NF_INET_POST_ROUTING):
+            return not _is_plain_tcp(new)
+        return True
 
     @property
     def partial(self) -> bool:
@@ -161,11 +181,11 @@ def parse_packet(frame: memoryview) -> Packet:
     has no packet header."""
     packet_id = -1
     payload = b""
-    info = 0
+    info = hook = 0
     cut = False
     for kind, value in nl.attributes(frame, nl.NLMSG.size + _NFGEN.size):
         if kind == NFQA_PACKET_HDR and len(value) >= _PACKET_HDR.size:
-            packet_id = _PACKET_HDR.unpack_from(value)[0]
+            packet_id, _, hook = _PACKET_HDR.unpack_from(value)
         elif kind == NFQA_PAYLOAD:
             payload = bytes(value)
         elif kind == NFQA_SKB_INFO and len(value) >= 4:
@@ -174,7 +194,14 @@ def parse_packet(frame: memoryview) -> Packet:
             cut = True
     if packet_id < 0:
         raise Malformed("queued packet without NFQA_PACKET_HDR")
-    return Packet(packet_id, payload, info, cut)
+    return Packet(packet_id, payload, info, cut, hook)
+
+
+def _is_plain_tcp(data: bytes) -> bool:
+    """An IPv4 or IPv6 packet whose IP header is directly followed by TCP."""
+    return len(data) > 40 and (
+        (data[0] >> 4 == 4 and data[9] == 6) or (data[0] >> 4 == 6 and data[6] == 6)
+    )
 
 
 # -- the queue ----------------------------------------------------------------------------
@@ -305,7 +332,7 @@ class PacketQueue:
                 if pkt.cut:
                     self.cut += 1
                     new = None
-                elif pkt.partial:
+                elif pkt.needs_checksum(new):
                     new = _complete(new)
         except Exception:  # a packet must never take the daemon down
             self.errors += 1

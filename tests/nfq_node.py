@@ -20,7 +20,7 @@ from stacktrans.packet import RewriteError, parse, rewrite_addresses
 def main() -> None:
     qout, qin, virt, real = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
     v, r = ip_address(virt).packed, ip_address(real).packed
-    seen = {"largest": 0, "out": 0, "in": 0}
+    seen = {"largest": 0, "in_largest": 0, "out": 0, "in": 0}
 
     def outbound(data: bytes) -> bytes | None:
         seen["largest"] = max(seen["largest"], len(data))
@@ -33,7 +33,7 @@ def main() -> None:
         return bytes(buf)
 
     def inbound(data: bytes) -> bytes | None:
-        seen["largest"] = max(seen["largest"], len(data))
+        seen["in_largest"] = max(seen["in_largest"], len(data))
         try:
             info = parse(data)
         except RewriteError:

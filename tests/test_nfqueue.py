@@ -20,9 +20,11 @@ from stacktrans.packet import checksum, fill_l4_checksum, parse, rewrite_address
 NUM = 4731
 
 
-def packet_message(packet_id: int, payload: bytes, skb_info: int | None = None) -> bytes:
+def packet_message(
+    packet_id: int, payload: bytes, skb_info: int | None = None, hook: int = 1
+) -> bytes:
     """An NFQNL_MSG_PACKET as the kernel sends it."""
-    attrs = nl.attr(q.NFQA_PACKET_HDR, struct.pack("!IHB", packet_id, 0x0800, 3))
+    attrs = nl.attr(q.NFQA_PACKET_HDR, struct.pack("!IHB", packet_id, 0x0800, hook))
     attrs += nl.attr(q.NFQA_PAYLOAD, payload)
     if skb_info is not None:
         attrs += nl.attr(q.NFQA_SKB_INFO, struct.pack("!I", skb_info))
@@ -228,3 +230,15 @@ def test_partial_packets_are_completed_only_when_rewritten() -> None:
     # Without the partial flag the handler's incremental update is what goes out.
     _, verdicts = serve(handler, [packet_message(1, full)])
     assert verdicts == [(q.NFQNL_MSG_VERDICT, q.NF_ACCEPT, 1, expected)]
+
+
+def test_outbound_tcp_gso_packets_are_left_to_segmentation() -> None:
+    full = bytes(BUILDS["tcp4"]("10.0.0.1", "10.0.0.2", b"data" * 100))
+    gso = q.NFQA_SKB_CSUMNOTREADY | q.NFQA_SKB_GSO
+    out = q.Packet(1, full, gso, False, q.NF_INET_LOCAL_OUT)
+    assert not out.needs_checksum(full)  # tcp4_gso_segment sets the checksum up
+    assert q.Packet(1, full, gso, False, q.NF_INET_PRE_ROUTING).needs_checksum(full)
+    assert q.Packet(1, full, q.NFQA_SKB_CSUMNOTREADY, False, 3).needs_checksum(full)
+    assert not q.Packet(1, full, 0, False, 0).needs_checksum(full)  # complete already
+    udp = bytes(BUILDS["udp4"]("10.0.0.1", "10.0.0.2", b"data"))
+    assert q.Packet(1, udp, gso, False, q.NF_INET_LOCAL_OUT).needs_checksum(udp)

@@ -40,6 +40,14 @@ def test_large_tcp_transfer_through_rewriting_queues() -> None:
                         "--bytes", str(nbytes), "--timeout", "90")  # fmt: skip
             wait_for(client, "ready", 10)
             check_transfer((a, b), server, client, nbytes)
+            # And B -> A: A's socket sees B as VIRT; the data comes in as GSO packets
+            # (completed checksums), A's ACKs go out.
+            server = py(a, XFER, "tcp-server", "--bind", "0.0.0.0", "--port", "5002")
+            wait_for(server, "listening", 10)
+            client = py(b, XFER, "tcp-client", "--connect", "10.77.0.1", "--port", "5002",
+                        "--bytes", str(nbytes), "--timeout", "90")  # fmt: skip
+            wait_for(client, "ready", 10)
+            check_transfer((a, b), server, client, nbytes)
         finally:
             if node.poll() is None:
                 assert node.stdin is not None
@@ -51,3 +59,4 @@ def test_large_tcp_transfer_through_rewriting_queues() -> None:
         assert counters["verdict_errors"] == 0, counters
         assert counters["out"] > 0 and counters["in"] > 0, counters
         assert counters["largest"] > 1500, f"no GSO packet reached the handler: {counters}"
+        assert counters["in_largest"] > 1500, f"no GRO packet came in: {counters}"
