@@ -306,7 +306,7 @@ class PacketQueue:
                         continue
                     log.warning("queue %d: recv failed: %s", self.num, exc)
                     break
-                for frame in nl.frames(bytes(self._buf[:n])):
+                for frame in nl.frames(memoryview(self._buf)[:n]):
                     self._message(frame)
         finally:
             self._send_verdicts()
