@@ -44,6 +44,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import os
 import socket
 import struct
 from collections.abc import Callable
@@ -226,7 +227,7 @@ class PacketQueue:
         self._sock: socket.socket | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._buf = bytearray(COPY_RANGE + 4096)
-        self._out: list[bytes] = []
+        self._out: list[list[bytes]] = []  # verdict messages, each as buffers
         self._out_bytes = 0
         self._run = -1  # the last id of the run of unchanged packets not yet given
 
@@ -268,7 +269,7 @@ class PacketQueue:
                     if code:
                         raise QueueError(
                             f"cannot bind NFQUEUE {self.num} ({errno.errorcode.get(code, code)}:"
-                            f" {_strerror(code)}): the kernel needs nfnetlink_queue "
+                            f" {os.strerror(code)}): the kernel needs nfnetlink_queue "
                             "(CONFIG_NETFILTER_NETLINK_QUEUE), and no other program may use "
                             "that queue"
                         )
@@ -354,10 +355,10 @@ class PacketQueue:
             run, self._run = self._run, -1
             self._queue([verdict_message(self.num, run, NF_ACCEPT, batch=True)])
 
-    def _queue(self, bufs: list[bytes]) -> None:
-        self._out.extend(bufs)
-        self._out_bytes += sum(len(b) for b in bufs)
-        if self._out_bytes >= FLUSH_BYTES or len(self._out) >= 900:
+    def _queue(self, message: list[bytes]) -> None:
+        self._out.append(message)
+        self._out_bytes += sum(len(b) for b in message)
+        if self._out_bytes >= FLUSH_BYTES or len(self._out) >= 300:  # (IOV_MAX: 1024)
             self._send(self._sock)
 
     def _send_verdicts(self, sock: socket.socket | None = None) -> None:
@@ -369,17 +370,31 @@ class PacketQueue:
         if not out or sock is None:
             return
         try:
-            sock.sendmsg(out)
-        except BlockingIOError:
-            # The kernel takes verdicts synchronously; should it not, wait for room.
-            sock.setblocking(True)
-            try:
-                sock.sendmsg(out)
-            finally:
-                sock.setblocking(False)
+            _sendmsg(sock, [buf for message in out for buf in message])
         except OSError as exc:
-            self.verdict_errors += 1
-            log.warning("queue %d: verdicts not sent (%s)", self.num, exc)
+            if exc.errno != errno.EMSGSIZE:
+                self.verdict_errors += 1
+                log.warning("queue %d: verdicts not sent (%s)", self.num, exc)
+                return
+            # A send buffer smaller than we asked for (not root): one at a time.
+            for message in out:
+                try:
+                    _sendmsg(sock, message)
+                except OSError as exc1:
+                    self.verdict_errors += 1
+                    log.warning("queue %d: a verdict not sent (%s)", self.num, exc1)
+
+
+def _sendmsg(sock: socket.socket, bufs: list[bytes]) -> None:
+    try:
+        sock.sendmsg(bufs)
+    except BlockingIOError:
+        # The kernel takes verdicts synchronously; should it not, wait for room.
+        sock.setblocking(True)
+        try:
+            sock.sendmsg(bufs)
+        finally:
+            sock.setblocking(False)
 
 
 def _complete(data: bytes) -> bytes:
@@ -390,9 +405,3 @@ def _complete(data: bytes) -> bytes:
     except RewriteError:
         return data
     return bytes(buf)
-
-
-def _strerror(code: int) -> str:
-    import os
-
-    return os.strerror(code)

@@ -3,12 +3,13 @@ reads, the order of its verdicts, and the partial checksums it completes."""
 
 from __future__ import annotations
 
+import errno
 import socket
 import struct
 from typing import Any
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.inet6 import IPv6
@@ -53,6 +54,7 @@ class FakeSocket:
     def __init__(self, incoming: list[bytes]) -> None:
         self.incoming = list(incoming)
         self.sent: list[bytes] = []
+        self.sndbuf = 1 << 30
 
     def recv_into(self, buf: bytearray) -> int:
         if not self.incoming:
@@ -62,8 +64,11 @@ class FakeSocket:
         return len(data)
 
     def sendmsg(self, bufs: list[bytes]) -> int:
-        self.sent.append(b"".join(bufs))
-        return len(self.sent[-1])
+        data = b"".join(bufs)
+        if len(data) > self.sndbuf:
+            raise OSError(errno.EMSGSIZE, "Message too long")
+        self.sent.append(data)
+        return len(data)
 
 
 def serve(handler: q.Handler, incoming: list[bytes]) -> tuple[q.PacketQueue, list[Any]]:
@@ -188,6 +193,7 @@ ADDRS = {
 
 
 @pytest.mark.parametrize("kind", list(BUILDS))
+@settings(deadline=None)  # scapy builds, on a shared CPU
 @given(payload=st.binary(max_size=3000))
 def test_partial_checksum_completed_after_rewrite(kind: str, payload: bytes) -> None:
     (s, d), (ns, nd) = ADDRS[kind]
@@ -242,3 +248,14 @@ def test_outbound_tcp_gso_packets_are_left_to_segmentation() -> None:
     assert not q.Packet(1, full, 0, False, 0).needs_checksum(full)  # complete already
     udp = bytes(BUILDS["udp4"]("10.0.0.1", "10.0.0.2", b"data"))
     assert q.Packet(1, udp, gso, False, q.NF_INET_LOCAL_OUT).needs_checksum(udp)
+
+
+def test_verdicts_go_one_by_one_when_the_send_buffer_is_small() -> None:
+    incoming = [packet_message(i, b"x" * 3000) for i in range(1, 4)]
+    pq = q.PacketQueue(NUM, lambda d: d[:-1] + b"!")
+    sock = FakeSocket(incoming)
+    sock.sndbuf = 5000
+    pq._sock = sock  # type: ignore[assignment]
+    pq._on_readable()
+    assert [v[2] for d in sock.sent for v in decode(d)] == [1, 2, 3]
+    assert len(sock.sent) == 3 and pq.verdict_errors == 0
