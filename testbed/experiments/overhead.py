@@ -89,10 +89,12 @@ WHY = {
         "between runs (see min-max)."
     ),
     "nfqueue": (
-        "nfqueue: every packet goes to the daemon and back, through Python; the "
-        "netfilterqueue binding cannot ask the kernel for GSO packets (NFQA_CFG_F_GSO), "
-        "so each 64 kB TCP segment is cut into about 45 packets before it is queued; "
-        "both daemons, iperf3's two ends and the softirqs share the 2 CPUs."
+        "nfqueue: every packet goes to the daemon and back, through Python, as a GSO/GRO "
+        "super-packet of up to 64 kB (dime's own nfnetlink_queue client); a rewritten one "
+        "whose checksum the kernel left partial (veth: the sender computed none) must have "
+        "its checksum summed in Python at the receiving end (the kernel takes a payload "
+        "back as CHECKSUM_NONE), about 0.1-0.2 ms per 64 kB here; both daemons, iperf3's "
+        "two ends and the softirqs share the 2 CPUs (see the daemons' CPU per Gbit)."
     ),
 }
 PAPER = (
@@ -235,7 +237,7 @@ def run(ctx: RunContext) -> Path:
         f"{sch.interval:g} s intervals",
         "tbf": " ".join(TBF),
         "handoff": "hard, gap 0, in the middle of each run (dime only)",
-        "cpu": "daemons' CPU: utime + stime of both daemons (/proc/<pid>/stat) over each "
+        "cpu": "Daemons' CPU: utime + stime of both daemons (/proc/<pid>/stat) over each "
         "whole run (both windows and the move), divided by the Gbit the receiver got",
     }
     rtts = [
@@ -327,10 +329,14 @@ def report(doc: dict[str, Any], out: Path, md_dir: Path) -> str:
             )
     lines += [
         "",
-        f"Paper: {PAPER}. Goals: the StackTrans issue's. Daemons' CPU: "
-        + cfg.get("cpu", "not measured in this run")
+        f"Paper: {PAPER}. Goals: the StackTrans issue's. "
+        + cfg.get("cpu", "Daemons' CPU: not measured in this run")
         + " (CPU seconds per Gbit = CPUs "
-        "busy per Gbit/s).",
+        "busy per Gbit/s). In nfqueue mode it depends on the packets' size: unshaped, "
+        "TCP's GSO/GRO packets of up to 64 kB reach the daemons; on the shaped link the "
+        "router's tbf (burst 32 kB) cuts them into MTU-sized packets, so the CH's daemon "
+        "gets each of those (and the ACKs both ways are many more), each a round trip "
+        "through Python.",
         "",
     ]
     if misses:
