@@ -25,7 +25,7 @@ SO_RCVBUFFORCE = 33  # not in Python's socket module
 EVENT_RCVBUF = 8 << 20
 
 
-def frames(data: bytes) -> Iterator[memoryview]:
+def frames(data: bytes | bytearray | memoryview) -> Iterator[memoryview]:
     """Each whole netlink message (header included) in one datagram. A truncated
     message ends the walk: nothing after it can be trusted."""
     view = memoryview(data)

@@ -24,6 +24,9 @@ API
     the two calls are independent and may come in either order.
 ``checksum(data) -> int``
     Full Internet checksum (RFC 1071); a reference for tests and edge cases.
+``fill_l4_checksum(buf, info) -> None``
+    Compute the TCP / UDP / ICMPv6 checksum of the (outer) packet from scratch: for a
+    packet whose checksum the kernel left partial (see below), once it is rewritten.
 
 Addresses are raw bytes: 4 for IPv4, 16 for IPv6.
 
@@ -42,8 +45,23 @@ Checksum rules
   with a Home Address option (RFC 6275) it uses the home address; then rewriting the IP
   destination / source does not change the L4 checksum (``pseudo_dst`` / ``pseudo_src``).
 
+Partial checksums
+-----------------
+A packet of a local sender (GSO super-packets included) may reach user space with
+CHECKSUM_PARTIAL (NFQUEUE's ``NFQA_SKB_CSUMNOTREADY``): its L4 checksum field holds
+``fold(pseudo-header sum)``, not complemented, and the device (or
+``skb_checksum_help``) would later store ``~fold(field + sum of the L4 bytes)``. A
+rewrite of the pseudo-header's addresses by ``delta`` would have to *add* ``delta``
+to that field (``P' = P + delta``), where the RFC 1624 update of a full checksum
+subtracts it (``HC' = ~(~HC + delta)``). But NFQUEUE marks every packet whose payload
+user space replaced CHECKSUM_NONE (``nfqnl_mangle``): the packet leaves as is, so a
+rewritten partial packet needs its complete checksum, ``fill_l4_checksum``, O(size).
+
 Limits
 ------
+* ``fill_l4_checksum`` takes the pseudo-header from the IP header: with a Routing
+  header whose Segments Left is not 0, or a Home Address option, it is wrong (such
+  packets are not rewritten correctly when partial).
 * IPv6 extension headers followed: Hop-by-Hop, Routing, Destination Options, Fragment.
   Anything else (AH, ESP, ...) is reported as the L4 protocol, with no checksum to update.
 * IPv4 source-route options are not looked at: such packets (filtered nearly everywhere)
@@ -67,6 +85,7 @@ __all__ = [
     "PacketInfo",
     "RewriteError",
     "checksum",
+    "fill_l4_checksum",
     "parse",
     "rewrite_addresses",
     "rewrite_inner_addresses",
@@ -469,6 +488,35 @@ def rewrite_ports(buf: bytearray, info: PacketInfo, sport: int | None, dport: in
     pos = info.l4_offset + (16 if info.proto == TCP else 6)
     if pos + 2 <= info.end:
         _update_checksum(buf, pos, delta, udp=info.proto == UDP)
+
+
+def fill_l4_checksum(buf: bytearray, info: PacketInfo) -> None:
+    """Compute the L4 checksum (TCP, UDP, ICMPv6) of the outer packet ``info`` describes
+    from scratch and store it, whatever the field held (e.g. a partial checksum). A UDP
+    result of 0 is stored as 0xFFFF. No-op for a packet without such a checksum (ICMPv4,
+    a non-first fragment, other protocols)."""
+    csum_at = _PSEUDO_CSUM_AT.get((info.version, info.proto))
+    if csum_at is None or info.l4_offset < 0:
+        return
+    _check(buf, info, None, None)
+    pos = info.l4_offset + csum_at
+    if pos + 2 > info.end:
+        raise RewriteError("truncated L4 header")
+    length = info.end - info.l4_offset
+    if info.version == 4:
+        pseudo = info.src + info.dst + bytes((0, info.proto)) + length.to_bytes(2, "big")
+    else:
+        pseudo = info.src + info.dst + length.to_bytes(4, "big") + bytes((0, 0, 0, info.proto))
+    buf[pos] = buf[pos + 1] = 0
+    body = int.from_bytes(memoryview(buf)[info.l4_offset : info.end], "big")
+    if length % 2:
+        body <<= 8  # zero-padded to a whole 16-bit word
+    total = (int.from_bytes(pseudo, "big") + body) % 0xFFFF
+    value = ~total & 0xFFFF if total else 0  # a non-zero sum that is 0 mod 0xFFFF is -0
+    if value == 0 and info.proto == UDP:
+        value = 0xFFFF
+    buf[pos] = value >> 8
+    buf[pos + 1] = value & 0xFF
 
 
 def l4_payload(data: Buffer, info: PacketInfo, limit: int | None = None) -> bytes:

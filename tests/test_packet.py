@@ -38,6 +38,7 @@ from stacktrans.packet import (
     PacketInfo,
     RewriteError,
     checksum,
+    fill_l4_checksum,
     parse,
     rewrite_addresses,
     rewrite_inner_addresses,
@@ -732,3 +733,35 @@ def test_mutated_packets_only_raise_rewrite_error(seed: bytes, data: st.DataObje
 def test_corpus_parses() -> None:
     for packet in CORPUS:
         parse(packet)
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda p: IP(src=A4, dst=B4) / TCP(sport=1, dport=2) / Raw(p),
+        lambda p: IP(src=A4, dst=B4) / UDP(sport=1, dport=2) / Raw(p),
+        lambda p: IPv6(src=A6, dst=B6) / TCP(sport=1, dport=2) / Raw(p),
+        lambda p: IPv6(src=A6, dst=B6) / UDP(sport=1, dport=2) / Raw(p),
+        lambda p: IPv6(src=A6, dst=B6) / ICMPv6EchoRequest(data=p),
+    ],
+    ids=["tcp4", "udp4", "tcp6", "udp6", "icmp6"],
+)
+@pytest.mark.parametrize("payload", [b"", b"x", b"odd length!", bytes(range(256)) * 5])
+def test_fill_l4_checksum_from_any_field_value(
+    build: Callable[[bytes], Packet], payload: bytes
+) -> None:
+    good = bytes(build(payload))
+    info = parse(good)
+    at = info.l4_offset + {6: 16, 17: 6, 58: 2}[info.proto]
+    for junk in (b"\0\0", b"\xff\xff", b"\x12\x34"):
+        buf = bytearray(good)
+        buf[at : at + 2] = junk  # e.g. a partial checksum (the pseudo-header sum)
+        fill_l4_checksum(buf, parse(buf))
+        assert bytes(buf) == good
+
+
+def test_fill_l4_checksum_leaves_what_has_no_pseudo_header_checksum() -> None:
+    icmp = bytes(IP(src=A4, dst=B4) / ICMP() / Raw(b"ping"))
+    buf = bytearray(icmp)
+    fill_l4_checksum(buf, parse(buf))
+    assert bytes(buf) == icmp

@@ -18,6 +18,7 @@ windows are the plain path.
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -88,16 +89,24 @@ WHY = {
         "between runs (see min-max)."
     ),
     "nfqueue": (
-        "nfqueue: every packet goes to the daemon and back, through Python; the "
-        "netfilterqueue binding cannot ask the kernel for GSO packets (NFQA_CFG_F_GSO), "
-        "so each 64 kB TCP segment is cut into about 45 packets before it is queued; "
-        "both daemons, iperf3's two ends and the softirqs share the 2 CPUs."
+        "nfqueue: every packet goes to the daemon and back, through Python, as a GSO/GRO "
+        "super-packet of up to 64 kB (dime's own nfnetlink_queue client); a rewritten one "
+        "whose checksum the kernel left partial (veth: the sender computed none) must have "
+        "its checksum summed in Python at the receiving end (the kernel takes a payload "
+        "back as CHECKSUM_NONE), about 0.1-0.2 ms per 64 kB here; both daemons, iperf3's "
+        "two ends and the softirqs share the 2 CPUs (see the daemons' CPU per Gbit)."
     ),
 }
 PAPER = (
     "Fig. 8: soft-handoff goodput 'almost identical' for DIME, MIPv6 and HIP, 'bound by "
     "the physical links' (no overhead figure given)"
 )
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process so far (its threads included), in seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def windows(report: dict[str, Any], sch: Schedule) -> tuple[float, float]:
@@ -143,6 +152,7 @@ def measure(ctx: RunContext, config: str, rate: int | None) -> dict[str, Any]:
                 srv = iperf3_server(fig.ch, "-i", f"{sch.interval:g}")
                 cli = iperf3_client(fig.mh, fig.plan.c1.host, "-t", f"{sch.total:g}")
                 t0 = time.monotonic()
+                cpu0 = sum(cpu_seconds(p.pid) for p in procs)
                 moved = False
                 if procs:
                     time.sleep(max(0.0, t0 + sch.before - time.monotonic()))
@@ -158,6 +168,7 @@ def measure(ctx: RunContext, config: str, rate: int | None) -> dict[str, Any]:
                         if p.poll() is None:
                             p.kill()
                             p.wait()
+                cpu = sum(cpu_seconds(p.pid) for p in procs) - cpu0
                 run: dict[str, Any] = {"moved": moved}
                 if "error" in crep or "error" in srep:
                     run["error"] = str(crep.get("error") or srep.get("error"))
@@ -168,6 +179,12 @@ def measure(ctx: RunContext, config: str, rate: int | None) -> dict[str, Any]:
                         after_bps=aft,
                         retransmits=crep.get("end", {}).get("sum_sent", {}).get("retransmits"),
                     )
+                    gbit = srep.get("end", {}).get("sum_received", {}).get("bytes", 0) * 8 / 1e9
+                    if procs and gbit:
+                        # Both daemons' CPU over the whole run, per Gbit received: CPU
+                        # seconds per Gbit = CPUs busy per Gbit/s.
+                        run["daemons_cpu_s"] = round(cpu, 3)
+                        run["daemons_cpu_s_per_gbit"] = round(cpu / gbit, 3)
                 if procs:
                     st = procs[1].status()
                     run["mh_translated_in_user_space"] = st["counters"].get(
@@ -185,6 +202,8 @@ def measure(ctx: RunContext, config: str, rate: int | None) -> dict[str, Any]:
         out[f"{key}_gbps"] = round(mean(xs) / 1e9, 4) if xs else None
         out[f"{key}_gbps_min"] = round(min(xs) / 1e9, 4) if xs else None
         out[f"{key}_gbps_max"] = round(max(xs) / 1e9, 4) if xs else None
+    cpus = [r["daemons_cpu_s_per_gbit"] for r in ok if "daemons_cpu_s_per_gbit" in r]
+    out["daemons_cpu_s_per_gbit"] = round(mean(cpus), 3) if cpus else None
     progress_done(
         f"   {label}: before {out['before_gbps']} Gbit/s, after {out['after_gbps']} Gbit/s"
     )
@@ -218,6 +237,8 @@ def run(ctx: RunContext) -> Path:
         f"{sch.interval:g} s intervals",
         "tbf": " ".join(TBF),
         "handoff": "hard, gap 0, in the middle of each run (dime only)",
+        "cpu": "Daemons' CPU: utime + stime of both daemons (/proc/<pid>/stat) over each "
+        "whole run (both windows and the move), divided by the Gbit the receiver got",
     }
     rtts = [
         results[k][c]["rtt_ms"]
@@ -278,8 +299,8 @@ def report(doc: dict[str, Any], out: Path, md_dir: Path) -> str:
         f"![throughput overhead]({plot_path(out, md_dir, NAME + '.png')})",
         "",
         "| link | system | before move (Gbit/s) | after move, translated (Gbit/s) | min-max "
-        "after | ratio after / no dime | goal | paper |",
-        "|---|---|---|---|---|---|---|---|",
+        "after | ratio after / no dime | daemons' CPU s per Gbit | goal | paper |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     misses = []
     for key, rows in res.items():
@@ -303,11 +324,19 @@ def report(doc: dict[str, Any], out: Path, md_dir: Path) -> str:
             lines.append(
                 f"| {link} | {'no dime' if c == 'none' else 'dime ' + c} "
                 f"| {fixed(e.get('before_gbps'), 3)} | {fixed(e.get('after_gbps'), 3)} | {mm} "
-                f"| {ratio} | {expect} | {'-' if c == 'none' else 'no figure (below)'} |"
+                f"| {ratio} | {fixed(e.get('daemons_cpu_s_per_gbit'), 2)} | {expect} "
+                f"| {'-' if c == 'none' else 'no figure (below)'} |"
             )
     lines += [
         "",
-        f"Paper: {PAPER}. Goals: the StackTrans issue's.",
+        f"Paper: {PAPER}. Goals: the StackTrans issue's. "
+        + cfg.get("cpu", "Daemons' CPU: not measured in this run")
+        + " (CPU seconds per Gbit = CPUs "
+        "busy per Gbit/s). In nfqueue mode it depends on the packets' size: unshaped, "
+        "TCP's GSO/GRO packets of up to 64 kB reach the daemons; on the shaped link the "
+        "router's tbf (burst 32 kB) cuts them into MTU-sized packets, so the CH's daemon "
+        "gets each of those (and the ACKs both ways are many more), each a round trip "
+        "through Python.",
         "",
     ]
     if misses:
