@@ -3,7 +3,8 @@ arm64 VM carries in minutes, plus the CPU a handoff costs.
 
     python -m testbed.arm64_footprint [--out DIR] [--flows N] [--handoffs N]
 
-The nft data plane only (the one a Pi uses). From :mod:`testbed.experiments.footprint`:
+The data plane dime chooses on this kernel (``--dataplane auto``, recorded). From
+:mod:`testbed.experiments.footprint`:
 start-up ("dime up" to ready, 1 + 5 starts), the MH daemon's RSS idle and holding
 ``--flows`` learned UDP flows (10,000). Then, with those flows held, ``--handoffs`` hard
 handoffs of the MH (a fresh address each time): the MH daemon's CPU time from the move
@@ -30,7 +31,7 @@ from testbed.procstat import HZ, ProcCpu, cpu_meter
 from testbed.runner import Dime, established, running
 
 NAME = "arm64"
-MODE = "nft"
+MODE = "auto"  # what dime chooses on this kernel (status says which)
 IDLE_WINDOW_S = 10.0
 HANDOFF_LIMIT_S = 60.0
 
@@ -76,13 +77,20 @@ def usage(ctx: RunContext, flows_n: int, handoffs: int) -> dict[str, Any]:
                 with cpu_meter(pid) as cpu:
                     time.sleep(IDLE_WINDOW_S)
                 idle = {**footprint._memory(pid), "cpu_pct": cpu.get("cpu_pct")}
+                dataplane = dmh.status(tries=3)["dataplane"]
                 level = footprint._level(MODE, flows_n, IDLE_WINDOW_S, pid, flows, dmh)
                 ho = handoff_cpu(fig, dch, pid, handoffs, idle["cpu_pct"] or 0.0)
                 after = footprint._memory(pid)
             finally:
                 flows.close()
                 seed.close()
-    return {"idle": idle, "flows": level, "handoff": ho, "after_handoffs": after}
+    return {
+        "dataplane": dataplane,
+        "idle": idle,
+        "flows": level,
+        "handoff": ho,
+        "after_handoffs": after,
+    }
 
 
 def report(res: dict[str, Any]) -> str:
@@ -91,7 +99,7 @@ def report(res: dict[str, Any]) -> str:
     peak = max(idle["hwm_kib"], lv["hwm_kib"], res["after_handoffs"]["hwm_kib"]) / mib
     return "\n".join(
         [
-            "## Footprint on arm64 (emulated Cortex-A57, nft data plane)",
+            f"## Footprint on arm64 (emulated Cortex-A57, dataplane {res['dataplane']})",
             "",
             f"Measured by `{res['command']}` inside `./quickstart arm64`'s VM "
             f"({res['machine']}); the emulator (qemu TCG, no KVM) is several times slower "
