@@ -68,3 +68,17 @@ def ping_rtt_ms(ns: Namespace, addr: str, count: int = 5, family: int | None = N
         if "min/avg/max" in line:
             return float(line.split("=")[1].split("/")[1])
     return float("nan")
+
+
+def iperf3_reports(
+    client: subprocess.Popen[bytes], server: subprocess.Popen[bytes], timeout: float
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Both ends' JSON reports (client within ``timeout`` s, then the server's); both
+    processes are gone when this returns, whatever happened."""
+    try:
+        return iperf3_json(client, timeout), iperf3_json(server, 15)
+    finally:
+        for p in (client, server):
+            if p.poll() is None:
+                p.kill()
+                p.wait()

@@ -12,7 +12,6 @@ the runs, per Gbit received, is reported.
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -27,9 +26,9 @@ from testbed.experiments.common import (
     smoke_note,
     write_result,
 )
-from testbed.experiments.overhead import FULL, SMOKE, windows
+from testbed.experiments.overhead import FULL, SMOKE, cpu_seconds, windows
 from testbed.fig7 import V4, Fig7
-from testbed.iperf3 import iperf3_client, iperf3_json, iperf3_server, ping_rtt_ms
+from testbed.iperf3 import iperf3_client, iperf3_reports, iperf3_server, ping_rtt_ms
 from testbed.netns import topology
 from testbed.runner import Dime, running
 
@@ -46,12 +45,6 @@ WHY = (
     "no GSO packet). Line rate needs the translation in the kernel (tc-BPF "
     "bpf_skb_change_proto), not done."
 )
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process so far, in seconds."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def measure(ctx: RunContext, config: str) -> dict[str, Any]:
@@ -80,14 +73,7 @@ def measure(ctx: RunContext, config: str) -> dict[str, Any]:
                 if procs:
                     time.sleep(max(0.0, t0 + sch.before - time.monotonic()))
                     fig.mh.ip("addr", "del", v4.host_cidr(), "dev", "m1")
-                try:
-                    crep = iperf3_json(cli, sch.total + 30)
-                    srep = iperf3_json(srv, 15)
-                finally:
-                    for p in (cli, srv):
-                        if p.poll() is None:
-                            p.kill()
-                            p.wait()
+                crep, srep = iperf3_reports(cli, srv, sch.total + 30)
                 run: dict[str, Any] = {"moved": bool(procs)}
                 if "error" in crep or "error" in srep:
                     run["error"] = str(crep.get("error") or srep.get("error"))

@@ -39,7 +39,7 @@ from testbed.experiments.common import (
     write_result,
 )
 from testbed.fig7 import V4, Fig7, moves
-from testbed.iperf3 import iperf3_client, iperf3_json, iperf3_server, ping_rtt_ms
+from testbed.iperf3 import iperf3_client, iperf3_reports, iperf3_server, ping_rtt_ms
 from testbed.netns import Namespace, topology
 from testbed.runner import Dime, running
 
@@ -160,14 +160,7 @@ def measure(ctx: RunContext, config: str, rate: int | None) -> dict[str, Any]:
                     fig.detach(fig.mh, fdev, fsub)
                     fig.attach(fig.mh, tdev, tsub)
                     moved = True
-                try:
-                    crep = iperf3_json(cli, sch.total + 30)
-                    srep = iperf3_json(srv, 15)
-                finally:
-                    for p in (cli, srv):
-                        if p.poll() is None:
-                            p.kill()
-                            p.wait()
+                crep, srep = iperf3_reports(cli, srv, sch.total + 30)
                 cpu = sum(cpu_seconds(p.pid) for p in procs) - cpu0
                 run: dict[str, Any] = {"moved": moved}
                 if "error" in crep or "error" in srep:
