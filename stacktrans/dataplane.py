@@ -583,6 +583,8 @@ class Dataplane:
     def cross_of(self, entry: SocketEntry) -> tuple[IPAddress, IPAddress] | None:
         """(local locator, remote locator) of the other IP version, if ``entry`` is
         carried across."""
+        if entry.hid not in self._cross:  # (nearly every packet: one lookup)
+            return None
         tr = self._translations.get(entry.hid)
         return tr.cross.get((entry.key.local, entry.key.remote)) if tr is not None else None
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from ipaddress import ip_address
+from ipaddress import IPv4Address, IPv6Address, ip_address
 
 from ihmp.addr import IPAddress
 from ihmp.flows import KNOCK_MAGIC
@@ -129,7 +129,11 @@ class UserspacePath:
     ) -> bytes:
         """Send ``data`` on as a packet of the other IP version, src -> dst (out to the
         peer, or into our own stack); the original goes no further."""
-        new = to_ipv6(data, src, dst) if dst.version == 6 else to_ipv4(data, src, dst)  # type: ignore[arg-type]
+        new = None
+        if isinstance(src, IPv6Address) and isinstance(dst, IPv6Address):
+            new = to_ipv6(data, src, dst)
+        elif isinstance(src, IPv4Address) and isinstance(dst, IPv4Address):
+            new = to_ipv4(data, src, dst)
         if new is None or self.carrier is None:
             self.not_carried += 1
             return DROP

@@ -6,7 +6,8 @@ import contextlib
 import json
 import subprocess
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from testbed.fig7 import V4, Fig7, Plan
@@ -122,6 +123,28 @@ class OnFig7:
     @property
     def mh(self) -> Namespace:
         return self.fig.mh
+
+
+@dataclass
+class Fig7Daemons:
+    """A test's Fig. 7 testbed and the `dime` of each of its hosts, by name ("ch",
+    "mh"), started on demand in ``tmp``, with their logs."""
+
+    fig: Fig7
+    tmp: Path
+    daemons: dict[str, Dime] = field(default_factory=dict)
+
+    def ns(self, name: str) -> Namespace:
+        ns: Namespace = getattr(self.fig, name)
+        return ns
+
+    def dime(self, name: str) -> Dime:
+        if name not in self.daemons:
+            self.daemons[name] = Dime.in_dir(self.ns(name), self.tmp, name)
+        return self.daemons[name]
+
+    def logs(self) -> str:
+        return "\n".join(d.log_tail(80) for d in self.daemons.values())
 
 
 @contextlib.contextmanager

@@ -18,17 +18,16 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from testbed.fig7 import DUAL, V4, Fig7
-from testbed.netns import Namespace, rst_count
-from testbed.runner import Dime
+from testbed.fig7 import DUAL, V4
+from testbed.netns import rst_count
 from tests.netns_util import (
     XFER,
+    Fig7Daemons,
     daemons_stopped,
     fig7_testbed,
     py,
@@ -47,24 +46,7 @@ CH6 = ADDRS[("ch", 6)]
 DEVS = {"ch": "c1", "mh": "m1"}
 
 
-@dataclass
-class Bed:
-    fig: Fig7
-    tmp: Path
-    daemons: dict[str, Dime] = field(default_factory=dict)
-
-    def ns(self, name: str) -> Namespace:
-        ns: Namespace = getattr(self.fig, name)
-        return ns
-
-    def dime(self, name: str) -> Dime:
-        if name not in self.daemons:
-            self.daemons[name] = Dime.in_dir(self.ns(name), self.tmp, name)
-        return self.daemons[name]
-
-    def logs(self) -> str:
-        return "\n".join(d.log_tail(80) for d in self.daemons.values())
-
+class Bed(Fig7Daemons):
     def drop(self, who: str, version: int) -> None:
         """``who`` loses its address of ``version`` (its routes go with it)."""
         addr = SUBNETS[(who, version)].host_cidr()

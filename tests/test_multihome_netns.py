@@ -13,17 +13,16 @@ import contextlib
 import subprocess
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from testbed.capture import Capture, Packet
-from testbed.fig7 import V4, Fig7
+from testbed.fig7 import V4
 from testbed.netns import rst_count
 from testbed.runner import Dime
-from tests.netns_util import daemons_stopped, fig7_testbed, result, tcp_transfer
+from tests.netns_util import Fig7Daemons, daemons_stopped, fig7_testbed, result, tcp_transfer
 
 pytestmark = pytest.mark.netns
 
@@ -54,20 +53,7 @@ via = ["m2"]
 """
 
 
-@dataclass
-class Bed:
-    fig: Fig7
-    tmp: Path
-    daemons: dict[str, Dime] = field(default_factory=dict)
-
-    def dime(self, name: str) -> Dime:
-        if name not in self.daemons:
-            self.daemons[name] = Dime.in_dir(getattr(self.fig, name), self.tmp, name)
-        return self.daemons[name]
-
-    def logs(self) -> str:
-        return "\n".join(d.log_tail(80) for d in self.daemons.values())
-
+class Bed(Fig7Daemons):
     def sockets(self) -> dict[int, dict[str, Any]]:
         """The MH's flows, by their well-known port (the CH's, or the MH's own)."""
         return by_port(self.dime("mh").status())
