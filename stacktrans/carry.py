@@ -1,9 +1,12 @@
 """Putting the packets of flows carried across IP versions back into the kernel.
 
 A packet of such a flow was queued, translated to the other IP version
-(:mod:`stacktrans.family`) and dropped; its translation goes in through a raw socket
-(``IPPROTO_RAW``: we give the IP header), marked :data:`~stacktrans.nft.INJECT_MARK`
-so that nothing of ours queues, learns or translates it again:
+(:mod:`stacktrans.family`, its TCP checksum left partial) and dropped; its
+translation goes in whole through a packet socket where it can
+(:mod:`stacktrans.link_send`: the kernel cuts and sums it), else through a raw
+socket (``IPPROTO_RAW``: we give the IP header, checksums complete), marked
+:data:`~stacktrans.nft.INJECT_MARK` so that nothing of ours queues, learns or
+translates it again:
 
 * **out**: to the peer's locator, routed like any packet of this host;
 * **in**: to our own identifier, which the kernel delivers to the flow's socket
@@ -22,9 +25,11 @@ from __future__ import annotations
 
 import logging
 import socket
+import time
 
 from ihmp.addr import IPAddress
-from stacktrans.family import GROWTH, segment
+from stacktrans.family import GROWTH, complete, segment
+from stacktrans.link_send import LinkSender
 from stacktrans.nft import INJECT_MARK
 from stacktrans.rto_revert import MIN_PMTU, ptb_message
 from stacktrans.socket_table import TCP, FlowKey
@@ -36,36 +41,50 @@ DEFAULT_MTU = 1500
 
 
 class Carrier:
-    """Raw sockets (opened on first use) and what they sent."""
+    """Raw sockets (opened on first use), the packet sockets' sender, and what they
+    sent."""
 
-    def __init__(self) -> None:
+    def __init__(self, link: LinkSender | None = None) -> None:
+        self.link = link if link is not None else LinkSender(time.monotonic)
         self._socks: dict[tuple[int, int], socket.socket] = {}
         self._mtu: dict[IPAddress, int] = {}
-        self.sent = 0
+        self.sent = 0  # packets put back into the kernel, whichever way
+        self.whole = 0  # of which through a packet socket
         self.failed = 0
         self.mtu_prompts = 0
 
     def close(self) -> None:
+        self.link.close()
         for sock in self._socks.values():
             sock.close()
         self._socks.clear()
 
     def out(self, packet: bytes, dst: IPAddress, key: FlowKey, seq: int | None) -> None:
-        """Send ``packet`` (to the peer's locator ``dst``) for flow ``key`` (as its
-        socket sees it; ``seq``: the TCP sequence number of the packet it was)."""
+        """Send ``packet`` (to the peer's locator ``dst``; a TCP checksum may be
+        partial) for flow ``key`` (as its socket sees it; ``seq``: the TCP sequence
+        number of the packet it was)."""
         mtu = self.path_mtu(dst)
-        parts = segment(packet, mtu) if len(packet) > mtu else [packet]
         # A segment the flow's own path takes whole, which grew past this one: its
         # stack must know (a GSO packet, far larger, is the kernel's to cut anyway).
-        grew = len(packet) <= mtu + GROWTH
-        if len(parts) > 1 and grew and key.proto == TCP and seq is not None:
+        grew = mtu < len(packet) <= mtu + GROWTH
+        if grew and key.proto == TCP and seq is not None:
             self._prompt_mtu(key, seq, mtu)
+        if self.link.out(packet, mtu):
+            self.sent += 1
+            self.whole += 1
+            return
+        parts = segment(packet, mtu) if len(packet) > mtu else [complete(packet)]
         for part in parts:
             self._send(part, dst)
 
     def into(self, packet: bytes, dst: IPAddress) -> None:
-        """Deliver ``packet`` to our own address ``dst`` (the flow's identifier)."""
-        self._send(packet, dst)
+        """Deliver ``packet`` (a TCP checksum may be partial) to our own address
+        ``dst`` (the flow's identifier)."""
+        if self.link.into(packet):
+            self.sent += 1
+            self.whole += 1
+            return
+        self._send(complete(packet), dst)
 
     def path_mtu(self, dst: IPAddress) -> int:
         """The route's MTU towards ``dst`` (asked once: a connected UDP socket's)."""

@@ -16,10 +16,12 @@ extension headers, and anything but TCP and UDP.
 
 The transport checksum is computed afresh over the new pseudo-header: whatever the
 field held (a full checksum, none in an IPv4 UDP datagram, or the partial sum of a
-packet the kernel handed over before completing it: a GSO packet), the packet sent
-on is complete, as a packet injected through a raw socket must be. A TCP packet
-larger than the path allows (a GSO packet) is cut into segments first
-(:func:`segment`).
+packet the kernel handed over before completing it: a GSO packet). Either in full,
+as a packet injected through a raw socket must be, or, for TCP and when asked
+(``partial``), just the pseudo-header's sum, for the kernel to complete: summing
+64 kB in Python costs ~120 us, the kernel's offload next to nothing
+(:mod:`stacktrans.link_send`). A TCP packet larger than the path allows (a GSO
+packet) that goes through a raw socket is cut into segments first (:func:`segment`).
 """
 
 from __future__ import annotations
@@ -40,19 +42,27 @@ CSUM_AT = {TCP: 16, UDP: 6}
 DF = 0x4000
 
 
-def _l4_checksum(l4: bytearray, proto: int, src: bytes, dst: bytes) -> None:
-    """Compute the transport checksum in ``l4`` from scratch, for ``src`` -> ``dst``."""
+def _l4_checksum(l4: bytearray, proto: int, src: bytes, dst: bytes, partial: bool = False) -> None:
+    """Compute the transport checksum in ``l4`` from scratch, for ``src`` -> ``dst``;
+    ``partial`` (TCP only): just the pseudo-header's sum, which whoever completes it
+    (the kernel's checksum offload) adds the rest to."""
     at = CSUM_AT[proto]
     l4[at : at + 2] = b"\0\0"
     pseudo = src + dst + struct.pack("!IxxxB", len(l4), proto)  # (v4's sums the same)
+    if partial and proto == TCP:
+        l4[at : at + 2] = (~checksum(pseudo) & 0xFFFF).to_bytes(2, "big")
+        return
     value = checksum(pseudo + bytes(l4))
     if proto == UDP and value == 0:
         value = 0xFFFF  # 0 means "no checksum" in UDP
     l4[at : at + 2] = value.to_bytes(2, "big")
 
 
-def to_ipv6(packet: Buffer, src: IPv6Address, dst: IPv6Address) -> bytes | None:
-    """The IPv4 TCP/UDP ``packet`` as IPv6 from ``src`` to ``dst``; None if refused."""
+def to_ipv6(
+    packet: Buffer, src: IPv6Address, dst: IPv6Address, partial: bool = False
+) -> bytes | None:
+    """The IPv4 TCP/UDP ``packet`` as IPv6 from ``src`` to ``dst``; None if refused.
+    ``partial``: a TCP packet's checksum is left partial (:func:`complete`)."""
     data = bytes(packet)
     if len(data) < IPV4_HEADER.size or data[0] != 0x45:
         return None  # not IPv4, or options (not carried across)
@@ -62,13 +72,16 @@ def to_ipv6(packet: Buffer, src: IPv6Address, dst: IPv6Address) -> bytes | None:
     if total > len(data) or total < 20 + CSUM_AT[proto] + 2:
         return None  # truncated
     l4 = bytearray(data[20:total])
-    _l4_checksum(l4, proto, src.packed, dst.packed)
+    _l4_checksum(l4, proto, src.packed, dst.packed, partial)
     head = IPV6_HEADER.pack((6 << 28) | (tos << 20), len(l4), proto, ttl, src.packed, dst.packed)
     return head + bytes(l4)
 
 
-def to_ipv4(packet: Buffer, src: IPv4Address, dst: IPv4Address) -> bytes | None:
-    """The IPv6 TCP/UDP ``packet`` as IPv4 from ``src`` to ``dst``; None if refused."""
+def to_ipv4(
+    packet: Buffer, src: IPv4Address, dst: IPv4Address, partial: bool = False
+) -> bytes | None:
+    """The IPv6 TCP/UDP ``packet`` as IPv4 from ``src`` to ``dst``; None if refused.
+    ``partial``: a TCP packet's checksum is left partial (:func:`complete`)."""
     data = bytes(packet)
     if len(data) < IPV6_HEADER.size or data[0] >> 4 != 6:
         return None
@@ -79,13 +92,27 @@ def to_ipv4(packet: Buffer, src: IPv4Address, dst: IPv4Address) -> bytes | None:
     if 20 + plen > 0xFFFF:
         return None  # (a jumbogram would not fit an IPv4 header)
     l4 = bytearray(data[IPV6_HEADER.size : end])
-    _l4_checksum(l4, proto, src.packed, dst.packed)
+    _l4_checksum(l4, proto, src.packed, dst.packed, partial)
     tclass = (first >> 20) & 0xFF
     head = bytearray(
         IPV4_HEADER.pack(0x45, tclass, 20 + plen, 0, DF, hops, proto, 0, src.packed, dst.packed)
     )
     head[10:12] = checksum(head).to_bytes(2, "big")
     return bytes(head) + bytes(l4)
+
+
+def complete(packet: bytes) -> bytes:
+    """``packet`` (as this module builds them) with its transport checksum computed
+    in full, as a packet sent through a raw socket must have it."""
+    v6 = packet[0] >> 4 == 6
+    ip_len = IPV6_HEADER.size if v6 else 20
+    proto = packet[6] if v6 else packet[9]
+    if proto not in CSUM_AT:
+        return packet
+    src, dst = (packet[8:24], packet[24:40]) if v6 else (packet[12:16], packet[16:20])
+    l4 = bytearray(packet[ip_len:])
+    _l4_checksum(l4, proto, src, dst)
+    return packet[:ip_len] + bytes(l4)
 
 
 def segment(packet: bytes, mtu: int) -> list[bytes]:

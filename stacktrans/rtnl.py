@@ -44,13 +44,18 @@ RTM_NEWLINK, RTM_DELLINK, RTM_GETLINK = 16, 17, 18
 RTM_NEWADDR, RTM_DELADDR, RTM_GETADDR = 20, 21, 22
 RTM_NEWROUTE, RTM_DELROUTE, RTM_GETROUTE = 24, 25, 26
 RTM_NEWRULE, RTM_DELRULE, RTM_GETRULE = 32, 33, 34
+RTM_NEWNEIGH, RTM_GETNEIGH = 28, 30
 RTMGRP_LINK: Final = 0x1
 RTMGRP_IPV4_IFADDR: Final = 0x10
 RTMGRP_IPV6_IFADDR: Final = 0x100
 NLM_F_EXCL, NLM_F_CREATE = 0x200, 0x400
 
 IFA_ADDRESS, IFA_LOCAL, IFA_FLAGS = 1, 2, 8
-IFLA_IFNAME = 3
+IFLA_ADDRESS, IFLA_IFNAME = 1, 3
+RTA_SRC = 2
+NDA_DST, NDA_LLADDR = 1, 2
+# <linux/neighbour.h>: states whose link-layer address is no use
+NUD_INCOMPLETE, NUD_FAILED, NUD_NONE = 0x01, 0x20, 0x00
 RTA_DST, RTA_OIF, RTA_GATEWAY, RTA_PRIORITY, RTA_PREFSRC, RTA_TABLE = 1, 4, 5, 6, 7, 15
 RT_TABLE_MAIN, RT_SCOPE_UNIVERSE, RT_SCOPE_LINK, RTN_UNICAST = 254, 0, 253, 1
 # <linux/fib_rules.h>
@@ -65,8 +70,10 @@ _EVENTS: Final = {
     RTM_DELADDR: "RTM_DELADDR",
     RTM_NEWROUTE: "RTM_NEWROUTE",
     RTM_NEWRULE: "RTM_NEWRULE",
+    RTM_NEWNEIGH: "RTM_NEWNEIGH",
 }
 _IFINFO = struct.Struct("=BxHiII")  # family, type, index, flags, change
+_NDMSG = struct.Struct("=BxxxiHBB")  # family, index, state, flags, type
 _IFADDR = struct.Struct("=BBBBI")  # family, prefixlen, flags, scope, index
 # family, dst_len, src_len, tos, table, protocol, scope, type, flags
 _RTMSG = struct.Struct("=BBBBBBBBI")
@@ -108,10 +115,13 @@ def _decode(kind: int, event: str, payload: memoryview) -> dict[str, Any] | None
     if kind in (RTM_NEWLINK, RTM_DELLINK):
         if len(payload) < _IFINFO.size:
             return None
-        family, _, index, flags, _ = _IFINFO.unpack_from(payload)
+        family, kind_, index, flags, _ = _IFINFO.unpack_from(payload)
         msg: dict[str, Any] = {"event": event, "family": family, "index": index, "flags": flags}
+        msg["type"] = kind_  # ARPHRD_*
         for t, value in attributes(payload, _IFINFO.size):
-            if t == IFLA_IFNAME:
+            if t == IFLA_ADDRESS:
+                msg["IFLA_ADDRESS"] = bytes(value).hex(":")
+            elif t == IFLA_IFNAME:
                 # Any bytes but "/", ":" and white space make a valid name.
                 name = bytes(value).split(b"\0", 1)[0]
                 msg["IFLA_IFNAME"] = name.decode(errors="surrogateescape")
@@ -130,6 +140,8 @@ def _decode(kind: int, event: str, payload: memoryview) -> dict[str, Any] | None
         return msg
     if kind == RTM_NEWRULE:
         return _decode_rule(event, payload)
+    if kind == RTM_NEWNEIGH:
+        return _decode_neigh(event, payload)
     return _decode_route(event, payload)
 
 
@@ -168,6 +180,19 @@ def _decode_rule(event: str, payload: memoryview) -> dict[str, Any] | None:
             msg[_RULE_PORTS[t]] = _PORTS.unpack_from(value)
     if "FRA_TABLE" in msg:  # the header holds only tables up to 255
         msg["table"] = msg["FRA_TABLE"]
+    return msg
+
+
+def _decode_neigh(event: str, payload: memoryview) -> dict[str, Any] | None:
+    if len(payload) < _NDMSG.size:
+        return None
+    family, index, state, _, _ = _NDMSG.unpack_from(payload)
+    msg = {"event": event, "family": family, "index": index, "state": state}
+    for t, value in attributes(payload, _NDMSG.size):
+        if t == NDA_DST:
+            msg["NDA_DST"] = _ip(family, value)
+        elif t == NDA_LLADDR:
+            msg["NDA_LLADDR"] = bytes(value).hex(":")
     return msg
 
 
@@ -238,16 +263,47 @@ class Rtnl:
         """Every policy routing rule of ``family`` (AF_UNSPEC: IPv4 and IPv6)."""
         return self.request(RTM_GETRULE, NLM_F_DUMP, _FIBRULE.pack(family, 0, 0, 0, 0, 0, 0, 0, 0))
 
-    def route_get(self, dst: str) -> dict[str, Any]:
-        """The route the kernel picks to ``dst`` (``RTA_OIF``, ``RTA_GATEWAY`` if any).
+    def route_get(self, dst: str, src: str | None = None) -> dict[str, Any]:
+        """The route the kernel picks to ``dst`` (``RTA_OIF``, ``RTA_GATEWAY`` if any),
+        for packets from ``src`` if given (policy routing may choose by source).
         OSError (e.g. ENETUNREACH) if there is none."""
         family = _family(dst)
-        body = _RTMSG.pack(family, 32 if family == socket.AF_INET else 128, 0, 0, 0, 0, 0, 0, 0)
+        full = 32 if family == socket.AF_INET else 128
+        body = _RTMSG.pack(family, full, full if src else 0, 0, 0, 0, 0, 0, 0)
         body += attr(RTA_DST, socket.inet_pton(family, dst))
+        if src:
+            body += attr(RTA_SRC, socket.inet_pton(family, src))
         answer = self.request(RTM_GETROUTE, 0, body)
         if not answer:
             raise OSError(errno.ENETUNREACH, os.strerror(errno.ENETUNREACH))
         return answer[0]
+
+    def link(self, index: int) -> dict[str, Any]:
+        """Link ``index`` (``type``: its ARPHRD_*, ``IFLA_ADDRESS``: its hardware
+        address as "aa:bb:..."). OSError (ENODEV) if there is none."""
+        answer = self.request(RTM_GETLINK, 0, _IFINFO.pack(socket.AF_UNSPEC, 0, index, 0, 0))
+        if not answer:
+            raise OSError(errno.ENODEV, os.strerror(errno.ENODEV))
+        return answer[0]
+
+    def neighbour(self, index: int, address: str) -> str | None:
+        """The link-layer address ("aa:bb:...") of neighbour ``address`` on link
+        ``index``, if the kernel has a usable one (resolved, stale or permanent)."""
+        family = _family(address)
+        body = _NDMSG.pack(family, index, 0, 0, 0)
+        body += attr(NDA_DST, socket.inet_pton(family, address))
+        try:
+            answer = self.request(RTM_GETNEIGH, 0, body)
+        except OSError:
+            return None  # (ENOENT: never heard of)
+        if (
+            not answer
+            or answer[0]["state"] & (NUD_INCOMPLETE | NUD_FAILED)
+            or not answer[0]["state"]
+        ):
+            return None
+        lladdr: str | None = answer[0].get("NDA_LLADDR")
+        return lladdr
 
     # -- writes -----------------------------------------------------------------------
 

@@ -648,6 +648,17 @@ class StackTrans:
         """Whether host ``hid`` has flows in the socket table (IHMP never evicts it)."""
         return self.dataplane is not None and self.dataplane.sockets.has_flows(hid)
 
+    def _carrier_counters(self) -> dict[str, int]:
+        carrier = self.path.carrier if self.path else None
+        return {
+            "path_mtu_prompts": carrier.mtu_prompts if carrier else 0,
+            "packets_carried_lost": carrier.failed if carrier else 0,
+            # How carried packets went in: whole through a packet socket (the kernel
+            # cuts and sums them), or through a raw socket (cut and summed by us).
+            "packets_carried_whole": carrier.whole if carrier else 0,
+            "packets_carried_raw": carrier.sent - carrier.whole if carrier else 0,
+        }
+
     def counters(self) -> dict[str, int]:
         return {
             "packets_translated_in_user_space": self.path.translated if self.path else 0,
@@ -657,12 +668,7 @@ class StackTrans:
             "tcp_acks_prompted": self.prompts[Remedy.REACK],
             "packets_carried_across": self.path.carried if self.path else 0,
             "packets_not_carried": self.path.not_carried if self.path else 0,
-            "path_mtu_prompts": self.path.carrier.mtu_prompts
-            if self.path and self.path.carrier
-            else 0,
-            "packets_carried_lost": self.path.carrier.failed
-            if self.path and self.path.carrier
-            else 0,
+            **self._carrier_counters(),
             "knocks_sent": self.knocker.sent,
             "knocks_received": self.path.knocks if self.path else 0,
             "flow_notices": self.notices.received if self.notices else 0,

@@ -131,9 +131,9 @@ class UserspacePath:
         peer, or into our own stack); the original goes no further."""
         new = None
         if isinstance(src, IPv6Address) and isinstance(dst, IPv6Address):
-            new = to_ipv6(data, src, dst)
+            new = to_ipv6(data, src, dst, partial=True)
         elif isinstance(src, IPv4Address) and isinstance(dst, IPv4Address):
-            new = to_ipv4(data, src, dst)
+            new = to_ipv4(data, src, dst, partial=True)
         if new is None or self.carrier is None:
             self.not_carried += 1
             return DROP
