@@ -52,6 +52,7 @@ class Carrier:
         self.whole = 0  # of which through a packet socket
         self.failed = 0
         self.mtu_prompts = 0
+        self.mtu_heard_count = 0  # path MTUs routers reported for carried packets
 
     def close(self) -> None:
         self.link.close()
@@ -86,8 +87,21 @@ class Carrier:
             return
         self._send(complete(packet), dst)
 
+    def mtu_heard(self, dst: IPAddress, mtu: int, key: FlowKey, seq: int | None) -> None:
+        """A router on the way to ``dst`` reported ``mtu`` (an ICMP error quoting a
+        packet of flow ``key`` we carried; ``seq``: its TCP sequence number): packets
+        to ``dst`` fit it from now on, and the flow's own stack is told its share."""
+        mtu = max(mtu, MIN_PMTU[dst.version])
+        if mtu >= self.path_mtu(dst):
+            return
+        self._mtu[dst] = mtu
+        self.mtu_heard_count += 1
+        if key.proto == TCP and seq is not None:
+            self._prompt_mtu(key, seq, mtu)
+
     def path_mtu(self, dst: IPAddress) -> int:
-        """The route's MTU towards ``dst`` (asked once: a connected UDP socket's)."""
+        """The route's MTU towards ``dst`` (asked once: a connected UDP socket's),
+        or less where a router said so (:meth:`mtu_heard`)."""
         mtu = self._mtu.get(dst)
         if mtu is None:
             family = socket.AF_INET if dst.version == 4 else socket.AF_INET6

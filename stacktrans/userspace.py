@@ -281,7 +281,7 @@ class UserspacePath:
             return None
         entry = self.tr.sockets.inbound(hid, inner.version, inner.proto, inner.dport, inner.sport)
         if entry is None:
-            return None
+            return self._carried_icmp(data, info, inner, hid)
         lid, rid = entry.key.local, entry.key.remote
         inner_src, inner_dst = _addr(inner.src), _addr(inner.dst)
         if lid == inner_src and rid == inner_dst:
@@ -300,6 +300,24 @@ class UserspacePath:
         rewrite_addresses(buf, info, _raw(outer_src), _raw(outer_dst))
         self.translated += 1
         return bytes(buf)
+
+    def _carried_icmp(
+        self, data: bytes, info: PacketInfo, inner: PacketInfo, hid: int
+    ) -> bytes | None:
+        """An ICMP error quoting a packet we carried across (the wire's IP version,
+        from our locator to the peer's): a path MTU it reports is the carried
+        flow's, less the headers' growth, and its own stack is told so (an error of
+        another kind is left to the kernel, which finds no socket for it)."""
+        other = 10 - inner.version
+        entry = self.tr.sockets.inbound(hid, other, inner.proto, inner.dport, inner.sport)
+        if entry is None or self.carrier is None or self.tr.cross_of(entry) is None:
+            return None
+        mtu = _reported_mtu(data, info)
+        if mtu is None:
+            return None
+        seq = _seq(data, inner) if inner.proto == TCP else None
+        self.carrier.mtu_heard(_addr(inner.dst), mtu, entry.key, seq)
+        return DROP
 
     # -- shared ---------------------------------------------------------------------
 
@@ -327,6 +345,18 @@ class UserspacePath:
         rewrite_addresses(buf, info, _raw(lloc), _raw(rloc))
         self.translated += 1
         return bytes(buf)
+
+
+def _reported_mtu(data: bytes, info: PacketInfo) -> int | None:
+    """The MTU an ICMP "fragmentation needed" or ICMPv6 "packet too big" reports."""
+    at = info.l4_offset
+    if len(data) < at + 8:
+        return None
+    if info.version == 4 and data[at] == 3 and data[at + 1] == 4:
+        return int.from_bytes(data[at + 6 : at + 8], "big")
+    if info.version == 6 and data[at] == 2:
+        return int.from_bytes(data[at + 4 : at + 8], "big")
+    return None
 
 
 def _seq(data: bytes, info: PacketInfo) -> int | None:

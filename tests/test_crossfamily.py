@@ -9,7 +9,7 @@ from typing import Any
 
 from scapy.layers.inet import IP
 from scapy.layers.inet import TCP as ScapyTCP
-from scapy.layers.inet6 import IPv6
+from scapy.layers.inet6 import ICMPv6DestUnreach, ICMPv6PacketTooBig, IPv6
 from scapy.packet import Raw
 
 from ihmp.states import Trigger
@@ -100,3 +100,30 @@ def test_the_user_space_path_carries_both_ways() -> None:
     assert (got.src, got.dst) == (str(P4), str(L4))
     assert bytes(got[ScapyTCP]) == bytes(IP(bytes(IP(src=str(P4), dst=str(L4)) / back))[ScapyTCP])
     assert path.carried == 2
+
+
+def test_a_routers_packet_too_big_about_a_carried_packet_reaches_the_flow() -> None:
+    """An ICMPv6 "packet too big" quoting a packet we carried (our IPv6 locator to the
+    peer's, the v4 flow's ports): the carrier hears the MTU (and tells the flow's
+    stack); the kernel gets nothing. Other errors, and quotes of no carried flow,
+    are left alone."""
+    tr, table, _, hid = dual_stack()
+    tr.local_removed(L4)
+    table.remove_local(hid, L4)
+    carrier = RecordingCarrier()
+    path = UserspacePath(tr, lambda: 0.0, carrier=carrier)  # type: ignore[arg-type]
+    sent = (
+        IPv6(src=str(L6), dst=str(P6))
+        / ScapyTCP(sport=40000, dport=5001, seq=77)
+        / Raw(b"x" * 1400)
+    )
+    router = "2001:db8:99::1"
+    ptb = IPv6(src=router, dst=str(L6)) / ICMPv6PacketTooBig(mtu=1400) / bytes(sent)[:1232]
+    assert path.inbound(bytes(ptb)) == DROP
+    assert carrier.sent == [("mtu", (1400, FLOW, 77), P6)]
+    unreachable = IPv6(src=router, dst=str(L6)) / ICMPv6DestUnreach() / bytes(sent)[:1232]
+    assert path.inbound(bytes(unreachable)) is None
+    other = IPv6(src=str(L6), dst=str(P6)) / ScapyTCP(sport=40001, dport=5001) / Raw(b"x")
+    ptb_other = IPv6(src=router, dst=str(L6)) / ICMPv6PacketTooBig(mtu=1400) / bytes(other)
+    assert path.inbound(bytes(ptb_other)) is None
+    assert len(carrier.sent) == 1

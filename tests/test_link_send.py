@@ -222,3 +222,20 @@ def test_reads_the_loopback_links_type_and_an_unknown_neighbour() -> None:
         assert r.link(lo)["type"] == 772  # ARPHRD_LOOPBACK
         assert r.neighbour(lo, "192.0.2.77") is None
         assert r.route_get("127.0.0.1", "127.0.0.1")["RTA_OIF"] == lo
+
+
+def test_a_heard_path_mtu_lowers_the_carriers_and_prompts_the_flow(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    c, _ = carrier(True, monkeypatch)
+    mtus: dict[Any, int] = {}
+    monkeypatch.setattr(c, "path_mtu", lambda dst: mtus.get(dst, 1500))
+    c._mtu = mtus  # type: ignore[assignment]
+    prompts: list[tuple[Any, int, int]] = []
+    monkeypatch.setattr(c, "_prompt_mtu", lambda key, seq, mtu: prompts.append((key, seq, mtu)))
+    key = FlowKey(6, ip_address(str(L4)), 40000, ip_address(str(P4)), 5001)
+    c.mtu_heard(P6, 1400, key, 77)
+    assert mtus[P6] == 1400 and prompts == [(key, 77, 1400)]
+    c.mtu_heard(P6, 1450, key, 78)  # not lower: nothing
+    c.mtu_heard(P6, 600, key, 79)  # below IPv6's minimum: the minimum
+    assert mtus[P6] == 1280 and prompts[-1] == (key, 79, 1280) and c.mtu_heard_count == 2

@@ -579,6 +579,9 @@ class RecordingCarrier:
     def into(self, packet: bytes, dst: Any) -> None:
         self.sent.append(("into", packet, dst))
 
+    def mtu_heard(self, dst: Any, mtu: int, key: Any, seq: Any) -> None:
+        self.sent.append(("mtu", (mtu, key, seq), dst))
+
 
 def test_dual_stack_peer_packets_of_the_other_family_with_a_flows_ports() -> None:
     """A dual-stack peer has one HID for its IPv4 and IPv6 addresses. A v6 segment
