@@ -31,7 +31,7 @@ from ihmp.addr import IPAddress
 from stacktrans.family import GROWTH, complete, segment
 from stacktrans.link_send import LinkSender
 from stacktrans.nft import INJECT_MARK
-from stacktrans.rto_revert import MIN_PMTU, ptb_message
+from stacktrans.rto_revert import MIN_PMTU, error_message, ptb_message
 from stacktrans.socket_table import TCP, FlowKey
 
 log = logging.getLogger("dime.carry")
@@ -53,6 +53,7 @@ class Carrier:
         self.failed = 0
         self.mtu_prompts = 0
         self.mtu_heard_count = 0  # path MTUs routers reported for carried packets
+        self.errors_passed = 0  # other ICMP errors about carried packets, passed on
 
     def close(self) -> None:
         self.link.close()
@@ -117,18 +118,31 @@ class Carrier:
             self._mtu[dst] = mtu
         return mtu
 
+    def error(self, key: FlowKey, seq: int | None, kind: int, code: int) -> None:
+        """Send an ICMP error ``kind``/``code`` of ``key.local``'s IP version about a
+        packet of flow ``key`` to whoever sent that packet (``key.local``): our own
+        flow's stack (``key`` as its socket sees it), or the peer (``key`` as the
+        packet came on the wire, from the peer's locator)."""
+        if self._tell(key, error_message(key, seq or 0, kind, code)):
+            self.errors_passed += 1
+
     def _prompt_mtu(self, key: FlowKey, seq: int, mtu: int) -> None:
         """Tell the flow's stack its segments must fit ``mtu`` once translated."""
         own = max(
             mtu - GROWTH if key.local.version == 4 else mtu + GROWTH, MIN_PMTU[key.local.version]
         )
-        try:
-            self._sock(key.local.version, icmp=True).sendto(
-                ptb_message(key, seq, own), (str(key.local), 0)
-            )
+        if self._tell(key, ptb_message(key, seq, own)):
             self.mtu_prompts += 1
+
+    def _tell(self, key: FlowKey, message: bytes) -> bool:
+        """Send the ICMP(v6) ``message`` to ``key.local`` (from our own address:
+        a socket matches the quote, not the sender)."""
+        try:
+            self._sock(key.local.version, icmp=True).sendto(message, (str(key.local), 0))
         except OSError as exc:
-            log.debug("path MTU prompt for %s: %s", key, exc)
+            log.debug("ICMP error for %s: %s", key, exc)
+            return False
+        return True
 
     def _send(self, packet: bytes, dst: IPAddress) -> None:
         try:

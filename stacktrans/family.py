@@ -101,6 +101,23 @@ def to_ipv4(
     return bytes(head) + bytes(l4)
 
 
+#: ICMP errors a flow's socket acts on, (type, code) on the wire -> the flow's own
+#: version's: destination unreachable and time exceeded (RFC 7915 sections 4.2 and
+#: 5.2; path MTU errors are the carrier's, parameter problems are not carried).
+ICMP6_TO_ICMP4 = {(1, 0): (3, 1), (1, 1): (3, 10), (1, 2): (3, 1), (1, 3): (3, 1),
+                  (1, 4): (3, 3), (3, 0): (11, 0), (3, 1): (11, 1)}  # fmt: skip
+ICMP4_TO_ICMP6 = {(3, c): (1, 0) for c in (0, 1, 5, 6, 7, 8, 11, 12)}
+ICMP4_TO_ICMP6 |= {(3, 3): (1, 4), (11, 0): (3, 0), (11, 1): (3, 1)}
+ICMP4_TO_ICMP6 |= {(3, c): (1, 1) for c in (9, 10, 13, 15)}
+
+
+def icmp_across(version: int, kind: int, code: int) -> tuple[int, int] | None:
+    """The ICMP error of the other IP version for ``kind``/``code`` of ``version``
+    (the wire's), or None where it has none a socket acts on."""
+    table = ICMP6_TO_ICMP4 if version == 6 else ICMP4_TO_ICMP6
+    return table.get((kind, code))
+
+
 def complete(packet: bytes) -> bytes:
     """``packet`` (as this module builds them) with its transport checksum computed
     in full, as a packet sent through a raw socket must have it."""

@@ -160,28 +160,46 @@ def rcv_nxt(peer_isn: int, bytes_received: int) -> int:
 
 
 def _quote(key: FlowKey, seq: int) -> bytes:
-    """The head of a segment of ``key`` as the socket sent it: IP header + 8 bytes."""
-    tcp8 = struct.pack("!HHI", key.lport, key.rport, seq)
+    """The head of a packet of ``key`` as the socket sent it: IP header + 8 bytes (a
+    TCP segment's ports and sequence number ``seq``; a UDP datagram's header)."""
+    if key.proto == TCP:
+        l4 = struct.pack("!HHI", key.lport, key.rport, seq)
+    else:
+        l4 = struct.pack("!HHHH", key.lport, key.rport, 8, 0)
     if key.local.version == 4:
         ip = struct.pack(
-            "!BBHHHBBH4s4s", 0x45, 0, 40, 0, 0x4000, 64, TCP, 0, key.local.packed, key.remote.packed
-        )
+            "!BBHHHBBH4s4s",
+            0x45, 0, 40 if key.proto == TCP else 28, 0, 0x4000, 64, key.proto, 0,
+            key.local.packed, key.remote.packed,
+        )  # fmt: skip
         ip = ip[:10] + struct.pack("!H", checksum(ip)) + ip[12:]
-        return ip + tcp8
-    # payload length 20: the quoted segment was at least a bare TCP header
-    ip6 = struct.pack("!IHBB16s16s", 6 << 28, 20, TCP, 64, key.local.packed, key.remote.packed)
-    return ip6 + tcp8
+        return ip + l4
+    # payload length: the quoted segment was at least a bare TCP (UDP) header
+    plen = 20 if key.proto == TCP else 8
+    ip6 = struct.pack(
+        "!IHBB16s16s", 6 << 28, plen, key.proto, 64, key.local.packed, key.remote.packed
+    )
+    return ip6 + l4
+
+
+def error_message(key: FlowKey, seq: int, kind: int, code: int, rest: int = 0) -> bytes:
+    """An ICMP (IPv4 flow) or ICMPv6 (IPv6 flow) error of ``kind`` and ``code`` (no IP
+    header) quoting a packet of ``key`` (``seq``: a TCP segment's sequence number),
+    ``rest`` in its 4-byte field after the checksum (an MTU, say). ICMPv6's checksum
+    is left 0: the kernel fills it in for raw ICMPv6 sockets."""
+    head = struct.pack("!BBHI", kind, code, 0, rest)
+    quote = _quote(key, seq)
+    if key.local.version == 4:
+        head = head[:2] + struct.pack("!H", checksum(head + quote)) + head[4:]
+    return head + quote
 
 
 def ptb_message(key: FlowKey, seq: int, mtu: int) -> bytes:
     """The ICMP "fragmentation needed" / ICMPv6 "packet too big" (no IP header) that
     sets ``key``'s path MTU to ``mtu``. ICMPv6's checksum is left 0 (the kernel's)."""
-    quote = _quote(key, seq)
     if key.local.version == 4:
-        head = struct.pack("!BBHHH", ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED, 0, 0, mtu)
-        csum = checksum(head + quote)
-        return head[:2] + struct.pack("!H", csum) + head[4:] + quote
-    return struct.pack("!BBHI", ICMP6_PACKET_TOO_BIG, 0, 0, mtu) + quote
+        return error_message(key, seq, ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED, mtu)
+    return error_message(key, seq, ICMP6_PACKET_TOO_BIG, 0, mtu)
 
 
 def revert_message(key: FlowKey, seq: int) -> bytes:
@@ -189,12 +207,9 @@ def revert_message(key: FlowKey, seq: int) -> bytes:
 
     ICMPv6's checksum is left 0: the kernel fills it in for raw ICMPv6 sockets.
     """
-    quote = _quote(key, seq)
     if key.local.version == 4:
-        head = struct.pack("!BBHI", ICMP_DEST_UNREACH, ICMP_HOST_UNREACH, 0, 0)
-        csum = checksum(head + quote)
-        return head[:2] + struct.pack("!H", csum) + head[4:] + quote
-    return struct.pack("!BBHI", ICMP6_DEST_UNREACH, ICMP6_ADDR_UNREACH, 0, 0) + quote
+        return error_message(key, seq, ICMP_DEST_UNREACH, ICMP_HOST_UNREACH)
+    return error_message(key, seq, ICMP6_DEST_UNREACH, ICMP6_ADDR_UNREACH)
 
 
 def ack_packet(key: FlowKey, seq: int, ack: int, window: int) -> bytes:

@@ -653,6 +653,7 @@ class StackTrans:
         return {
             "path_mtu_prompts": carrier.mtu_prompts if carrier else 0,
             "path_mtu_errors_heard": carrier.mtu_heard_count if carrier else 0,
+            "icmp_errors_carried": carrier.errors_passed if carrier else 0,
             "packets_carried_lost": carrier.failed if carrier else 0,
             # How carried packets went in: whole through a packet socket (the kernel
             # cuts and sums them), or through a raw socket (cut and summed by us).

@@ -23,7 +23,7 @@ from ihmp.flows import KNOCK_MAGIC
 from ihmp.hosts import FlowOrigin
 from stacktrans.carry import Carrier
 from stacktrans.dataplane import Dataplane
-from stacktrans.family import to_ipv4, to_ipv6
+from stacktrans.family import icmp_across, to_ipv4, to_ipv6
 from stacktrans.nfqueue import DROP
 from stacktrans.packet import (
     PacketInfo,
@@ -151,6 +151,9 @@ class UserspacePath:
         entry = self.tr.sockets.get(key)
         if entry is None:
             return None
+        cross = self.tr.cross_of(entry)
+        if cross is not None:
+            return self._carry_icmp_out(data, info, inner, entry, cross)
         tr = self.tr.translation(entry.hid)
         if tr is None:
             return None
@@ -163,6 +166,27 @@ class UserspacePath:
         outer_dst = rloc if _addr(info.dst) == key.remote else None
         rewrite_addresses(buf, info, _raw(outer_src), _raw(outer_dst))
         return bytes(buf)
+
+    def _carry_icmp_out(
+        self,
+        data: bytes,
+        info: PacketInfo,
+        inner: PacketInfo,
+        entry: SocketEntry,
+        cross: tuple[IPAddress, IPAddress],
+    ) -> bytes | None:
+        """Our stack's ICMP error about a packet of a flow carried across goes to the
+        peer in the wire's IP version, quoting that packet as it came (the peer's
+        locator to ours): the peer's daemon passes it on to its socket."""
+        at = info.l4_offset
+        mapped = icmp_across(info.version, data[at], data[at + 1]) if len(data) > at + 1 else None
+        if mapped is None or self.carrier is None:
+            return DROP  # (it would go to an address of a version that is gone)
+        key = entry.key
+        wire = FlowKey(key.proto, cross[1], key.rport, cross[0], key.lport)
+        seq = _seq(data, inner) if inner.proto == TCP else None
+        self.carrier.error(wire, seq, *mapped)
+        return DROP
 
     # -- notices (nft mode) -----------------------------------------------------------
 
@@ -305,18 +329,24 @@ class UserspacePath:
         self, data: bytes, info: PacketInfo, inner: PacketInfo, hid: int
     ) -> bytes | None:
         """An ICMP error quoting a packet we carried across (the wire's IP version,
-        from our locator to the peer's): a path MTU it reports is the carried
-        flow's, less the headers' growth, and its own stack is told so (an error of
-        another kind is left to the kernel, which finds no socket for it)."""
+        from our locator to the peer's) goes to the carried flow's own stack in its
+        version: a path MTU it reports, less the headers' growth; an unreachable or
+        time exceeded, as its counterpart (:func:`stacktrans.family.icmp_across`).
+        Anything else is left to the kernel, which finds no socket for it."""
         other = 10 - inner.version
         entry = self.tr.sockets.inbound(hid, other, inner.proto, inner.dport, inner.sport)
         if entry is None or self.carrier is None or self.tr.cross_of(entry) is None:
             return None
-        mtu = _reported_mtu(data, info)
-        if mtu is None:
-            return None
         seq = _seq(data, inner) if inner.proto == TCP else None
-        self.carrier.mtu_heard(_addr(inner.dst), mtu, entry.key, seq)
+        mtu = _reported_mtu(data, info)
+        if mtu is not None:
+            self.carrier.mtu_heard(_addr(inner.dst), mtu, entry.key, seq)
+            return DROP
+        at = info.l4_offset
+        mapped = icmp_across(info.version, data[at], data[at + 1]) if len(data) > at + 1 else None
+        if mapped is None:
+            return None
+        self.carrier.error(entry.key, seq, *mapped)
         return DROP
 
     # -- shared ---------------------------------------------------------------------

@@ -7,13 +7,14 @@ from __future__ import annotations
 from ipaddress import ip_address
 from typing import Any
 
-from scapy.layers.inet import IP
+import pytest
+from scapy.layers.inet import ICMP, IP
 from scapy.layers.inet import TCP as ScapyTCP
-from scapy.layers.inet6 import ICMPv6DestUnreach, ICMPv6PacketTooBig, IPv6
+from scapy.layers.inet6 import ICMPv6DestUnreach, ICMPv6PacketTooBig, ICMPv6ParamProblem, IPv6
 from scapy.packet import Raw
 
 from ihmp.states import Trigger
-from stacktrans.family import complete
+from stacktrans.family import complete, icmp_across
 from stacktrans.nfqueue import DROP
 from stacktrans.socket_table import TCP, FlowKey
 from stacktrans.userspace import UserspacePath
@@ -121,9 +122,44 @@ def test_a_routers_packet_too_big_about_a_carried_packet_reaches_the_flow() -> N
     ptb = IPv6(src=router, dst=str(L6)) / ICMPv6PacketTooBig(mtu=1400) / bytes(sent)[:1232]
     assert path.inbound(bytes(ptb)) == DROP
     assert carrier.sent == [("mtu", (1400, FLOW, 77), P6)]
-    unreachable = IPv6(src=router, dst=str(L6)) / ICMPv6DestUnreach() / bytes(sent)[:1232]
-    assert path.inbound(bytes(unreachable)) is None
     other = IPv6(src=str(L6), dst=str(P6)) / ScapyTCP(sport=40001, dport=5001) / Raw(b"x")
     ptb_other = IPv6(src=router, dst=str(L6)) / ICMPv6PacketTooBig(mtu=1400) / bytes(other)
     assert path.inbound(bytes(ptb_other)) is None
     assert len(carrier.sent) == 1
+
+
+def test_unreachables_of_a_carried_flow_cross_both_ways() -> None:
+    """A router's ICMPv6 unreachable about a packet we carried reaches the IPv4 flow's
+    stack as its ICMP counterpart; our stack's ICMP error about a packet of such a
+    flow goes to the peer as ICMPv6, quoting the packet as it came on the wire.
+    Errors with no counterpart a socket acts on are not passed on."""
+    tr, table, _, hid = dual_stack()
+    tr.local_removed(L4)
+    table.remove_local(hid, L4)
+    carrier = RecordingCarrier()
+    path = UserspacePath(tr, lambda: 0.0, carrier=carrier)  # type: ignore[arg-type]
+    sent = bytes(IPv6(src=str(L6), dst=str(P6)) / ScapyTCP(sport=40000, dport=5001, seq=77))
+    router = "2001:db8:99::1"
+    unreachable = IPv6(src=router, dst=str(L6)) / ICMPv6DestUnreach(code=3) / sent
+    assert path.inbound(bytes(unreachable)) == DROP
+    assert carrier.sent == [("error", (3, 1, 77), FLOW)]  # host unreachable
+    problem = IPv6(src=router, dst=str(L6)) / ICMPv6ParamProblem(code=0) / sent
+    assert path.inbound(bytes(problem)) is None
+    # Our stack refuses a segment of the flow (as its socket saw it: P4 -> L4).
+    came = IP(src=str(P4), dst=str(L4)) / ScapyTCP(sport=5001, dport=40000, seq=99)
+    ours = IP(src=str(L4), dst=str(P4)) / ICMP(type=3, code=3) / bytes(came)[:28]
+    assert path.outbound(bytes(ours)) == DROP
+    wire = FlowKey(TCP, P6, 5001, L6, 40000)  # the segment as it came: P6 -> L6
+    assert carrier.sent[-1] == ("error", (1, 4, 99), wire)  # port unreachable
+
+
+@pytest.mark.parametrize(
+    ("version", "kind", "code", "want"),
+    [(6, 1, 4, (3, 3)), (6, 1, 1, (3, 10)), (6, 3, 0, (11, 0)), (6, 4, 0, None),
+     (4, 3, 3, (1, 4)), (4, 3, 13, (1, 1)), (4, 11, 1, (3, 1)), (4, 3, 4, None),
+     (4, 12, 0, None)],
+)  # fmt: skip
+def test_icmp_errors_map_to_their_rfc_7915_counterparts(
+    version: int, kind: int, code: int, want: tuple[int, int] | None
+) -> None:
+    assert icmp_across(version, kind, code) == want

@@ -31,6 +31,7 @@ from tests.netns_util import (
     daemons_stopped,
     fig7_testbed,
     py,
+    read_line,
     result,
     tcp_transfer,
     wait_for,
@@ -173,5 +174,58 @@ def test_flows_outlive_the_loss_of_their_ip_version(
         # packets was heard and passed on to the IPv4 flows' stack (no black hole).
         heard = counters["mh"]["path_mtu_errors_heard"]
         assert heard > 0 if variant == "narrow" else heard == 0, counters
+        for d in b.daemons.values():
+            d.down().check()
+
+
+#: A connected UDP socket that says "ready" once answered, then on each line of
+#: stdin sends again and prints what came back: "reply", "refused" or "timeout".
+ASKER = """
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.connect((sys.argv[1], int(sys.argv[2])))
+s.settimeout(5)
+s.send(b"hello"); s.recv(100)
+print("ready", file=sys.stderr, flush=True)
+for _ in sys.stdin:
+    s.send(b"again")
+    try:
+        s.recv(100); print("reply", flush=True)
+    except ConnectionRefusedError:
+        print("refused", flush=True)
+    except TimeoutError:
+        print("timeout", flush=True)
+"""
+
+
+def test_icmp_errors_of_a_carried_flow_reach_its_socket(tmp_path: Path) -> None:
+    """A UDP flow carried across IPv6 whose peer closes its port: the CH's stack
+    answers with an ICMP port unreachable; its daemon sends it as ICMPv6 to the MH's
+    locator, whose daemon passes it on to the IPv4 socket: ECONNREFUSED, as
+    without the move (without dime's translation the error would reach nobody)."""
+    with dual_stack(tmp_path, "xficmp", ("--dataplane", "nft")) as b:
+        ch = ADDRS[("ch", 4)]
+        echo = py(b.ns("ch"), XFER, "udp-echo", "--bind", ch, "--port", "5301", "--duration", "60")
+        wait_for(echo, "listening", 10)
+        asker = py(b.ns("mh"), "-c", ASKER, ch, "5301")
+        wait_for(asker, "ready", 10)
+        b.dime("ch").wait_status(
+            lambda st: any(ADDRS[("mh", 6)] in h["active"] for h in st["hids"]),
+            20, "the MH's IPv6 address verified")  # fmt: skip
+        b.drop("mh", 4)
+        for name in ("ch", "mh"):
+            b.across(name, True)
+        assert asker.stdin is not None
+        asker.stdin.write(b"\n")
+        asker.stdin.flush()
+        assert read_line(asker, 10) == "reply"  # carried across
+        echo.terminate()
+        echo.wait(10)
+        asker.stdin.write(b"\n")
+        asker.stdin.flush()
+        assert read_line(asker, 10) == "refused"
+        asker.terminate()
+        for name in ("ch", "mh"):
+            assert b.dime(name).status()["counters"]["icmp_errors_carried"] > 0
         for d in b.daemons.values():
             d.down().check()

@@ -35,6 +35,7 @@ from stacktrans.rto_revert import (
     FlowSeq,
     Remedy,
     ack_packet,
+    error_message,
     prompt,
     ptb_message,
     ptb_mtu,
@@ -448,3 +449,15 @@ COUNT_TO_5000 = (
 
 def test_no_flows_no_prompts() -> None:
     assert not prompt([])
+
+
+def test_an_error_about_a_udp_datagram_quotes_its_header() -> None:
+    key = FlowKey(17, IPv4Address("192.0.2.1"), 5301, IPv4Address("198.51.100.2"), 40000)
+    msg = error_message(key, 0, 3, 3)
+    assert checksum(msg) == 0  # (an ICMPv4 checksum over the whole message)
+    quote = IP(msg[8:])
+    assert (quote.src, quote.dst, quote.proto, quote.len) == ("192.0.2.1", "198.51.100.2", 17, 28)
+    assert struct.unpack("!HHHH", bytes(quote.payload)[:8]) == (5301, 40000, 8, 0)
+    v6 = FlowKey(17, IPv6Address("2001:db8::1"), 5301, IPv6Address("2001:db8::2"), 40000)
+    head = error_message(v6, 0, 1, 4)
+    assert head[:4] == b"\x01\x04\x00\x00" and IPv6(head[8:]).nh == 17

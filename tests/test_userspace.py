@@ -582,6 +582,9 @@ class RecordingCarrier:
     def mtu_heard(self, dst: Any, mtu: int, key: Any, seq: Any) -> None:
         self.sent.append(("mtu", (mtu, key, seq), dst))
 
+    def error(self, key: Any, seq: Any, kind: int, code: int) -> None:
+        self.sent.append(("error", (kind, code, seq), key))
+
 
 def test_dual_stack_peer_packets_of_the_other_family_with_a_flows_ports() -> None:
     """A dual-stack peer has one HID for its IPv4 and IPv6 addresses. A v6 segment
