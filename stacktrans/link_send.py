@@ -17,7 +17,8 @@ the kernel (or the NIC) cuts and sums it as it does the host's own TCP's.
 * **into**: onto ``lo``, where the kernel takes it in as received and delivers it to
   the flow's socket; a partial checksum there is one the stack trusts (as for its
   own loopback traffic). IPv4 only where ``rp_filter`` is not strict (1): strict
-  reverse-path filtering drops a packet from a remote address arriving on ``lo``.
+  reverse-path filtering drops a packet from a remote address arriving on ``lo``
+  (read when first needed).
 
 Which link and hardware addresses a locator pair takes is looked up once and kept
 for :data:`KEEP` seconds (:data:`KEEP_MISS` when not usable), so a move or a new
@@ -61,31 +62,29 @@ class Way:
     frame: bytes  # destination and source hardware addresses
 
 
-def vnet_header(packet: bytes, gso_size: int) -> bytes | None:
+def vnet_header(packet: bytes, mtu: int | None) -> bytes | None:
     """The virtio-net header for ``packet`` (IPv4 without options or IPv6 without
     extension headers, TCP or UDP, its transport checksum field holding the
     pseudo-header's sum: :func:`stacktrans.family.to_ipv6` ``partial``) behind a
-    14-byte frame header: checksum from the transport header on, and for TCP data
-    longer than ``gso_size``, segments of that much data. None: not such a packet."""
+    14-byte frame header: checksum from the transport header on, and, for a TCP
+    packet larger than ``mtu``, segments that fit it. None: not such a packet, or
+    one of another protocol larger than ``mtu`` (only TCP is cut here). ``mtu``
+    None: the packet goes whole (``lo``)."""
     v6 = packet[0] >> 4 == 6
     ip_len = 40 if v6 else 20
     proto = packet[6] if v6 else packet[9]
     if proto not in CSUM_AT or len(packet) < ip_len + CSUM_AT[proto] + 2:
         return None
-    gso, head = GSO_NONE, ip_len
-    if proto == TCP:
-        head += (packet[ip_len + 12] >> 4) * 4
-        if 0 < gso_size < len(packet) - head:
-            gso = GSO_TCPV6 if v6 else GSO_TCPV4
-            if packet[ip_len + 13] & TCP_CWR:
-                gso |= GSO_ECN
+    head = ip_len + ((packet[ip_len + 12] >> 4) * 4 if proto == TCP else 0)
+    gso, gso_size = GSO_NONE, 0
+    if mtu is not None and len(packet) > mtu:
+        if proto != TCP or mtu <= head:
+            return None
+        gso, gso_size = (GSO_TCPV6 if v6 else GSO_TCPV4), mtu - head
+        if packet[ip_len + 13] & TCP_CWR:
+            gso |= GSO_ECN
     return VNET_HDR.pack(
-        NEEDS_CSUM,
-        gso,
-        ETH_HLEN + head,
-        gso_size if gso else 0,
-        ETH_HLEN + ip_len,
-        CSUM_AT[proto],
+        NEEDS_CSUM, gso, ETH_HLEN + head, gso_size, ETH_HLEN + ip_len, CSUM_AT[proto]
     )
 
 
@@ -123,7 +122,7 @@ class LinkSender:
         way = self._way(src, dst, v6)
         if way is None:
             return False
-        head = self._head(packet, mtu)
+        head = vnet_header(packet, mtu)
         if head is None:
             return False
         if not self._send(head + way.frame + _ethertype(v6) + packet, way.ifname, v6):
@@ -140,19 +139,10 @@ class LinkSender:
                 self._lo_v4 = not _strict_rp_filter()
             if not self._lo_v4:
                 return False
-        head = vnet_header(packet, 0)
+        head = vnet_header(packet, None)
         if head is None:
             return False
         return self._send(head + bytes(12) + _ethertype(v6) + packet, "lo", v6)
-
-    def _head(self, packet: bytes, mtu: int) -> bytes | None:
-        v6 = packet[0] >> 4 == 6
-        ip_len = 40 if v6 else 20
-        proto = packet[6] if v6 else packet[9]
-        thl = (packet[ip_len + 12] >> 4) * 4 if proto == TCP and len(packet) > ip_len + 12 else 0
-        if len(packet) > mtu and proto != TCP:
-            return None  # (only TCP's are cut here)
-        return vnet_header(packet, mtu - ip_len - thl)
 
     def _way(self, src: bytes, dst: bytes, v6: bool) -> Way | None:
         now = self.clock()

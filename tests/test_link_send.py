@@ -55,21 +55,23 @@ def test_udp_is_always_summed_in_full() -> None:
 def test_the_virtio_header_asks_for_segments_that_fit_and_a_checksum() -> None:
     packet = to_ipv6(v4_segment(20000), L6, P6, partial=True)
     assert packet is not None
-    head = vnet_header(packet, 1428)
+    head = vnet_header(packet, 1500)
     assert head is not None
     flags, gso, hdr_len, gso_size, start, offset = VNET_HDR.unpack(head)
     assert (flags, gso) == (link_send.NEEDS_CSUM, link_send.GSO_TCPV6)
     assert (hdr_len, gso_size, start, offset) == (14 + 40 + 32, 1428, 14 + 40, 16)
     # Data that fits one segment: no GSO; IPv4 gets its own type; CWR asks for ECN.
     small = to_ipv6(v4_segment(100), L6, P6, partial=True)
-    assert small is not None and VNET_HDR.unpack(vnet_header(small, 1428) or b"")[1] == 0
+    assert small is not None and VNET_HDR.unpack(vnet_header(small, 1500) or b"")[1] == 0
     v4 = to_ipv4(bytes(IPv6(src=str(L6), dst=str(P6)) / IP(v4_segment(9000))[TCP]), L4, P4)
-    assert v4 is not None and VNET_HDR.unpack(vnet_header(v4, 1448) or b"")[1] == 1
+    assert v4 is not None and VNET_HDR.unpack(vnet_header(v4, 1500) or b"")[1] == 1
     cwr = to_ipv6(v4_segment(9000, "AC"), L6, P6, partial=True)
     assert cwr is not None
-    assert VNET_HDR.unpack(vnet_header(cwr, 1428) or b"")[1] == 4 | link_send.GSO_ECN
+    assert VNET_HDR.unpack(vnet_header(cwr, 1500) or b"")[1] == 4 | link_send.GSO_ECN
     udp = bytes(IPv6(src=str(L6), dst=str(P6)) / UDP(sport=1, dport=2) / Raw(b"q"))
     assert VNET_HDR.unpack(vnet_header(udp, 1400) or b"")[1:] == (0, 14 + 40, 0, 14 + 40, 6)
+    assert vnet_header(udp, 40) is None  # larger than the MTU, and not TCP: not cut here
+    assert VNET_HDR.unpack(vnet_header(packet, None) or b"")[1] == 0  # whole (lo)
     icmp = bytearray(udp)
     icmp[6] = 58
     assert vnet_header(bytes(icmp), 1400) is None
