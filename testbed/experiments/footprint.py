@@ -149,7 +149,7 @@ def _memory(pid: int) -> dict[str, int]:
 # As the dime program: dime.cli keeps ssl and _hashlib out only there (argv[0]).
 IMPORTS = (
     "import sys\n"
-    "sys.argv = ['/usr/bin/dime']\n"
+    "sys.argv = ['/usr/bin/dime', 'up']  # (as dime up: dime.cli keeps ssl out then)\n"
     "import re, dime.cli, dime.daemon\n"
     "print(re.search(r'VmRSS:\\s+(\\d+)', open('/proc/self/status').read()).group(1))"
 )
