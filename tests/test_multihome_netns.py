@@ -10,6 +10,7 @@ ways; paced TCP transfers carry SHA-256 checks (no reset anywhere).
 from __future__ import annotations
 
 import contextlib
+import re
 import subprocess
 import time
 from collections.abc import Iterator
@@ -20,7 +21,7 @@ import pytest
 
 from testbed.capture import Capture, Packet
 from testbed.fig7 import V4
-from testbed.netns import rst_count
+from testbed.netns import Namespace, rst_count
 from testbed.runner import Dime
 from tests.netns_util import Fig7Daemons, daemons_stopped, fig7_testbed, result, tcp_transfer
 
@@ -29,7 +30,6 @@ pytestmark = pytest.mark.netns
 M1, M2 = V4.m1.host, V4.m2.host  # the MH's two addresses
 CH = V4.c1.host
 RATE = 2.0  # Mbit/s per transfer
-RTT = 0.001  # s: at most, between veths in namespaces
 PORTS = {"ssh": 22, "sticky": 5003, "bulk": 5001}
 BULK_RATE = 8.0  # Mbit/s: a 16 kB write every 16 ms, fine enough to see a gap
 INBOUND = 5002  # the CH connects to the MH's first address there
@@ -99,6 +99,17 @@ def on_link(packets: list[Packet], port: int) -> tuple[int, int]:
     return out, back
 
 
+def lost(ns: Namespace, dport: int) -> int:
+    """Segments the sender of the connection to ``dport`` in ``ns`` has had to send
+    again because they were lost: its retransmissions (tcp_info, as `ss` shows them:
+    "retrans:now/total") less those the receiver reported as duplicates (a D-SACK,
+    "dsack_dups": sent again too early, e.g. a tail loss probe while ACKs were late)."""
+    out = ns.run("ss", "-tin", "state", "established", "dport", "=", f":{dport}")
+    retrans = re.search(r"retrans:\d+/(\d+)", out)
+    dups = re.search(r"dsack_dups:(\d+)", out)
+    return (int(retrans.group(1)) if retrans else 0) - (int(dups.group(1)) if dups else 0)
+
+
 def longest_gap(received: dict[str, Any], start: float, end: float) -> float:
     """The longest silence at the receiver (between two reads) begun in [start, end)."""
     return max((gap for at, gap in received["gaps"] if start <= at < end), default=0.0)
@@ -149,6 +160,7 @@ def test_policy_places_flows_per_link_and_moves_them_live(tmp_path: Path, datapl
         # dime move: the bulk flow to link 1, then back to link 2.
         bulk = f"tcp {st[5001]['local']} {st[5001]['remote']}"
         moved = []
+        lost_before = lost(fig.mh, PORTS["bulk"])
         for via, addr in (("m1", M1), ("m2", M2)):
             cap = Capture(fig.r, f"r{via}", f"tcp port {PORTS['bulk']}", tmp_path / "mv.pcap")
             cap.start()
@@ -159,6 +171,8 @@ def test_policy_places_flows_per_link_and_moves_them_live(tmp_path: Path, datapl
             assert b.sockets()[5001]["via"] == addr
             time.sleep(1.5)
             assert all(on_link(cap.stop(), 5001)), f"5001 not both ways on {via} after the move"
+        # A live move loses nothing: the sender had nothing lost to send again.
+        assert lost(fig.mh, PORTS["bulk"]) == lost_before, "segments lost at a move"
         ch_st = b.dime("ch").status()
         to = {int(s["local"].rsplit(":", 1)[1]): s["to"] for s in ch_st["sockets"]}
         assert to[5001] == M2, "the CH does not send the bulk flow to link 2 again"
@@ -182,11 +196,10 @@ def test_policy_places_flows_per_link_and_moves_them_live(tmp_path: Path, datapl
                 gaps = [longest_gap(got, at - 0.5, at + 2.0) for at in moved]
                 before = longest_gap(got, moved[0] - 3.0, moved[0] - 0.5)
         assert rst_count(fig.mh) == rst_count(fig.ch) == 0
+        # (Said, not asserted: times belong to benchmarks. Seen on an idle machine: no
+        # silence of 20 ms or more.)
         print(f"\ndime move: longest silence at the receiver {gaps} s; before the moves "
               f"{before} s (the sender's own pacing and scheduling)")  # fmt: skip
-        # A live move loses nothing: the receiver waits at most a round trip (here
-        # under a millisecond) and 50 ms longer than the flow's own pace makes it wait.
-        assert all(g <= RTT + 0.05 + before for g in gaps), (gaps, before)
         for d in b.daemons.values():
             d.down().check()
 
