@@ -266,20 +266,22 @@ def _learn_chains(ihmp_port: int, group: int) -> list[str]:
             lines += [
                 f"  chain new_{way}{f} {{",
                 f"    {flow} @flows{f} return",
-                f"    {pair} @learn{f} goto learn_{way}{f}",
-                f"    {ip} {remote} @hid{f} meta mark set {SYNC_MARK:#x} return",
+                # Maps are looked up for their data even where only a hit matters
+                # (Linux 6.1 refuses a map looked up as a set): a miss ends the rule.
+                f"    meta mark set {pair} map @learn{f} goto learn_{way}{f}",
+                f"    meta mark set {ip} {remote} map @hid{f} meta mark set {SYNC_MARK:#x} return",
                 f"    meta l4proto udp {log}",
                 f"    {notice}",
                 "  }",
                 f"  chain learn_{way}{f} {{",
-                f"    meta mark set {pair} map @learn{f}",
-                f"    {inbound} @rid{f} meta mark set {SYNC_MARK:#x} return",
+                f"    {inbound} @taken{f} meta mark set {SYNC_MARK:#x} return",
                 # A flow of the host's in the other IP version, carried across before
                 # we knew (the peer decided first): the daemon's (stacktrans.carry).
-                *([f"    {inbound} @rid{other} meta mark set {SYNC_MARK:#x} return"] * inward),
+                *([f"    {inbound} @taken{other} meta mark set {SYNC_MARK:#x} return"] * inward),
                 f"    add @flows{f} {{ {flow} }} "
                 f"add @rid{f} {{ {inbound} : {ip} {remote} }} "
-                f"add @lid{f} {{ {inbound} : {ip} {local} }} meta mark set 0",
+                f"add @lid{f} {{ {inbound} : {ip} {local} }} "
+                f"add @taken{f} {{ {inbound} }} meta mark set 0",
                 # The mark still names the HID only if a set was full: then the
                 # daemon decides (and says so in its log).
                 f"    meta mark != 0 meta mark set {SYNC_MARK:#x} return",
@@ -347,6 +349,9 @@ def ruleset(
             f"  map learn{f} {{ type {t} . {t} : mark; }}",
             f"  map rid{f} {{ type {inbound} : {t}; {dyn} }}",
             f"  map lid{f} {{ type {inbound} : {t}; {dyn} }}",
+            # The keys of rid and lid, for the learn chains to look up: Linux 6.1
+            # refuses a map looked up as a set.
+            f"  set taken{f} {{ type {inbound}; {dyn} }}",
             # Flows of a host behind a NAT, which gave each flow a port of its own.
             # (``inbound``: the key of rid/lid.)
             f"  map wdst{f} {{ type {flow} : {t}; }}",
@@ -383,7 +388,10 @@ def ruleset(
             xfam.append(
                 f"    meta mark 0 {ip} saddr . {ip} daddr @xout{f} meta mark set {XFAM_MARK:#x}"
             )
-            inn.append(f"    meta mark 0 meta l4proto {{ tcp, udp }} {ip} saddr @hid{f} jump in{f}")
+            inn.append(
+                f"    meta mark 0 meta l4proto {{ tcp, udp }} "
+                f"meta mark set {ip} saddr map @hid{f} jump in{f}"
+            )
     if fast_path:
         out.insert(1, f"    meta mark {SYNC_MARK:#x} meta mark set 0")  # (after the hook line)
     lines += ["  chain out {", *out, "  }", "  chain in {", *inn, "  }"]
@@ -393,38 +401,37 @@ def ruleset(
         for f, ip in (("4", "ip"), ("6", "ip6")):
             fkey = "meta mark . meta l4proto . th sport . th dport"
             key = f"meta l4proto . {ip} saddr . th sport . {ip} daddr . th dport"
+            # A rewrite through a map applies only where the map has the key: a miss
+            # ends the rule, before its verdict too. (Linux 6.1 refuses a map looked
+            # up as a set: no ``@map`` conditions, and none are needed.)
             lines += [
                 f"  chain out{f} {{",
-                f"    {key} @wdst{f} goto nat{f}",
-                f"    {key} @wsrc{f} goto via{f}",
-                f"    {ip} saddr . {ip} daddr @lloc{f} "
-                f"{ip} saddr set {ip} saddr . {ip} daddr map @lloc{f}",
-                f"    {ip} daddr @rloc{f} {ip} daddr set {ip} daddr map @rloc{f}",
+                f"    {ip} daddr set {key} map @wdst{f} goto nat{f}",
+                f"    {ip} saddr set {key} map @wsrc{f} goto via{f}",
+                f"    {ip} saddr set {ip} saddr . {ip} daddr map @lloc{f}",
+                f"    {ip} daddr set {ip} daddr map @rloc{f}",
                 "  }",
                 # A flow with a local locator of its own: from there (the type route
                 # chain routes it again: by source, stacktrans.link_routes).
                 f"  chain via{f} {{",
-                f"    {ip} saddr set {key} map @wsrc{f}",
-                f"    {ip} daddr @rloc{f} {ip} daddr set {ip} daddr map @rloc{f}",
+                f"    {ip} daddr set {ip} daddr map @rloc{f}",
                 "  }",
-                # Behind a NAT: to the NAT's address, at the port it gave the flow;
-                # from our locator, if we moved too (lloc holds the pair of our
-                # identifier and the NAT's address for such flows).
+                # Behind a NAT: to the NAT's address (out rewrote it), at the port it
+                # gave the flow; from our locator, if we moved too (lloc holds the pair
+                # of our identifier and the NAT's address for such flows).
                 f"  chain nat{f} {{",
-                f"    {ip} daddr set {key} map @wdst{f}",
                 f"    meta l4proto tcp tcp dport set {key} map @wport{f}",
                 f"    meta l4proto udp udp dport set {key} map @wport{f}",
-                f"    {key} @wsrc{f} {ip} saddr set {key} map @wsrc{f} return",
-                f"    {ip} saddr . {ip} daddr @lloc{f} "
-                f"{ip} saddr set {ip} saddr . {ip} daddr map @lloc{f}",
+                f"    {ip} saddr set {key} map @wsrc{f} return",
+                f"    {ip} saddr set {ip} saddr . {ip} daddr map @lloc{f}",
                 "  }",
+                # (The in chain set the mark to the HID.)
                 f"  chain in{f} {{",
-                f"    meta mark set {ip} saddr map @hid{f}",
                 f"    {fkey} @xin{f} meta mark set {XFAM_MARK:#x} return",
-                f"    {fkey} @rid{f} {ip} saddr set {fkey} map @rid{f}",
-                f"    {fkey} @lid{f} {ip} daddr set {fkey} map @lid{f}",
-                f"    meta l4proto tcp {fkey} @rport{f} tcp sport set {fkey} map @rport{f}",
-                f"    meta l4proto udp {fkey} @rport{f} udp sport set {fkey} map @rport{f}",
+                f"    {ip} saddr set {fkey} map @rid{f}",
+                f"    {ip} daddr set {fkey} map @lid{f}",
+                f"    meta l4proto tcp tcp sport set {fkey} map @rport{f}",
+                f"    meta l4proto udp udp sport set {fkey} map @rport{f}",
                 "    meta mark set 0",
                 "  }",
             ]
@@ -698,7 +705,11 @@ def _wire_elements(
     k = e.key
     proto = _proto(k.proto)
     inbound = f"{e.hid} . {proto} . {wire[1] if wire else k.rport} . {k.lport}"
-    out: list[tuple[str, str, object]] = [("rid", inbound, k.remote), ("lid", inbound, k.local)]
+    out: list[tuple[str, str, object]] = [
+        ("rid", inbound, k.remote),
+        ("lid", inbound, k.local),
+        ("taken", inbound, None),  # (a set: rid's and lid's keys)
+    ]
     if wire is not None:
         _, flow = _flow_element(e)
         out += [
@@ -722,8 +733,12 @@ def _via_elements(
 
 
 def _elements(verb: str, f: str, elements: list[tuple[str, str, object]]) -> list[str]:
+    """``verb`` (add, delete) the (map, key, value) ``elements``; value None: a set's."""
     if verb == "add":
-        return [f"add element inet {TABLE} {m}{f} {{ {key} : {v} }}" for m, key, v in elements]
+        return [
+            f"add element inet {TABLE} {m}{f} {{ {key}{'' if v is None else f' : {v}'} }}"
+            for m, key, v in elements
+        ]
     return [f"delete element inet {TABLE} {m}{f} {{ {key} }}" for m, key, _ in elements]
 
 

@@ -150,7 +150,7 @@ def _nft_mode_missing(nft: Nft, log_group: int) -> str | None:
         "add table inet dime_probe\n"
         "add map inet dime_probe m { type ipv4_addr : ipv4_addr; }\n"
         "add chain inet dime_probe c { type route hook output priority -140; }\n"
-        "add rule inet dime_probe c ip daddr @m ip daddr set ip daddr map @m\n"
+        "add rule inet dime_probe c ip daddr set ip daddr map @m\n"
         f"add rule inet dime_probe c ct state new log group {log_group}\n"
         "delete table inet dime_probe\n"
     )

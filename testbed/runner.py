@@ -23,6 +23,7 @@ venv this runs in), else the first on ``PATH``: never a path inside the reposito
 from __future__ import annotations
 
 import contextlib
+import difflib
 import json
 import os
 import shutil
@@ -98,6 +99,13 @@ def lo_addresses(state: KernelState) -> list[str]:
     return [f[3] for f in fields if len(f) > 3 and f[1] == "lo"]
 
 
+def _changed(before: str, after: str, most: int = 6) -> str:
+    """The first lines that differ, ``-`` gone and ``+`` new."""
+    diff = difflib.unified_diff(before.splitlines(), after.splitlines(), lineterm="", n=0)
+    lines = [d.strip() for d in diff if d[:1] in "+-" and d[:3] not in ("+++", "---")]
+    return " | ".join(lines[:most]) + (" | ..." if len(lines) > most else "")
+
+
 def residue(before: KernelState, after: KernelState) -> list[str]:
     """What dime left behind: its rules or ghost addresses, compared with ``before``.
 
@@ -106,9 +114,13 @@ def residue(before: KernelState, after: KernelState) -> list[str]:
     """
     found = []
     if after.ruleset != before.ruleset:
-        found.append("nft ruleset differs after dime down")
+        found.append(
+            f"nft ruleset differs after dime down ({_changed(before.ruleset, after.ruleset)})"
+        )
     if after.iptables != before.iptables:
-        found.append("iptables rules differ after dime down")
+        found.append(
+            f"iptables rules differ after dime down ({_changed(before.iptables, after.iptables)})"
+        )
     if after.rules != before.rules:
         found.append("routing rules differ after dime down")
     ours = [r for r in after.routes.splitlines() if "proto 209" in r]

@@ -72,11 +72,32 @@ def test_the_kernel_learns_first_packets_and_logs_them_in_nft_mode_only() -> Non
     # Learned: the flow and its inbound restoration, from the packet path.
     assert "add @flows4 { meta l4proto . ip saddr . th sport . ip daddr . th dport }" in fast
     assert "add @rid6 { meta mark . meta l4proto . th sport . th dport : ip6 saddr }" in fast
+    assert "add @taken6 { meta mark . meta l4proto . th sport . th dport }" in fast
     # A known host's other addresses, and a taken inbound key: the daemon decides.
-    assert "ip daddr @hid4 meta mark set 0xd1e6 return" in fast
+    assert "meta mark set ip daddr map @hid4 meta mark set 0xd1e6 return" in fast
+    assert "meta mark . meta l4proto . th dport . th sport @taken4 meta mark set 0xd1e6" in fast
     assert "meta mark 0xd1e6 meta mark set 0" in fast  # cleared again both ways
     assert fast.count("log group 77 snaplen 80") >= 6
     assert "flags dynamic; size 2097152;" in fast
+
+
+@pytest.mark.parametrize("fast_path", [True, False])
+def test_no_map_is_looked_up_as_a_set(fast_path: bool) -> None:
+    """Linux 6.1 refuses ``expr @m`` where m is a map (no data wanted): "Could not
+    process rule: Invalid argument". Maps are only looked up for their data
+    (``map @m``) or added to (``add @m``)."""
+    text = ruleset(
+        fast_path=fast_path,
+        queue=QueueSpec(10, 11, 4731, not fast_path),
+        ihmp_port=4731,
+        log_group=77,
+    )
+    maps = re.findall(r"^  map (\w+) \{", text, re.M)
+    assert "rid4" in maps or not fast_path
+    assert "sender" in maps
+    for name in maps:
+        for m in re.finditer(rf"(\S+) @{name}\b", text):
+            assert m.group(1) in ("map", "add"), text[text.rfind("\n", 0, m.start()) :][:200]
 
 
 def test_notices_of_flows_the_kernel_holds_say_so() -> None:

@@ -182,7 +182,9 @@ def test_s1_s2_two_identifiers_of_one_host(pair: Pair, mode: str) -> None:
 def test_connection_opened_before_stacktrans_survives(pair: Pair, mode: str) -> None:
     p = pair.plan
     nbytes = 6_000_000
-    server, client = tcp_transfer(pair.ch, pair.mh, p.m1.host, nbytes, rate=16)
+    # Held open: a slow machine (arm64 under emulation) may have sent every byte
+    # before the daemons are up, and the connection must still be there to adopt.
+    server, client = tcp_transfer(pair.ch, pair.mh, p.m1.host, nbytes, rate=16, hold_open=True)
     ch, mh = start_nodes(pair, mode)  # adopts the running connection (sock_diag)
     try:
         assert len(ch.send(cmd="dump")["flows"]) == 1
