@@ -178,8 +178,7 @@ class UserspacePath:
         """Our stack's ICMP error about a packet of a flow carried across goes to the
         peer in the wire's IP version, quoting that packet as it came (the peer's
         locator to ours): the peer's daemon passes it on to its socket."""
-        at = info.l4_offset
-        mapped = icmp_across(info.version, data[at], data[at + 1]) if len(data) > at + 1 else None
+        mapped = _counterpart(data, info)
         if mapped is None or self.carrier is None:
             return DROP  # (it would go to an address of a version that is gone)
         key = entry.key
@@ -342,8 +341,7 @@ class UserspacePath:
         if mtu is not None:
             self.carrier.mtu_heard(_addr(inner.dst), mtu, entry.key, seq)
             return DROP
-        at = info.l4_offset
-        mapped = icmp_across(info.version, data[at], data[at + 1]) if len(data) > at + 1 else None
+        mapped = _counterpart(data, info)
         if mapped is None:
             return None
         self.carrier.error(entry.key, seq, *mapped)
@@ -375,6 +373,12 @@ class UserspacePath:
         rewrite_addresses(buf, info, _raw(lloc), _raw(rloc))
         self.translated += 1
         return bytes(buf)
+
+
+def _counterpart(data: bytes, info: PacketInfo) -> tuple[int, int] | None:
+    """The (type, code) in the other IP version of the ICMP error ``data``, if any."""
+    at = info.l4_offset
+    return icmp_across(info.version, data[at], data[at + 1]) if len(data) > at + 1 else None
 
 
 def _reported_mtu(data: bytes, info: PacketInfo) -> int | None:
