@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import struct
 from ipaddress import IPv4Address, IPv6Address
+from typing import NamedTuple
 
 from stacktrans.packet import Buffer, checksum
 
@@ -118,15 +119,30 @@ def icmp_across(version: int, kind: int, code: int) -> tuple[int, int] | None:
     return table.get((kind, code))
 
 
+class Layout(NamedTuple):
+    """Where things are in a packet this module builds (no IPv4 options, no IPv6
+    extension headers)."""
+
+    v6: bool
+    ip_len: int  # the IP header's length: where the transport header starts
+    proto: int
+    src: bytes
+    dst: bytes
+
+
+def layout(packet: bytes) -> Layout:
+    """The :class:`Layout` of ``packet`` (as this module builds them)."""
+    if packet[0] >> 4 == 6:
+        return Layout(True, IPV6_HEADER.size, packet[6], packet[8:24], packet[24:40])
+    return Layout(False, 20, packet[9], packet[12:16], packet[16:20])
+
+
 def complete(packet: bytes) -> bytes:
     """``packet`` (as this module builds them) with its transport checksum computed
     in full, as a packet sent through a raw socket must have it."""
-    v6 = packet[0] >> 4 == 6
-    ip_len = IPV6_HEADER.size if v6 else 20
-    proto = packet[6] if v6 else packet[9]
+    _, ip_len, proto, src, dst = layout(packet)
     if proto not in CSUM_AT:
         return packet
-    src, dst = (packet[8:24], packet[24:40]) if v6 else (packet[12:16], packet[16:20])
     l4 = bytearray(packet[ip_len:])
     _l4_checksum(l4, proto, src, dst)
     return packet[:ip_len] + bytes(l4)
@@ -138,16 +154,13 @@ def segment(packet: bytes, mtu: int) -> list[bytes]:
     cut into segments (sequence numbers advanced; FIN and PSH on the last only, CWR
     on the first only; checksums computed), as the kernel's GSO would have done.
     Anything else comes back whole, however large."""
-    v6 = packet[0] >> 4 == 6
-    ip_len = IPV6_HEADER.size if v6 else 20
-    proto = packet[6] if v6 else packet[9]
+    v6, ip_len, proto, src, dst = layout(packet)
     if len(packet) <= mtu or proto != TCP:
         return [packet]
     head_len = ip_len + (packet[ip_len + 12] >> 4) * 4
     room = mtu - head_len
     if room <= 0:
         return [packet]
-    src, dst = (packet[8:24], packet[24:40]) if v6 else (packet[12:16], packet[16:20])
     seq = int.from_bytes(packet[ip_len + 4 : ip_len + 8], "big")
     flags = packet[ip_len + 13]
     data = packet[head_len:]

@@ -34,6 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from stacktrans.family import CSUM_AT, TCP, layout
 from stacktrans.rtnl import Rtnl
 
 log = logging.getLogger("dime.link_send")
@@ -47,8 +48,6 @@ ETH_P_IP, ETH_P_IPV6 = 0x0800, 0x86DD
 VNET_HDR = struct.Struct("<BBHHHH")
 NEEDS_CSUM = 1
 GSO_NONE, GSO_TCPV4, GSO_TCPV6, GSO_ECN = 0, 1, 4, 0x80
-TCP, UDP = 6, 17
-CSUM_AT = {TCP: 16, UDP: 6}
 TCP_CWR = 0x80
 ETH_HLEN = 14
 KEEP, KEEP_MISS = 1.0, 0.2
@@ -70,9 +69,7 @@ def vnet_header(packet: bytes, mtu: int | None) -> bytes | None:
     packet larger than ``mtu``, segments that fit it. None: not such a packet, or
     one of another protocol larger than ``mtu`` (only TCP is cut here). ``mtu``
     None: the packet goes whole (``lo``)."""
-    v6 = packet[0] >> 4 == 6
-    ip_len = 40 if v6 else 20
-    proto = packet[6] if v6 else packet[9]
+    v6, ip_len, proto, _, _ = layout(packet)
     if proto not in CSUM_AT or len(packet) < ip_len + CSUM_AT[proto] + 2:
         return None
     head = ip_len + ((packet[ip_len + 12] >> 4) * 4 if proto == TCP else 0)
@@ -117,8 +114,7 @@ class LinkSender:
     def out(self, packet: bytes, mtu: int) -> bool:
         """Send ``packet`` (to a peer; partial checksum) onto its route's link, as
         segments that fit ``mtu``. False if it cannot go this way (nothing sent)."""
-        v6 = packet[0] >> 4 == 6
-        src, dst = (packet[8:24], packet[24:40]) if v6 else (packet[12:16], packet[16:20])
+        v6, _, _, src, dst = layout(packet)
         way = self._way(src, dst, v6)
         if way is None:
             return False

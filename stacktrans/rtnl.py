@@ -299,7 +299,7 @@ class Rtnl:
         if (
             not answer
             or answer[0]["state"] & (NUD_INCOMPLETE | NUD_FAILED)
-            or not answer[0]["state"]
+            or answer[0]["state"] == NUD_NONE
         ):
             return None
         lladdr: str | None = answer[0].get("NDA_LLADDR")
