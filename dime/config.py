@@ -19,6 +19,10 @@
     log_group = 4731            # NFLOG group through which the kernel tells dime of new
                                 # flows it learned (nft data plane)
     adopt_existing = true       # take over connections opened before dime started
+    follow_routes = true        # a flow no [[policy]] rule names moves to the source the
+                                # kernel's routing prefers towards its peer (a new default
+                                # route takes flows along while the old link still works;
+                                # false: a flow keeps its address until that goes)
     nat_keepalive = 25.0        # s: behind a NAT, keep its mapping alive this often while
                                 # flows need it (0: never)
     nat_port = 4733             # `dime nat` (on a NAT router): its own UDP port, and the
@@ -134,6 +138,7 @@ class Config:
     queue_in: int = 4732
     log_group: int = 4731
     adopt_existing: bool = True
+    follow_routes: bool = True
     nat_keepalive: float = 25.0
     nat_port: int = 4733
     ihmp: EngineConfig = field(default_factory=EngineConfig)
@@ -201,6 +206,7 @@ _SCALARS: dict[str, type] = {
     "queue_in": int,
     "log_group": int,
     "adopt_existing": bool,
+    "follow_routes": bool,
     "nat_keepalive": float,
     "nat_port": int,
 }

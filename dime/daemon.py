@@ -82,6 +82,7 @@ class Daemon:
         self.service: StackTrans | None = None
         self.transport: IhmpTransport | None = None
         self.monitor: AddressMonitor | None = None
+        self._routes_pending = False
         self._stop = asyncio.Event()
         self._timer: asyncio.TimerHandle | None = None
         self._pump_scheduled = False
@@ -129,6 +130,7 @@ class Daemon:
             # A removal while another address of the family is up ends a soft
             # handoff: act on it now, not a window later.
             soft_immediate=True,
+            on_routes=self._on_routes,
         )
         addresses = await self.monitor.current()
         self.engine = IhmpEngine(
@@ -155,6 +157,7 @@ class Daemon:
                 sweep_interval=cfg.sweep_interval,
                 safety_sweep=cfg.safety_sweep,
                 adopt=cfg.adopt_existing,
+                follow_routes=cfg.follow_routes,
             ),
             clock=self._now,
             hid_for=self._hid_for,
@@ -287,6 +290,20 @@ class Daemon:
         self.service.local_added(new.ip)
         self.engine.handoff(old, new, self._now())
         self._links_changed()
+
+    def _on_routes(self) -> None:
+        """The main routing table changed: once per burst of route messages (an
+        address brings several), after what is queued is read."""
+        if self._routes_pending or self.loop is None:
+            return
+        self._routes_pending = True
+        self.loop.call_soon(self._routes_now)
+
+    def _routes_now(self) -> None:
+        self._routes_pending = False
+        if self.service is not None:
+            self.service.routes_changed()
+            self._pump()
 
     def _links_changed(self) -> None:
         assert self.service is not None and self.monitor is not None
@@ -460,8 +477,9 @@ class Daemon:
             log.error("reload refused, the old policy stays: %s", reply["error"])
 
     def _reload(self) -> dict[str, Any]:
-        """Read the config file again; its policy applies to new and existing flows.
-        A bad file changes nothing. (Other keys take effect at the next start.)"""
+        """Read the config file again; its policy and ``follow_routes`` apply to new
+        and existing flows. A bad file changes nothing. (Other keys take effect at
+        the next start.)"""
         try:
             cfg = load(self.config_path)
             cfg.policy.check_interfaces(interface_names())
@@ -469,7 +487,9 @@ class Daemon:
             return {"error": f"config: {exc}"}
         assert self.service is not None
         self.config.policy = cfg.policy
+        self.config.follow_routes = self.service.config.follow_routes = cfg.follow_routes
         self.service.set_policy(cfg.policy)
+        self.service.routes_changed()
         self._pump()
         log.info("config reloaded: %d policy rules", len(cfg.policy.rules))
         return {"ok": True, "rules": len(cfg.policy.rules)}

@@ -37,8 +37,15 @@ from ipaddress import IPv6Address, ip_interface
 from typing import Final
 
 from ihmp.addr import IPAddress, IPInterface
-from stacktrans.rtnl import RTMGRP_IPV4_IFADDR, RTMGRP_IPV6_IFADDR, RTMGRP_LINK, AsyncRtnl
-from stacktrans.service import LocalLink
+from stacktrans.rtnl import (
+    RTMGRP_IPV4_IFADDR,
+    RTMGRP_IPV4_ROUTE,
+    RTMGRP_IPV6_IFADDR,
+    RTMGRP_IPV6_ROUTE,
+    RTMGRP_LINK,
+    AsyncRtnl,
+)
+from stacktrans.service import LocalLink, is_routing_change
 
 __all__ = [
     "Added",
@@ -62,6 +69,8 @@ IFA_F_DADFAILED: Final = 0x08
 IFA_F_TENTATIVE: Final = 0x40
 
 _GROUPS: Final = RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR | RTMGRP_LINK
+# Routes too: a new default route moves flows to its source (config follow_routes).
+_ROUTE_GROUPS: Final = RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE
 
 
 # == events and the pure detector ======================================================
@@ -353,6 +362,7 @@ class AddressMonitor:
         *,
         require_carrier: bool = True,
         soft_immediate: bool = False,
+        on_routes: Callable[[], object] | None = None,
     ) -> None:
         if handoff_window < 0:
             raise ValueError("handoff_window must be >= 0")
@@ -362,6 +372,9 @@ class AddressMonitor:
         self.on_handoff = on_handoff
         self.handoff_window = handoff_window
         self.require_carrier = require_carrier
+        #: Called (no arguments) after the main routing table changed, and after a
+        #: resync (messages may have been lost); None: routes are not watched.
+        self.on_routes = on_routes
         #: The links and addresses as last heard (read :meth:`AddressTable.links`).
         self.table = AddressTable(require_carrier)
 
@@ -398,7 +411,7 @@ class AddressMonitor:
         try:
             # Subscribe before dumping: a change that races with the dump then shows up
             # as a message after it, where re-announcing what we have is a no-op.
-            await ipr.bind(groups=_GROUPS)
+            await ipr.bind(groups=_GROUPS | (_ROUTE_GROUPS if self.on_routes else 0))
             reader = asyncio.create_task(self._read(ipr, queue))
             table = self.table = await self._dump()
             usable = table.usable()
@@ -420,11 +433,16 @@ class AddressMonitor:
                     pass
                 if isinstance(item, BaseException):
                     raise item
+                routed = False
                 if item is _RESYNC:
                     table = self.table = await self._dump()
+                    routed = True
                 elif isinstance(item, Mapping):
                     _apply(table, item)
+                    routed = is_routing_change(dict(item))
                 seen = self._sync(detector, seen, table.usable(), loop.time())
+                if routed:
+                    self._routes_changed()
         finally:
             if reader is not None:
                 reader.cancel()
@@ -451,6 +469,14 @@ class AddressMonitor:
         for event in detector.poll(now):
             self._dispatch(event)
         return after
+
+    def _routes_changed(self) -> None:
+        if self.on_routes is None:
+            return
+        try:
+            self.on_routes()
+        except Exception:
+            log.exception("route change callback failed")
 
     def _dispatch(self, event: AddressEvent) -> None:
         log.debug("address event %s", event)

@@ -107,6 +107,8 @@ def _counters(engine: IhmpEngine | None, service: StackTrans | None) -> dict[str
             "peers_evicted": c.peers_evicted,
             "keepalives_sent": c.keepalives_sent,
             "flows_bound": c.flows_bound,
+            "flow_moves_sent": c.flow_moves_sent,
+            "flow_moves_received": c.flow_moves_received,
             "registrations_sent": c.registrations_sent,
             "relays_sent": c.relays_sent,
             "relayed_received": c.relayed_received,

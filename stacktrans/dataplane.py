@@ -125,6 +125,12 @@ class Dataplane:
         self._manual: dict[FlowKey, IPAddress] = {}  # `dime move`: the user's choice
         self._moving: dict[FlowKey, IPAddress] = {}  # asked of the peer, not yet ACKed
         self._ever_steered = False  # some flow had a locator of its own
+        #: The kernel's preferred source towards each peer locator that has a choice
+        #: (config ``follow_routes``; :meth:`set_preferred`): flows without a rule
+        #: follow it, make-before-break.
+        self.preferred: dict[IPAddress, IPAddress] = {}
+        #: Moves asked because the route changed (not a rule, not the user).
+        self.route_moves = 0
         #: Per HID carrying flows across IP versions: what the kernel was told
         #: (:meth:`KernelMaps.set_cross`): the pairs, and (HID, flow, locator) inbound.
         self._cross: dict[int, tuple[set[tuple[IPAddress, IPAddress]], set[Any]]] = {}
@@ -414,6 +420,21 @@ class Dataplane:
         self.policy = policy
         self._steer(self.sockets)
 
+    def set_preferred(self, preferred: dict[IPAddress, IPAddress]) -> None:
+        """Peer locator -> the local address the kernel's routing now prefers towards
+        it (only where this host has more than one address of its version). A flow
+        without a policy rule or a user's move goes there once the peer has verified
+        it: a new default route takes the flows along while the old link still works.
+        Empty: flows stay on their address until it goes (a handoff moves them)."""
+        if preferred != self.preferred:
+            self.preferred = dict(preferred)
+            if self._steering:
+                self._steer(self.sockets)
+
+    def remote_locators(self) -> set[IPAddress]:
+        """The peer locators the flows go to now (what :meth:`set_preferred` keys)."""
+        return {self.remote_of(e) for e in self.sockets}
+
     def set_interfaces(self, names: dict[IPAddress, str]) -> None:
         """Each local address's interface name (what policy rules and moves name)."""
         if names != self.interfaces:
@@ -506,7 +527,13 @@ class Dataplane:
     @property
     def _steering(self) -> bool:
         """Whether any flow may need steering (else no flow is walked for it)."""
-        return bool(self.policy.rules or self._manual or self._moving or self._ever_steered)
+        return bool(
+            self.policy.rules
+            or self._manual
+            or self._moving
+            or self._ever_steered
+            or self.preferred
+        )
 
     def _steer(self, entries: Iterable[SocketEntry]) -> None:
         """Put each flow where the user or the policy wants it. A flow whose own
@@ -522,6 +549,8 @@ class Dataplane:
                 continue  # where it is
             if target == e.via:
                 continue
+            if e.via is None and target == self.via_of(e):
+                continue  # its host's locator is that already (a handoff put it there)
             self._effects.moves[e.key] = target
 
     def _target(self, e: SocketEntry) -> IPAddress | None:
@@ -541,10 +570,25 @@ class Dataplane:
                 return manual
             del self._manual[e.key]
         if rule is None:
+            routed = self._routed(e, working)
+            if routed is not None:
+                return routed
             # No rule (any more): back to the host's locator, if the peer reaches
             # us at the flow's own address (else it stays: no way to say so).
             return e.key.local if e.via is not None and e.key.local in working else None
         return _placed(rule, working, e, self.via_of(e) if placed else None)
+
+    def _routed(self, e: SocketEntry, working: dict[IPAddress, str]) -> IPAddress | None:
+        """The kernel's preferred source towards ``e``'s peer locator, if the peer
+        reaches us there and it is of the flow's IP version (a flow carried across
+        versions is left to its host's translation); else None."""
+        want = self.preferred.get(self.remote_of(e))
+        if want is None or want not in working or want.version != e.key.local.version:
+            return None
+        asked = self._moving.get(e.key) == want or self._effects.moves.get(e.key) == want
+        if want != self.via_of(e) and not asked:
+            self.route_moves += 1
+        return want
 
     def _set_via(self, entry: SocketEntry, via: IPAddress | None) -> None:
         old, entry.via = entry.via, via

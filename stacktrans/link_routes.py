@@ -35,7 +35,7 @@ import logging
 import socket
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from ipaddress import ip_network
+from ipaddress import ip_address, ip_network
 from typing import Any, TypeVar
 
 from ihmp.addr import IPAddress, IPNetwork, addr_key
@@ -221,6 +221,36 @@ def route_of(msg: dict[str, Any]) -> Route | None:
         prefsrc=msg["RTA_PREFSRC"],
         metric=msg.get("RTA_PRIORITY", 0),
         scope=msg["scope"],
+    )
+
+
+def preferred_sources(
+    dsts: Iterable[IPAddress], open_rtnl: Callable[[], Rtnl] = Rtnl
+) -> dict[IPAddress, IPAddress]:
+    """The source address the kernel's routing picks towards each of ``dsts`` (what a
+    new unbound socket would use: ``ip route get DST``'s ``src``). A destination
+    without a route, or whose route names no source, is left out."""
+    out: dict[IPAddress, IPAddress] = {}
+    with open_rtnl() as ipr:
+        for dst in dsts:
+            try:
+                src = ipr.route_get(str(dst)).get("RTA_PREFSRC")
+            except OSError:  # unreachable now: no preference
+                continue
+            if src is not None:
+                out[dst] = ip_address(src)
+    return out
+
+
+def is_routing_change(msg: dict[str, Any]) -> bool:
+    """Whether a route message (:mod:`stacktrans.rtnl`'s decoding) may change where
+    the main table sends a peer's packets from: a unicast route of the main table
+    that is not one of ours (ours are copies in tables of their own)."""
+    return (
+        msg.get("event") in ("RTM_NEWROUTE", "RTM_DELROUTE")
+        and msg.get("table") == RT_TABLE_MAIN
+        and msg.get("type") == RTN_UNICAST
+        and msg.get("proto") != PROTO
     )
 
 

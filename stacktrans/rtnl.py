@@ -37,7 +37,15 @@ from stacktrans.netlink import (
     open_socket,
 )
 
-__all__ = ["RTMGRP_IPV4_IFADDR", "RTMGRP_IPV6_IFADDR", "RTMGRP_LINK", "AsyncRtnl", "Rtnl"]
+__all__ = [
+    "RTMGRP_IPV4_IFADDR",
+    "RTMGRP_IPV4_ROUTE",
+    "RTMGRP_IPV6_IFADDR",
+    "RTMGRP_IPV6_ROUTE",
+    "RTMGRP_LINK",
+    "AsyncRtnl",
+    "Rtnl",
+]
 
 # <linux/rtnetlink.h>
 RTM_NEWLINK, RTM_DELLINK, RTM_GETLINK = 16, 17, 18
@@ -48,6 +56,8 @@ RTM_NEWNEIGH, RTM_GETNEIGH = 28, 30
 RTMGRP_LINK: Final = 0x1
 RTMGRP_IPV4_IFADDR: Final = 0x10
 RTMGRP_IPV6_IFADDR: Final = 0x100
+RTMGRP_IPV4_ROUTE: Final = 0x40
+RTMGRP_IPV6_ROUTE: Final = 0x400
 NLM_F_EXCL, NLM_F_CREATE = 0x200, 0x400
 
 IFA_ADDRESS, IFA_LOCAL, IFA_FLAGS = 1, 2, 8
@@ -69,6 +79,7 @@ _EVENTS: Final = {
     RTM_NEWADDR: "RTM_NEWADDR",
     RTM_DELADDR: "RTM_DELADDR",
     RTM_NEWROUTE: "RTM_NEWROUTE",
+    RTM_DELROUTE: "RTM_DELROUTE",
     RTM_NEWRULE: "RTM_NEWRULE",
     RTM_NEWNEIGH: "RTM_NEWNEIGH",
 }

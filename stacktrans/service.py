@@ -36,7 +36,14 @@ from stacktrans.flow_death import Death, DeathWatch, Fate, Suspects, check_flows
 from stacktrans.ghosts import Ghosts
 from stacktrans.kernel_flows import alive_flows, existing_flows
 from stacktrans.knock import Knocker, build
-from stacktrans.link_routes import LinkRoutes, LocalAddress, LocalLink, Selector
+from stacktrans.link_routes import (
+    LinkRoutes,
+    LocalAddress,
+    LocalLink,
+    Selector,
+    is_routing_change,
+    preferred_sources,
+)
 from stacktrans.link_routes import clear_leftovers as clear_routes
 from stacktrans.nflog import FlowNotices, NflogError
 from stacktrans.nfqueue import Handler, PacketQueue, QueueError
@@ -62,6 +69,7 @@ __all__ = [
     "check_privileges",
     "clean_leftovers",
     "endpoint",
+    "is_routing_change",
     "previous_run",
 ]
 
@@ -89,6 +97,9 @@ class DataplaneConfig:
     safety_sweep: float = 600.0  # ... and where it does (in case an event was missed)
     udp_idle: float = 120.0  # nfqueue mode: a UDP flow silent this long has ended
     adopt: bool = True
+    #: Flows without a policy rule follow the kernel's preferred source towards
+    #: their peer (a new default route takes them along, make-before-break).
+    follow_routes: bool = True
 
 
 @dataclass
@@ -105,6 +116,8 @@ class KernelFlows:
     #: What became of flows the kernel said ended (exact lookups); None: no
     #: destroy events, the periodic sweep alone finds ended flows.
     check: Callable[[list[FlowKey]], dict[FlowKey, Fate]] | None = check_flows
+    #: The source the kernel's routing picks towards each peer locator.
+    preferred: Callable[[list[IPAddress]], dict[IPAddress, IPAddress]] | None = preferred_sources
 
 
 #: A sweep lists every socket (and, in nft mode, conntrack entry): at 10k-100k flows
@@ -440,17 +453,40 @@ class StackTrans:
     def local_added(self, addr: IPAddress) -> None:
         if self.dataplane is not None:
             self.dataplane.local_added(addr)
-            self._follow_up()
+            self.routes_changed()
 
     def local_removed(self, addr: IPAddress) -> None:
         if self.dataplane is not None:
             self.dataplane.local_removed(addr)
-            self._follow_up()
+            self.routes_changed()
 
     def set_local_addresses(self, addrs: set[IPAddress]) -> None:
         if self.dataplane is not None:
             self.dataplane.set_local_addresses(addrs)
-            self._follow_up()
+            self.routes_changed()
+
+    def routes_changed(self) -> None:
+        """The main routing table or this host's addresses changed: flows without a
+        policy rule follow the kernel's preferred source towards their peer (config
+        ``follow_routes``), and the per-address tables copy main's routes again.
+        Only peers of an IP version this host has more than one address of are
+        looked up (elsewhere there is no choice)."""
+        dp = self.dataplane
+        if dp is None:
+            return
+        find = self.kernel_flows.preferred
+        peers: list[IPAddress] = []
+        if self.config.follow_routes and find is not None:
+            versions = [a.version for a in dp.local_addresses]
+            peers = sorted(
+                (r for r in dp.remote_locators() if versions.count(r.version) > 1), key=str
+            )
+        try:
+            dp.set_preferred(find(peers) if find is not None and peers else {})
+        except OSError as exc:
+            log.warning("routes: %s", exc)
+        self._update_links()
+        self._follow_up()
 
     def knock(
         self,
@@ -681,6 +717,7 @@ class StackTrans:
             "flows_ended_by_events": self.ended_by_events,
             "full_sweeps": self.full_sweeps,
             "flows_learned_by_kernel": self.dataplane.learned_by_kernel if self.dataplane else 0,
+            "flows_moved_to_route": self.dataplane.route_moves if self.dataplane else 0,
         }
 
     def _notices_lost(self) -> None:
@@ -778,7 +815,9 @@ class StackTrans:
                 FlowSeq(e.key, e.isn, e.peer_isn, peer_lost=hid in lost)
                 for hid in hids
                 for e in self.dataplane.sockets.flows_of(hid)
-                if e.key.proto == TCP and e.isn is not None
+                # A flow with a locator of its own at either end (a move, the
+                # policy, the route) did not change path with its host: not prompted.
+                if e.key.proto == TCP and e.isn is not None and e.pinned is None and e.via is None
             ]
             # ... and the ghosts on lo: a prompt is addressed to the flow's local
             # identifier, which must be local again, or it would leave the host.

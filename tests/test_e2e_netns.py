@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from subprocess import Popen
+from typing import Any
 
 import pytest
 
@@ -93,14 +94,16 @@ def check(b: Bed, server: Popen[bytes], client: Popen[bytes], nbytes: int) -> No
     check_transfer((b.fig.ch, b.fig.mh), server, client, nbytes, b.logs())
 
 
-def bulk_through_bottleneck(b: Bed, sender: str, nbytes: int) -> tuple[Popen[bytes], Popen[bytes]]:
-    """dime up at both ends, 20 Mbit/s (50 ms of queue) on the router's way to each,
-    and an unpaced transfer from ``sender`` ("mh": to the CH; "ch": to the MH's old
-    address), running once both daemons know each other."""
+def bulk_through_bottleneck(
+    b: Bed, sender: str, nbytes: int, args: tuple[str, ...] = ()
+) -> tuple[Popen[bytes], Popen[bytes]]:
+    """dime up at both ends (with ``args``), 20 Mbit/s (50 ms of queue) on the
+    router's way to each, and an unpaced transfer from ``sender`` ("mh": to the CH;
+    "ch": to the MH's old address), running once both daemons know each other."""
     p = b.plan
     for dev in ("rc1", "rm1", "rm2"):
         b.fig.r.run("tc", "qdisc", "replace", "dev", dev, "root", *tbf_args(20, 50))
-    b.up("ch", "mh")
+    b.up("ch", "mh", args=args)
     if sender == "mh":
         transfer = tcp(b.fig.mh, b.fig.ch, p.c1.host, nbytes, rate=0)
     else:
@@ -187,15 +190,60 @@ def test_soft_handoff_in_flight_is_recovered_at_once(tmp_path: Path, sender: str
     """A bulk transfer through a 20 Mbit/s bottleneck (50 ms of queue) when the MH's
     old address goes: what the CH sent to it in the meantime is lost. The CH, on
     learning the move, acknowledges again what it received (the MH sends) or
-    retransmits its window (the CH sends) at once (stacktrans/rto_revert.py)."""
+    retransmits its window (the CH sends) at once (stacktrans/rto_revert.py).
+    (follow_routes = false: the flow stays on the old address until it goes.)"""
     with bed(tmp_path) as b:
         nbytes = 12_000_000  # ~5 s at 20 Mbit/s
-        server, client = bulk_through_bottleneck(b, sender, nbytes)
+        config = tmp_path / "dime.toml"
+        config.write_text("follow_routes = false\n")
+        server, client = bulk_through_bottleneck(b, sender, nbytes, ("--config", str(config)))
         b.fig.soft_handoff_mh(overlap=1.0)
         check(b, server, client, nbytes)
         counters = b.daemons["ch"].status()["counters"]
         prompted = "tcp_acks_prompted" if sender == "mh" else "tcp_retransmits_prompted"
         assert counters[prompted] == 1, b.logs()
+        assert counters["flows_moved_to_route"] == 0
+        assert b.daemons["mh"].status()["counters"]["flow_moves_sent"] == 0
+        b.down()
+
+
+def flow_of(status: dict[str, Any], port: int) -> dict[str, Any]:
+    """The socket-table entry (``dime status``) of the flow to or from TCP ``port``."""
+    flows = [f for f in status["sockets"] if f["proto"] == "tcp" and port in _ports(f)]
+    assert len(flows) == 1, status["sockets"]
+    return flows[0]
+
+
+def _ports(flow: dict[str, Any]) -> set[int]:
+    return {int(str(flow[end]).rpartition(":")[2]) for end in ("local", "remote")}
+
+
+@pytest.mark.parametrize(
+    ("plan", "sender"), [(V4, "mh"), (V6, "ch")], ids=["v4-mh-sends", "v6-ch-sends"]
+)
+def test_soft_handoff_follows_the_new_default_route(
+    tmp_path: Path, plan: Plan, sender: str
+) -> None:
+    """Make-before-break (config follow_routes, on by default): the MH's new address
+    comes with a new default route, and the running flow moves to it (FLOW_MOVE)
+    while the old address still works. When the old one goes, nothing is sent to it
+    any more: no data or ACK in flight is lost there, so neither end is prompted."""
+    with bed(tmp_path, plan, "e2er") as b:
+        p = b.plan
+        nbytes = 12_000_000  # ~5 s at 20 Mbit/s
+        server, client = bulk_through_bottleneck(b, sender, nbytes)
+        b.fig.attach(b.fig.mh, "m2", p.m2)  # address, then `ip route replace default`
+        mh = b.daemons["mh"].wait_status(lambda s: flow_of(s, 5001)["via"] == p.m2.host)
+        ch = b.daemons["ch"].wait_status(lambda s: flow_of(s, 5001)["to"] == p.m2.host)
+        assert client.poll() is None and server.poll() is None, "over before the move"
+        assert mh["counters"]["flows_moved_to_route"] == 1, b.logs()
+        assert flow_of(mh, 5001)["rule"] is None
+        assert ch["counters"]["flow_moves_received"] == 1, b.logs()
+        b.fig.detach(b.fig.mh, "m1", p.m1)
+        check(b, server, client, nbytes)
+        for d in b.daemons.values():
+            counters = d.status()["counters"]
+            assert counters["tcp_flows_prompted"] == 0, b.logs()
         b.down()
 
 

@@ -10,12 +10,15 @@ from typing import Any
 
 from stacktrans import rtnl
 from stacktrans.link_routes import (
+    PROTO,
     LinkRoutes,
     LocalAddress,
     Route,
     Rule,
     Selector,
     assign_slots,
+    is_routing_change,
+    preferred_sources,
     route_of,
     routes_wanted,
     rule_of,
@@ -219,3 +222,47 @@ def test_routes_the_kernel_flushed_are_added_again_on_refresh() -> None:
         del fake.routes_in[r]  # link 2 went down
     lr.refresh()
     assert all(r in fake.routes_in for r in flushed)
+
+
+class RouteGetter:
+    """Answers route_get as a kernel with these preferred sources would."""
+
+    def __init__(self, answers: dict[str, dict[str, Any] | OSError]) -> None:
+        self.answers = answers
+
+    def __call__(self) -> RouteGetter:
+        return self
+
+    def __enter__(self) -> RouteGetter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def route_get(self, dst: str, src: str | None = None) -> dict[str, Any]:
+        answer = self.answers[dst]
+        if isinstance(answer, OSError):
+            raise answer
+        return answer
+
+
+def test_preferred_sources_is_each_routes_source_and_skips_the_unreachable() -> None:
+    getter = RouteGetter(
+        {
+            "192.0.2.1": {"RTA_OIF": 3, "RTA_PREFSRC": "203.0.113.2"},
+            "192.0.2.9": OSError(errno.ENETUNREACH, "Network is unreachable"),
+            "2001:db8::1": {"RTA_OIF": 3},  # a route that names no source
+        }
+    )
+    dsts = [ip_address(a) for a in ("192.0.2.1", "192.0.2.9", "2001:db8::1")]
+    assert preferred_sources(dsts, getter) == {dsts[0]: ip_address("203.0.113.2")}
+
+
+def test_only_main_table_unicast_routes_not_ours_are_routing_changes() -> None:
+    default = {"event": "RTM_NEWROUTE", "table": 254, "type": 1, "proto": 3}
+    assert is_routing_change(default)
+    assert is_routing_change(default | {"event": "RTM_DELROUTE"})
+    assert not is_routing_change(default | {"proto": PROTO})  # our own copies
+    assert not is_routing_change(default | {"table": 255, "type": 2})  # local table
+    assert not is_routing_change(default | {"table": 19728})  # another table
+    assert not is_routing_change(default | {"event": "RTM_NEWADDR"})

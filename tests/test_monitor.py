@@ -36,6 +36,7 @@ from dime.monitor import (
     IPInterface,
     Removed,
 )
+from stacktrans.rtnl import RTMGRP_IPV4_ROUTE, RTMGRP_IPV6_ROUTE
 from testbed.netns import Namespace, Topology, topology
 
 A = ip_interface("192.0.2.1/24")
@@ -623,3 +624,51 @@ def test_soft_immediate_reports_the_end_of_a_soft_handoff_at_once() -> None:
     d.removed(B, 2.0)  # the last IPv4 address: wait for a replacement
     d.added(C, 2.1)
     assert d.poll(2.1) == [Handoff(B, C)]
+
+
+def test_main_table_route_changes_call_on_routes_once_each(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Route messages of the main table (not dime's own copies, not the local table)
+    call ``on_routes``; routes are subscribed to only when someone listens."""
+    monkeypatch.setattr("dime.monitor.AsyncRtnl", FakeIPRoute)
+    FakeIPRoute.sockets = []
+    FakeIPRoute.dump = [link(LO, UP | IFF_LOOPBACK), link(ETH, UP), addr(ETH, str(A))]
+    default = {"event": "RTM_NEWROUTE", "family": 2, "table": 254, "type": 1, "proto": 3}
+
+    async def scenario() -> None:
+        calls: asyncio.Queue[str] = asyncio.Queue()
+        mon = AddressMonitor(
+            lambda i: None,
+            lambda i: None,
+            lambda o, n: None,
+            on_routes=lambda: calls.put_nowait("routes"),
+        )
+        task = asyncio.create_task(mon.run())
+        while not [s for s in FakeIPRoute.sockets if s.groups]:
+            await asyncio.sleep(0.001)
+        sock = next(s for s in FakeIPRoute.sockets if s.groups)
+        assert sock.groups & (RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE)
+        sock.feed.put_nowait([default | {"proto": 0xD1}, default | {"table": 255}])
+        sock.feed.put_nowait([default])
+        assert await asyncio.wait_for(calls.get(), 5) == "routes"
+        sock.feed.put_nowait([default | {"event": "RTM_DELROUTE"}])
+        assert await asyncio.wait_for(calls.get(), 5) == "routes"
+        await asyncio.sleep(0.01)
+        assert calls.empty()  # the two that were not main's called nothing
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+        plain = AddressMonitor(lambda i: None, lambda i: None, lambda o, n: None)
+        FakeIPRoute.sockets = []
+        task = asyncio.create_task(plain.run())
+        while not [s for s in FakeIPRoute.sockets if s.groups]:
+            await asyncio.sleep(0.001)
+        sock = next(s for s in FakeIPRoute.sockets if s.groups)
+        assert not sock.groups & (RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(scenario())

@@ -300,3 +300,74 @@ def test_user_space_sends_a_steered_flow_from_its_own_locator() -> None:
     info = parse(out)
     assert (A(info.src), info.sport, A(info.dst), info.dport) == (ADDR2, 40000, PEER, 80)
     assert _l4_ok(out)
+
+
+# -- following the kernel's route (config follow_routes) -----------------------------
+
+
+def test_a_flow_without_a_rule_follows_the_preferred_source_once_verified() -> None:
+    tr, table, nft, hid = steered()
+    fresh = A("192.0.2.9")  # ours, the new default route's source, not verified yet
+    tr.local_added(fresh)
+    tr.set_preferred({PEER: fresh})
+    assert tr.take_effects().moves == {}  # the peer does not reach us there yet
+    assert tr.route_moves == 0
+    table.add_local(hid, fresh)  # ... now it does (IHMP verified it)
+    _moved(tr, fresh)
+    assert tr.route_moves == 1
+    assert tr.via_of(_entry(tr)) == fresh and _entry(tr).rule is None
+    assert f"wsrc4 {{ tcp . {LOCAL} . 40000 . {PEER} . 80 : {fresh} }}" in _text(nft)
+    tr.set_preferred({PEER: fresh})  # the same again: nothing new asked or counted
+    assert tr.take_effects().moves == {} and tr.route_moves == 1
+
+
+def test_a_route_back_to_the_flows_own_address_moves_it_back() -> None:
+    tr, _, _, _ = steered()
+    tr.set_preferred({PEER: ADDR2})
+    _moved(tr, ADDR2)
+    tr.set_preferred({PEER: LOCAL})
+    assert tr.take_effects().moves == {KEY: LOCAL}
+    assert tr.route_moves == 2
+
+
+def test_no_preference_leaves_a_followed_flow_where_it_is() -> None:
+    """The route's source went (only one address left: nothing to follow): the flow
+    stays on the address it followed while that works."""
+    tr, _, _, _ = steered()
+    tr.set_preferred({PEER: ADDR2})
+    _moved(tr, ADDR2)
+    tr.local_removed(LOCAL)
+    tr.set_preferred({})
+    assert tr.take_effects().moves == {}
+    assert tr.via_of(_entry(tr)) == ADDR2
+
+
+def test_a_policy_rule_wins_over_the_route() -> None:
+    tr, _, _, _ = steered(Policy((Rule(0, via=("m3",)),)))
+    _moved(tr, ADDR3)
+    tr.set_preferred({PEER: ADDR2})
+    assert tr.take_effects().moves == {}
+    assert tr.route_moves == 0
+
+
+def test_a_route_of_the_other_ip_version_is_not_followed() -> None:
+    tr, table, _, hid = steered()
+    v6 = A("2001:db8::9")
+    tr.local_added(v6)
+    table.add_local(hid, v6)
+    tr.set_preferred({PEER: v6})
+    assert tr.take_effects().moves == {}
+
+
+def test_a_handoff_that_already_put_the_flow_there_asks_nothing() -> None:
+    """Hard handoff: the flow's own address went; its host's translation sends it
+    from the new one, which is also the route's: no FLOW_MOVE for it."""
+    tr, table, _, hid = steered()
+    for gone in (LOCAL, ADDR3):
+        tr.local_removed(gone)
+        table.remove_local(hid, gone)  # as IHMP does with our address events
+    assert tr.via_of(_entry(tr)) == ADDR2
+    tr.take_effects()
+    tr.set_preferred({PEER: ADDR2})
+    assert tr.take_effects().moves == {}
+    assert tr.route_moves == 0
