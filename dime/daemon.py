@@ -74,7 +74,7 @@ class Daemon:
         self.config = config
         self.config_path = config_path
         #: Our FLOW_MOVEs in flight: (HID, sequence number) -> (the flow, our address).
-        self._moves: dict[tuple[int, int], tuple[FlowSpec, IPAddress]] = {}
+        self._moves: dict[tuple[int, int], tuple[list[FlowSpec], IPAddress]] = {}
         #: `dime move` requests waiting, per flow: set when its move ends either way.
         self._move_waiters: dict[FlowKey, list[asyncio.Event]] = {}
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -415,13 +415,14 @@ class Daemon:
 
     # -- per-flow moves ---------------------------------------------------------------
 
-    def _ask_move(self, hid: int, flow: FlowSpec, via: IPAddress) -> bool:
-        """StackTrans wants ``flow`` on our ``via``: ask the peer (FLOW_MOVE)."""
+    def _ask_move(self, hid: int, flows: list[FlowSpec], via: IPAddress) -> bool:
+        """StackTrans wants ``flows`` (of one host, up to MAX_FLOWS_PER_MOVE) on our
+        ``via``: ask the peer (one FLOW_MOVE)."""
         assert self.engine is not None
-        seq = self.engine.move_flow(hid, flow, via, self._now())
+        seq = self.engine.move_flows(hid, flows, via, self._now())
         if seq is None:
             return False
-        self._moves[(hid, seq)] = (flow, via)
+        self._moves[(hid, seq)] = (flows, via)
         self._pump_soon()
         return True
 
@@ -429,16 +430,21 @@ class Daemon:
         asked = self._moves.pop((event.hid, event.seq), None)
         if asked is None or self.service is None:
             return
-        flow, via = asked
-        key = FlowKey(flow.proto, flow.local, flow.lport, flow.remote, flow.rport)
-        if isinstance(event, ev.ExchangeCompleted):
-            log.info("IHMP FLOW_MOVE #%d (%s via %s) acknowledged", event.seq, key, via)
-            self.service.move_done(flow, via)
+        flows, via = asked
+        keys = [FlowKey(f.proto, f.local, f.lport, f.remote, f.rport) for f in flows]
+        what = str(keys[0]) if len(keys) == 1 else f"{len(keys)} flows"
+        done = isinstance(event, ev.ExchangeCompleted)
+        if done:
+            log.info("IHMP FLOW_MOVE #%d (%s via %s) acknowledged", event.seq, what, via)
         else:
-            log.warning("IHMP FLOW_MOVE #%d (%s via %s): no answer", event.seq, key, via)
-            self.service.move_failed(flow)
-        for waiter in self._move_waiters.pop(key, []):
-            waiter.set()
+            log.warning("IHMP FLOW_MOVE #%d (%s via %s): no answer", event.seq, what, via)
+        for flow, key in zip(flows, keys, strict=True):
+            if done:
+                self.service.move_done(flow, via)
+            else:
+                self.service.move_failed(flow)
+            for waiter in self._move_waiters.pop(key, []):
+                waiter.set()
 
     async def _move(self, request: dict[str, Any]) -> dict[str, Any]:
         """`dime move`: the flows it names to the address it names, once acknowledged."""

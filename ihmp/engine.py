@@ -41,7 +41,7 @@ from __future__ import annotations
 import contextlib
 import random
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from ipaddress import ip_interface
 from typing import Any
@@ -52,7 +52,7 @@ from ihmp import events as ev
 from ihmp.addr import IPAddress, IPInterface, addr_key, usable
 from ihmp.cookie import CookieJar
 from ihmp.events import DropReason, RejectReason
-from ihmp.flows import KNOCK_MAGIC, FlowSpec
+from ihmp.flows import KNOCK_MAGIC, MAX_FLOWS_PER_MOVE, FlowSpec
 from ihmp.hosts import FlowOrigin, HidState, HidTable, HidTableError, HostEntry, HostSnapshot
 from ihmp.keys import LocalKeys, TrustStore
 from ihmp.natproof import NatProofs
@@ -157,7 +157,7 @@ class Counters:
     registrations_sent: int = 0  # REGISTERs to rendezvous points, retransmissions included
     relays_sent: int = 0  # our messages sent through a rendezvous point
     relayed_received: int = 0  # peers' messages a rendezvous point forwarded, taken in
-    flow_moves_sent: int = 0  # FLOW_MOVEs of ours (one per flow moved), not retransmissions
+    flow_moves_sent: int = 0  # FLOW_MOVEs of ours (up to 16 flows each), not retransmissions
     flow_moves_received: int = 0  # peers' FLOW_MOVEs applied
 
 
@@ -605,14 +605,19 @@ class IhmpEngine:
 
     # == per-flow moves (a multihomed host's locator policy) ===========================
 
-    def move_flow(self, hid: int, flow: FlowSpec, via: IPAddress, now: float) -> int | None:
-        """Ask peer ``hid`` to send ``flow`` (as our socket sees it) to our address
-        ``via``: a FLOW_MOVE from ``via``, retransmitted until ACKed. Returns its
-        sequence number (an :class:`~ihmp.events.ExchangeCompleted` or
-        :class:`~ihmp.events.ExchangeFailed` of that number ends it), or None when the
-        peer cannot be asked: gone, not established, nowhere to send to in ``via``'s
-        family, ``via`` is no address of ours the peer has verified (it would refuse
-        the move: it never challenges for one), or we reach it through a NAT."""
+    def move_flows(
+        self, hid: int, flows: Sequence[FlowSpec], via: IPAddress, now: float
+    ) -> int | None:
+        """Ask peer ``hid`` to send ``flows`` (1 to :data:`MAX_FLOWS_PER_MOVE`, as our
+        sockets see them) to our address ``via``: one FLOW_MOVE from ``via``,
+        retransmitted until ACKed. Returns its sequence number (an
+        :class:`~ihmp.events.ExchangeCompleted` or :class:`~ihmp.events.ExchangeFailed`
+        of that number ends it), or None when the peer cannot be asked: gone, not
+        established, nowhere to send to in ``via``'s family, ``via`` is no address of
+        ours the peer has verified (it would refuse the move: it never challenges for
+        one), or we reach it through a NAT. ValueError for no flow or too many."""
+        if not 0 < len(flows) <= MAX_FLOWS_PER_MOVE:
+            raise ValueError(f"a FLOW_MOVE moves 1 to {MAX_FLOWS_PER_MOVE} flows, not {len(flows)}")
         if hid not in self.table:
             return None
         entry = self.table.get(hid)
@@ -625,7 +630,12 @@ class IhmpEngine:
             # by knocks, after a handoff, not one by one.)
             return None
         msg = self._message(
-            peer, T.FLOW_MOVE, host_id=self._host_id(entry), new_addr=via, flow=flow
+            peer,
+            T.FLOW_MOVE,
+            host_id=self._host_id(entry),
+            new_addr=via,
+            flow=flows[0],
+            more_flows=tuple(flows[1:]),
         )
         self._send(hid, msg, via, remote, now, track=True)
         self.counters.flow_moves_sent += 1
@@ -634,7 +644,7 @@ class IhmpEngine:
     def _on_flow_move(
         self, msg: Message, entry: HostEntry, src: IPAddress, dst: IPAddress, port: int | None
     ) -> None:
-        """The peer moves one of its flows to another of its addresses. Only to one we
+        """The peer moves some of its flows to another of its addresses. Only to one we
         verified: the signature says the host asks, the challenge that made the
         address active says the host is there. Anything else is refused."""
         assert msg.new_addr is not None and msg.flow is not None
@@ -644,7 +654,8 @@ class IhmpEngine:
                 f"FLOW_MOVE to {msg.new_addr}: not a verified address of HID {entry.hid}",
             )
         self.counters.flow_moves_received += 1
-        self._events.append(ev.FlowMoveReceived(entry.hid, msg.flow, msg.new_addr))
+        for flow in (msg.flow, *msg.more_flows):
+            self._events.append(ev.FlowMoveReceived(entry.hid, flow, msg.new_addr))
         self._ack_applied(entry.hid, msg, src, dst, port, nat=False, applied=True)
 
     # == IHMP-aware NATs ================================================================

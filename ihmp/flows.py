@@ -14,6 +14,10 @@ from ihmp.addr import IPAddress
 __all__ = ["KNOCK_MAGIC", "FlowSpec", "NatMapping"]
 
 
+#: Flows one FLOW_MOVE exchange moves (its FLOW and MORE_FLOWS fields).
+MAX_FLOWS_PER_MOVE = 16
+
+
 @dataclass(frozen=True)
 class FlowSpec:
     """A flow as the sender of a FLOW_BIND sees it: its own (local) end and the

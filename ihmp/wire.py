@@ -18,7 +18,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from ihmp.addr import IPAddress
-from ihmp.flows import FlowSpec, NatMapping
+from ihmp.flows import MAX_FLOWS_PER_MOVE, FlowSpec, NatMapping
 
 VERSION = 1
 DEFAULT_PORT = 4731
@@ -30,6 +30,7 @@ MAX_ADDRESSES = 32  # per address list; keeps a message well under 1280 bytes
 MAX_PAYLOAD = 1024  # a relayed message: larger ones are never sent
 FIELD_HEAD = struct.Struct("!BH")  # tag, length
 NONCE_LEN = 8  # a path challenge's nonce: unpredictable, echoed by the answer
+MAX_MORE_FLOWS = MAX_FLOWS_PER_MOVE - 1  # FLOW_MOVE: one flow in FLOW, these in MORE_FLOWS
 COOKIE_LEN = 8  # a HELLO cookie: proves the HELLO's sender receives at its source
 
 
@@ -92,6 +93,7 @@ class Tag(enum.IntEnum):
     TARGET = 11  # 32 bytes: the raw Ed25519 key of the host a RELAY is for
     ORIGIN = 12  # port (2 bytes) and address: where a RELAY came from, as seen
     PAYLOAD = 13  # a whole IHMP message, carried end to end (RELAY, RELAYED)
+    MORE_FLOWS = 14  # FLOW values back to back: FLOW_MOVE's further flows (at most 15)
 
 
 class WireError(ValueError):
@@ -119,6 +121,7 @@ class Message:
     public_key: bytes | None = None
     nat_mapping: NatMapping | None = None
     flow: FlowSpec | None = None
+    more_flows: tuple[FlowSpec, ...] = ()
     nonce: bytes | None = None
     cookie: bytes | None = None
     target: bytes | None = None
@@ -151,6 +154,7 @@ _OPTIONAL: dict[MessageType, frozenset[Tag]] = {
         {Tag.ADVERTISED, Tag.SRC_ADDR, Tag.OBSERVED_ADDR, Tag.PUBLIC_KEY, Tag.NONCE, Tag.COOKIE}
     ),
     MessageType.NAT_ENTRY: frozenset({Tag.PUBLIC_KEY}),  # the NAT's own key
+    MessageType.FLOW_MOVE: frozenset({Tag.MORE_FLOWS}),  # one exchange moves up to 16
 }
 # Flags other than NS and SIG are only meaningful on some types.
 _TYPE_FLAGS: dict[Flags, frozenset[MessageType]] = {
@@ -245,14 +249,39 @@ def _decode_flow(value: bytes) -> FlowSpec:
 
 
 def _decode_nat(value: bytes) -> NatMapping:
-    if len(value) < _NAT_HEAD.size:
-        raise WireError("truncated", "NAT_MAPPING too short")
-    proto, iport, eport = _NAT_HEAD.unpack_from(value, 0)
-    internal, pos = _decode_address(value, _NAT_HEAD.size, len(value))
-    external, pos = _decode_address(value, pos, len(value))
+    mapping, pos = _decode_nat_at(value, 0)
     if pos != len(value):
         raise WireError("field", "NAT_MAPPING holds trailing bytes")
-    return NatMapping(proto, internal, iport, external, eport)
+    return mapping
+
+
+def _decode_nat_at(value: bytes, pos: int) -> tuple[NatMapping, int]:
+    """The two-ends layout at ``pos``; and where it ends."""
+    if len(value) - pos < _NAT_HEAD.size:
+        raise WireError("truncated", "NAT_MAPPING too short")
+    proto, iport, eport = _NAT_HEAD.unpack_from(value, pos)
+    internal, pos = _decode_address(value, pos + _NAT_HEAD.size, len(value))
+    external, pos = _decode_address(value, pos, len(value))
+    return NatMapping(proto, internal, iport, external, eport), pos
+
+
+def _encode_more_flows(flows: tuple[FlowSpec, ...]) -> bytes:
+    if len(flows) > MAX_MORE_FLOWS:
+        raise WireError("field", f"MORE_FLOWS holds {len(flows)} flows (at most {MAX_MORE_FLOWS})")
+    return b"".join(_encode_flow(f) for f in flows)
+
+
+def _decode_more_flows(value: bytes) -> tuple[FlowSpec, ...]:
+    flows: list[FlowSpec] = []
+    pos = 0
+    while pos < len(value):
+        if len(flows) == MAX_MORE_FLOWS:
+            raise WireError("field", f"MORE_FLOWS holds more than {MAX_MORE_FLOWS} flows")
+        m, pos = _decode_nat_at(value, pos)
+        flows.append(FlowSpec(m.proto, m.internal, m.internal_port, m.external, m.external_port))
+    if not flows:
+        raise WireError("field", "MORE_FLOWS is empty")
+    return tuple(flows)
 
 
 # -- fields ----------------------------------------------------------------------------
@@ -279,6 +308,8 @@ def _fields_of(msg: Message) -> dict[Tag, bytes]:
         fields[Tag.NAT_MAPPING] = _encode_nat(msg.nat_mapping)
     if msg.flow is not None:
         fields[Tag.FLOW] = _encode_flow(msg.flow)
+    if msg.more_flows:
+        fields[Tag.MORE_FLOWS] = _encode_more_flows(msg.more_flows)
     for tag, value in ((Tag.NONCE, msg.nonce), (Tag.COOKIE, msg.cookie), (Tag.TARGET, msg.target)):
         if value is not None:
             fields[tag] = _check_opaque(tag, value)
@@ -363,6 +394,8 @@ def _apply_field(values: dict[str, object], tag: Tag, value: bytes) -> None:
         values["nat_mapping"] = _decode_nat(value)
     elif tag is Tag.FLOW:
         values["flow"] = _decode_flow(value)
+    elif tag is Tag.MORE_FLOWS:
+        values["more_flows"] = _decode_more_flows(value)
     elif tag is Tag.ORIGIN:
         values["origin"] = _decode_origin(value)
     elif tag is Tag.PAYLOAD:
@@ -484,6 +517,7 @@ _TAG_OF = {
     "target": Tag.TARGET,
     "origin": Tag.ORIGIN,
     "payload": Tag.PAYLOAD,
+    "more_flows": Tag.MORE_FLOWS,
 }
 _NAME_OF = {tag: name for name, tag in _TAG_OF.items()}
 

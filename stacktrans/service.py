@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from ihmp.addr import IPAddress
-from ihmp.flows import FlowSpec
+from ihmp.flows import MAX_FLOWS_PER_MOVE, FlowSpec
 from ihmp.hosts import ChangeKind, HostChanged, HostSnapshot
 from stacktrans import nflog, residue
 from stacktrans.carry import Carrier
@@ -206,10 +206,11 @@ class StackTrans:
         self._hid_for = hid_for
         #: Called with each knock that comes in (set by the daemon before start).
         self.on_knock: OnKnock | None = None
-        #: ``on_move(hid, flow, via)``: ask the peer to send ``flow`` (as our socket
-        #: sees it) to our ``via`` (IHMP FLOW_MOVE); True if asked. The answer comes
-        #: back as :meth:`move_done` or :meth:`move_failed`. Set by the daemon.
-        self.on_move: Callable[[int, FlowSpec, IPAddress], bool] | None = None
+        #: ``on_move(hid, flows, via)``: ask the peer to send ``flows`` (as our sockets
+        #: see them; at most MAX_FLOWS_PER_MOVE) to our ``via`` (one IHMP FLOW_MOVE); True if
+        #: asked. The answer comes back, per flow, as :meth:`move_done` or
+        #: :meth:`move_failed`. Set by the daemon.
+        self.on_move: Callable[[int, list[FlowSpec], IPAddress], bool] | None = None
         #: Routing by source address and policy selectors: only once a policy or a
         #: move asks for it (without, routing is the host's own, as it always was).
         self.links: LinkRoutes | None = None
@@ -625,16 +626,28 @@ class StackTrans:
         return True
 
     def _ask_moves(self, moves: dict[FlowKey, IPAddress]) -> None:
+        """Ask the peers: one request per host and address for up to
+        :data:`MAX_FLOWS_PER_MOVE` flows (one FLOW_MOVE exchange each)."""
         assert self.dataplane is not None
+        batches: dict[tuple[int, IPAddress], list[FlowKey]] = {}
         for key, via in moves.items():
             entry = self.dataplane.sockets.get(key)
-            if entry is None or self.on_move is None:
-                continue
-            spec = FlowSpec(key.proto, key.local, key.lport, key.remote, key.rport)
-            if self.on_move(entry.hid, spec, via):
-                self.dataplane.move_started(key, via)
-            else:
-                log.info("flow %s: the peer cannot be asked to send to %s", key, via)
+            if entry is not None and self.on_move is not None:
+                batches.setdefault((entry.hid, via), []).append(key)
+        for (hid, via), keys in batches.items():
+            for i in range(0, len(keys), MAX_FLOWS_PER_MOVE):
+                batch = keys[i : i + MAX_FLOWS_PER_MOVE]
+                assert self.on_move is not None
+                if self.on_move(hid, [_spec(k) for k in batch], via):
+                    for key in batch:
+                        self.dataplane.move_started(key, via)
+                else:
+                    log.info(
+                        "%d flows of HID %d: the peer cannot be asked to send to %s",
+                        len(batch),
+                        hid,
+                        via,
+                    )
 
     def flush(self) -> None:
         """Put every rewrite decided so far into the kernel now (one batch)."""
@@ -1008,6 +1021,10 @@ class StackTrans:
                 self.clock(), self.config.udp_idle
             ):
                 self._follow_up()
+
+
+def _spec(key: FlowKey) -> FlowSpec:
+    return FlowSpec(key.proto, key.local, key.lport, key.remote, key.rport)
 
 
 def _key(flow: FlowSpec) -> FlowKey:

@@ -214,6 +214,11 @@ def flow_of(status: dict[str, Any], port: int) -> dict[str, Any]:
     return flows[0]
 
 
+def _both_at(status: dict[str, Any], end: str, addr: str) -> bool:
+    """Both test flows (ports 5001 and 5002) have ``end`` ("via", "to") at ``addr``."""
+    return all(flow_of(status, port)[end] == addr for port in (5001, 5002))
+
+
 def _ports(flow: dict[str, Any]) -> set[int]:
     return {int(str(flow[end]).rpartition(":")[2]) for end in ("local", "remote")}
 
@@ -225,22 +230,30 @@ def test_soft_handoff_follows_the_new_default_route(
     tmp_path: Path, plan: Plan, sender: str
 ) -> None:
     """Make-before-break (config follow_routes, on by default): the MH's new address
-    comes with a new default route, and the running flow moves to it (FLOW_MOVE)
-    while the old address still works. When the old one goes, nothing is sent to it
-    any more: no data or ACK in flight is lost there, so neither end is prompted."""
+    comes with a new default route, and the running flows move to it (one FLOW_MOVE
+    for both) while the old address still works. When the old one goes, nothing is
+    sent to it any more: no data or ACK in flight is lost there, so neither end is
+    prompted."""
     with bed(tmp_path, plan, "e2er") as b:
         p = b.plan
         nbytes = 12_000_000  # ~5 s at 20 Mbit/s
         server, client = bulk_through_bottleneck(b, sender, nbytes)
+        # A second, paced flow the same way: both move in one FLOW_MOVE (MORE_FLOWS).
+        sending, receiving = (b.fig.mh, b.fig.ch) if sender == "mh" else (b.fig.ch, b.fig.mh)
+        to = p.c1.host if sender == "mh" else p.m1.host
+        paced = tcp(sending, receiving, to, 2_000_000, rate=2, port=5002)
+        b.daemons["mh"].wait_status(lambda s: len(s["sockets"]) == 2)
         b.fig.attach(b.fig.mh, "m2", p.m2)  # address, then `ip route replace default`
-        mh = b.daemons["mh"].wait_status(lambda s: flow_of(s, 5001)["via"] == p.m2.host)
-        ch = b.daemons["ch"].wait_status(lambda s: flow_of(s, 5001)["to"] == p.m2.host)
+        mh = b.daemons["mh"].wait_status(lambda s: _both_at(s, "via", p.m2.host))
+        ch = b.daemons["ch"].wait_status(lambda s: _both_at(s, "to", p.m2.host))
         assert client.poll() is None and server.poll() is None, "over before the move"
-        assert mh["counters"]["flows_moved_to_route"] == 1, b.logs()
+        assert mh["counters"]["flows_moved_to_route"] == 2, b.logs()
         assert flow_of(mh, 5001)["rule"] is None
+        assert mh["counters"]["flow_moves_sent"] == 1, b.logs()
         assert ch["counters"]["flow_moves_received"] == 1, b.logs()
         b.fig.detach(b.fig.mh, "m1", p.m1)
         check(b, server, client, nbytes)
+        check(b, *paced, 2_000_000)
         for d in b.daemons.values():
             counters = d.status()["counters"]
             assert counters["tcp_flows_prompted"] == 0, b.logs()

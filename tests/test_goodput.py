@@ -225,12 +225,37 @@ def _doc(paths: dict[str, Any]) -> dict[str, Any]:
 def test_report_has_every_path_and_says_what_dime_misses() -> None:
     doc = _doc(summarize_paths(_runs(), FULL))
     text = goodput.report(doc, Path("/tmp"), Path("/tmp"))
-    assert "| system | handoff | median | p90 | max | recovered | goal | paper |" in text
+    head = "| system | handoff | median | p90 | max | recovered | no handoff | goal | paper |"
+    assert head in text
     for p in PATHS:
         assert f"| {p.key} | " in text
     misses = next(line for line in text.splitlines() if line.startswith("**dime misses (all"))
     assert "v6 CH->MH: dime gap max <= 116 ms (hard)" in misses
     assert "v4 MH->CH" not in misses
+
+
+def test_a_soft_gap_is_judged_beside_the_no_handoff_runs_dip_at_that_instant() -> None:
+    """The soft handoff's reference (10 s) falls where BBR probes anyway: a 0.6 s
+    soft gap over a 0.58 s dip of the no-handoff run adds 20 ms (met); over none (0),
+    0.6 s (missed). A hard handoff is not judged so ("-")."""
+    runs = [r for r in _runs() if r["data_path"] == MAIN.key]
+    for r in runs:
+        if r["system"] == "dime" and r["handoff"] == "soft":
+            r["gap_s"] = 0.6
+    for dip, met in ((0.58, True), (0.0, False)):
+        for r in runs:
+            if r["handoff"] == "none":
+                r["dip_s"] = dip
+        main = summarize_paths(runs, FULL)[MAIN.key]
+        soft, hard = main["comparisons"]["soft"], main["comparisons"]["hard"]
+        assert soft["dime_gap_median_ok"] is False
+        assert soft["dime_gap_beyond_none_ok"] is met
+        assert hard["dime_gap_beyond_none_ok"] is None
+        text = goodput.report(_doc({MAIN.key: main}), Path("/tmp"), Path("/tmp"))
+        row = next(line for line in text.splitlines() if line.startswith("| dime | soft | 600"))
+        assert f"| {'580 ms' if dip else '0 ms'} |" in row, row
+        beyond = next(line for line in text.splitlines() if "beyond its no-handoff" in line)
+        assert beyond.endswith(f"| {'yes' if met else '**no**'} | - |"), beyond
 
 
 def test_report_reads_results_from_before_paths() -> None:

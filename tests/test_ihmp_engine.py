@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from ihmp import events as ev
 from ihmp.engine import MAX_LOCAL_RETRIES, Datagram, EngineConfig, seq_newer
 from ihmp.events import RejectReason
-from ihmp.flows import KNOCK_MAGIC, FlowSpec, NatMapping
+from ihmp.flows import KNOCK_MAGIC, MAX_FLOWS_PER_MOVE, FlowSpec, NatMapping
 from ihmp.hosts import HidState
 from ihmp.keys import TrustStore
 from ihmp.natagent import NatAgent
@@ -1290,7 +1290,7 @@ def test_flow_move_to_a_verified_address_is_applied_then_acked() -> None:
     a, b = multihomed(net)
     hid = a.entry_for(B1).hid
     since = net.now
-    seq = a.engine.move_flow(hid, MOVED, A(A2), net.now)
+    seq = a.engine.move_flows(hid, [MOVED], A(A2), net.now)
     assert seq is not None
     net.run(1)
     assert net.types_sent(since=since) == [T.FLOW_MOVE, T.ACK]
@@ -1305,12 +1305,34 @@ def test_flow_move_to_a_verified_address_is_applied_then_acked() -> None:
     assert b.engine.counters.flow_moves_received == 1
 
 
+def test_one_flow_move_moves_up_to_sixteen_flows_with_one_ack() -> None:
+    net = Net()
+    a, b = multihomed(net)
+    hid = a.entry_for(B1).hid
+    flows = [replace(MOVED, lport=40312 + i) for i in range(MAX_FLOWS_PER_MOVE)]
+    since = net.now
+    seq = a.engine.move_flows(hid, flows, A(A2), net.now)
+    net.run(1)
+    assert net.types_sent(since=since) == [T.FLOW_MOVE, T.ACK]
+    assert len(decode(net.log[-2].datagram.data).more_flows) == MAX_FLOWS_PER_MOVE - 1
+    peer_hid = b.entry_for(A1).hid
+    assert b.events_of(ev.FlowMoveReceived) == [
+        ev.FlowMoveReceived(peer_hid, f, A(A2)) for f in flows
+    ]
+    assert [e.seq for e in a.events_of(ev.ExchangeCompleted) if e.type is T.FLOW_MOVE] == [seq]
+    assert b.engine.counters.flow_moves_received == 1
+    with pytest.raises(ValueError, match="1 to 16 flows"):
+        a.engine.move_flows(hid, [*flows, replace(MOVED, lport=1)], A(A2), net.now)
+    with pytest.raises(ValueError, match="1 to 16 flows"):
+        a.engine.move_flows(hid, [], A(A2), net.now)
+
+
 def test_flow_move_is_not_sent_for_an_address_the_peer_has_not_verified() -> None:
     net = Net()
     a, _ = established(net)
     hid = a.entry_for(B1).hid
-    assert a.engine.move_flow(hid, MOVED, A(A2), net.now) is None  # not ours
-    assert a.engine.move_flow(hid + 99, MOVED, A(A1), net.now) is None  # no such peer
+    assert a.engine.move_flows(hid, [MOVED], A(A2), net.now) is None  # not ours
+    assert a.engine.move_flows(hid + 99, [MOVED], A(A1), net.now) is None  # no such peer
     assert a.engine.datagrams_to_send(net.now) == []
 
 
@@ -1347,7 +1369,7 @@ def test_a_lost_flow_move_is_sent_again_until_acked() -> None:
 
     net.drop = drop_first
     since = net.now
-    seq = a.engine.move_flow(a.entry_for(B1).hid, MOVED, A(A2), net.now)
+    seq = a.engine.move_flows(a.entry_for(B1).hid, [MOVED], A(A2), net.now)
     net.run(5)
     assert net.types_sent(since=since) == [T.FLOW_MOVE, T.FLOW_MOVE, T.ACK]
     assert [e.seq for e in a.events_of(ev.ExchangeCompleted) if e.type is T.FLOW_MOVE] == [seq]

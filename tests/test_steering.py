@@ -14,6 +14,7 @@ from stacktrans.dataplane import Dataplane
 from stacktrans.nft import _via_elements
 from stacktrans.packet import parse
 from stacktrans.policy import Policy, Rule
+from stacktrans.service import DataplaneConfig, StackTrans
 from stacktrans.socket_table import TCP, FlowKey, SocketEntry
 from stacktrans.userspace import UserspacePath
 from tests.test_dataplane import LOCAL, PEER, PEER2, FakeNft, dataplane
@@ -371,3 +372,19 @@ def test_a_handoff_that_already_put_the_flow_there_asks_nothing() -> None:
     tr.set_preferred({PEER: ADDR2})
     assert tr.take_effects().moves == {}
     assert tr.route_moves == 0
+
+
+def test_moves_of_one_host_to_one_address_are_asked_sixteen_flows_at_a_time() -> None:
+    """One FLOW_MOVE exchange per 16 flows of a host (MORE_FLOWS), not one per flow."""
+    tr, _, _, hid = steered()
+    keys = [KEY] + [FlowKey(TCP, LOCAL, 40001 + i, PEER, 80) for i in range(19)]
+    for key in keys[1:]:
+        assert tr.flow_seen(key, now=0.0) is not None
+    service = StackTrans(DataplaneConfig(), clock=lambda: 0.0, hid_for=lambda *a: None)
+    service.dataplane = tr
+    asked: list[tuple[int, list[FlowSpec], object]] = []
+    service.on_move = lambda h, flows, via: asked.append((h, flows, via)) is None
+    service._ask_moves({key: ADDR2 for key in keys})
+    assert [(h, len(flows), via) for h, flows, via in asked] == [(hid, 16, ADDR2), (hid, 4, ADDR2)]
+    assert [f.lport for _, flows, _ in asked for f in flows] == [k.lport for k in keys]
+    assert all(not tr.is_at(k, ADDR2) for k in keys)  # asked: in flight until ACKed

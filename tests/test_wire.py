@@ -71,6 +71,7 @@ VALID = [v for v in VECTORS if "error" not in v]
 INVALID = [v for v in VECTORS if "error" in v]
 
 _MESSAGE_KEYS = {
+    "more_flows",
     "type",
     "seq",
     "host_id",
@@ -117,6 +118,16 @@ def _hex(value: str | None) -> bytes | None:
     return None if value is None else bytes.fromhex(value)
 
 
+def _flow(spec: dict[str, Any]) -> FlowSpec:
+    return FlowSpec(
+        proto=spec["proto"],
+        local=ip_address(spec["local"]),
+        lport=spec["lport"],
+        remote=ip_address(spec["remote"]),
+        rport=spec["rport"],
+    )
+
+
 def message_from_json(obj: dict[str, Any]) -> Message:
     """The Message a vector's ``message`` object describes."""
     unknown = set(obj) - _MESSAGE_KEYS
@@ -136,15 +147,7 @@ def message_from_json(obj: dict[str, Any]) -> Message:
             external_port=nat["external_port"],
         )
     spec = obj.get("flow")
-    flow = None
-    if spec is not None:
-        flow = FlowSpec(
-            proto=spec["proto"],
-            local=ip_address(spec["local"]),
-            lport=spec["lport"],
-            remote=ip_address(spec["remote"]),
-            rport=spec["rport"],
-        )
+    flow = None if spec is None else _flow(spec)
     origin = None
     if obj.get("origin") is not None:
         assert set(obj["origin"]) == {"addr", "port"}, obj["origin"]
@@ -165,6 +168,7 @@ def message_from_json(obj: dict[str, Any]) -> Message:
         public_key=_hex(obj.get("public_key")),
         nat_mapping=mapping,
         flow=flow,
+        more_flows=tuple(_flow(f) for f in obj.get("more_flows", [])),
         nonce=_hex(obj.get("nonce")),
         cookie=_hex(obj.get("cookie")),
         target=_hex(obj.get("target")),
@@ -954,3 +958,38 @@ def test_payload_is_opaque_to_the_decoder() -> None:
     for payload in (b"\x00", b"not an IHMP message", EVENT[:-1], EVENT + b"\x00"):
         msg = _relay(payload=payload)
         assert decode(encode(msg)) == msg
+
+
+def test_more_flows_holds_at_most_fifteen_flows_both_ways() -> None:
+    flow = FlowSpec(6, ip_address("198.51.100.20"), 40000, ip_address("192.0.2.1"), 22)
+    more = tuple(FlowSpec(6, flow.local, 40001 + i, flow.remote, 22) for i in range(16))
+    msg = Message(
+        MessageType.FLOW_MOVE,
+        1,
+        flow.local,
+        new_addr=ip_address("203.0.113.20"),
+        flow=flow,
+        more_flows=more[:15],
+    )
+    assert decode(encode(msg)).more_flows == more[:15]
+    with pytest.raises(WireError, match="at most 15"):
+        encode(replace(msg, more_flows=more))
+    # Sixteen written by hand (one more FLOW value in the field) are refused.
+    data = bytearray(encode(msg))
+    extra = encode(replace(msg, flow=more[15], more_flows=()))
+    value = extra[_field_at(extra, 10) + 3 :][:15]  # the 16th flow: an IPv4 FLOW value
+    at = _field_at(bytes(data), 14)
+    length = int.from_bytes(data[at + 1 : at + 3], "big")
+    data[at + 1 : at + 3] = (length + len(value)).to_bytes(2, "big")
+    data[at + 3 + length : at + 3 + length] = value
+    data[6:8] = (int.from_bytes(data[6:8], "big") + len(value)).to_bytes(2, "big")
+    with pytest.raises(WireError, match="more than 15 flows"):
+        decode(bytes(data))
+
+
+def _field_at(data: bytes, tag: int) -> int:
+    """Offset of body field ``tag`` in an unsigned message (walked, not searched)."""
+    pos = 16 + (5 if data[16] == 4 else 17)  # header, Host ID
+    while data[pos] != tag:
+        pos += 3 + int.from_bytes(data[pos + 1 : pos + 3], "big")
+    return pos
