@@ -129,8 +129,10 @@ class Dataplane:
         #: (config ``follow_routes``; :meth:`set_preferred`): flows without a rule
         #: follow it, make-before-break.
         self.preferred: dict[IPAddress, IPAddress] = {}
-        #: Moves asked because the route changed (not a rule, not the user).
+        #: Moves asked because the route changed (not a rule, not the user), and the
+        #: flows whose wanted move (if asked) is one.
         self.route_moves = 0
+        self._routed_moves: set[FlowKey] = set()
         #: Per HID carrying flows across IP versions: what the kernel was told
         #: (:meth:`KernelMaps.set_cross`): the pairs, and (HID, flow, locator) inbound.
         self._cross: dict[int, tuple[set[tuple[IPAddress, IPAddress]], set[Any]]] = {}
@@ -358,6 +360,7 @@ class Dataplane:
             self.sockets.remove(e.key)
             self._manual.pop(e.key, None)
             self._moving.pop(e.key, None)
+            self._routed_moves.discard(e.key)
         self.kernel.remove_flows(entries)
         for hid in {e.hid for e in entries}:
             self._refresh(hid)
@@ -487,7 +490,12 @@ class Dataplane:
         return tr.remote.get(entry.key.remote, entry.key.remote) if tr else entry.key.remote
 
     def move_started(self, key: FlowKey, via: IPAddress) -> None:
+        """The peer was asked to send ``key`` to our ``via`` (counted once asked: a
+        move that cannot be asked, e.g. from behind a NAT, is wanted again later)."""
         self._moving[key] = via
+        if key in self._routed_moves:
+            self._routed_moves.discard(key)
+            self.route_moves += 1
 
     def move_done(self, key: FlowKey, via: IPAddress) -> None:
         """The peer acknowledged that it sends ``key`` to our ``via``: so do we now."""
@@ -542,6 +550,7 @@ class Dataplane:
         for e in entries:
             if e.via is not None and e.via not in self.local_addresses:
                 self._set_via(e, None)
+            self._routed_moves.discard(e.key)  # _target says again whose wish it is
             target = self._target(e)
             if target is None or self._moving.get(e.key) == target:
                 continue
@@ -585,9 +594,8 @@ class Dataplane:
         want = self.preferred.get(self.remote_of(e))
         if want is None or want not in working or want.version != e.key.local.version:
             return None
-        asked = self._moving.get(e.key) == want or self._effects.moves.get(e.key) == want
-        if want != self.via_of(e) and not asked:
-            self.route_moves += 1
+        if want != self.via_of(e):
+            self._routed_moves.add(e.key)
         return want
 
     def _set_via(self, entry: SocketEntry, via: IPAddress | None) -> None:

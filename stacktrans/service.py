@@ -477,11 +477,11 @@ class StackTrans:
             return
         find = self.kernel_flows.preferred
         peers: list[IPAddress] = []
-        if self.config.follow_routes and find is not None:
-            versions = [a.version for a in dp.local_addresses]
-            peers = sorted(
-                (r for r in dp.remote_locators() if versions.count(r.version) > 1), key=str
-            )
+        versions = [a.version for a in dp.local_addresses]
+        choice = {v for v in versions if versions.count(v) > 1}
+        if self.config.follow_routes and find is not None and choice:
+            # (Walks every flow: only on a host that has a choice.)
+            peers = sorted((r for r in dp.remote_locators() if r.version in choice), key=str)
         try:
             dp.set_preferred(find(peers) if find is not None and peers else {})
         except OSError as exc:

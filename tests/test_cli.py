@@ -13,14 +13,17 @@ import os
 import re
 import stat
 import subprocess
+import sys
 import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
 from click.testing import CliRunner, Result
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from dime import cli, control, keystore
+from dime import cli, commands, control, keystore
 from testbed.runner import dime_executable
 
 DIME = dime_executable()  # this environment's dime (its venv), else the one on PATH
@@ -38,7 +41,7 @@ def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def invoke(*args: str) -> Result:
-    return CliRunner().invoke(cli.main, list(args), catch_exceptions=False)
+    return CliRunner().invoke(commands.main, list(args), catch_exceptions=False)
 
 
 def one_line(text: str) -> str:
@@ -161,6 +164,103 @@ def test_up_subprocess_with_an_unknown_key_fails_at_config_validation(tmp_path: 
     assert proc.returncode == 2
     assert proc.stdout == ""
     assert one_line(proc.stderr).startswith("dime: config: not_a_key: unknown key")
+
+
+# -- dime up without click ----------------------------------------------------------------
+
+UP_TOKENS = (
+    "--config", "x.toml", "--config=x.toml", "--config=", "--dataplane", "nft", "auto",
+    "nfqueue", "ebpf", "--dataplane=nfqueue", "--port", "4731", "0", "65535", "65536",
+    "080", "+80", "--port=99", "--strict", "--strict=1", "-v", "-vv", "--verbose", "-h",
+    "--help", "--", "-x", "--conf", "", "up", "v-", "-vh",
+)  # fmt: skip
+
+
+@given(st.lists(st.sampled_from(UP_TOKENS), max_size=7))
+@settings(max_examples=400, deadline=None)
+def test_up_options_read_only_what_click_reads_the_same(args: list[str]) -> None:
+    """What ``dime up`` reads without click, click reads too, to the same values."""
+    options = cli.up_options(args)
+    if options is not None:
+        assert commands.up.make_context("up", list(args)).params == options, args
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        [],
+        ["-v"],
+        ["-vv", "--verbose"],
+        ["--dataplane", "nft"],
+        ["--dataplane=nfqueue", "--port=4731", "--strict"],
+        ["--config", "/etc/dime/dime.toml", "--port", "080", "-v"],
+    ],
+)
+def test_plain_up_options_are_read_without_click(args: list[str]) -> None:
+    assert cli.up_options(args) == commands.up.make_context("up", list(args)).params
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--help"],
+        ["-h"],
+        ["--port", "0"],
+        ["--port", "+80"],
+        ["--dataplane", "ebpf"],
+        ["--config"],
+        ["--strict", "--strict"],
+        ["--port", "1", "--port", "2"],
+        ["extra"],
+        ["--conf", "x"],
+        ["-vh"],
+    ],
+)
+def test_other_up_options_are_left_to_click(args: list[str]) -> None:
+    assert cli.up_options(args) is None
+
+
+def test_dime_up_runs_the_daemon_without_loading_click() -> None:
+    """The dime program: ``dime up`` with its options, as click would read them, and
+    neither click nor dime.commands resident in the daemon. (The daemon is a stub;
+    should the real one be reached, it stops at the control socket, before the
+    kernel.)"""
+    code = (
+        "import logging, sys\n"
+        "sys.argv = ['/usr/bin/dime', 'up', '-vv', '--port', '4000', '--dataplane=nft',"
+        " '--strict', '--config', '/dev/null']\n"
+        "import dime.cli, dime.control, dime.daemon\n"
+        "def refuse(*args, **kwargs):\n"
+        "    raise SystemExit('the real daemon was reached')\n"
+        "dime.control.bind = dime.daemon.previous_run = refuse\n"
+        "class Daemon:\n"
+        "    def __init__(self, cfg, path):\n"
+        "        print(cfg.port, cfg.dataplane, cfg.strict, path, logging.getLogger().level)\n"
+        "    async def run(self):\n"
+        "        print(sorted(m for m in ('click', 'dime.commands') if m in sys.modules))\n"
+        "dime.daemon.Daemon = Daemon\n"
+        "dime.cli.main()\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert proc.stdout.split("\n")[:2] == ["4000 nft True /dev/null 10", "[]"], proc.stderr
+
+
+def test_dime_up_that_click_reads_answers_as_before(tmp_path: Path) -> None:
+    """The real entry point: help and a bad option are click's, as before. (With a
+    bad config too: were the option taken, the config would stop ``dime up`` before
+    it started anything.)"""
+    bad = tmp_path / "bad.toml"
+    bad.write_text("not_a_key = 1\n")
+    up = [DIME, "up", "--config", str(bad)]
+    help_ = subprocess.run([*up, "--help"], capture_output=True, text=True, timeout=30)
+    assert help_.returncode == 0
+    assert help_.stdout.startswith("Usage: dime up [OPTIONS]")
+    port = subprocess.run([*up, "--port", "0"], capture_output=True, text=True, timeout=30)
+    assert port.returncode == 2
+    assert port.stdout == ""
+    assert "Error: Invalid value for '--port': 0 is not in the range 1<=x<=65535." in port.stderr
 
 
 # -- status and down without a daemon ---------------------------------------------------
@@ -358,7 +458,7 @@ SAMPLE: dict[str, Any] = {
 
 
 def test_format_status_renders_tables() -> None:
-    text = cli.format_status(SAMPLE)
+    text = commands.format_status(SAMPLE)
     lines = text.splitlines()
     assert lines[0] == "dime pid 4242, up 12.5 s, dataplane nft, IHMP port 4731"
     assert lines[1] == "local addresses: 198.51.100.2 2001:db8:1::2"
@@ -389,7 +489,7 @@ def test_format_status_shows_which_end_is_behind_a_nat() -> None:
     behind = {**SAMPLE["hids"][0], "behind_nat": True, "behind_nat_addr": "10.77.1.20"}
     us = {**SAMPLE["hids"][0], "hid": 2, "we_are_behind_nat": True, "we_are_observed_as": "1.2.3.4"}
     counters = {**SAMPLE["counters"], "flows_bound": 3, "knocks_sent": 0, "keepalives_sent": 2}
-    text = cli.format_status({**SAMPLE, "hids": [behind, us], "counters": counters})
+    text = commands.format_status({**SAMPLE, "hids": [behind, us], "counters": counters})
     assert "peer behind (10.77.1.20)" in text and "we, seen as 1.2.3.4" in text
     assert "NATs: 3 flows bound by knocks, 0 knocks sent, 2 keepalives" in text
 
@@ -397,7 +497,7 @@ def test_format_status_shows_which_end_is_behind_a_nat() -> None:
 def test_format_status_counts_the_flow_ends_the_kernel_announced() -> None:
     ends = {"flow_deaths_heard": 9, "flow_deaths_lost": 1, "flow_deaths_malformed": 0}
     counters = {**SAMPLE["counters"], **ends, "flows_ended_by_events": 4, "full_sweeps": 2}
-    text = cli.format_status({**SAMPLE, "counters": counters})
+    text = commands.format_status({**SAMPLE, "counters": counters})
     assert (
         "flow ends: 9 heard from the kernel (1 losses, 0 malformed), 4 flows ended by them, "
         "2 full sweeps" in text
@@ -413,7 +513,7 @@ def test_format_status_of_an_idle_daemon() -> None:
         "sockets": [],
         "counters": {"messages_sent": 0, "messages_received": 0, "messages_rejected": {}},
     }
-    text = cli.format_status(idle)
+    text = commands.format_status(idle)
     assert "local addresses: -" in text
     assert "ghost" not in text
     assert "HID  STATE  ACTIVE  UNREACHABLE  LOCAL  NAT  KEY" in text
@@ -436,7 +536,7 @@ def test_format_status_shows_what_the_flood_limits_refused() -> None:
         },
         "limits": {"max_peers": 4096, "max_half_open": 256},
     }
-    assert cli.format_status(st).splitlines()[-1] == (
+    assert commands.format_status(st).splitlines()[-1] == (
         "flood limits: refused cookie_rate 41748, rate_limited 3; cookies 5499, challenges 4 "
         "(3 answered); peers 2/4096, half-open 1/256, evicted 0"
     )
@@ -448,7 +548,7 @@ def test_format_status_shows_the_rendezvous_points() -> None:
         {"server": "[2001:db8::53]:4731", "registered": False, "observed_as": None},
     ]
     counters = {**SAMPLE["counters"], "relays_sent": 3, "relayed_received": 1}
-    text = cli.format_status({**SAMPLE, "rendezvous": points, "counters": counters})
+    text = commands.format_status({**SAMPLE, "rendezvous": points, "counters": counters})
     assert "rendezvous point 192.0.2.53: registered, seen as 198.51.100.2" in text
     assert "rendezvous point [2001:db8::53]:4731: not registered" in text
     assert "relayed: 3 sent through rendezvous points, 1 received" in text
@@ -471,7 +571,7 @@ def test_format_status_of_a_rendezvous_point() -> None:
         ],
         "counters": {"registrations": 4, "relayed": 2, "expired": 0, "refused": {"replay": 1}},
     }
-    lines = cli.format_status(st).splitlines()
+    lines = commands.format_status(st).splitlines()
     assert lines[0] == "dime rendezvous pid 7, up 3.0 s, UDP port 4731"
     assert lines[2].split() == ["KEY", "ADDRESS", "PORT", "ADVERTISED", "EXPIRES", "IN"]
     assert lines[3].split() == ["abababababababab", "198.51.100.2", "40001", "10.77.1.20",
@@ -499,7 +599,7 @@ def test_status_prints_what_the_daemon_answers(monkeypatch: pytest.MonkeyPatch) 
     assert json.loads(result.stdout) == SAMPLE
     result = invoke("status")
     assert result.exit_code == 0
-    assert result.stdout == cli.format_status(SAMPLE) + "\n"
+    assert result.stdout == commands.format_status(SAMPLE) + "\n"
 
 
 def test_env_is_isolated(isolated: Path) -> None:

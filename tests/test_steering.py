@@ -328,7 +328,22 @@ def test_a_route_back_to_the_flows_own_address_moves_it_back() -> None:
     _moved(tr, ADDR2)
     tr.set_preferred({PEER: LOCAL})
     assert tr.take_effects().moves == {KEY: LOCAL}
+    assert tr.route_moves == 1  # counted once asked of the peer
+    tr.move_started(KEY, LOCAL)
     assert tr.route_moves == 2
+
+
+def test_a_route_move_that_cannot_be_asked_is_not_counted_each_time_it_is_wanted() -> None:
+    """Behind a NAT, say, the peer cannot be asked: the move is wanted again at each
+    change, and counted only when it is asked."""
+    tr, _, _, _ = steered()
+    for _ in range(3):
+        tr.set_preferred({})
+        tr.set_preferred({PEER: ADDR2})
+        assert tr.take_effects().moves == {KEY: ADDR2}
+    assert tr.route_moves == 0
+    tr.move_started(KEY, ADDR2)
+    assert tr.route_moves == 1
 
 
 def test_no_preference_leaves_a_followed_flow_where_it_is() -> None:
