@@ -17,7 +17,10 @@
     queue_out = 4731            # NFQUEUE numbers (outbound, inbound)
     queue_in = 4732
     log_group = 4731            # NFLOG group through which the kernel tells dime of new
-                                # flows it learned (nft data plane)
+                                # flows (nft data plane), each at once
+    held_log_group = 4732       # NFLOG group of the notices of flows the kernel holds
+                                # already (it learned them): batched, up to 64 or 10 ms;
+                                # must differ from log_group
     adopt_existing = true       # take over connections opened before dime started
     nat_keepalive = 25.0        # s: behind a NAT, keep its mapping alive this often while
                                 # flows need it (0: never)
@@ -133,6 +136,7 @@ class Config:
     queue_out: int = 4731
     queue_in: int = 4732
     log_group: int = 4731
+    held_log_group: int = 4732
     adopt_existing: bool = True
     nat_keepalive: float = 25.0
     nat_port: int = 4733
@@ -200,6 +204,7 @@ _SCALARS: dict[str, type] = {
     "queue_out": int,
     "queue_in": int,
     "log_group": int,
+    "held_log_group": int,
     "adopt_existing": bool,
     "nat_keepalive": float,
     "nat_port": int,
@@ -227,11 +232,14 @@ def from_dict(data: dict[str, Any]) -> Config:
     cfg.queue_out = _port("queue_out", cfg.queue_out, 0)
     cfg.queue_in = _port("queue_in", cfg.queue_in, 0)
     cfg.log_group = _port("log_group", cfg.log_group, 0)
+    cfg.held_log_group = _port("held_log_group", cfg.held_log_group, 0)
     cfg.nat_port = _port("nat_port", cfg.nat_port)
     if cfg.nat_port == cfg.port:
         raise ConfigError("nat_port: must differ from port (the hosts behind the NAT use that)")
     if cfg.queue_out == cfg.queue_in:
         raise ConfigError("queue_in: must differ from queue_out")
+    if cfg.held_log_group == cfg.log_group:
+        raise ConfigError("held_log_group: must differ from log_group")
     if cfg.dataplane not in DATAPLANES:
         raise ConfigError(
             f"dataplane: must be one of {', '.join(DATAPLANES)}, got {cfg.dataplane!r}"

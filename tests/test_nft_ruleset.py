@@ -103,9 +103,17 @@ def test_no_map_is_looked_up_as_a_set(fast_path: bool) -> None:
 def test_notices_of_flows_the_kernel_holds_say_so() -> None:
     """Learned in the packet path, or a SYN-ACK of a flow in the flow set: prefix
     "k" (the daemon adds nothing); a flow passed unknown: no prefix."""
-    fast = ruleset(fast_path=True, ihmp_port=4731, log_group=77)
+    fast = ruleset(fast_path=True, ihmp_port=4731, log_group=77, held_log_group=78)
     chains = {c.split(" {", 1)[0]: c for c in fast.split("  chain ")[1:]}
-    held = f'log group 77 snaplen 80 prefix "{IN_KERNEL_PREFIX}"'
+    # Those go to their own group (which the daemon lets the kernel batch); the
+    # others, which may need a prompt reaction (a HELLO), to the first.
+    held = f'log group 78 snaplen 80 prefix "{IN_KERNEL_PREFIX}"'
+    logs = re.findall(r"log group \d+ snaplen 80(?: prefix \"\w+\")?", fast)
+    assert logs and set(logs) == {"log group 77 snaplen 80", held}
+    # Without a group of their own, the same group.
+    one = ruleset(fast_path=True, ihmp_port=4731, log_group=77)
+    assert f'log group 77 snaplen 80 prefix "{IN_KERNEL_PREFIX}"' in one
+    assert "log group 78" not in one
     for way in ("out", "in"):
         assert f"jump synack_{way}" in chains[f"learn_{way}"]
         # What is neither new nor a SYN-ACK leaves the chain by its first rules.
