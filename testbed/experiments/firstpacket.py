@@ -41,6 +41,13 @@ NAME = "firstpacket"
 TITLE = "First-packet cost (new flows through the daemon)"
 GOAL_LATENCY_MS = 0.05
 GOAL_RATE_RATIO = 0.8
+#: The flow-notice counters kept per daemon (CH, MH) of each case with dime.
+NOTICE_COUNTERS = (
+    "flow_notices",
+    "flow_notices_lost",
+    "flow_notices_batched",
+    "flow_notice_batches",
+)
 #: nft mode with both daemons stopped for the rate phase: the kernel's work alone.
 PAUSED = "dime nft, daemons paused"
 CLIENTS = 1000
@@ -165,8 +172,9 @@ def _case(
         with running(hosts, "--dataplane", mode) as (ch, mh):
             daemons = {"dime ch": ch.pid, "dime mh": mh.pid}
             res = _measure(fig, n, seconds, daemons, paused)
-            counters = (d.status()["counters"] for d in (ch, mh))
+            counters = [d.status()["counters"] for d in (ch, mh)]
             res["learned_by_kernel"] = [c.get("flows_learned_by_kernel") for c in counters]
+            res["notices"] = [{k: c.get(k) for k in NOTICE_COUNTERS} for c in counters]
             return res
 
 
@@ -254,6 +262,8 @@ def _server_case(ctx: RunContext, with_dime: bool, n: int, seconds: float) -> di
             "packets_queued",
             "flow_notices",
             "flow_notices_lost",
+            "flow_notices_batched",
+            "flow_notice_batches",
             "flows_learned_by_kernel",
             "cookies_sent",
         )
@@ -289,8 +299,9 @@ def run(ctx: RunContext) -> Path:
             "flows_per_s": round(raw["flows_per_s"], 1),
             "cpu_pct": raw["cpu_pct"],
         }
-        if "learned_by_kernel" in raw:
-            cases[label]["learned_by_kernel"] = raw["learned_by_kernel"]
+        for key in ("learned_by_kernel", "notices"):
+            if key in raw:
+                cases[label][key] = raw[key]
         progress(f"first packet: {label}: {cases[label]}")
     base = cases["no dime"]
     for label in (c[0] for c in CASES[1:]):
