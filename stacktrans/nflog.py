@@ -124,8 +124,9 @@ def _config(group: int, command: int, seq: int, batch: Batch | None = None) -> b
 
 
 #: The read buffer: larger than any message the kernel sends us (a batch is at most
-#: ``Batch.bufsize``, an unbatched notice one packet's head).
-READ_SIZE = 1 << 17
+#: ``Batch.bufsize``, an unbatched notice one packet's head). Allocated once per
+#: group, at its first read.
+READ_SIZE = 1 << 16
 
 
 class FlowNotices:
@@ -152,7 +153,7 @@ class FlowNotices:
         self.errors = 0  # handler failures
         self._sock: socket.socket | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._buf = bytearray(READ_SIZE)
+        self._buf = bytearray()
 
     def open(self) -> None:
         """Bind the group. NflogError says why not (no nfnetlink_log, or another
@@ -191,6 +192,8 @@ class FlowNotices:
     def read(self) -> None:
         """Handle every notice waiting (called by the loop when the socket is readable)."""
         assert self._sock is not None
+        if not self._buf:
+            self._buf = bytearray(READ_SIZE)
         buf = self._buf
         view = memoryview(buf)
         while True:
