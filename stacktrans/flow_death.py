@@ -187,10 +187,8 @@ class DeathWatch:
         on_death: Callable[[Death], None],
         on_lost: Callable[[], None],
         conntrack: bool = False,
-        pace: float = 0.0,
     ) -> None:
         self.on_death = on_death
-        self.pace = pace
         self.on_lost = on_lost
         self.want_conntrack = conntrack
         self.conntrack_events = False
@@ -199,7 +197,6 @@ class DeathWatch:
         self.malformed = 0  # messages that could not be parsed, or failed their handler
         self._socks: list[tuple[socket.socket, Callable[[bytes | memoryview], Death | None]]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._resumes: dict[int, asyncio.TimerHandle] = {}  # fd -> its reader's return
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         mask = sum(1 << (g - 1) for g in SOCK_GROUPS)
@@ -223,31 +220,11 @@ class DeathWatch:
             loop.add_reader(sock.fileno(), self.read, sock, parse)
 
     def stop(self) -> None:
-        for handle in self._resumes.values():
-            handle.cancel()
-        self._resumes.clear()
         for sock, _ in self._socks:
             if self._loop is not None:
                 self._loop.remove_reader(sock.fileno())
             sock.close()
         self._socks.clear()
-
-    def _paced(
-        self, sock: socket.socket, parse: Callable[[bytes | memoryview], Death | None]
-    ) -> None:
-        """``sock`` drained: its reader rests for :attr:`pace` seconds, so that the
-        events of a burst of ends (one per connection) are read together rather
-        than each waking the daemon; the socket's buffer holds them meanwhile."""
-        loop, fd = self._loop, sock.fileno()
-        if loop is None or self.pace <= 0 or fd in self._resumes:
-            return
-        loop.remove_reader(fd)
-
-        def resume() -> None:
-            del self._resumes[fd]
-            loop.add_reader(fd, self.read, sock, parse)
-
-        self._resumes[fd] = loop.call_later(self.pace, resume)
 
     def read(
         self, sock: socket.socket, parse: Callable[[bytes | memoryview], Death | None]
@@ -259,7 +236,6 @@ class DeathWatch:
             try:
                 data = sock.recv(1 << 16)
             except BlockingIOError:
-                self._paced(sock, parse)
                 return
             except OSError as exc:
                 if exc.errno != errno.ENOBUFS:

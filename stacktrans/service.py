@@ -123,9 +123,6 @@ def sweep_delay(interval: float, last_sweep: float) -> float:
 #: Destroy events come in bursts (a server closing many sockets): suspects are looked
 #: up together, this long after the first.
 DEATH_BATCH_S = 0.05
-#: ... and read at most this often (one wakeup for the events of a burst, not one per
-#: event), well within DEATH_BATCH_S: an event read late still joins its batch.
-DEATH_READ_PACE_S = 0.01
 
 
 def check_privileges() -> None:
@@ -892,10 +889,7 @@ class StackTrans:
         if self.kernel_flows.check is None:
             return
         deaths = DeathWatch(
-            self._death_heard,
-            self._deaths_lost,
-            conntrack=self.mode is DataplaneMode.NFT,
-            pace=DEATH_READ_PACE_S,
+            self._death_heard, self._deaths_lost, conntrack=self.mode is DataplaneMode.NFT
         )
         try:
             deaths.start(loop)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import socket
 import struct
 from ipaddress import ip_address
-from typing import Any
 
 import pytest
 
@@ -269,93 +268,3 @@ def test_flows_on_ports_and_idle_udp() -> None:
     assert tr.expire_idle(now=100.0, udp_idle=120.0) == []
     assert [e.key for e in tr.expire_idle(now=121.0, udp_idle=120.0)] == [U]
     assert len(tr.sockets) == 2  # TCP flows have no idle timeout
-
-
-class FakeLoop:
-    """add_reader, remove_reader and call_later, recorded; timers run by hand."""
-
-    def __init__(self) -> None:
-        self.readers: dict[int, Any] = {}
-        self.timers: list[tuple[float, Any, Any]] = []
-
-    def add_reader(self, fd: int, fn: Any, *args: Any) -> None:
-        self.readers[fd] = (fn, args)
-
-    def remove_reader(self, fd: int) -> bool:
-        return self.readers.pop(fd, None) is not None
-
-    def call_later(self, delay: float, fn: Any) -> Any:
-        loop = self
-
-        class Handle:
-            cancelled = False
-
-            def cancel(self) -> None:
-                self.cancelled = True
-                loop.timers = [t for t in loop.timers if t[2] is not self]
-
-        handle = Handle()
-        self.timers.append((delay, fn, handle))
-        return handle
-
-
-class EventSocket:
-    def __init__(self, *datagrams: bytes) -> None:
-        self.datagrams = list(datagrams)
-        self.closed = False
-
-    def fileno(self) -> int:
-        return -1 if self.closed else 7
-
-    def recv(self, size: int) -> bytes:
-        if not self.datagrams:
-            raise BlockingIOError
-        return self.datagrams.pop(0)
-
-    def close(self) -> None:
-        self.closed = True
-
-
-def _paced_watch(pace: float) -> tuple[DeathWatch, FakeLoop, EventSocket, list[Death]]:
-    heard: list[Death] = []
-    watch = DeathWatch(heard.append, lambda: None, pace=pace)
-    loop = FakeLoop()
-    sock = EventSocket(
-        message(
-            SOCK_DIAG_BY_FAMILY, 0, 0, diag_msg(2, 7, "192.0.2.1", 40000, "198.51.100.2", 80, TCP)
-        )
-    )
-    watch._loop = loop  # type: ignore[assignment]
-    watch._socks.append((sock, parse_socket_destroy))  # type: ignore[arg-type]
-    loop.add_reader(sock.fileno(), watch.read, sock, parse_socket_destroy)
-    return watch, loop, sock, heard
-
-
-def test_a_drained_event_socket_rests_for_the_pace_then_is_read_again() -> None:
-    """Events of a burst of ends are read together: once the socket is drained its
-    reader rests ``pace`` seconds (the kernel keeps the events meanwhile)."""
-    watch, loop, sock, heard = _paced_watch(0.01)
-    fn, args = loop.readers[7]
-    fn(*args)
-    assert [d.lport for d in heard] == [40000]
-    assert 7 not in loop.readers and [t[0] for t in loop.timers] == [0.01]
-    loop.timers.pop()[1]()  # the pace is over
-    assert loop.readers[7] == (watch.read, (sock, parse_socket_destroy))
-    # Stopped while resting: the reader never comes back.
-    fn(*args)
-    assert loop.timers
-    watch.stop()
-    assert not loop.timers and sock.closed and 7 not in loop.readers
-
-
-def test_without_a_pace_the_reader_stays() -> None:
-    _, loop, _, heard = _paced_watch(0.0)
-    fn, args = loop.readers[7]
-    fn(*args)
-    assert len(heard) == 1 and 7 in loop.readers and not loop.timers
-
-
-def test_events_are_read_well_within_the_batch_they_join() -> None:
-    from stacktrans.service import DEATH_BATCH_S, DEATH_READ_PACE_S
-
-    assert 0 < DEATH_READ_PACE_S < DEATH_BATCH_S / 2
