@@ -405,7 +405,7 @@ def _where_the_rate_goes(cases: dict[str, dict[str, Any]], goal: float) -> list[
         "",
         "Why the rate did not rise with that: the daemons still used about half a "
         "core each, while the Python work of one notice, timed in one process, is "
-        "about 27 µs (some 13% of a core at this rate). Each notice was then its own "
+        "about 27 µs (some 13% of a core at 4,800 notices/s). Each notice was then its own "
         "NFLOG message (queue threshold 1), waking the daemon for one `recv`; those "
         "wakeups were the suspect, hence the change below.",
         "",
@@ -413,20 +413,15 @@ def _where_the_rate_goes(cases: dict[str, dict[str, Any]], goal: float) -> list[
     ]
 
 
-#: The `dime nft` case alone (``_case``), run in turn before the notices were batched
-#: and after, on the same machine within minutes (2026-12-03): new flows/s, and each
-#: daemon's CPU per connection in µs (its % of a core over the rate phase / the rate).
+#: The `dime nft` case alone (``_case``), run in turn with the code before the notices
+#: were batched, after, and after with the destroy events read at most every 10 ms
+#: (tried, left out), on the same machine within minutes (2026-12-03): new flows/s,
+#: and each daemon's CPU per connection in µs (its % of a core over the rate phase
+#: divided by the rate).
 AB_RUNS = {
-    "before": {
-        "rates": (3401, 5780, 3130, 3533),
-        "us_ch": (136, 60, 138, 135),
-        "us_mh": (141, 64, 117, 130),
-    },
-    "after": {
-        "rates": (4925, 3528, 5461, 3917),
-        "us_ch": (98, 110, 84, 125),
-        "us_mh": (89, 105, 81, 116),
-    },
+    "before": {"rates": (5252, 4937, 5215), "us_ch": (116, 128, 122), "us_mh": (110, 121, 111)},
+    "after": {"rates": (6249, 5730, 6271), "us_ch": (96, 106, 94), "us_mh": (93, 95, 89)},
+    "paced": {"rates": (5516, 6723, 5568), "us_ch": (106, 93, 105), "us_mh": (104, 76, 103)},
 }
 
 
@@ -437,7 +432,7 @@ def _batching_text(nft: dict[str, Any]) -> list[str]:
     if not batched or not batches:
         return []  # a results file from before the batching
     ab = {k: {m: median(list(v)) for m, v in r.items()} for k, r in AB_RUNS.items()}
-    before, after = ab["before"], ab["after"]
+    before, after, paced = ab["before"], ab["after"], ab["paced"]
     return [
         "**Notices in batches.** A notice of a flow the kernel holds (prefix `k`) "
         "only feeds the socket table, so it now goes to an NFLOG group of its own "
@@ -448,21 +443,27 @@ def _batching_text(nft: dict[str, Any]) -> list[str]:
         f"{batched / batches:.0f} per batch on average (`flow_notice_batches`); the "
         "others (a new host to greet, a flow the kernel does not hold) still come one "
         "by one at once, on `log_group`, and a new host's HELLO waits for nothing. "
-        "Two cheaper cuts came with it: the daemon reads the sock_diag destroy "
-        "events (one per connection at each end) at most every 10 ms, and it hands "
-        "libnftables one command per set for a batch's elements instead of one per "
-        "element (timed alone: 57% less time for the additions of 250 flows, 14% for "
-        "their removal, nothing measurable for 25).",
+        "A cheaper cut came with it: the daemon hands libnftables one command per "
+        "set for a batch's elements instead of one per element (timed alone: 57% "
+        "less time for the additions of 250 flows, 14% for their removal, nothing "
+        "measurable for 25).",
         "",
-        "What that changed: less than the wakeups were thought to cost. The `dime nft` "
-        "case alone, run in turn with the code before and after on this machine "
-        f"({len(AB_RUNS['before']['rates'])} runs each; the rate of the same code varies "
-        "by up to 1.7 times from run to run on these two shared CPUs): median "
-        f"{before['rates']:.0f} flows/s before, {after['rates']:.0f} after; each "
-        f"daemon's CPU per connection, median {before['us_ch']:.0f} µs (CH) and "
-        f"{before['us_mh']:.0f} µs (MH) before, {after['us_ch']:.0f} µs and "
-        f"{after['us_mh']:.0f} µs after. The table above is one run of the whole "
-        "experiment, with its own noise.",
+        "What that changed: the `dime nft` case alone, run in turn with the code "
+        "before and after on this machine "
+        f"({len(AB_RUNS['before']['rates'])} runs each, within minutes; from one run "
+        "of the whole experiment to another the rates here vary by up to 1.8 times, so "
+        "the table above is no comparison): median "
+        f"{before['rates']:.0f} flows/s before, {after['rates']:.0f} after "
+        f"({after['rates'] / before['rates'] - 1:+.0%}); each daemon's CPU per "
+        f"connection, median {before['us_ch']:.0f} µs (CH) and {before['us_mh']:.0f} µs "
+        f"(MH) before, {after['us_ch']:.0f} µs and {after['us_mh']:.0f} µs after. So "
+        "a wakeup per notice cost the daemon some 20 µs, a fifth of its work per "
+        "connection, not most of it (that saving includes the merged libnftables "
+        "commands). Reading the sock_diag destroy events (one per "
+        "connection at each end, each its own message, which the kernel cannot "
+        "batch) at most every 10 ms, tried the same way, gained nothing measurable "
+        f"({paced['rates']:.0f} flows/s, {paced['us_ch']:.0f} and {paced['us_mh']:.0f} "
+        "µs) and was left out.",
         "",
         "What still limits the rate (py-spy on both daemons over the rate phase, with "
         "the notices batched): a notice's own work (parsing it, IHMP's `flow_started`, "
