@@ -17,7 +17,10 @@
     queue_out = 4731            # NFQUEUE numbers (outbound, inbound)
     queue_in = 4732
     log_group = 4731            # NFLOG group through which the kernel tells dime of new
-                                # flows it learned (nft data plane)
+                                # flows (nft data plane), each at once
+    held_log_group = 4732       # NFLOG group of the notices of flows the kernel holds
+                                # already (it learned them): batched, up to 64 or 10 ms;
+                                # must differ from log_group
     adopt_existing = true       # take over connections opened before dime started
     follow_routes = true        # a flow no [[policy]] rule names moves to the source the
                                 # kernel's routing prefers towards its peer (a new default
@@ -136,6 +139,7 @@ class Config:
     queue_out: int = 4731
     queue_in: int = 4732
     log_group: int = 4731
+    held_log_group: int = 4732
     adopt_existing: bool = True
     follow_routes: bool = True
     nat_keepalive: float = 25.0
@@ -204,6 +208,7 @@ _SCALARS: dict[str, type] = {
     "queue_out": int,
     "queue_in": int,
     "log_group": int,
+    "held_log_group": int,
     "adopt_existing": bool,
     "follow_routes": bool,
     "nat_keepalive": float,
@@ -232,11 +237,14 @@ def from_dict(data: dict[str, Any]) -> Config:
     cfg.queue_out = _port("queue_out", cfg.queue_out, 0)
     cfg.queue_in = _port("queue_in", cfg.queue_in, 0)
     cfg.log_group = _port("log_group", cfg.log_group, 0)
+    cfg.held_log_group = _port("held_log_group", cfg.held_log_group, 0)
     cfg.nat_port = _port("nat_port", cfg.nat_port)
     if cfg.nat_port == cfg.port:
         raise ConfigError("nat_port: must differ from port (the hosts behind the NAT use that)")
     if cfg.queue_out == cfg.queue_in:
         raise ConfigError("queue_in: must differ from queue_out")
+    if cfg.held_log_group == cfg.log_group:
+        raise ConfigError("held_log_group: must differ from log_group")
     if cfg.dataplane not in DATAPLANES:
         raise ConfigError(
             f"dataplane: must be one of {', '.join(DATAPLANES)}, got {cfg.dataplane!r}"

@@ -153,6 +153,7 @@ class Daemon:
                 queue_out=cfg.queue_out,
                 queue_in=cfg.queue_in,
                 log_group=cfg.log_group,
+                held_log_group=cfg.held_log_group,
                 ihmp_port=cfg.port,
                 sweep_interval=cfg.sweep_interval,
                 safety_sweep=cfg.safety_sweep,

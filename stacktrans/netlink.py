@@ -38,7 +38,7 @@ def frames(data: bytes | bytearray | memoryview) -> Iterator[memoryview]:
         off += (length + 3) & ~3
 
 
-def messages(data: bytes) -> Iterator[tuple[int, int, memoryview]]:
+def messages(data: bytes | bytearray | memoryview) -> Iterator[tuple[int, int, memoryview]]:
     """(type, seq, payload) of each netlink message in one datagram."""
     for frame in frames(data):
         _, kind, _, seq, _ = NLMSG.unpack_from(frame)

@@ -66,7 +66,8 @@ FLOWS_MAX = 1 << 21
 #: included up to the sequence number's needs.
 NOTICE_SNAPLEN = 80
 #: The log prefix of a notice whose flow the kernel holds already (learned, or the
-#: daemon's): the daemon need not add its elements again.
+#: daemon's): the daemon need not add its elements again. Such notices go to their
+#: own NFLOG group, which the kernel may batch (:data:`stacktrans.nflog.HELD_BATCH`).
 IN_KERNEL_PREFIX = "k"
 
 
@@ -200,7 +201,7 @@ def _queue_chains(q: QueueSpec) -> list[str]:
     return lines
 
 
-def _learn_chains(ihmp_port: int, group: int) -> list[str]:
+def _learn_chains(ihmp_port: int, group: int, held_group: int) -> list[str]:
     """New flows learned in the packet path, never waiting for the daemon.
 
     After conntrack (-200) and before the queue rules (-150), a first packet
@@ -229,10 +230,12 @@ def _learn_chains(ihmp_port: int, group: int) -> list[str]:
     A copy whose flow the kernel holds (in ``flows``: learned, or added by the
     daemon) says so (prefix :data:`IN_KERNEL_PREFIX`): the daemon then does not add
     its elements again through libnftables, which would cost it more than the rest
-    of the notice.
+    of the notice. Nothing waits for such a copy (the kernel translates the flow
+    already): it goes to NFLOG ``held_group``, whose notices the daemon lets the
+    kernel batch; every other copy goes to ``group``, each at once.
     """
     log = f"log group {group} snaplen {NOTICE_SNAPLEN}"
-    held = f'{log} prefix "{IN_KERNEL_PREFIX}"'
+    held = f'log group {held_group} snaplen {NOTICE_SNAPLEN} prefix "{IN_KERNEL_PREFIX}"'
     # A first packet's copy, unless it is a SYN (its SYN-ACK tells).
     notice = f"tcp flags & (syn | ack) != syn {log}"
     lines: list[str] = []
@@ -329,12 +332,14 @@ def ruleset(
     queue: QueueSpec | None = None,
     ihmp_port: int | None = None,
     log_group: int | None = None,
+    held_log_group: int | None = None,
 ) -> str:
     """The text of our table. Without the fast path only the reject path is there;
     with ``queue``, the queue rules too (else iptables carries them); with
     ``ihmp_port``, IHMP bypasses conntrack; with the fast path, ``ihmp_port`` and
     ``log_group``, the kernel learns new flows itself and tells the daemon through
-    NFLOG group ``log_group`` (:func:`_learn_chains`)."""
+    NFLOG group ``log_group``, and of the flows it holds already through
+    ``held_log_group`` (default: ``log_group``) (:func:`_learn_chains`)."""
     lines = [f"table inet {TABLE} {{"]
     dyn = f"flags dynamic; size {FLOWS_MAX};"
     for f, t in (("4", "ipv4_addr"), ("6", "ipv6_addr")):
@@ -436,7 +441,8 @@ def ruleset(
                 "  }",
             ]
     if fast_path and ihmp_port is not None and log_group is not None:
-        lines += _learn_chains(ihmp_port, log_group)
+        held = log_group if held_log_group is None else held_log_group
+        lines += _learn_chains(ihmp_port, log_group, held)
     if queue is not None:
         lines += _queue_chains(queue)
     if ihmp_port is not None:
@@ -487,6 +493,7 @@ class NftTable:
         queue: QueueSpec | None = None,
         ihmp_port: int | None = None,
         log_group: int | None = None,
+        held_log_group: int | None = None,
         defer: Callable[[Callable[[], None]], object] | None = None,
     ) -> None:
         """``defer(fn)``: run ``fn`` a little later (an event-loop timer). With it,
@@ -497,6 +504,7 @@ class NftTable:
         self.queue = queue
         self.ihmp_port = ihmp_port
         self.log_group = log_group
+        self.held_log_group = held_log_group
         self._hids: dict[int, HidTranslation] = {}
         self._ghosts: set[IPAddress] = set()
         self._senders: dict[int, IPAddress] = {}
@@ -514,6 +522,7 @@ class NftTable:
             queue=self.queue,
             ihmp_port=self.ihmp_port,
             log_group=self.log_group,
+            held_log_group=self.held_log_group,
         )
         try:
             self.nft.run(tables + "\n".join(self._pending))
@@ -686,7 +695,7 @@ class NftTable:
         if not cmds:
             return
         try:
-            self.nft.run("\n".join(cmds))
+            self.nft.run("\n".join(merge_elements(cmds)))
         except NftError as exc:
             log.warning("nft batch of %d refused (%s); applying one by one", len(cmds), exc)
             for cmd in cmds:
@@ -694,6 +703,37 @@ class NftTable:
                     self.nft.run(cmd)
                 except NftError as one:
                     log.warning("nft refused %r: %s", cmd, one)
+
+
+_ELEMENT_VERBS = ("add element ", "delete element ")
+
+
+def merge_elements(cmds: list[str]) -> list[str]:
+    """``cmds`` with the element commands of one verb and one set merged into one
+    command (``delete element inet dime flows4 { a, b }``), where that changes
+    nothing: within a run of commands of the same verb, the elements of each set in
+    their order. libnftables then handles one command per set and verb instead of
+    one per element, most of its cost (a flow has four or more elements)."""
+    out: list[str] = []
+    run: dict[str, list[str]] = {}  # target ("add element inet dime flows4") -> keys
+    verb = ""
+    for cmd in cmds:
+        this = next((v for v in _ELEMENT_VERBS if cmd.startswith(v)), "")
+        target, brace, rest = cmd.partition(" { ")
+        if not this or not brace or not rest.endswith(" }") or "\n" in cmd:
+            out += _merged(run)
+            run, verb = {}, ""
+            out.append(cmd)
+            continue
+        if this != verb:
+            out += _merged(run)
+            run, verb = {}, this
+        run.setdefault(target, []).append(rest[:-2])
+    return out + _merged(run)
+
+
+def _merged(run: dict[str, list[str]]) -> list[str]:
+    return [f"{target} {{ {', '.join(keys)} }}" for target, keys in run.items()]
 
 
 def _wire_elements(

@@ -93,6 +93,8 @@ class DataplaneConfig:
     queue_in: int = 4732
     ihmp_port: int = 4731
     log_group: int = 4731  # nft mode: the NFLOG group of flow notices
+    # ... and of the notices of flows the kernel holds, which it may batch
+    held_log_group: int = 4732
     sweep_interval: float = 2.0  # the full sweep's period where the kernel announces no deaths
     safety_sweep: float = 600.0  # ... and where it does (in case an event was missed)
     udp_idle: float = 120.0  # nfqueue mode: a UDP flow silent this long has ended
@@ -143,12 +145,15 @@ def check_privileges() -> None:
         )
 
 
-def resolve_mode(mode: DataplaneMode, nft: Nft, log_group: int) -> DataplaneMode:
+def resolve_mode(
+    mode: DataplaneMode, nft: Nft, log_group: int, held_log_group: int | None = None
+) -> DataplaneMode:
     """AUTO -> NFT when the kernel can rewrite with nft maps and tell us of new flows
-    through NFLOG, else NFQUEUE. NFT where it cannot: StartError, saying why."""
+    through NFLOG (both groups), else NFQUEUE. NFT where it cannot: StartError,
+    saying why."""
     if mode is DataplaneMode.NFQUEUE:
         return mode
-    missing = _nft_mode_missing(nft, log_group)
+    missing = _nft_mode_missing(nft, log_group, held_log_group)
     if missing is None:
         return DataplaneMode.NFT
     if mode is DataplaneMode.NFT:
@@ -157,7 +162,7 @@ def resolve_mode(mode: DataplaneMode, nft: Nft, log_group: int) -> DataplaneMode
     return DataplaneMode.NFQUEUE
 
 
-def _nft_mode_missing(nft: Nft, log_group: int) -> str | None:
+def _nft_mode_missing(nft: Nft, log_group: int, held_log_group: int | None = None) -> str | None:
     """Why the nft data plane cannot run here, or None."""
     probe = (
         "add table inet dime_probe\n"
@@ -171,7 +176,10 @@ def _nft_mode_missing(nft: Nft, log_group: int) -> str | None:
         nft.run(probe)
     except NftError as exc:
         return f"the kernel lacks nft map rewriting, conntrack or log ({exc})"
-    return nflog.available(log_group)
+    missing = nflog.available(log_group)
+    if missing is None and held_log_group is not None:
+        missing = nflog.available(held_log_group, nflog.HELD_BATCH)
+    return missing
 
 
 class StackTrans:
@@ -200,7 +208,8 @@ class StackTrans:
         self.path: UserspacePath | None = None
         self.ghosts = Ghosts(on_record=self._record)
         self.queues: list[PacketQueue] = []
-        self.notices: FlowNotices | None = None
+        self.notices: FlowNotices | None = None  # each at once
+        self.held_notices: FlowNotices | None = None  # of flows the kernel holds: batched
         self._adopt_task: asyncio.Task[None] | None = None
         self.prompts: Counter[Remedy] = Counter()  # what rto_revert did (status counters)
         self._hid_for = hid_for
@@ -266,7 +275,9 @@ class StackTrans:
             self.nft = Nft()
         except NftError as exc:
             raise StartError(str(exc)) from exc
-        self.mode = resolve_mode(self.config.mode, self.nft, self.config.log_group)
+        self.mode = resolve_mode(
+            self.config.mode, self.nft, self.config.log_group, self.config.held_log_group
+        )
         fast = self.mode is DataplaneMode.NFT
         queue = None
         if nft_queue_supported(self.nft):
@@ -284,6 +295,7 @@ class StackTrans:
             queue=queue,
             ihmp_port=self.config.ihmp_port,
             log_group=self.config.log_group if fast else None,
+            held_log_group=self.config.held_log_group if fast else None,
             defer=lambda fn: loop.call_later(0.005, fn),
         )
         self.dataplane = Dataplane(self.kernel, self._hid_for)
@@ -318,9 +330,16 @@ class StackTrans:
                 if self.dataplane is not None and self.dataplane.has_effects:
                     self._follow_up()  # (a new flow the policy wants elsewhere)
 
+            # The notices of flows the kernel holds need no prompt reaction: the
+            # kernel sends them in batches (a notice at most 10 ms late); the others
+            # (a new host to greet, a flow to add) come one by one, at once.
             self.notices = FlowNotices(self.config.log_group, notice, self._notices_lost)
+            self.held_notices = FlowNotices(
+                self.config.held_log_group, notice, self._notices_lost, nflog.HELD_BATCH
+            )
             try:
                 self.notices.start(loop)
+                self.held_notices.start(loop)
             except NflogError as exc:
                 raise StartError(str(exc)) from exc
         # Before adoption: a flow adopted now must not end unheard.
@@ -396,8 +415,9 @@ class StackTrans:
         for queue in self.queues:
             queue.stop()
         self.queues.clear()
-        if self.notices is not None:
-            self.notices.stop()
+        for notices in (self.notices, self.held_notices):
+            if notices is not None:
+                notices.stop()
         if self.deaths is not None:
             self.deaths.stop()
         self.knocker.close()
@@ -722,8 +742,7 @@ class StackTrans:
             **self._carrier_counters(),
             "knocks_sent": self.knocker.sent,
             "knocks_received": self.path.knocks if self.path else 0,
-            "flow_notices": self.notices.received if self.notices else 0,
-            "flow_notices_lost": self.notices.overflows if self.notices else 0,
+            **self._notice_counters(),
             "flow_deaths_heard": self.deaths.events if self.deaths else 0,
             "flow_deaths_lost": self.deaths.lost if self.deaths else 0,
             "flow_deaths_malformed": self.deaths.malformed if self.deaths else 0,
@@ -731,6 +750,19 @@ class StackTrans:
             "full_sweeps": self.full_sweeps,
             "flows_learned_by_kernel": self.dataplane.learned_by_kernel if self.dataplane else 0,
             "flows_moved_to_route": self.dataplane.route_moves if self.dataplane else 0,
+        }
+
+    def _notice_counters(self) -> dict[str, int]:
+        """Flow notices (nft mode): received and lost in all, and of them those of
+        flows the kernel held (batched), with the reads that brought these."""
+        groups = [n for n in (self.notices, self.held_notices) if n is not None]
+        held = self.held_notices
+        return {
+            "flow_notices": sum(n.received for n in groups),
+            "flow_notices_lost": sum(n.overflows for n in groups),
+            "flow_notices_batched": held.received if held else 0,
+            "flow_notices_batched_lost": held.overflows if held else 0,
+            "flow_notice_batches": held.reads if held else 0,
         }
 
     def _notices_lost(self) -> None:

@@ -35,6 +35,7 @@ def dime_rulesets() -> dict[str, str]:
                 queue=queue,
                 ihmp_port=c.ihmp_port,
                 log_group=c.log_group if fast else None,
+                held_log_group=c.held_log_group if fast else None,
             )
     return out
 

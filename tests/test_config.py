@@ -246,6 +246,14 @@ def test_queue_in_equal_to_queue_out() -> None:
     assert error({"queue_out": 4732}).startswith("queue_in: must differ")
 
 
+def test_the_two_log_groups() -> None:
+    assert (Config().log_group, Config().held_log_group) == (4731, 4732)
+    assert from_dict({"held_log_group": 9}).held_log_group == 9
+    assert error({"held_log_group": 7, "log_group": 7}).startswith("held_log_group: must differ")
+    assert error({"log_group": 4732}).startswith("held_log_group: must differ")
+    assert error({"held_log_group": 70000}).startswith("held_log_group")
+
+
 def test_bad_dataplane_and_log_level() -> None:
     msg = error({"dataplane": "ebpf"})
     assert msg.startswith("dataplane: must be one of auto, nft, nfqueue")

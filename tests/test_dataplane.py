@@ -185,6 +185,41 @@ def test_install_with_a_refused_element_installs_the_rest() -> None:
     assert any(f"{PEER}" in b and "flows4" in b for b in nft.batches)  # the good flow
 
 
+def test_a_refused_batch_is_retried_command_by_command_as_queued() -> None:
+    """A batch goes to libnftables with each set's elements merged into one command;
+    refused, its commands are retried one by one as they were queued, so that one
+    bad element costs no other (merged with it or not)."""
+    nft = RefusingNft("203.0.113.9")
+    kernel = NftTable(nft, fast_path=True, defer=lambda fn: None)  # type: ignore[arg-type]
+    tr, _, _ = dataplane_over(kernel)
+    tr.set_local_addresses({LOCAL})
+    kernel.install()
+    nft.batches.clear()
+    tr.flow_seen(FlowKey(TCP, LOCAL, 40000, PEER, 80), now=0.0)
+    tr.flow_seen(FlowKey(TCP, LOCAL, 40001, A("203.0.113.9"), 80), now=0.0)
+    tr.flow_seen(FlowKey(TCP, LOCAL, 40002, PEER, 80), now=0.0)
+    kernel.flush()
+    flows = [b for b in nft.batches if b.startswith("add element inet dime flows4")]
+    assert flows and all(b.count("\n") == 0 for b in nft.batches)  # one by one
+    assert any(" 40000 " in b for b in flows) and any(" 40002 " in b for b in flows)
+    assert not any("203.0.113.9" in b for b in nft.batches)
+
+
+def test_a_batch_merges_each_sets_elements_into_one_command() -> None:
+    nft = FakeNft()
+    kernel = NftTable(nft, fast_path=True, defer=lambda fn: None)  # type: ignore[arg-type]
+    tr, _, _ = dataplane_over(kernel)
+    tr.set_local_addresses({LOCAL})
+    kernel.install()
+    nft.batches.clear()
+    for port in (40000, 40001, 40002):
+        tr.flow_seen(FlowKey(TCP, LOCAL, port, PEER, 80), now=0.0)
+    kernel.flush()
+    lines = "\n".join(nft.batches).splitlines()
+    flows = [line for line in lines if line.startswith("add element inet dime flows4 ")]
+    assert len(flows) == 1 and flows[0].count(",") == 2, lines
+
+
 # -- what the kernel may learn by itself (nft mode) ---------------------------------------
 
 

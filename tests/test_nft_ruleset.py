@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 import re
+from ipaddress import ip_address
 
 import pytest
 
-from stacktrans.nft import IN_KERNEL_PREFIX, QueueSpec, ruleset
+from stacktrans.nft import IN_KERNEL_PREFIX, NftTable, QueueSpec, merge_elements, ruleset
+from stacktrans.socket_table import TCP, FlowKey, SocketEntry
 from testbed.netns import topology
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for a namespace")
@@ -103,9 +105,17 @@ def test_no_map_is_looked_up_as_a_set(fast_path: bool) -> None:
 def test_notices_of_flows_the_kernel_holds_say_so() -> None:
     """Learned in the packet path, or a SYN-ACK of a flow in the flow set: prefix
     "k" (the daemon adds nothing); a flow passed unknown: no prefix."""
-    fast = ruleset(fast_path=True, ihmp_port=4731, log_group=77)
+    fast = ruleset(fast_path=True, ihmp_port=4731, log_group=77, held_log_group=78)
     chains = {c.split(" {", 1)[0]: c for c in fast.split("  chain ")[1:]}
-    held = f'log group 77 snaplen 80 prefix "{IN_KERNEL_PREFIX}"'
+    # Those go to their own group (which the daemon lets the kernel batch); the
+    # others, which may need a prompt reaction (a HELLO), to the first.
+    held = f'log group 78 snaplen 80 prefix "{IN_KERNEL_PREFIX}"'
+    logs = re.findall(r"log group \d+ snaplen 80(?: prefix \"\w+\")?", fast)
+    assert logs and set(logs) == {"log group 77 snaplen 80", held}
+    # Without a group of their own, the same group.
+    one = ruleset(fast_path=True, ihmp_port=4731, log_group=77)
+    assert f'log group 77 snaplen 80 prefix "{IN_KERNEL_PREFIX}"' in one
+    assert "log group 78" not in one
     for way in ("out", "in"):
         assert f"jump synack_{way}" in chains[f"learn_{way}"]
         # What is neither new nor a SYN-ACK leaves the chain by its first rules.
@@ -133,3 +143,51 @@ def test_iptables_queue_rules_take_only_marked_first_packets_in_nft_mode(
     marked = "--ctstate NEW -m mark ! --mark 0 -j NFQUEUE"
     assert (marked in text) is not every_packet
     assert "--tcp-flags SYN,ACK SYN,ACK" not in text  # SYN-ACKs are logged, not queued
+
+
+def _flows(n: int) -> list[SocketEntry]:
+    local, remote = ip_address("192.0.2.1"), ip_address("198.51.100.2")
+    return [SocketEntry(FlowKey(TCP, local, 40000 + i, remote, 80), 7, 0.0, 0.0) for i in range(n)]
+
+
+def test_element_commands_are_merged_per_set_and_verb_in_order() -> None:
+    cmds = [
+        "add element inet dime flows4 { a }",
+        "add element inet dime rid4 { x : 1 }",
+        "add element inet dime flows4 { b }",
+        "delete element inet dime flows4 { a }",
+        "delete element inet dime rid4 { x }",
+        "add element inet dime flows4 { a }",
+        "flush set inet dime flows4",
+        "add element inet dime flows4 { c }",
+    ]
+    assert merge_elements(cmds) == [
+        "add element inet dime flows4 { a, b }",
+        "add element inet dime rid4 { x : 1 }",
+        # A delete never moves past an add (nor an add past a delete) of the set.
+        "delete element inet dime flows4 { a }",
+        "delete element inet dime rid4 { x }",
+        "add element inet dime flows4 { a }",
+        "flush set inet dime flows4",
+        "add element inet dime flows4 { c }",
+    ]
+    # Each flow's elements: one command per set, whatever the number of flows.
+    table = NftTable(None, fast_path=True)  # type: ignore[arg-type]
+    per_flow = table._flow_cmds("delete", _flows(1))
+    merged = merge_elements(table._flow_cmds("delete", _flows(50)))
+    assert len(per_flow) >= 4 and len(merged) == len(per_flow)
+    assert all(m.count(",") == 49 for m in merged)
+
+
+@pytest.mark.netns
+@needs_root
+def test_merged_element_commands_are_accepted_by_nft() -> None:
+    table = NftTable(None, fast_path=True)  # type: ignore[arg-type]
+    flows = _flows(3)
+    batch = merge_elements(table._flow_cmds("add", flows)) + merge_elements(
+        table._flow_cmds("delete", flows)
+    )
+    assert len(batch) < len(table._flow_cmds("add", flows))
+    text = ruleset(fast_path=True, ihmp_port=4731, log_group=77) + "\n" + "\n".join(batch)
+    code, err = nft_check(text)
+    assert code == 0, err

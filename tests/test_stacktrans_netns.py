@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from subprocess import Popen
+from typing import Any
 
 import pytest
 
@@ -69,6 +70,16 @@ def moved(ch: StNode, mh: StNode, p: Plan) -> None:
     ch.send(cmd="host", addr=p.m1.host, active=[p.m2.host], local=[p.c1.host])
     mh.send(cmd="locals", addrs=[p.m2.host])
     mh.send(cmd="host", addr=p.c1.host, active=[p.c1.host], local=[p.m2.host])
+
+
+def dump_with_flows(node: StNode, n: int, timeout: float = 5.0) -> dict[str, Any]:
+    """The node's dump once it has ``n`` flows (or at ``timeout``): the notices of
+    new flows are asynchronous, those of flows the kernel learned batched (up to
+    10 ms late)."""
+    deadline = time.monotonic() + timeout
+    while len((dump := node.send(cmd="dump"))["flows"]) < n and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return dump
 
 
 def start_nodes(pair: Pair, mode: str) -> tuple[StNode, StNode]:
@@ -168,7 +179,7 @@ def test_s1_s2_two_identifiers_of_one_host(pair: Pair, mode: str) -> None:
         pair.fig.hard_handoff_mh()
         moved(ch, mh, p)
         server2, client2 = tcp_transfer(pair.ch, pair.mh, p.m2.host, n2, rate=16, port=5002)
-        flows = ch.send(cmd="dump")["flows"]
+        flows = dump_with_flows(ch, 2)["flows"]
         assert sorted(f["remote"] for f in flows) == sorted([p.m1.host, p.m2.host])
         assert len({f["hid"] for f in flows}) == 1  # one host under two identifiers
         check_transfer(pair, server1, client1, n1)
@@ -303,16 +314,18 @@ def test_the_kernel_learns_new_flows_to_a_known_host_without_queueing_them(pair:
         for node, ns in ((mh, pair.mh), (ch, pair.ch)):
             listing = ns.run("nft", "list", "set", "inet", "dime", f"flows{family}")
             assert len(re.findall(r"\. 5600\b", listing)) == n, listing  # the kernel's own
-            deadline = time.monotonic() + 5
-            while len(node.send(cmd="dump")["flows"]) < n + 1 and time.monotonic() < deadline:
-                time.sleep(0.05)  # the notices are asynchronous
-            dump = node.send(cmd="dump")
+            dump = dump_with_flows(node, n + 1)
             assert len(dump["flows"]) == n + 1, dump["flows"]
             counters = dump["counters"]
             assert counters["packets_queued"] == 0, counters
             # Notices: each connection's SYN-ACK (and the transfer's).
             assert counters["flow_notices"] >= n + 1, counters
             assert counters["flow_notices_lost"] == 0, counters
+            # ... through the group of notices the kernel batches (all are of flows
+            # it holds), in at most as many reads.
+            assert counters["flow_notices_batched"] == counters["flow_notices"], counters
+            assert 0 < counters["flow_notice_batches"] <= counters["flow_notices"], counters
+            assert counters["flow_notices_batched_lost"] == 0, counters
             # Each notice said the kernel holds the flow: no daemon added it again.
             assert counters["flows_learned_by_kernel"] == n + 1, counters
         time.sleep(0.5)
