@@ -236,12 +236,12 @@ def test_soft_handoff_follows_the_new_default_route(
     prompted."""
     with bed(tmp_path, plan, "e2er") as b:
         p = b.plan
-        nbytes = 12_000_000  # ~5 s at 20 Mbit/s
+        nbytes = 25_000_000  # ~10 s at 20 Mbit/s: still running after the moves
         server, client = bulk_through_bottleneck(b, sender, nbytes)
         # A second, paced flow the same way: both move in one FLOW_MOVE (MORE_FLOWS).
         sending, receiving = (b.fig.mh, b.fig.ch) if sender == "mh" else (b.fig.ch, b.fig.mh)
         to = p.c1.host if sender == "mh" else p.m1.host
-        paced = tcp(sending, receiving, to, 2_000_000, rate=2, port=5002)
+        paced = tcp(sending, receiving, to, 2_500_000, rate=2, port=5002)
         b.daemons["mh"].wait_status(lambda s: len(s["sockets"]) == 2)
         b.fig.attach(b.fig.mh, "m2", p.m2)  # address, then `ip route replace default`
         mh = b.daemons["mh"].wait_status(lambda s: _both_at(s, "via", p.m2.host))
@@ -253,7 +253,7 @@ def test_soft_handoff_follows_the_new_default_route(
         assert ch["counters"]["flow_moves_received"] == 1, b.logs()
         b.fig.detach(b.fig.mh, "m1", p.m1)
         check(b, server, client, nbytes)
-        check(b, *paced, 2_000_000)
+        check(b, *paced, 2_500_000)
         for d in b.daemons.values():
             counters = d.status()["counters"]
             assert counters["tcp_flows_prompted"] == 0, b.logs()
