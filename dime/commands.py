@@ -29,15 +29,9 @@ def main() -> None:
 @click.option("--port", type=click.IntRange(*cli.PORTS), help="IHMP UDP port.")
 @click.option("--strict", is_flag=True, default=None, help="Accept only configured peer keys.")
 @click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
-def up(
-    config_path: Path | None,
-    dataplane: str | None,
-    port: int | None,
-    strict: bool | None,
-    verbose: int,
-) -> None:
+def up(**options: Any) -> None:
     """Run the daemon in the foreground in this network namespace."""
-    cli.up(config_path, dataplane, port, strict, verbose)
+    cli.up(**options)  # the same parameters: cli.up's
 
 
 @main.command()
