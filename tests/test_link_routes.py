@@ -139,6 +139,7 @@ class FakeRtnl:
         self.rules_in: dict[Rule, None] = {}
         self.log: list[tuple[str, Any]] = []
         self.refuse: set[Any] = set()
+        self.answers: dict[str, dict[str, Any] | OSError] = {}  # route_get, by dst
 
     def __call__(self) -> FakeRtnl:
         return self
@@ -161,6 +162,12 @@ class FakeRtnl:
 
     def rules(self, family: int) -> list[dict[str, Any]]:
         return [_rule_msg(u) for u in self.rules_in]
+
+    def route_get(self, dst: str, src: str | None = None) -> dict[str, Any]:
+        answer = self.answers[dst]
+        if isinstance(answer, OSError):
+            raise answer
+        return answer
 
     def route(self, verb: str, dst: str, dst_len: int, proto: int, **kw: Any) -> None:
         r = Route(dst, dst_len, kw["table"], kw["oif"], kw["gateway"], kw["prefsrc"],
@@ -224,36 +231,13 @@ def test_routes_the_kernel_flushed_are_added_again_on_refresh() -> None:
     assert all(r in fake.routes_in for r in flushed)
 
 
-class RouteGetter:
-    """Answers route_get as a kernel with these preferred sources would."""
-
-    def __init__(self, answers: dict[str, dict[str, Any] | OSError]) -> None:
-        self.answers = answers
-
-    def __call__(self) -> RouteGetter:
-        return self
-
-    def __enter__(self) -> RouteGetter:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        pass
-
-    def route_get(self, dst: str, src: str | None = None) -> dict[str, Any]:
-        answer = self.answers[dst]
-        if isinstance(answer, OSError):
-            raise answer
-        return answer
-
-
 def test_preferred_sources_is_each_routes_source_and_skips_the_unreachable() -> None:
-    getter = RouteGetter(
-        {
-            "192.0.2.1": {"RTA_OIF": 3, "RTA_PREFSRC": "203.0.113.2"},
-            "192.0.2.9": OSError(errno.ENETUNREACH, "Network is unreachable"),
-            "2001:db8::1": {"RTA_OIF": 3},  # a route that names no source
-        }
-    )
+    getter = FakeRtnl([])
+    getter.answers = {
+        "192.0.2.1": {"RTA_OIF": 3, "RTA_PREFSRC": "203.0.113.2"},
+        "192.0.2.9": OSError(errno.ENETUNREACH, "Network is unreachable"),
+        "2001:db8::1": {"RTA_OIF": 3},  # a route that names no source
+    }
     dsts = [ip_address(a) for a in ("192.0.2.1", "192.0.2.9", "2001:db8::1")]
     assert preferred_sources(dsts, getter) == {dsts[0]: ip_address("203.0.113.2")}
 
