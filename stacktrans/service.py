@@ -496,16 +496,18 @@ class StackTrans:
         if dp is None:
             return
         find = self.kernel_flows.preferred
-        peers: list[IPAddress] = []
         versions = [a.version for a in dp.local_addresses]
         choice = {v for v in versions if versions.count(v) > 1}
+        preferred: dict[IPAddress, IPAddress] = {}
         if self.config.follow_routes and find is not None and choice:
             # (Walks every flow: only on a host that has a choice.)
             peers = sorted((r for r in dp.remote_locators() if r.version in choice), key=str)
-        try:
-            dp.set_preferred(find(peers) if find is not None and peers else {})
-        except OSError as exc:
-            log.warning("routes: %s", exc)
+            try:
+                preferred = find(peers) if peers else {}
+            except OSError as exc:  # the last answer stands
+                log.warning("routes: %s", exc)
+                preferred = dp.preferred
+        dp.set_preferred(preferred)
         self._update_links()
         self._follow_up()
 
@@ -649,15 +651,16 @@ class StackTrans:
         """Ask the peers: one request per host and address for up to
         :data:`MAX_FLOWS_PER_MOVE` flows (one FLOW_MOVE exchange each)."""
         assert self.dataplane is not None
+        if self.on_move is None:
+            return
         batches: dict[tuple[int, IPAddress], list[FlowKey]] = {}
         for key, via in moves.items():
             entry = self.dataplane.sockets.get(key)
-            if entry is not None and self.on_move is not None:
+            if entry is not None:
                 batches.setdefault((entry.hid, via), []).append(key)
         for (hid, via), keys in batches.items():
             for i in range(0, len(keys), MAX_FLOWS_PER_MOVE):
                 batch = keys[i : i + MAX_FLOWS_PER_MOVE]
-                assert self.on_move is not None
                 if self.on_move(hid, [_spec(k) for k in batch], via):
                     for key in batch:
                         self.dataplane.move_started(key, via)
