@@ -90,6 +90,7 @@ def write_result(
             "command": ctx.command,
             "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "machine": machine(),
+            "commit": commit(),
             "smoke": ctx.smoke,
             **meta,
         },
@@ -223,9 +224,11 @@ def plot_path(out: Path, md_dir: Path, name: str) -> str:
 
 def machine_line(meta: dict[str, Any]) -> str:
     m = meta["machine"]
+    # Results written before commits were recorded have none.
+    at = f"; commit {meta['commit']}" if meta.get("commit") else ""
     return (
         f"{m['cpu'] or m['arch']} ({m['cpus']} CPUs), Linux {m['kernel']}, "
-        f"Python {m['python']}; {meta['date']}"
+        f"Python {m['python']}; {meta['date']}{at}"
     )
 
 

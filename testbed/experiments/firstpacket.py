@@ -30,7 +30,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from testbed.experiments.common import PYTHON, RunContext, median, progress, write_result
+from testbed.experiments.common import (
+    PYTHON,
+    RunContext,
+    machine_line,
+    median,
+    progress,
+    write_result,
+)
 from testbed.fig7 import V4, Fig7
 from testbed.netns import Namespace, topology
 from testbed.procs import py
@@ -520,12 +527,11 @@ def _hello_text(c: dict[str, Any]) -> list[str]:
 
 def report(doc: dict[str, Any], out: Path, md_dir: Path) -> str:
     meta, res = doc["meta"], doc["results"]
-    m = meta["machine"]
     lines = [
         f"## {TITLE}",
         "",
-        f"Command: `{meta['command']}` ({meta['date']}; {m['cpus']} CPUs, {m['cpu']}, "
-        f"Linux {m['kernel']}). Link: {meta['link_rate']}; RTT: {meta['rtt']}. "
+        f"Command: `{meta['command']}` ({machine_line(meta)}). "
+        f"Link: {meta['link_rate']}; RTT: {meta['rtt']}. "
         f"{doc['config']['connections_for_latency']} sequential connections for the "
         f"latency, {doc['config']['seconds_for_rate']} s of them for the rate.",
         "",
