@@ -24,6 +24,8 @@ class Packet:
     sport: int
     dport: int
     payload: bytes
+    seq: int | None = None  # TCP's sequence number
+    size: int = -1  # the L4 payload's length on the wire (``payload`` may be cut short)
 
 
 @dataclass
@@ -100,7 +102,7 @@ def read_pcap(path: Path) -> list[Packet]:
         ip = frame[l2:]
         ihl = (ip[0] & 0x0F) * 4
         proto = ip[9]
-        if proto not in (6, 17) or len(ip) < ihl + 4:
+        if proto not in (6, 17) or len(ip) < ihl + (8 if proto == 17 else 20):
             continue
         sport, dport = struct.unpack("!HH", ip[ihl : ihl + 4])
         l4 = 8 if proto == 17 else ((ip[ihl + 12] >> 4) * 4 if len(ip) > ihl + 12 else 20)
@@ -113,6 +115,8 @@ def read_pcap(path: Path) -> list[Packet]:
                 sport,
                 dport,
                 bytes(ip[ihl + l4 :]),
+                struct.unpack("!I", ip[ihl + 4 : ihl + 8])[0] if proto == 6 else None,
+                struct.unpack("!H", ip[2:4])[0] - ihl - l4,
             )
         )
     return out

@@ -68,11 +68,12 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from testbed.capture import Capture
 from testbed.delay import Emulation, emulate
 from testbed.experiments.common import (
     RunContext,
@@ -100,6 +101,8 @@ HANDOFFS = ("none", "soft", "hard")
 DELAY_MS = 30.0  # one way, per crossing of the router: RTT = 2 x 30 = 60 ms, the paper's 60 ms
 RATE_MBIT = 20.0  # tbf on the router's egress; the delay line uses 5-10 % of a core at this rate
 ROUTER_DEVS = ["rc1", "rc2", "rm1", "rm2"]
+#: What a run's capture keeps (``Run.capture``): iperf3's connections and IHMP.
+CAPTURE_FILTER = "tcp port 5201 or udp port 4731"
 INTERVAL = 0.1  # iperf3 report interval (s)
 GOAL_RATIO = 0.97
 GOAL_GAP_EXTRA = 0.050  # gap goal: <= 1 RTT + 50 ms
@@ -290,6 +293,8 @@ class Run:
     index: int
     timing: Timing
     path: DataPath = MAIN
+    cc: str | None = None  # TCP congestion control of the transfer (iperf3 -C), else the default
+    capture: Path | None = None  # a pcap of the router's CH-side device during the transfer
     events: dict[str, float] = field(default_factory=dict)  # name -> monotonic time
     wall: dict[str, float] = field(default_factory=dict)  # name -> time.time() (for logs)
     notes: list[str] = field(default_factory=list)
@@ -411,7 +416,8 @@ def one_run(
             res["rtt_ms"] = ping_rtt_ms(
                 fig.mh, plan.c1.host, count=1 if ctx.smoke else 5, family=plan.family
             )
-            res.update(_transfer(fig, run, label, prefix, loaded_rtt))
+            with _captured(fig, run.capture):
+                res.update(_transfer(fig, run, label, prefix, loaded_rtt))
         finally:
             if em is not None:
                 res["delay_line"] = em.stop()
@@ -432,6 +438,21 @@ def one_run(
     if run.notes:
         res["notes"] = run.notes
     return res
+
+
+@contextlib.contextmanager
+def _captured(fig: Fig7, path: Path | None) -> Iterator[None]:
+    """tcpdump on the router's CH-side device (every packet between the hosts passes it
+    once) into ``path`` while the block runs; nothing without a path."""
+    if path is None:
+        yield
+        return
+    cap = Capture(fig.r, "rc1", CAPTURE_FILTER, path)
+    cap.start()
+    try:
+        yield
+    finally:
+        cap.stop()
 
 
 def _ns_process(ns: Namespace, seconds: float) -> subprocess.Popen[bytes]:
@@ -469,6 +490,7 @@ def _transfer(
     client = fig.mh.popen(
         *prefix, "iperf3", "-c", plan.c1.host, "-t", f"{t.duration:g}", "-i", str(INTERVAL),
         "-f", "k", "--forceflush", "--connect-timeout", "3000", *(("-R",) if rev else ()),
+        *(("-C", run.cc) if run.cc else ()),
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )  # fmt: skip
     first = threading.Event()
@@ -870,6 +892,44 @@ def _yes(ok: bool | None) -> str:
     return "yes" if ok else "**no**"
 
 
+def _recovery_note(out: Path) -> list[str]:
+    """What the recovery benchmark (``out``/recovery.json) measured of a hard
+    handoff's refill, by direction; nothing if it has not run."""
+    path = out / "recovery.json"
+    if not path.exists():
+        return []
+    # Imported here: the benchmark runs this module's transfers (it imports it).
+    from testbed.recovery_bench import summary
+
+    doc = json.loads(path.read_text())
+    cases = [
+        f"{c['path']}, {c['cc']}: gap {c['gap_ms']} ms, {c['resent']:g} segments sent "
+        f"again, per round trip {' / '.join(', '.join(map(str, r)) for r in c['rounds'])}"
+        for c in summary(doc)
+        if c["gap_ms"] is not None and c["resent"] is not None
+    ]
+    if not cases:
+        return []
+    return [
+        "",
+        f"Why a hard handoff costs more with data CH -> MH (`{doc['meta']['command']}`, "
+        f"{doc['meta']['date']}, testbed/results/recovery.md: one dime hard handoff per "
+        "run, the router captured; the sender's segments counted from the MH's HANDOFF): "
+        + "; ".join(cases)
+        + ". With data MH -> CH the router had delivered the MH's window before the old "
+        "link went and only the CH's ACKs to the old address were lost: the MH sends "
+        "little again and goes on at its rate. With data CH -> MH everything the CH had "
+        "in flight to the old address (the router's queue towards it included) was "
+        "lost: after its retransmission timeout the CH's TCP sends that window again "
+        "from one segment, doubling each round trip, so half the rate comes back some "
+        "7 round trips after the first retransmission, with CUBIC as with BBR (the "
+        "congestion control is not the cause). MPTCP's fresh subflow starts from its "
+        "initial window of 10 segments instead. dime does not reach into the "
+        "application's socket to change its window; what it does is have the "
+        "retransmission go as soon as the new address is proven (the prompt).",
+    ]
+
+
 def report(doc: dict[str, Any], out: Path, md_dir: Path) -> str:
     meta, cfg, res = doc["meta"], doc["config"], doc["results"]
     s, cmp_ = res["summary"], res["comparisons"]
@@ -997,6 +1057,7 @@ def report(doc: dict[str, Any], out: Path, md_dir: Path) -> str:
             "",
             "dime's own reaction on the MH (its log; median from the same reference "
             "time): " + "; ".join(react) + ". " + GAP_ANATOMY,
+            *_recovery_note(out),
         ]
     lines += ["", "### Goals", "", "| goal | soft | hard |", "|---|---|---|"]
     rows = [(text.format(goal=f"{goal_gap * 1000:.0f} ms"), key) for text, key in GOAL_ROWS]
