@@ -318,6 +318,12 @@ class Dataplane:
                 del self._dead[e.key]
         return gone
 
+    @property
+    def missing_once(self) -> frozenset[FlowKey]:
+        """Flows the last sweep's snapshot lacked for the first time: the next sweep
+        drops those it lacks too."""
+        return frozenset(self._missing)
+
     def tracks(self, key: FlowKey) -> bool:
         """Whether ``key`` is a flow of the socket table, or of a host that is gone
         (rejected by the kernel until its socket ends)."""

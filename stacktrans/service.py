@@ -916,16 +916,30 @@ class StackTrans:
                 else:
                     period = None
                 delay = sweep_delay(period or self._sweep_period(), cost)
-            if self.dataplane is not None:
-                # In nfqueue mode every packet refreshes last_seen: idle UDP times out.
-                idle = self.config.udp_idle if self.mode is DataplaneMode.NFQUEUE else None
-                gone = self.dataplane.sweep(alive, self.clock(), idle, taken_at)
-                if gone:
-                    why = getattr(alive, "why_missing", lambda key: "gone")
-                    shown = ", ".join(f"{e.key} ({why(e.key)})" for e in gone[:4])
-                    more = f" and {len(gone) - 4} more" if len(gone) > 4 else ""
-                    log.info("%d flows ended: %s%s", len(gone), shown, more)
-                self._follow_up()
+            self._swept(alive, taken_at)
+
+    def _swept(self, alive: Container[FlowKey], taken_at: float) -> None:
+        """Apply a full sweep's snapshot (begun at ``taken_at``) to the table.
+
+        Flows it lacked for the first time become suspects, looked up one by one
+        soon (a cost per flow), where deaths are announced: the next full sweep,
+        whose second miss would drop them, is minutes away there, and a flow whose
+        destroy event was lost would stay in the table and the kernel's sets until
+        then."""
+        if self.dataplane is None:
+            return
+        # In nfqueue mode every packet refreshes last_seen: idle UDP times out.
+        idle = self.config.udp_idle if self.mode is DataplaneMode.NFQUEUE else None
+        gone = self.dataplane.sweep(alive, self.clock(), idle, taken_at)
+        if gone:
+            why = getattr(alive, "why_missing", lambda key: "gone")
+            shown = ", ".join(f"{e.key} ({why(e.key)})" for e in gone[:4])
+            more = f" and {len(gone) - 4} more" if len(gone) > 4 else ""
+            log.info("%d flows ended: %s%s", len(gone), shown, more)
+        if self.deaths is not None and (missing := self.dataplane.missing_once):
+            self.suspects.add(missing, self.clock())
+            self._suspected.set()
+        self._follow_up()
 
     def _sweep_period(self) -> float:
         """``safety_sweep`` where every death is announced, else ``sweep_interval``."""

@@ -135,7 +135,9 @@ def test_a_flow_missing_from_one_snapshot_only_stays() -> None:
     key = FlowKey(TCP, LOCAL, 40000, PEER, 80)
     for now in (2.0, 6.0, 10.0):
         assert tr.sweep(set(), now=now) == []  # missed ...
+        assert tr.missing_once == {key}
         assert tr.sweep({key}, now=now + 2) == []  # ... and found again
+        assert tr.missing_once == set()
     assert {e.key for e in tr.sockets} == {key}
 
 

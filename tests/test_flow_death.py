@@ -36,7 +36,7 @@ from stacktrans.flow_death import (
 )
 from stacktrans.kernel_flows import SOCK_DIAG_BY_FAMILY, DiagSocketInfo, TcpState
 from stacktrans.netlink import attr, message
-from stacktrans.service import _on
+from stacktrans.service import DataplaneConfig, StackTrans, _on
 from stacktrans.socket_table import TCP, UDP, FlowKey
 from tests.test_dataplane import LOCAL, PEER, make
 
@@ -268,3 +268,21 @@ def test_flows_on_ports_and_idle_udp() -> None:
     assert tr.expire_idle(now=100.0, udp_idle=120.0) == []
     assert [e.key for e in tr.expire_idle(now=121.0, udp_idle=120.0)] == [U]
     assert len(tr.sockets) == 2  # TCP flows have no idle timeout
+
+
+def test_flows_a_sweep_missed_once_are_looked_up_on_their_own() -> None:
+    """Where deaths are announced the next full sweep is minutes away: a flow the
+    snapshot lacked (its destroy event lost, say) is a suspect at once, which an
+    exact lookup settles; without destroy events the next sweep, seconds away, does."""
+    for announced in (False, True):
+        tr, _, _, _ = make(2)
+        tr.take_effects()
+        one, other = sorted((e.key for e in tr.sockets), key=lambda k: k.lport)
+        service = StackTrans(DataplaneConfig(), clock=lambda: 5.0, hid_for=lambda *a: None)
+        service.dataplane = tr
+        if announced:
+            service.deaths = DeathWatch(lambda death: None, lambda: None)
+        service._swept({one}, taken_at=4.0)
+        assert tr.missing_once == {other}
+        assert {e.key for e in tr.sockets} == {one, other}  # one snapshot decides nothing
+        assert service.suspects.take(5.0) == ({other: None} if announced else {})
