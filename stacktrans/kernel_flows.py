@@ -224,8 +224,6 @@ class TcpProgress:
     snd_mss: int = 0  # the segment size TCP sends, options it always carries excluded
     pmtu: int = 0  # the path MTU the socket uses
     timestamps: bool = False  # every segment carries the timestamp option (12 bytes)
-    rto_us: int = 0  # icsk_rto: the retransmission timeout, backoff included
-    last_data_sent_ms: int = 0  # since the last data segment went out (retransmissions too)
 
 
 @dataclass(frozen=True, slots=True)
@@ -416,8 +414,7 @@ def parse_diag_msg(payload: bytes | memoryview, with_tcp_info: bool = False) -> 
 
 # Offsets in the kernel's struct tcp_info (include/uapi/linux/tcp.h).
 _TCPI_RETRANSMITS, _TCPI_BACKOFF, _TCPI_OPTIONS, _TCPI_WSCALE = 2, 4, 5, 6  # __u8 each
-_TCPI_RTO, _TCPI_SND_MSS, _TCPI_UNACKED, _TCPI_LAST_DATA_SENT = 8, 16, 24, 44  # __u32 each
-_TCPI_PMTU = 60  # __u32
+_TCPI_SND_MSS, _TCPI_UNACKED, _TCPI_PMTU = 16, 24, 60  # __u32 each
 _TCPI_OPT_TIMESTAMPS = 1
 _TCPI_BYTES_ACKED, _TCPI_BYTES_RECEIVED = 120, 128  # __u64
 _TCPI_SND_WND = 228  # __u32, the last field read (absent from older kernels)
@@ -445,8 +442,6 @@ def parse_tcp_info(raw: bytes) -> TcpProgress:
         snd_mss=field("=I", _TCPI_SND_MSS),
         pmtu=field("=I", _TCPI_PMTU),
         timestamps=bool(field("=B", _TCPI_OPTIONS) & _TCPI_OPT_TIMESTAMPS),
-        rto_us=field("=I", _TCPI_RTO),
-        last_data_sent_ms=field("=I", _TCPI_LAST_DATA_SENT),
     )
 
 

@@ -13,11 +13,6 @@ leave the host (raw sockets, addressed to the flow's local identifier):
   step of backoff; Linux (``tcp_ld_RTO_revert``) then retransmits at once if the
   reverted timer has expired. One message per backoff step. Linux does this for
   IPv4 only (``tcp_v6_err`` ignores it: measured, ``tests/test_rto_revert.py``).
-  The reverted timer runs from the last attempt: where the backed-off timer had
-  just fired (to the old path), it has not expired, and TCP would wait up to its
-  base timeout (200 ms and more). ``tcp_info`` tells (the timeout, the time since
-  the last data segment), and such a flow gets the path MTU signal below as well,
-  which retransmits at once.
 * **Probe timer** (nothing was in flight, new data failed to go out: the timer that
   probes a closed window runs instead, ``tcpi_retransmits`` = 0). Any acceptable ACK
   from the peer stops it, clears the backoff and lets TCP send what is queued
@@ -64,7 +59,6 @@ from __future__ import annotations
 
 import enum
 import logging
-import math
 import socket
 import struct
 from collections import Counter
@@ -94,10 +88,6 @@ OUT_OF_WINDOW = 0x60000000
 MAX_STEPS = 16
 #: IP versions whose TCP implements RFC 6069 in Linux.
 REVERT_VERSIONS = frozenset({4})
-#: A reverted timer due within this long retransmits soon enough on its own (ms).
-DUE_SOON_MS = 20
-#: Linux caps the backed-off timeout at TCP_RTO_MAX: beyond it the base is unknown.
-TCP_RTO_MAX_US = 120_000_000
 TCP_ACK_FLAG = 0x10
 
 
@@ -122,7 +112,8 @@ class Remedy(enum.Enum):
 def remedies(flow: FlowSeq, p: TcpProgress) -> list[Remedy]:
     """What makes this flow send now: nothing, or one remedy per direction of data."""
     if p.backoff > 0:
-        return _backed_off(flow, p)
+        what = _backed_off(flow, p)
+        return [what] if what is not None else []
     if not flow.peer_lost:
         return []  # its timer has not backed off and nothing it sent was lost
     found = []
@@ -133,32 +124,15 @@ def remedies(flow: FlowSeq, p: TcpProgress) -> list[Remedy]:
     return found
 
 
-def _backed_off(flow: FlowSeq, p: TcpProgress) -> list[Remedy]:
-    retransmit = [Remedy.RETRANSMIT] if ptb_mtu(flow.key, p) is not None else []
+def _backed_off(flow: FlowSeq, p: TcpProgress) -> Remedy | None:
     if p.retransmits > 0:
-        if flow.key.local.version not in REVERT_VERSIONS:
-            return retransmit
-        # RFC 6069 undoes the backoff, but the timer then runs its base timeout
-        # from the last attempt: where that attempt was just now (its timer had just
-        # fired, to the old path), TCP would still wait up to that timeout (200 ms
-        # and more). The path MTU signal that follows retransmits at once.
-        return [Remedy.REVERT] + (retransmit if reverted_wait_ms(p) > DUE_SOON_MS else [])
+        if flow.key.local.version in REVERT_VERSIONS:
+            return Remedy.REVERT
+        return Remedy.RETRANSMIT if ptb_mtu(flow.key, p) is not None else None
     # An ACK must advertise the window TCP has: without it, it would close the window.
     if flow.peer_isn is None or p.snd_wnd <= 0:
-        return []
-    return [Remedy.ACK]
-
-
-def reverted_wait_ms(p: TcpProgress) -> float:
-    """How long the retransmission timer would still run once RFC 6069 has undone
-    every step of its backoff (``tcp_ld_RTO_revert``): the base timeout less the time
-    since the last transmission. 0 where ``tcp_info`` does not tell; infinite where
-    the timeout is at its cap, which hides the base."""
-    if p.rto_us <= 0:
-        return 0.0
-    if p.rto_us >= TCP_RTO_MAX_US:
-        return math.inf
-    return (p.rto_us >> p.backoff) / 1000 - p.last_data_sent_ms
+        return None
+    return Remedy.ACK
 
 
 def ptb_mtu(key: FlowKey, p: TcpProgress) -> int | None:

@@ -111,8 +111,6 @@ def tcp_info(size: int = 232) -> bytes:
     raw[2], raw[4] = 3, 5  # retransmits, backoff
     raw[5] = 0x07  # options: timestamps, SACK, window scaling
     raw[6] = 0x7A  # snd_wscale:4, rcv_wscale:4 in one byte
-    struct.pack_into("=I", raw, 8, 3_200_000)  # rto (us)
-    struct.pack_into("=I", raw, 44, 42)  # last_data_sent (ms)
     struct.pack_into("=II", raw, 16, 1448, 1460)  # snd_mss, rcv_mss
     struct.pack_into("=I", raw, 24, 17)  # unacked
     struct.pack_into("=I", raw, 60, 1500)  # pmtu
@@ -124,7 +122,7 @@ def tcp_info(size: int = 232) -> bytes:
 SND_WSCALE = 0xA if sys.byteorder == "little" else 0x7  # bit fields fill from the LSB on LE
 
 
-FULL = TcpProgress(5, 3, 1001, 333, 70656, SND_WSCALE, 17, 1448, 1500, True, 3_200_000, 42)
+FULL = TcpProgress(5, 3, 1001, 333, 70656, SND_WSCALE, 17, 1448, 1500, True)
 
 
 def test_tcp_info_fields_at_the_kernels_offsets() -> None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import re
 import struct
@@ -43,7 +42,6 @@ from stacktrans.rto_revert import (
     rcv_nxt,
     remedies,
     revert_message,
-    reverted_wait_ms,
     snd_una,
 )
 from stacktrans.socket_table import TCP, FlowKey
@@ -61,17 +59,9 @@ def test_sequence_numbers_wrap_around() -> None:
 
 
 def _p(
-    backoff: int,
-    retransmits: int,
-    snd_wnd: int = 65535,
-    unacked: int = 0,
-    mss: int = 1448,
-    rto_us: int = 0,
-    sent_ms: int = 0,
+    backoff: int, retransmits: int, snd_wnd: int = 65535, unacked: int = 0, mss: int = 1448
 ) -> TcpProgress:
-    return TcpProgress(
-        backoff, retransmits, 1, 0, snd_wnd, 0, unacked, mss, 1500, True, rto_us, sent_ms
-    )
+    return TcpProgress(backoff, retransmits, 1, 0, snd_wnd, 0, unacked, mss, 1500, True)
 
 
 def test_remedy_follows_the_timer_that_backed_off() -> None:
@@ -84,34 +74,6 @@ def test_remedy_follows_the_timer_that_backed_off() -> None:
     assert remedies(v6, _p(3, 0)) == [Remedy.ACK]
     assert remedies(FlowSeq(V4, 1, None), _p(3, 0)) == []  # peer's ISN unknown
     assert remedies(v4, _p(3, 0, snd_wnd=0)) == []  # would close the window
-
-
-def test_a_timer_that_just_fired_also_gets_the_retransmit_signal() -> None:
-    v4 = FlowSeq(V4, 1, 2)
-    both = [Remedy.REVERT, Remedy.RETRANSMIT]
-    # Backed off 4 times: 3.2 s now, 200 ms at base. The last attempt 5 ms ago: the
-    # reverted timer would still run 195 ms; the path MTU signal sends now.
-    assert remedies(v4, _p(4, 4, rto_us=3_200_000, sent_ms=5)) == both
-    # The last attempt 1 s ago: the reverted timer has expired, the revert sends.
-    assert remedies(v4, _p(4, 4, rto_us=3_200_000, sent_ms=1000)) == [Remedy.REVERT]
-    # Due within DUE_SOON_MS: the revert is enough.
-    assert remedies(v4, _p(4, 4, rto_us=3_200_000, sent_ms=185)) == [Remedy.REVERT]
-    # The peer's MSS caps the segments: no path MTU signal, the revert alone.
-    assert remedies(v4, _p(4, 4, mss=1200, rto_us=3_200_000, sent_ms=5)) == [Remedy.REVERT]
-    # A lost peer locator changes nothing for a flow whose timer backed off.
-    assert remedies(FlowSeq(V4, 1, 2, True), _p(4, 4, rto_us=3_200_000, sent_ms=5)) == both
-    # IPv6 (no RFC 6069): the path MTU signal alone, as before.
-    assert remedies(FlowSeq(V6, 1, 2), _p(4, 4, mss=1428, rto_us=3_200_000, sent_ms=5)) == [
-        Remedy.RETRANSMIT
-    ]
-
-
-def test_the_reverted_timer_is_the_base_timeout_since_the_last_attempt() -> None:
-    assert reverted_wait_ms(_p(4, 4, rto_us=3_200_000, sent_ms=50)) == 150.0
-    assert reverted_wait_ms(_p(4, 4, rto_us=3_200_000, sent_ms=500)) == -300.0
-    assert reverted_wait_ms(_p(4, 4)) == 0.0  # an older kernel: not reported
-    # At the kernel's cap (120 s) the base is hidden: assume the worst.
-    assert reverted_wait_ms(_p(12, 12, rto_us=120_000_000, sent_ms=60_000)) == math.inf
 
 
 def test_a_lost_peer_locator_means_retransmit_and_acknowledge_again() -> None:
@@ -190,7 +152,7 @@ def test_ipv6_message_is_an_address_unreachable_quoting_the_segment() -> None:
 SENDER = r"""
 import json, socket, struct, sys, threading, time
 from ipaddress import ip_address
-from stacktrans.rto_revert import FlowSeq, prompt, revert_message, snd_una
+from stacktrans.rto_revert import FlowSeq, prompt
 from stacktrans.socket_table import TCP, FlowKey
 from stacktrans.userspace import acked_from
 dst, dev, style, flags = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
@@ -253,19 +215,10 @@ for line in sys.stdin:
     cmd = line.strip()
     if cmd == "info":
         print(json.dumps(info()), flush=True)
-    elif cmd in ("prompt", "wait", "revert"):
+    elif cmd in ("prompt", "wait"):
         before = info()
         t0 = time.monotonic()
-        if cmd == "prompt":
-            n = sum(prompt([flow]).values())
-        elif cmd == "revert":  # RFC 6069 alone: one ICMP error per backoff step
-            icmp = socket.socket(fam, socket.SOCK_RAW, socket.IPPROTO_ICMP)
-            msg = revert_message(flow.key, snd_una(isn, before["bytes_acked"]))
-            for _ in range(before["backoff"]):
-                icmp.sendto(msg, (local[0], 0))
-            n = before["backoff"]
-        else:
-            n = 0
+        n = sum(prompt([flow]).values()) if cmd == "prompt" else 0
         after = info()
         while after["bytes_acked"] == before["bytes_acked"] and time.monotonic() - t0 < 0.5:
             time.sleep(0.005)
@@ -300,12 +253,12 @@ def _cmd(proc: subprocess.Popen[bytes], line: str, timeout: float = 10) -> dict[
     return dict(json.loads(read_line(proc, timeout)))
 
 
-def _stall(sender: subprocess.Popen[bytes], counter: str, backoff: int = 4) -> dict[str, Any]:
-    """Until the timer has backed off ``backoff`` times (to >= 3.2 s by default) and
-    has just fired (``counter`` moved): its next expiry is then seconds away."""
+def _stall(sender: subprocess.Popen[bytes], counter: str) -> dict[str, Any]:
+    """Until the timer has backed off to >= 3.2 s and has just fired (``counter``
+    moved): its next expiry is then seconds away."""
     for _ in range(300):
         st = _cmd(sender, "info")
-        if st["backoff"] >= backoff:
+        if st["backoff"] >= 4:
             break
         time.sleep(0.05)
     else:
@@ -375,9 +328,7 @@ def test_a_prompt_makes_a_stalled_flow_send_now(timer: str, family: int, prompte
     before, after = res["before"], res["after"]
     assert before["rto_us"] >= 200_000 and before["backoff"] >= 4, res
     if prompted:
-        # Over IPv4 the revert, and (the timer has just fired: the reverted one would
-        # still run its 200 ms) the path MTU signal; one remedy otherwise.
-        assert res["prompted"] == (2 if (timer, family) == ("retransmission", 4) else 1), res
+        assert res["prompted"] == 1, res
         assert after["bytes_acked"] > before["bytes_acked"], res
     else:
         # The control: left alone, the flow waits for its (seconds-long) timer.
@@ -390,15 +341,10 @@ def _net(family: int) -> str:
 
 @contextlib.contextmanager
 def _pair(
-    family: int,
-    style: str,
-    lost: bool,
-    send: bool = False,
-    passive: bool = False,
-    rto_min: str = "10s",
+    family: int, style: str, lost: bool, send: bool = False, passive: bool = False
 ) -> Iterator[Pair]:
     """Namespaces a and b, a TCP flow from a to b (``style`` as SENDER takes it); b
-    opens it where ``passive``. The route to b sets the timer's floor, ``rto_min``."""
+    opens it where ``passive``."""
     a_addr, b_addr, plen = ADDRS[family]
     with topology("rto") as topo:
         a, b = topo.add_ns("a"), topo.add_ns("b")
@@ -407,7 +353,7 @@ def _pair(
         b.addr_add("vb", f"{b_addr}/{plen}")
         # Timers far from the test's half second: only a prompt can make it send.
         host = f"{b_addr}/{32 if family == 4 else 128}"
-        a.ip("route", "add", host, "dev", "va", "rto_min", rto_min)
+        a.ip("route", "add", host, "dev", "va", "rto_min", "10s")
         flags = [*(["lost"] if lost else []), *(["passive"] if passive else [])]
         server = sender = None
         try:
@@ -433,28 +379,6 @@ class Pair:
     a: Namespace
     b: Namespace
     sender: subprocess.Popen[bytes]
-
-
-@pytest.mark.netns
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces)")
-@pytest.mark.parametrize("how", ["prompt", "revert"])
-def test_a_timer_that_just_fired_is_sent_again_at_once(how: str) -> None:
-    """The backed-off timer has just fired (to the old path, in a handoff) when the
-    path comes back. Undoing its backoff (RFC 6069) leaves it running its base
-    timeout, 1 s here, from that attempt: the control, the revert alone, still waits.
-    The prompt adds the path MTU signal, which retransmits at once."""
-    with _pair(4, "bulk", lost=False, rto_min="1s") as pair:
-        pair.b.run("nft", DROP_TO_5000)  # the peer goes silent: data stays in flight
-        _stall(pair.sender, "total_retrans", backoff=1)
-        pair.b.run("nft", "delete table inet rtotest")  # the path is back
-        res = _cmd(pair.sender, how)
-    before, after = res["before"], res["after"]
-    assert before["retransmits"] >= 2 and before["rto_us"] >= 4_000_000, res
-    if how == "prompt":
-        assert res["prompted"] == 2, res  # the revert, and the path MTU signal
-        assert after["bytes_acked"] > before["bytes_acked"], res
-    else:
-        assert res["prompted"] >= 2 and after["bytes_acked"] == before["bytes_acked"], res
 
 
 @pytest.mark.netns
