@@ -3,6 +3,7 @@ pcap reader's TCP fields it relies on (testbed/capture.py)."""
 
 from __future__ import annotations
 
+import json
 import struct
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import pytest
 
 from ihmp.wire import MessageType
 from testbed.capture import Packet, read_pcap
+from testbed.experiments.goodput import _recovery_note
 from testbed.iperf3 import PORT
 from testbed.recovery_bench import IHMP_PORT, SEGMENT, markdown, recovery, summary
 
@@ -79,3 +81,15 @@ def test_read_pcap_gives_tcp_sequence_numbers_and_sizes_on_the_wire(tmp_path: Pa
         "192.0.2.1", "203.0.113.2", 5201, 40000, 123456789, payload
     )  # fmt: skip
     assert p.t == pytest.approx(1.5) and len(p.payload) == 40
+
+
+def test_the_goodput_report_quotes_the_recovery_results(tmp_path: Path) -> None:
+    assert _recovery_note(tmp_path) == []  # not run: nothing said
+    runs = [
+        {"path": "v4 CH->MH", "cc": "bbr", "run": 0, "gap_s": 0.56, "resent_segments": 220,
+         "segments_per_round": [0, 1, 4]}
+    ]  # fmt: skip
+    doc = {"meta": {"command": "python -m testbed.recovery_bench", "date": "d"}, "runs": runs}
+    (tmp_path / "recovery.json").write_text(json.dumps(doc))
+    (text,) = [line for line in _recovery_note(tmp_path) if line]
+    assert "v4 CH->MH, bbr: gap 560 ms, 220 segments sent again, per round trip 0, 1, 4" in text

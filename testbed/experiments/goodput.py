@@ -918,15 +918,20 @@ def _recovery_note(out: Path) -> list[str]:
         + "; ".join(cases)
         + ". With data MH -> CH the router had delivered the MH's window before the old "
         "link went and only the CH's ACKs to the old address were lost: the MH sends "
-        "little again and goes on at its rate. With data CH -> MH everything the CH had "
-        "in flight to the old address (the router's queue towards it included) was "
-        "lost: after its retransmission timeout the CH's TCP sends that window again "
-        "from one segment, doubling each round trip, so half the rate comes back some "
-        "7 round trips after the first retransmission, with CUBIC as with BBR (the "
-        "congestion control is not the cause). MPTCP's fresh subflow starts from its "
-        "initial window of 10 segments instead. dime does not reach into the "
-        "application's socket to change its window; what it does is have the "
-        "retransmission go as soon as the new address is proven (the prompt).",
+        "about one segment again and its window goes on. With data CH -> MH everything "
+        "the CH had in flight to the MH's old address (the router's queue towards it "
+        "included) was lost, and the CH's TCP sends it again after its retransmission "
+        "timeout. With BBR the first ACK after the outage also starts PROBE_RTT (4 "
+        "segments per round trip for 200 ms + 1 RTT: its min-RTT filter is 10 s old), "
+        "after which it sends at the full rate; with CUBIC it starts again from one "
+        "segment and doubles each round trip (slow start). Where the CH's backed-off "
+        "timer fired just before the new address was proven (a run whose first rounds "
+        "after the first segment are empty), the reverted timer (RFC 6069) still runs "
+        "its base timeout from that attempt. A path MTU signal that retransmits at once "
+        "was tried for that case and taken out: 3 of 11 hard handoffs with data CH -> MH "
+        "then refilled at "
+        "a few segments per round trip for seconds. MPTCP's fresh subflow starts from "
+        "its initial window of 10 segments instead.",
     ]
 
 
