@@ -18,6 +18,7 @@ from testbed.experiments.goodput import (
     MAIN,
     PATHS,
     DataPath,
+    _shortfall,
     gap_stats,
     path_fields,
     receiver_intervals,
@@ -267,3 +268,17 @@ def test_report_reads_results_from_before_paths() -> None:
     text = goodput.report(doc, Path("/tmp"), Path("/tmp"))
     assert "All paths" not in text and "dime meets every goal of this experiment." in text
     assert "| dime | hard | 100 ms | - | 100 ms | 1/1 |" in text
+
+
+def test_the_hard_shortfall_is_seconds_at_the_no_handoff_rate() -> None:
+    def path(hard: float, gap: float | None) -> dict[str, Any]:
+        none = {"n": 2, "goodput_mbps": 18.0}
+        h = {"n": 2, "goodput_mbps": hard, "ideal_mbps": 12.0, "gap_s_median": gap}
+        return {"summary": {"dime": {"none": none, "hard": h}}}
+
+    paths = {"v4 MH->CH": path(11.64, 0.18), "v4 CH->MH": path(11.4, None)}
+    (text,) = [line for line in _shortfall(paths, 15.0, 5.0) if line]
+    # (12 - 11.64) / 18 * 15 = 0.30 s lost; 3 % of the 10 s with an address allowed
+    assert "allows 0.30 s): v4 MH->CH 0.30 s (gap median 0.18 s)." in text
+    assert "CH->MH" not in text  # never recovered: no median, no figure
+    assert _shortfall({"v4 CH->MH": path(11.4, None)}, 15.0, 5.0) == []
