@@ -227,6 +227,11 @@ def format_status(st: dict[str, Any]) -> str:
             f"({c.get('flow_deaths_lost', 0)} losses, {c.get('flow_deaths_malformed', 0)} "
             f"malformed), {c.get('flows_ended_by_events', 0)} flows ended by them, "
             f"{c.get('full_sweeps', 0)} full sweeps"
+            + (
+                f" ({c['flows_ended_after_sweeps']} flows a sweep missed, ended by a lookup)"
+                if c.get("flows_ended_after_sweeps")
+                else ""
+            )
         )
     if c.get("flows_bound") or c.get("knocks_sent") or c.get("keepalives_sent"):
         lines.append(

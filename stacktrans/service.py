@@ -240,6 +240,10 @@ class StackTrans:
         self._port_deaths: list[Death] = []  # deaths that named a port, not a flow
         self.ended_by_events = 0
         self.full_sweeps = 0
+        # The flows the last full sweep lacked for the first time, looked up as
+        # suspects: the ends those lookups find are counted apart from the events'.
+        self._sweep_suspects: set[FlowKey] = set()
+        self.ended_after_sweeps = 0
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -750,6 +754,7 @@ class StackTrans:
             "flow_deaths_lost": self.deaths.lost if self.deaths else 0,
             "flow_deaths_malformed": self.deaths.malformed if self.deaths else 0,
             "flows_ended_by_events": self.ended_by_events,
+            "flows_ended_after_sweeps": self.ended_after_sweeps,
             "full_sweeps": self.full_sweeps,
             "flows_learned_by_kernel": self.dataplane.learned_by_kernel if self.dataplane else 0,
             "flows_moved_to_route": self.dataplane.route_moves if self.dataplane else 0,
@@ -936,7 +941,9 @@ class StackTrans:
             shown = ", ".join(f"{e.key} ({why(e.key)})" for e in gone[:4])
             more = f" and {len(gone) - 4} more" if len(gone) > 4 else ""
             log.info("%d flows ended: %s%s", len(gone), shown, more)
+        self._sweep_suspects = set()
         if self.deaths is not None and (missing := self.dataplane.missing_once):
+            self._sweep_suspects = set(missing)
             self.suspects.add(missing, self.clock())
             self._suspected.set()
         self._follow_up()
@@ -1043,8 +1050,11 @@ class StackTrans:
         ended = self.suspects.settle(taken, fates, self.clock())
         if self.dataplane is not None and ended:
             self._flows_ended(ended, taken_at)
+        self._sweep_suspects -= taken.keys()
 
     def _flows_ended(self, ended: dict[FlowKey, float | None], taken_at: float) -> None:
+        """Drop the flows lookups found ended; counted as the events' ends, or as a
+        sweep's where a full sweep had missed them (:meth:`_swept`)."""
         assert self.dataplane is not None
         # A flow conntrack forgot and the kernel learned again since (a notice:
         # last_seen) is alive: its new entry reports no "new" packet twice.
@@ -1054,7 +1064,9 @@ class StackTrans:
             if ct_at is None or (e := self.dataplane.sockets.get(k)) is None or e.last_seen <= ct_at
         ]
         gone = self.dataplane.flows_ended(keys, taken_at)
-        self.ended_by_events += len(gone)
+        after_sweep = sum(e.key in self._sweep_suspects for e in gone)
+        self.ended_after_sweeps += after_sweep
+        self.ended_by_events += len(gone) - after_sweep
         if gone:
             shown = ", ".join(str(e.key) for e in gone[:4])
             more = f" and {len(gone) - 4} more" if len(gone) > 4 else ""

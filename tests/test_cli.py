@@ -502,6 +502,10 @@ def test_format_status_counts_the_flow_ends_the_kernel_announced() -> None:
         "flow ends: 9 heard from the kernel (1 losses, 0 malformed), 4 flows ended by them, "
         "2 full sweeps" in text
     )
+    assert "a sweep missed" not in text
+    counters["flows_ended_after_sweeps"] = 3
+    text = commands.format_status({**SAMPLE, "counters": counters})
+    assert "2 full sweeps (3 flows a sweep missed, ended by a lookup)" in text
 
 
 def test_format_status_of_an_idle_daemon() -> None:

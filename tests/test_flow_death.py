@@ -286,3 +286,17 @@ def test_flows_a_sweep_missed_once_are_looked_up_on_their_own() -> None:
         assert tr.missing_once == {other}
         assert {e.key for e in tr.sockets} == {one, other}  # one snapshot decides nothing
         assert service.suspects.take(5.0) == ({other: None} if announced else {})
+
+
+def test_ends_lookups_find_after_a_sweep_are_counted_apart(monkeypatch: pytest.MonkeyPatch) -> None:
+    tr, _, _, _ = make(2)
+    tr.take_effects()
+    one, other = sorted((e.key for e in tr.sockets), key=lambda k: k.lport)
+    service = StackTrans(DataplaneConfig(), clock=lambda: 5.0, hid_for=lambda *a: None)
+    service.dataplane = tr
+    service.deaths = DeathWatch(lambda death: None, lambda: None)
+    monkeypatch.setattr(service, "schedule_reconcile", lambda: None)  # no kernel here
+    service._swept({one}, taken_at=4.0)  # other: missed once, looked up
+    service._flows_ended({one: None, other: None}, taken_at=5.0)  # both found ended
+    assert (service.ended_after_sweeps, service.ended_by_events) == (1, 1)
+    assert len(tr.sockets) == 0

@@ -102,8 +102,13 @@ def write_result(
     return path
 
 
+#: Outputs, not code: results written earlier in a batch do not make a run "+".
+OUTPUTS = ("testbed/results", "docs/RESULTS.md")
+
+
 def commit() -> str:
-    """The checkout's commit (``+`` if its tracked files differ from it), or ""."""
+    """The checkout's commit (``+`` if its tracked files other than results differ
+    from it), or ""."""
     try:
         head = subprocess.run(
             ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
@@ -111,7 +116,10 @@ def commit() -> str:
             text=True,
             check=True,
         ).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(ROOT), "diff", "--quiet", "HEAD"]).returncode
+        dirty = subprocess.run(
+            ["git", "-C", str(ROOT), "diff", "--quiet", "HEAD", "--", ".",
+             *(f":!{path}" for path in OUTPUTS)],
+        ).returncode  # fmt: skip
     except (OSError, subprocess.CalledProcessError):
         return ""
     return head + ("+" if dirty else "")

@@ -595,7 +595,9 @@ def report(doc: dict[str, Any], out: Path, md_dir: Path) -> str:
                 f"* {mode} daemon over the whole run: {c.get('flow_deaths_heard', 0):,} "
                 f"flow ends heard, {c.get('flow_deaths_lost', 0)} losses (each a full sweep "
                 f"soon after), {c.get('flows_ended_by_events', 0):,} flows ended by them, "
-                f"{c.get('full_sweeps', 0)} full sweeps."
+                f"{c.get('full_sweeps', 0)} full sweeps, "
+                f"{c.get('flows_ended_after_sweeps', 0):,} flows a sweep missed that a "
+                "lookup then found ended."
             )
     wire = []
     for mode in cfg["modes"]:
