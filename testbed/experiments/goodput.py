@@ -225,11 +225,11 @@ GAP_ANATOMY = (
     "is prompted. What the gap counts instead is BBR's PROBE_RTT (cwnd 4 for 200 ms + "
     "1 RTT, 10 s after the flow's lowest RTT sample), which falls about 10.3 to 10.9 s "
     "into every transfer, the no-handoff runs too (their column 'no handoff' above: "
-    "the same definition at the same instant); in one v4 MH -> CH run it fell 0.8 s "
-    "after the removal, beyond the no-handoff runs' 0.6 s, which the median over two "
-    "runs carries. (Before dime followed routes, the flow stayed on the old address "
-    "until it went: what the CH sent there while the news travelled was lost, and the "
-    "gap was about one round trip plus the prompt's retransmission: 70 to 160 ms.) With "
+    "the same definition at the same instant; where one run's PROBE_RTT falls later "
+    "than the others', its gap is longer). (Before dime followed routes, the flow "
+    "stayed on the old address until it went: what the CH sent there while the news "
+    "travelled was lost, and the gap was about one round trip plus the prompt's "
+    "retransmission: 70 to 160 ms.) With "
     "data CH -> MH, MPTCP uses both links while both are up (a subflow on each, each "
     "link shaped on its own), so its soft-handoff goodput exceeds one link's."
 )
@@ -929,8 +929,10 @@ def _recovery_note(out: Path) -> list[str]:
         "after the first segment are empty), the reverted timer (RFC 6069) still runs "
         "its base timeout from that attempt. A path MTU signal that retransmits at once "
         "was tried for that case and taken out: 3 of 11 hard handoffs with data CH -> MH "
-        "then refilled at "
-        "a few segments per round trip for seconds. MPTCP's fresh subflow starts from "
+        "then refilled at a few segments per round trip for seconds. Over IPv6, whose "
+        "TCP has no RFC 6069, that signal is the prompt (without it the flow would wait "
+        "for its backed-off timer, up to 3.2 s), and the same slowness shows in some "
+        "runs: the v6 CH -> MH hard maximum below. MPTCP's fresh subflow starts from "
         "its initial window of 10 segments instead.",
     ]
 
