@@ -8,7 +8,7 @@ the router's CH-side device captured. From the capture, counted from the MH's HA
   outage: with data MH -> CH mostly ACKs are lost, with data CH -> MH the whole window
   in flight to the old address);
 * the sender's data segments in each round trip after the HANDOFF (its window
-  refilling: from one segment, after a retransmission timeout, doubling each round);
+  refilling after its retransmission timeout);
 * the handoff gap of the run (:func:`testbed.handoff_gap.handoff_gap`).
 
 Cases: IPv4 MH -> CH and CH -> MH with the kernel's default congestion control, and
