@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Container, Iterable
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from ipaddress import ip_address
 from typing import Any, Protocol
@@ -319,10 +320,10 @@ class Dataplane:
         return gone
 
     @property
-    def missing_once(self) -> frozenset[FlowKey]:
+    def missing_once(self) -> AbstractSet[FlowKey]:
         """Flows the last sweep's snapshot lacked for the first time: the next sweep
-        drops those it lacks too."""
-        return frozenset(self._missing)
+        drops those it lacks too. The table's own set, not a copy: read it at once."""
+        return self._missing
 
     def tracks(self, key: FlowKey) -> bool:
         """Whether ``key`` is a flow of the socket table, or of a host that is gone

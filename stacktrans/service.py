@@ -240,10 +240,7 @@ class StackTrans:
         self._port_deaths: list[Death] = []  # deaths that named a port, not a flow
         self.ended_by_events = 0
         self.full_sweeps = 0
-        # The flows the last full sweep lacked for the first time, looked up as
-        # suspects: the ends those lookups find are counted apart from the events'.
-        self._sweep_suspects: set[FlowKey] = set()
-        self.ended_after_sweeps = 0
+        self.ended_after_sweeps = 0  # ends found of flows a full sweep had missed
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -941,9 +938,7 @@ class StackTrans:
             shown = ", ".join(f"{e.key} ({why(e.key)})" for e in gone[:4])
             more = f" and {len(gone) - 4} more" if len(gone) > 4 else ""
             log.info("%d flows ended: %s%s", len(gone), shown, more)
-        self._sweep_suspects = set()
         if self.deaths is not None and (missing := self.dataplane.missing_once):
-            self._sweep_suspects = set(missing)
             self.suspects.add(missing, self.clock())
             self._suspected.set()
         self._follow_up()
@@ -1050,7 +1045,6 @@ class StackTrans:
         ended = self.suspects.settle(taken, fates, self.clock())
         if self.dataplane is not None and ended:
             self._flows_ended(ended, taken_at)
-        self._sweep_suspects -= taken.keys()
 
     def _flows_ended(self, ended: dict[FlowKey, float | None], taken_at: float) -> None:
         """Drop the flows lookups found ended; counted as the events' ends, or as a
@@ -1063,8 +1057,9 @@ class StackTrans:
             for k, ct_at in ended.items()
             if ct_at is None or (e := self.dataplane.sockets.get(k)) is None or e.last_seen <= ct_at
         ]
+        missed = {k for k in keys if k in self.dataplane.missing_once}  # before they go
         gone = self.dataplane.flows_ended(keys, taken_at)
-        after_sweep = sum(e.key in self._sweep_suspects for e in gone)
+        after_sweep = sum(e.key in missed for e in gone)
         self.ended_after_sweeps += after_sweep
         self.ended_by_events += len(gone) - after_sweep
         if gone:

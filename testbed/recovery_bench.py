@@ -134,9 +134,8 @@ def one(ctx: RunContext, path_key: str, cc: str | None, index: int) -> dict[str,
 
 def run(ctx: RunContext, runs: int) -> dict[str, Any]:
     rows = [one(ctx, key, cc, i) for key, cc in CASES for i in range(runs)]
-    return {"rounds": ROUNDS, "segment": SEGMENT, "runs": rows, "ok": all(
-        "error" not in r and r["gap_s"] is not None for r in rows
-    )}  # fmt: skip
+    ok = all("error" not in r and r["gap_s"] is not None for r in rows)
+    return {"rounds": ROUNDS, "segment": SEGMENT, "runs": rows, "ok": ok}
 
 
 def summary(doc: dict[str, Any]) -> list[dict[str, Any]]:
