@@ -143,7 +143,8 @@ class Bed:
         return "\n".join(d.log_tail(60) for d in self.daemons.values())
 
     def fail(self, what: str) -> AssertionError:
-        return AssertionError(f"{what}\n{self.logs()}")
+        """The failure, short (``bed`` prints the daemons' logs after it)."""
+        return AssertionError(what)
 
     # -- moves ---------------------------------------------------------------------------
 
