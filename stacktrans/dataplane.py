@@ -118,6 +118,9 @@ class Dataplane:
         self.bindings_changed = False
         #: Flows whose elements the kernel learned itself (none added by us).
         self.learned_by_kernel = 0
+        #: Flows a NAT's port named before their knock came, dropped for the knocking
+        #: flow (:meth:`_drop_alias`).
+        self.aliases_dropped = 0
         self._effects = Effects()
         #: The locator policy (:mod:`stacktrans.policy`), and each local address's
         #: interface name, which its rules name.
@@ -729,6 +732,7 @@ class Dataplane:
         bound_to = (at, behind) if behind is not None else None
         if (entry.wire, entry.bound_to) == (wire, bound_to):
             return True  # said again
+        self._drop_alias(entry, at, port)
         if not self._rewire(entry, wire, bound_to):
             return False
         self._refresh(entry.hid)
@@ -736,6 +740,23 @@ class Dataplane:
         self._effects.moved.add(entry.hid)
         self.kernel.flush()
         return True
+
+    def _drop_alias(self, entry: SocketEntry, at: IPAddress, port: int) -> None:
+        """Forget the flow that ``entry``'s packets made before its knock came: one
+        of the same host, named by the NAT's very address and port (a NAT gives
+        that port, towards us, to one socket behind it: the knocking flow's)."""
+        k = entry.key
+        holder = self.sockets.inbound(entry.hid, k.remote.version, k.proto, port, k.lport)
+        if (
+            holder is None
+            or holder is entry
+            or (holder.key.remote, holder.key.rport, holder.key.local) != (at, port, k.local)
+            or holder.wire is not None
+        ):
+            return
+        log.info("flow %s: the same as %s, seen before its knock", holder.key, k)
+        self.aliases_dropped += 1
+        self._remove_flows([holder])
 
     def knock_targets(self, hid: int) -> list[tuple[SocketEntry, IPAddress, int]]:
         """Each flow of ``hid`` with where its packets go now (address, port): where
@@ -755,15 +776,16 @@ class Dataplane:
         port we do not know may be a flow of ``hid`` whose knock has not come yet:
         then it must not reach our stack (which would answer with a reset).
 
-        So too a TCP segment that is no SYN from an address the host claims that we
-        have not proven (our challenge is out) to a port of its TCP flows: the peer
-        moves its flows when our challenge reaches it
-        (``IhmpEngine._on_path_probe``), a round trip before we take the
-        address; behind a NAT that chose new ports, nothing names the flow yet."""
+        So too a packet (TCP: no SYN) from an address the host claims that we have
+        not proven (our challenge is out) to a port of its flows of that protocol:
+        the peer moves its flows when our challenge reaches it
+        (``IhmpEngine._on_path_probe``), a round trip before we take the address;
+        behind a NAT that chose new ports, nothing names the flow yet. (Taken as a
+        new flow, it would hold the very port its knock then names.)"""
         host = self._hosts.get(hid)
         if host is not None and at in host.unreachable and at not in host.active:
-            return proto == TCP and any(
-                e.key.proto == TCP and e.key.lport == lport for e in self.sockets.flows_of(hid)
+            return any(
+                e.key.proto == proto and e.key.lport == lport for e in self.sockets.flows_of(hid)
             )
         behind = host.behind(at) if host is not None and at == host.locator else None
         if behind is None:

@@ -746,6 +746,7 @@ class StackTrans:
             **self._carrier_counters(),
             "knocks_sent": self.knocker.sent,
             "knocks_received": self.path.knocks if self.path else 0,
+            "flows_seen_before_knocks": self.dataplane.aliases_dropped if self.dataplane else 0,
             **self._notice_counters(),
             "flow_deaths_heard": self.deaths.events if self.deaths else 0,
             "flow_deaths_lost": self.deaths.lost if self.deaths else 0,

@@ -137,6 +137,51 @@ def test_a_flow_that_moved_ahead_of_our_proof_is_held_from_our_stack() -> None:
     assert tr.awaits_knock(hid, NAT2, TCP, 5001)  # (the NAT's rule, as before)
 
 
+UFLOW = FlowKey(UDP, LOCAL, 5300, MH, 5400)  # as our socket sees it
+UKNOCK = FlowSpec(UDP, MH, 5400, LOCAL, 5300)
+
+
+def test_a_udp_flow_that_moved_ahead_of_our_proof_is_held_too() -> None:
+    """As TCP: its datagrams from an unproven NAT's new port to our flow's port are
+    dropped until the proof (taken as a new flow, they would hold the very port
+    its knock then names); to a port with no UDP flow of the host, they go on."""
+    tr, table, _, hid = natted((FLOW, UFLOW))
+    table.mark_unreachable(hid, NAT2)
+    assert tr.awaits_knock(hid, NAT2, UDP, 5300)
+    assert not tr.awaits_knock(hid, NAT2, UDP, 5301)
+    path = UserspacePath(tr, lambda: 0.0)
+    assert path.inbound(_udp(str(NAT2), 46459, str(LOCAL), 5300, b"req")) == DROP
+    assert path.inbound(_udp(str(NAT2), 46460, str(LOCAL), 5301, b"req")) != DROP
+    assert tr.sockets.inbound(hid, 4, UDP, 46459, 5300) is None  # no flow made of it
+
+
+def test_a_knock_takes_its_port_from_the_flow_its_packets_made_before_it() -> None:
+    """The flow's datagrams came through the NAT (proven) before its knock and were
+    taken as a new flow of the host, named by the NAT's address and port: the knock
+    for that port binds the real flow, and that stand-in goes (counted)."""
+    tr, _, nft, hid = natted((FLOW, UFLOW))
+    stand_in = tr.flow_seen(FlowKey(UDP, LOCAL, 5300, NAT1, 46459), now=1.0)
+    assert stand_in is not None and stand_in.hid == hid
+    nft.batches.clear()
+    entry = tr.bind(hid, UKNOCK, NAT1, 46459)
+    assert entry is not None and entry.key == UFLOW and entry.wire == (NAT1, 46459)
+    assert tr.sockets.get(stand_in.key) is None
+    assert tr.sockets.inbound(hid, 4, UDP, 46459, 5300) is entry
+    assert tr.aliases_dropped == 1
+    text = _elements(nft)
+    assert f"delete element inet dime flows4 {{ udp . {LOCAL} . 5300 . {NAT1} . 46459 }}" in text
+    assert f"add element inet dime rport4 {{ {hid} . udp . 46459 . 5300 : 5400 }}" in text
+
+
+def test_a_knock_leaves_a_flow_of_another_address_on_its_port_alone() -> None:
+    """A port held by a flow the NAT's address and port do not name (here, one the
+    peer's own address names) is no stand-in: the knock is refused, nothing goes."""
+    other = FlowKey(UDP, LOCAL, 5300, MH, 46459)
+    tr, _, _, hid = natted((FLOW, UFLOW, other))
+    assert tr.bind(hid, UKNOCK, NAT1, 46459) is None
+    assert tr.sockets.get(other) is not None and tr.aliases_dropped == 0
+
+
 def test_an_aware_nats_entry_binds_by_the_peers_port_and_names_native_flows() -> None:
     native = FlowKey(UDP, LOCAL, 6001, NAT1, 50123)  # started behind NAT1
     tr, _, _, hid = natted()

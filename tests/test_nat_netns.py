@@ -579,6 +579,49 @@ def test_forged_packets_do_not_claim_the_flows(tmp_path: Path) -> None:
         b.down_all()
 
 
+PROOF_LOSS = 1.0  # s during which the MH's answers to the CH's challenge are lost
+LOSE_ANSWERS = f"""
+table inet prooflost {{
+  counter answers_lost {{ }}
+  set heard {{ type ipv4_addr; flags dynamic; }}
+  chain input {{
+    type filter hook input priority 0; policy accept;
+    ip saddr {NAT_B.public} udp dport {IHMP_PORT} ip saddr @heard counter name answers_lost drop
+    ip saddr {NAT_B.public} udp dport {IHMP_PORT} add @heard {{ ip saddr }}
+  }}
+}}
+"""
+
+
+def test_flows_whose_packets_beat_our_proof_through_a_nat_go_on(tmp_path: Path) -> None:
+    """The MH moves behind the port-randomizing NAT B; the CH hears its HANDOFF, but
+    not its answers to the challenge for 1 s (only the first IHMP packet through
+    NAT B gets in). The MH moved its flows when the challenge reached it, so their
+    packets come from NAT B's new ports while the CH has not proven the address:
+    they are held, not taken as new flows (a UDP datagram so taken held the very
+    port its knock then named, and the UDP stream stayed down until the next move).
+    Once the address is proven and the flows knock, all three go on."""
+    with bed(tmp_path, "natproof") as b:
+        b.up("ch", "mh")
+        t = b.traffic(WARMUP + GAP + PROOF_LOSS + DWELL + 3, connected_udp=True)
+        time.sleep(WARMUP)
+        b.ch.sh(f"nft -f - <<'EOF'\n{LOSE_ANSWERS}\nEOF")
+        try:
+            b.move("B", dwell=PROOF_LOSS)
+        finally:
+            lost = counter(b.ch, "prooflost", "answers_lost")
+            b.ch.run("nft", "delete", "table", "inet", "prooflost")
+        if not lost:
+            raise b.fail("no answer of the MH's was lost: the CH proved NAT B at once")
+        time.sleep(DWELL)
+        named_by_nat = [s for s in b.dime("ch").status()["sockets"]
+                        if s["remote"].startswith(f"{NAT_B.public}:")]  # fmt: skip
+        if named_by_nat:
+            raise b.fail(f"the CH took the MH's packets for new flows: {named_by_nat}")
+        b.check(t)
+        b.down_all()
+
+
 def host_key(d: Dime) -> str:
     found = re.search(r"host key ([0-9a-f]{64})", d.log_text())
     assert found, f"no 'host key' line in {d.name}'s log\n{d.log_tail()}"
