@@ -73,6 +73,9 @@ SMOKE_LEVELS = (0, 10)
 #: of every level (and one more 0-entry block at the end).
 RUNS_PER_BLOCK = 2
 CT_UNREPLIED_S = 30  # conntrack's timeout of UDP never answered (the background flows)
+#: Smoke mode: the MH's namespace times such entries out this soon, so that waiting
+#: them out (:func:`settle`) costs seconds, not half a minute.
+SMOKE_CT_UNREPLIED_S = 3
 DRAIN_SLACK = 10  # entries above the baseline still "drained" (iperf3's own flows)
 QUIET_PCT = 5.0  # the daemon's CPU (% of one core) below which a block may start
 BOOT_ITERS = 4000
@@ -157,7 +160,7 @@ def build(flows: Flows, n: int, d: Dime) -> dict[str, Any]:
     }
 
 
-def ensure(flows: Flows, n: int, d: Dime, mode: str, extra: int) -> int:
+def ensure(flows: Flows, n: int, d: Dime, mode: str, extra: int, ct_s: int) -> int:
     """Make sure the table holds >= n + extra entries; refresh to re-learn lost ones."""
     count = len(d.status(tries=3)["sockets"])
     tries = 0
@@ -165,21 +168,21 @@ def ensure(flows: Flows, n: int, d: Dime, mode: str, extra: int) -> int:
         tries += 1
         if mode == "nft":
             # A lost flow is re-learned only once conntrack has forgotten it (its
-            # next packet is then "new" again): UDP without replies, 30 s.
+            # next packet is then "new" again): UDP without replies, ``ct_s``.
             progress(f"{NAME} {mode}: {count} entries < {n}: waiting out conntrack, refresh")
-            time.sleep(CT_UNREPLIED_S + 2)
+            time.sleep(ct_s + 2)
         flows.refresh()
         count = len(d.status(tries=3)["sockets"])
     return count
 
 
-def settle(d: Dime, mode: str, sent_at: float) -> None:
+def settle(d: Dime, mode: str, sent_at: float, ct_s: int) -> None:
     """In ``nft`` mode, wait until the flows just learned have no conntrack entry left
-    (unreplied UDP, 30 s): each entry's end is an event the daemon looks up (the
+    (unreplied UDP, ``ct_s``): each entry's end is an event the daemon looks up (the
     socket is still there: the flow stays). The runs measure the table, not that
     one-off transient (:func:`quiet` then waits for its lookups)."""
     if mode == "nft":
-        time.sleep(max(0.0, sent_at + CT_UNREPLIED_S + 2 - time.monotonic()))
+        time.sleep(max(0.0, sent_at + ct_s + 2 - time.monotonic()))
 
 
 def quiet(d: Dime, timeout: float = 120.0) -> float:
@@ -250,6 +253,9 @@ def measure_mode(ctx: RunContext, mode: str, levels: tuple[int, ...]) -> dict[st
         p = fig.plan
         old, new = p.m1.host, p.m2.host
         sink(fig.ch)
+        ct_s = SMOKE_CT_UNREPLIED_S if ctx.smoke else CT_UNREPLIED_S
+        if ctx.smoke:
+            fig.mh.run("sysctl", "-qw", f"net.netfilter.nf_conntrack_udp_timeout={ct_s}")
         hosts = [Dime.in_dir(fig.ch, ctx.tmp, f"sc-{mode}-ch"),
                  Dime.in_dir(fig.mh, ctx.tmp, f"sc-{mode}-mh")]  # fmt: skip
         with running(hosts, "--dataplane", mode) as (dch, dmh):
@@ -292,9 +298,9 @@ def measure_mode(ctx: RunContext, mode: str, levels: tuple[int, ...]) -> dict[st
                     for n in levels[1:] if zero else levels:
                         progress(f"{NAME} {mode}: cycle {cycle + 1}: building {n:,} entries")
                         b = build(flows, n, dmh)
-                        settle(dmh, mode, time.monotonic())
+                        settle(dmh, mode, time.monotonic(), ct_s)
                         seed.refresh()
-                        b["entries_before"] = ensure(flows, n, dmh, mode, extra=1)
+                        b["entries_before"] = ensure(flows, n, dmh, mode, 1, ct_s)
                         builds[n].append(b)
                         if n not in wires:
                             wires[n] = wire_check(fig, ctx.tmp, old, ctx.smoke)
