@@ -202,7 +202,9 @@ def test_soft_handoff_in_flight_is_recovered_at_once(tmp_path: Path, sender: str
     retransmits its window (the CH sends) at once (stacktrans/rto_revert.py).
     (follow_routes = false: the flow stays on the old address until it goes.)"""
     with bed(tmp_path) as b:
-        nbytes = 12_000_000  # ~5 s at 20 Mbit/s
+        # ~8 s at 20 Mbit/s: still sending when the old address goes, even where
+        # starting the transfer and the new address took a loaded machine 4 s.
+        nbytes = 20_000_000
         config = tmp_path / "dime.toml"
         config.write_text("follow_routes = false\n")
         server, client = bulk_through_bottleneck(b, sender, nbytes, ("--config", str(config)))
@@ -320,7 +322,7 @@ def both_ways_across_a_move(b: Bed, move: Callable[[], None]) -> None:
     MH in the middle of both; the CH follows it to m2, and every byte arrives."""
     p = b.plan
     b.up("ch", "mh")
-    nbytes = 8_000_000  # 3.2 s each at 20 Mbit/s
+    nbytes = 12_000_000  # 4.8 s each at 20 Mbit/s: not over before the move
     up = tcp(b.fig.mh, b.fig.ch, p.c1.host, nbytes, rate=20, port=5001)
     down = tcp(b.fig.ch, b.fig.mh, p.m1.host, nbytes, rate=20, port=5002)
     b.wait_established()  # the transfers run and the peers know each other
