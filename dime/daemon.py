@@ -59,6 +59,16 @@ from stacktrans.service import (
 
 #: After the first knocks, when the flows knock again (seconds).
 KNOCK_ROUNDS = (0.3, 1.0)
+#: Our own address events (a HANDOFF or ADDR_UP is acknowledged once the peer has
+#: proven the new address).
+ADDRESS_NEWS = frozenset(
+    {
+        MessageType.ADDR_UP,
+        MessageType.ADDR_UP_UNREACHABLE,
+        MessageType.HANDOFF,
+        MessageType.HANDOFF_UNREACHABLE,
+    }
+)
 
 log = logging.getLogger("dime")
 
@@ -384,6 +394,17 @@ class Daemon:
             event.type is MessageType.FLOW_MOVE
         ):
             self._move_ended(event)
+        elif (
+            isinstance(event, ev.ExchangeCompleted)
+            and event.type in ADDRESS_NEWS
+            and event.attempts > 1
+        ):
+            log_event(event)
+            # Our news had to be sent again: the peer's proof of our new address came
+            # late, and meanwhile it held our flows' packets from there, so their
+            # timers backed off again after the prompt its challenge gave them.
+            assert self.service is not None
+            self.service.prompt_stalled(event.hid)
         elif isinstance(event, ev.FlowsNeedBinding) and event.udp_only:
             self._knock(event.hid, event.local, udp_only=True)  # the NAT keepalive
         elif isinstance(event, ev.FlowsNeedBinding):

@@ -1399,7 +1399,9 @@ class IhmpEngine:
             encoded = pending.msg.new_addr or pending.msg.src_addr or pending.src
             self._events.append(ev.NatDetected(hid, encoded, ack.observed_addr))
         self._events.append(
-            ev.ExchangeCompleted(hid, mtype, pending.msg.seq, now - pending.first_sent)
+            ev.ExchangeCompleted(
+                hid, mtype, pending.msg.seq, now - pending.first_sent, pending.attempts
+            )
         )
 
     def _challenge_answered(self, entry: HostEntry, pending: Pending, reason: str) -> None:

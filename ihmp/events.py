@@ -98,12 +98,14 @@ class AddressVerified:
 
 @dataclass(frozen=True)
 class ExchangeCompleted:
-    """A message of ours was acknowledged."""
+    """A message of ours was acknowledged (``rtt``: since its first transmission;
+    ``attempts``: how many times it was sent)."""
 
     hid: int
     type: MessageType
     seq: int
     rtt: float
+    attempts: int = 1
 
 
 @dataclass(frozen=True)

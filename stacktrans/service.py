@@ -842,6 +842,11 @@ class StackTrans:
         if kernel is not None:
             kernel.set_ghosts(self.ghosts.addresses, dict(senders))
 
+    def prompt_stalled(self, hid: int) -> None:
+        """Make the TCP flows of ``hid`` whose timers backed off send now (those that
+        did not, nothing)."""
+        self._prompt_soon({hid}, set())
+
     def _prompt_soon(self, hids: set[int], lost: set[int]) -> None:
         if self.kernel_flows.prompt is None:
             return

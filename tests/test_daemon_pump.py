@@ -15,10 +15,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from dime.config import Config
 from dime.daemon import Daemon
+from ihmp import events as ev
 from ihmp.addr import IPAddress
 from ihmp.engine import EngineConfig, IhmpEngine
 from ihmp.hosts import HidState
 from ihmp.keys import LocalKeys
+from ihmp.wire import MessageType
 
 SERVER = ip_address("192.0.2.1")
 PORT = 4731
@@ -108,3 +110,32 @@ def test_a_burst_of_hellos_is_saved_once_before_any_answer_leaves() -> None:
         if daemon._timer is not None:
             daemon._timer.cancel()
         loop.close()
+
+
+class Prompts:
+    """StackTrans's prompt of a host's stalled TCP flows, recorded."""
+
+    def __init__(self) -> None:
+        self.hids: list[int] = []
+
+    def prompt_stalled(self, hid: int) -> None:
+        self.hids.append(hid)
+
+
+def test_address_news_said_again_prompts_the_flows_once_it_is_acknowledged() -> None:
+    """A HANDOFF or ADDR_UP acknowledged only after being sent again: the peer held
+    our flows' packets from the new address until its late proof, so their timers
+    backed off again; the daemon has StackTrans prompt them. Said once, or another
+    message (a FLOW_MOVE), nothing."""
+    daemon = Daemon(Config())
+    rec = Prompts()
+    daemon.service = rec  # type: ignore[assignment]
+    for mtype, attempts in [
+        (MessageType.HANDOFF, 1),
+        (MessageType.HANDOFF, 3),
+        (MessageType.ADDR_UP_UNREACHABLE, 2),
+        (MessageType.HELLO, 2),
+        (MessageType.PATH_PROBE, 2),
+    ]:
+        daemon._on_event(ev.ExchangeCompleted(7, mtype, 1, 1.5, attempts))
+    assert rec.hids == [7, 7]

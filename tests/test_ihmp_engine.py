@@ -438,6 +438,10 @@ def test_hard_handoff_with_no_fallback_is_retransmitted_past_the_probe_attempts(
     assert sent[-1].delivered and sent[-1].at - t0 < 7  # 0.5 + 1 + 2 + 2 s of backoff
     assert T.HANDOFF_UNREACHABLE not in net.types_sent(since=t0)
     assert failed_exchanges(a, T.HANDOFF) == []
+    # How many times it was said (the daemon prompts the flows again after a loss).
+    assert [e.attempts for e in a.events_of(ev.ExchangeCompleted) if e.type is T.HANDOFF] == [
+        lost + 1
+    ]
     assert_moved_to_new_block(net, a, b)
 
 
@@ -1300,7 +1304,7 @@ def test_flow_move_to_a_verified_address_is_applied_then_acked() -> None:
         ev.FlowMoveReceived(b.entry_for(A1).hid, MOVED, A(A2))
     ]
     done = [e for e in a.events_of(ev.ExchangeCompleted) if e.type is T.FLOW_MOVE]
-    assert [e.seq for e in done] == [seq]
+    assert [(e.seq, e.attempts) for e in done] == [(seq, 1)]
     assert a.engine.counters.flow_moves_sent == 1
     assert b.engine.counters.flow_moves_received == 1
 
@@ -1372,5 +1376,6 @@ def test_a_lost_flow_move_is_sent_again_until_acked() -> None:
     seq = a.engine.move_flows(a.entry_for(B1).hid, [MOVED], A(A2), net.now)
     net.run(5)
     assert net.types_sent(since=since) == [T.FLOW_MOVE, T.FLOW_MOVE, T.ACK]
-    assert [e.seq for e in a.events_of(ev.ExchangeCompleted) if e.type is T.FLOW_MOVE] == [seq]
+    done = [e for e in a.events_of(ev.ExchangeCompleted) if e.type is T.FLOW_MOVE]
+    assert [(e.seq, e.attempts) for e in done] == [(seq, 2)]
     assert len(b.events_of(ev.FlowMoveReceived)) == 1

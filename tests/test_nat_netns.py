@@ -600,7 +600,8 @@ def test_flows_whose_packets_beat_our_proof_through_a_nat_go_on(tmp_path: Path) 
     packets come from NAT B's new ports while the CH has not proven the address:
     they are held, not taken as new flows (a UDP datagram so taken held the very
     port its knock then named, and the UDP stream stayed down until the next move).
-    Once the address is proven and the flows knock, all three go on."""
+    Once the address is proven and the flows knock, all three go on; the MH's TCP,
+    whose timer backed off meanwhile, is prompted then."""
     with bed(tmp_path, "natproof") as b:
         b.up("ch", "mh")
         t = b.traffic(WARMUP + GAP + PROOF_LOSS + DWELL + 3, connected_udp=True)
@@ -618,6 +619,12 @@ def test_flows_whose_packets_beat_our_proof_through_a_nat_go_on(tmp_path: Path) 
                         if s["remote"].startswith(f"{NAT_B.public}:")]  # fmt: skip
         if named_by_nat:
             raise b.fail(f"the CH took the MH's packets for new flows: {named_by_nat}")
+        # The ACK of the MH's HANDOFF came late (sent again meanwhile): its TCP to the
+        # CH, whose timer backed off while the CH held its segments, is prompted then.
+        log_text = b.dime("mh").log_text()
+        acked = re.search(r"HANDOFF #\d+ to HID \d+ acknowledged", log_text)
+        if acked is None or "prompted tcp" not in log_text[acked.end() :]:
+            raise b.fail("the MH's TCP was not prompted after the late ACK of its HANDOFF")
         b.check(t)
         b.down_all()
 
