@@ -401,8 +401,9 @@ class Daemon:
         ):
             log_event(event)
             # Our news had to be sent again: the peer's proof of our new address came
-            # late, and meanwhile it held our flows' packets from there, so their
-            # timers backed off again after the prompt its challenge gave them.
+            # late, and meanwhile our flows got nothing back from it (it answered to
+            # our old address, or held their packets from a NAT's new ports), so
+            # their timers backed off again after the prompt its challenge gave them.
             assert self.service is not None
             self.service.prompt_stalled(event.hid)
         elif isinstance(event, ev.FlowsNeedBinding) and event.udp_only:
